@@ -1,0 +1,18 @@
+"""Which verifier checks which platform's evidence."""
+
+from __future__ import annotations
+
+from enclave.attestation.interface import Verifier
+from enclave.attestation.sim import SimVerifier
+from enclave.errors import EvidenceError
+
+_VERIFIERS: dict[str, type[Verifier]] = {"sim": SimVerifier}
+
+PLATFORMS = tuple(sorted(_VERIFIERS))
+
+
+def verifier_for(platform: str) -> Verifier:
+    try:
+        return _VERIFIERS[platform]()
+    except KeyError:
+        raise EvidenceError(f"no verifier for platform {platform!r} (known: {', '.join(PLATFORMS)})") from None

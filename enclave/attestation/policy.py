@@ -1,0 +1,78 @@
+"""Check attested claims against reference values, reporting every mismatch."""
+
+from __future__ import annotations
+
+import hashlib
+
+from enclave.attestation.claims import AttestedClaims, canonical_json
+from enclave.attestation.interface import PlatformClaims
+from enclave.attestation.manifest import ReferenceValues
+from enclave.errors import PolicyError
+
+
+def check(
+    claims: AttestedClaims,
+    platform: PlatformClaims,
+    reference: ReferenceValues,
+    *,
+    require_model: bool,
+) -> None:
+    """Raise ``PolicyError`` listing every way the claims miss the reference values."""
+    mismatches: list[str] = []
+    if platform.platform != reference.platform:
+        mismatches.append(f"platform is {platform.platform!r}, manifest expects {reference.platform!r}")
+    if platform.simulated and not reference.allow_simulation:
+        mismatches.append("evidence is simulated and the manifest does not allow simulation")
+    for name, expected in sorted(reference.registers.items()):
+        actual = platform.registers.get(name)
+        if actual is None:
+            mismatches.append(f"register {name} is not in the evidence")
+        elif actual.hex() != expected:
+            mismatches.append(f"register {name} is {actual.hex()}, manifest expects {expected}")
+    mismatches += _check_code(claims, reference)
+    mismatches += _check_config(claims, reference)
+    mismatches += _check_model(claims, reference, require_model=require_model)
+    if mismatches:
+        raise PolicyError(mismatches)
+
+
+def _single(claims: AttestedClaims, kind: str) -> tuple[list[str], bytes | None, dict[str, str]]:
+    events = claims.events(kind)
+    if len(events) != 1:
+        return [f"measurement log has {len(events)} {kind} events, expected exactly one"], None, {}
+    return [], events[0].sha384, dict(events[0].detail)
+
+
+def _check_code(claims: AttestedClaims, reference: ReferenceValues) -> list[str]:
+    problems, digest, _ = _single(claims, "code")
+    if digest is not None and digest.hex() != reference.code_sha384:
+        problems.append(f"code measurement is {digest.hex()}, manifest expects {reference.code_sha384}")
+    return problems
+
+
+def _check_config(claims: AttestedClaims, reference: ReferenceValues) -> list[str]:
+    problems, digest, detail = _single(claims, "config")
+    if digest is None:
+        return problems
+    if hashlib.sha384(canonical_json(detail)).digest() != digest:
+        problems.append("config measurement does not match the configuration it describes")
+    pinned = detail.get("custodian_ca_sha256")
+    if pinned != reference.custodian_ca_sha256:
+        problems.append(
+            f"enclave pins custodian CA {pinned}, manifest expects {reference.custodian_ca_sha256}"
+        )
+    return problems
+
+
+def _check_model(claims: AttestedClaims, reference: ReferenceValues, *, require_model: bool) -> list[str]:
+    events = claims.events("model")
+    if len(events) > 1:
+        return [f"measurement log has {len(events)} model events, expected at most one"]
+    if not events:
+        return ["enclave has no model loaded"] if require_model else []
+    model = events[0].sha384.hex()
+    if not reference.allowed_model_sha384:
+        return [f"model {model} is loaded but the manifest allows no model"]
+    if model not in reference.allowed_model_sha384:
+        return [f"model {model} is not among the manifest's allowed models"]
+    return []
