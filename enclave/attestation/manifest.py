@@ -89,9 +89,9 @@ class ReferenceValues:
 def _digest(value: Any, size: int | None, what: str) -> str:
     if not isinstance(value, str) or not value:
         raise ManifestError(f"manifest {what} is missing")
-    value = value.lower()
-    if not _HEX.match(value) or len(value) % 2:
+    text: str = value.lower()
+    if not _HEX.match(text) or len(text) % 2:
         raise ManifestError(f"manifest {what} is not hex")
-    if size is not None and len(value) != 2 * size:
-        raise ManifestError(f"manifest {what} must be {size} bytes of hex, got {len(value) // 2}")
-    return value
+    if size is not None and len(text) != 2 * size:
+        raise ManifestError(f"manifest {what} must be {size} bytes of hex, got {len(text) // 2}")
+    return text

@@ -39,7 +39,9 @@ def reference(**changes: object) -> ReferenceValues:
     return replace(ref, **changes)  # type: ignore[arg-type]
 
 
-def sim_enclave(*, purpose: str = "enrol", with_model: bool = False, nonce: bytes | None = None) -> SimEnclave:
+def sim_enclave(
+    *, purpose: str = "enrol", with_model: bool = False, nonce: bytes | None = None
+) -> SimEnclave:
     key = identity.generate_identity_key()
     attester = SimAttester()
     log = [code_event(), config_event(CA_DER)]

@@ -19,7 +19,9 @@ from ._sim_evidence import SimEnclave, reference, sim_enclave
 NOW = datetime.datetime(2026, 11, 21, tzinfo=datetime.UTC)
 
 
-def _appraise(enc: SimEnclave, evidence: bytes | None = None, claims: bytes | None = None, **kw: object) -> None:
+def _appraise(
+    enc: SimEnclave, evidence: bytes | None = None, claims: bytes | None = None, **kw: object
+) -> None:
     args: dict[str, object] = {
         "now": NOW,
         "nonce": enc.claims.nonce,
@@ -59,20 +61,38 @@ def _other_key_claims(enc: SimEnclave) -> dict[str, object]:
     return {"claims": replace(enc.claims, public_key=other).to_bytes(), "public_key": other}
 
 
-REFUSALS: list[tuple[str, Callable[[SimEnclave], dict[str, object]], type[AttestationError | FormatError], str]] = [
+REFUSALS: list[
+    tuple[str, Callable[[SimEnclave], dict[str, object]], type[AttestationError | FormatError], str]
+] = [
     ("wrong-nonce", lambda e: {"nonce": os.urandom(32)}, BindingError, "nonce"),
-    ("other-key", lambda e: {"public_key": identity.public_key_der(identity.generate_identity_key())}, BindingError,
-     "another public key"),
+    (
+        "other-key",
+        lambda e: {"public_key": identity.public_key_der(identity.generate_identity_key())},
+        BindingError,
+        "another public key",
+    ),
     ("claims-swapped-for-other-key", _other_key_claims, BindingError, "report data"),
     ("wrong-purpose", lambda e: {"purpose": "attest"}, BindingError, "'enrol'"),
     ("wrong-deployment", lambda e: {"deployment": "other"}, BindingError, "deployment"),
     ("sim-not-allowed", lambda e: {"reference": reference(allow_simulation=False)}, PolicyError, "simulat"),
-    ("tampered-code-value", lambda e: {"reference": reference(code_sha384="00" * 48)}, PolicyError,
-     "code measurement"),
-    ("wrong-custodian-ca", lambda e: {"reference": reference(custodian_ca_sha256="11" * 32)}, PolicyError,
-     "custodian CA"),
-    ("wrong-boot-register", lambda e: {"reference": reference(registers={"sim.boot": "22" * 48})}, PolicyError,
-     "sim.boot"),
+    (
+        "tampered-code-value",
+        lambda e: {"reference": reference(code_sha384="00" * 48)},
+        PolicyError,
+        "code measurement",
+    ),
+    (
+        "wrong-custodian-ca",
+        lambda e: {"reference": reference(custodian_ca_sha256="11" * 32)},
+        PolicyError,
+        "custodian CA",
+    ),
+    (
+        "wrong-boot-register",
+        lambda e: {"reference": reference(registers={"sim.boot": "22" * 48})},
+        PolicyError,
+        "sim.boot",
+    ),
     ("other-platform", lambda e: {"reference": reference(platform="tdx")}, PolicyError, "platform"),
     ("model-required", lambda e: {"require_model": True}, PolicyError, "no model"),
     ("garbage-evidence", lambda e: {"evidence": b"\x00garbage"}, EvidenceError, "parse"),

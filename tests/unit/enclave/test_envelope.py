@@ -96,7 +96,14 @@ def _tamper(kind: str, chunks: list[SealedChunk]) -> tuple[list[SealedChunk], in
 
 @pytest.mark.parametrize(
     "kind",
-    ["reordered", "reordered-with-relabelled-index", "dropped", "truncated", "final-flag-moved", "duplicated"],
+    [
+        "reordered",
+        "reordered-with-relabelled-index",
+        "dropped",
+        "truncated",
+        "final-flag-moved",
+        "duplicated",
+    ],
 )
 def test_stream_tampering_is_rejected(kind: str) -> None:
     _, chunks = _seal(DATA, 512)

@@ -34,7 +34,9 @@ BAD_MANIFESTS = [
 ]
 
 
-@pytest.mark.parametrize(("text", "reason"), [b[1:] for b in BAD_MANIFESTS], ids=[b[0] for b in BAD_MANIFESTS])
+@pytest.mark.parametrize(
+    ("text", "reason"), [b[1:] for b in BAD_MANIFESTS], ids=[b[0] for b in BAD_MANIFESTS]
+)
 def test_bad_manifests_are_refused(text: str, reason: str) -> None:
     with pytest.raises(ManifestError, match=reason):
         ReferenceValues.from_toml(text)
@@ -56,7 +58,14 @@ def test_attested_certificate_round_trip() -> None:
 
 @pytest.mark.parametrize(
     "value",
-    [b"", b"\x30\x00", b"\x30\x02\x04\x00", b"\x30\x05\x04\x00\x04\x00\x00", b"\x30\x84\xff\xff\xff\xff", b"\x04\x00"],
+    [
+        b"",
+        b"\x30\x00",
+        b"\x30\x02\x04\x00",
+        b"\x30\x05\x04\x00\x04\x00\x00",
+        b"\x30\x84\xff\xff\xff\xff",
+        b"\x04\x00",
+    ],
     ids=["empty", "empty-seq", "one-field", "trailing-field", "huge-length", "not-a-sequence"],
 )
 def test_malformed_attestation_extension(value: bytes) -> None:
@@ -73,8 +82,13 @@ def test_certificate_without_extension_is_refused() -> None:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "plain")])
     now = datetime.datetime.now(datetime.UTC)
     cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
         .sign(key, hashes.SHA256())
     )
     with pytest.raises(FormatError, match="no attestation extension"):

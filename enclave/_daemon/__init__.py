@@ -1,0 +1,14 @@
+"""The enclave daemon: attester, key holder, model runtime, quota lease, usage reporter.
+
+Private: nothing outside ``enclave._daemon`` imports it. The console script
+``enclave`` (``enclave._daemon.cli:main``) is its only entry point.
+
+Shape, from the bottom up: ``config`` (one frozen dataclass of bounds),
+``errors``; ``measured`` (identity key, attester, measurement log), ``preprocess``
+(image and tensor input), ``runtime`` (onnxruntime, the only importer),
+``lease`` (local quota); ``enrolment`` (TLS enrolment, client certificate),
+``model_push`` (model stream opened in memory) and ``link`` (the mutual-TLS
+session: lease, usage reports, control stream); ``inference`` (the gRPC
+servicer) with ``status`` (errors to gRPC codes, in one place) and ``metrics``;
+``daemon`` ties them together and ``cli`` parses flags.
+"""

@@ -1,0 +1,113 @@
+"""The daemon's configuration: one frozen dataclass with explicit bounds."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from enclave._daemon.errors import ConfigError
+from enclave.envelope import MAX_CHUNK_SIZE
+
+MiB = 1 << 20
+# A model chunk (at most MAX_CHUNK_SIZE plus its tag) must fit in one gRPC message.
+_MIN_MESSAGE_BYTES = MAX_CHUNK_SIZE + 64 * 1024
+
+
+def parse_address(value: str, *, what: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[v6]:PORT`` too); the host keeps its brackets."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{what} must be HOST:PORT, got {value!r}")
+    return host, int(port)
+
+
+def _default_threads() -> int:
+    return max(1, min(4, (os.cpu_count() or 1) // 2))
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """What ``enclave serve`` is told, and the bounds it enforces; bad values raise ``ConfigError``."""
+
+    custodian: str
+    custodian_ca_pem: bytes = field(repr=False)
+    deployment: str
+    join_token: str = field(repr=False)
+    listen: str
+    platform: str = "sim"
+    metrics_listen: str | None = None
+    ready_file: Path | None = None
+
+    # Input bounds, checked before any decoding work.
+    max_image_bytes: int = 8 * MiB
+    max_image_pixels: int = 4096 * 4096
+    max_tensor_bytes: int = 16 * MiB
+    # Model bound, checked against the pushed header before decrypting anything.
+    max_model_bytes: int = 1024 * MiB
+    # gRPC messages in either direction, on every channel and server.
+    max_message_bytes: int = 20 * MiB
+
+    default_top_k: int = 5
+    intra_op_threads: int = field(default_factory=_default_threads)
+    inference_workers: int = 2
+
+    # Seconds.
+    connect_timeout: float = 15.0
+    call_timeout: float = 10.0
+    report_interval: float = 0.5
+    topup_wait: float = 2.0
+    reconnect_initial: float = 0.2
+    reconnect_max: float = 5.0
+    shutdown_grace: float = 5.0
+
+    def __post_init__(self) -> None:
+        parse_address(self.custodian, what="--custodian")
+        parse_address(self.listen, what="--listen")
+        if self.metrics_listen is not None:
+            parse_address(self.metrics_listen, what="--metrics")
+        if not self.deployment:
+            raise ConfigError("a deployment name is required")
+        if not self.join_token:
+            raise ConfigError("a join token is required")
+        if not 0 < self.max_image_bytes <= 64 * MiB:
+            raise ConfigError("max_image_bytes must be between 1 byte and 64 MiB")
+        if not 0 < self.max_image_pixels <= 1 << 28:
+            raise ConfigError("max_image_pixels must be between 1 and 2**28")
+        if not 0 < self.max_tensor_bytes <= 256 * MiB:
+            raise ConfigError("max_tensor_bytes must be between 1 byte and 256 MiB")
+        if not 0 < self.max_model_bytes <= 16 * 1024 * MiB:
+            raise ConfigError("max_model_bytes must be between 1 byte and 16 GiB")
+        needed = max(_MIN_MESSAGE_BYTES, self.max_image_bytes + 64 * 1024)
+        if not needed <= self.max_message_bytes <= 1024 * MiB:
+            raise ConfigError(f"max_message_bytes must be between {needed} and {1024 * MiB}")
+        if not 1 <= self.default_top_k <= 1000:
+            raise ConfigError("default_top_k must be between 1 and 1000")
+        if not 1 <= self.intra_op_threads <= 256 or not 1 <= self.inference_workers <= 256:
+            raise ConfigError("thread counts must be between 1 and 256")
+        for name in ("connect_timeout", "call_timeout", "report_interval", "reconnect_initial"):
+            if not 0 < getattr(self, name) <= 3600:
+                raise ConfigError(f"{name} must be positive and at most an hour")
+        if not 0 <= self.topup_wait <= 60 or not 0 <= self.shutdown_grace <= 600:
+            raise ConfigError("topup_wait and shutdown_grace are out of bounds")
+        if not self.reconnect_initial <= self.reconnect_max <= 600:
+            raise ConfigError("reconnect_max must be at least reconnect_initial and at most 600")
+
+    @property
+    def grpc_options(self) -> list[tuple[str, int]]:
+        return [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+        ]
+
+
+def custodian_ca_der(pem: bytes) -> bytes:
+    """The custodian CA certificate (PEM) as DER, the form its fingerprint is taken over."""
+    try:
+        certificate = x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        raise ConfigError("the custodian CA file is not a PEM certificate") from None
+    return certificate.public_bytes(serialization.Encoding.DER)

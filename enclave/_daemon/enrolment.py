@@ -1,0 +1,166 @@
+"""Enrolment: prove to the custodian what this enclave is, and get a client certificate.
+
+The enclave dials the custodian's enrolment listener over TLS, pinning the
+custodian CA from its measured configuration, asks for a challenge, and
+answers with evidence over claims holding that nonce, its public key, the
+deployment and its measurement log, plus a CSR for the same key and the join
+token. What comes back opens the mutual-TLS gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import string
+import time
+from dataclasses import dataclass
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from enclave._daemon.config import DaemonConfig, parse_address
+from enclave._daemon.errors import (
+    CustodianUnreachableError,
+    DaemonError,
+    EnrolmentRefusedError,
+    ProtocolError,
+)
+from enclave._daemon.measured import MeasuredIdentity
+from enclave.identity import ENCLAVE_TLS_NAME, private_key_pem, public_key_der
+from protos import custos_pb2, custos_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+CUSTODIAN_TLS_NAME = "custodian.custos"
+_NONCE_SIZES = range(16, 65)
+_MAX_INSTANCE_ID = 128
+_INSTANCE_ID_CHARS = frozenset(string.ascii_letters + string.digits + "-_.")
+# Codes with which the custodian says no, as opposed to not answering at all.
+_REFUSALS = frozenset(
+    {
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.UNAUTHENTICATED,
+    }
+)
+
+
+@dataclass(frozen=True)
+class Enrolment:
+    """What the custodian issued: this instance's id, certificate and gateway."""
+
+    instance_id: str
+    certificate_pem: bytes
+    offline_grace: int
+    lease_size: int
+    gateway: str  # HOST:PORT of the mutual-TLS gateway
+
+
+def channel_options(config: DaemonConfig) -> list[tuple[str, str | int]]:
+    return [("grpc.ssl_target_name_override", CUSTODIAN_TLS_NAME), *config.grpc_options]
+
+
+def gateway_credentials(
+    config: DaemonConfig, identity: MeasuredIdentity, enrolment: Enrolment
+) -> grpc.ChannelCredentials:
+    """Mutual TLS: the pinned custodian CA, and the certificate issued for the identity key."""
+    return grpc.ssl_channel_credentials(
+        root_certificates=config.custodian_ca_pem,
+        private_key=private_key_pem(identity.key),
+        certificate_chain=enrolment.certificate_pem,
+    )
+
+
+async def enrol(config: DaemonConfig, identity: MeasuredIdentity) -> Enrolment:
+    """Enrol, or raise ``EnrolmentRefusedError`` (with the reason) or ``CustodianUnreachableError``."""
+    credentials = grpc.ssl_channel_credentials(root_certificates=config.custodian_ca_pem)
+    async with grpc.aio.secure_channel(
+        config.custodian, credentials, options=channel_options(config)
+    ) as channel:
+        stub = custos_pb2_grpc.EnclaveGatewayStub(channel)
+        challenge = await _challenge(stub, config)
+        if len(challenge.nonce) not in _NONCE_SIZES:
+            raise ProtocolError(f"custodian challenge nonce is {len(challenge.nonce)} bytes")
+        evidence, claims = await asyncio.to_thread(identity.attest, "enrol", challenge.nonce)
+        request = custos_pb2.EnrolRequest(
+            deployment=config.deployment,
+            join_token=config.join_token,
+            evidence=evidence,
+            claims=claims,
+            csr=certificate_request(identity.key),
+        )
+        try:
+            reply = await stub.Enrol(request, timeout=config.call_timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _enrol_error(exc, config) from None
+    enrolment = _check_enrolment(reply, identity, config)
+    logger.info("enrolled as instance %s (gateway %s)", enrolment.instance_id, enrolment.gateway)
+    return enrolment
+
+
+def certificate_request(key: ec.EllipticCurvePrivateKey) -> bytes:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ENCLAVE_TLS_NAME)])
+    csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
+    return csr.public_bytes(serialization.Encoding.DER)
+
+
+async def _challenge(
+    stub: custos_pb2_grpc.EnclaveGatewayAsyncStub, config: DaemonConfig
+) -> custos_pb2.Challenge:
+    """GetChallenge, retried while the custodian is not reachable, up to ``connect_timeout``."""
+    deadline = time.monotonic() + config.connect_timeout
+    delay = config.reconnect_initial
+    request = custos_pb2.ChallengeRequest(deployment=config.deployment)
+    while True:
+        try:
+            return await stub.GetChallenge(request, timeout=config.call_timeout)
+        except grpc.aio.AioRpcError as exc:
+            error = _enrol_error(exc, config)
+            if isinstance(error, EnrolmentRefusedError) or time.monotonic() + delay >= deadline:
+                raise error from None
+            logger.info("custodian not reachable yet (%s), retrying in %.1f s", exc.code().name, delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, config.reconnect_max)
+
+
+def _enrol_error(exc: grpc.aio.AioRpcError, config: DaemonConfig) -> DaemonError:
+    details = exc.details() or exc.code().name
+    if exc.code() in _REFUSALS:
+        return EnrolmentRefusedError(f"custodian refused enrolment ({exc.code().name}): {details}")
+    return CustodianUnreachableError(f"cannot reach the custodian at {config.custodian}: {details}")
+
+
+def _check_enrolment(
+    reply: custos_pb2.Enrolment, identity: MeasuredIdentity, config: DaemonConfig
+) -> Enrolment:
+    instance_id = reply.instance_id
+    if not 0 < len(instance_id) <= _MAX_INSTANCE_ID or not set(instance_id) <= _INSTANCE_ID_CHARS:
+        raise ProtocolError("custodian issued an unusable instance id")
+    try:
+        certificate = x509.load_pem_x509_certificate(reply.certificate)
+    except ValueError:
+        raise ProtocolError("custodian issued a certificate that does not parse") from None
+    if public_key_der(_ec_key(certificate)) != identity.public_key_der:
+        raise ProtocolError("custodian issued a certificate for another key")
+    if not 0 < reply.mtls_port <= 65535:
+        raise ProtocolError(f"custodian named gateway port {reply.mtls_port}")
+    host, _ = parse_address(config.custodian, what="--custodian")
+    return Enrolment(
+        instance_id=instance_id,
+        certificate_pem=reply.certificate,
+        offline_grace=reply.offline_grace_seconds,
+        lease_size=reply.lease_size,
+        gateway=f"{host}:{reply.mtls_port}",
+    )
+
+
+def _ec_key(certificate: x509.Certificate) -> ec.EllipticCurvePublicKey:
+    key = certificate.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise ProtocolError("custodian issued a certificate for a non-EC key")
+    return key

@@ -1,0 +1,74 @@
+"""Errors of the enclave daemon, all derived from ``enclave.errors.EnclaveError``."""
+
+from __future__ import annotations
+
+from enclave.errors import EnclaveError
+
+
+class DaemonError(EnclaveError):
+    """Base of every error the daemon raises itself."""
+
+
+class ConfigError(DaemonError):
+    """A flag, a file named by a flag, or a configuration bound is unusable."""
+
+
+class InvalidInputError(DaemonError):
+    """An inference input was refused before it used any quota. The message says why."""
+
+
+class ModelNotLoadedError(DaemonError):
+    """No model is loaded (yet), so there is nothing to run."""
+
+    def __init__(self) -> None:
+        super().__init__("no model is loaded yet")
+
+
+class ModelRefusedError(DaemonError):
+    """The model pushed by the custodian did not decrypt, check out or load."""
+
+
+class InferenceError(DaemonError):
+    """The model runtime failed on an input that passed validation."""
+
+
+class QuotaError(DaemonError):
+    """The local lease does not allow one more inference. Subclasses say why."""
+
+
+class SuspendedError(QuotaError):
+    def __init__(self) -> None:
+        super().__init__("deployment is suspended")
+
+
+class LeaseRevokedError(QuotaError):
+    """The unit reserved for a call was taken back by the custodian while it ran."""
+
+    def __init__(self) -> None:
+        super().__init__("lease was revoked")
+
+
+class QuotaExhaustedError(QuotaError):
+    def __init__(self) -> None:
+        super().__init__("no inference left in the lease or the deployment's balance")
+
+
+class CustodianOfflineError(QuotaError):
+    def __init__(self) -> None:
+        super().__init__("custodian unreachable past the offline grace")
+
+
+class CustodianUnreachableError(DaemonError):
+    """The custodian could not be reached at start (network, TLS or a timeout)."""
+
+
+class EnrolmentRefusedError(DaemonError):
+    """The custodian refused to enrol this enclave; the message carries its reason."""
+
+
+class LeaseUnavailableError(DaemonError):
+    """The custodian did not grant a lease when the daemon started."""
+
+
+class ProtocolError(DaemonError):
+    """The custodian answered something the protocol does not allow."""

@@ -1,0 +1,151 @@
+"""The inference service: ``Infer``, ``Attest`` and ``Status`` over attested TLS.
+
+``Infer`` validates the input first (an invalid input costs no quota), then
+reserves one unit of the lease, runs the model in an executor, and commits the
+unit on success or refunds it on failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import Any
+
+import grpc
+
+from enclave._daemon import status
+from enclave._daemon.config import DaemonConfig
+from enclave._daemon.errors import (
+    CustodianOfflineError,
+    InvalidInputError,
+    LeaseRevokedError,
+    ModelNotLoadedError,
+    QuotaExhaustedError,
+    SuspendedError,
+)
+from enclave._daemon.lease import Lease
+from enclave._daemon.measured import MeasuredIdentity
+from enclave._daemon.metrics import DaemonMetrics
+from enclave._daemon.preprocess import FloatArray, InputLimits, image_to_tensor, tensor_from_wire
+from enclave._daemon.runtime import ModelRuntime
+from enclave.errors import EnclaveError
+from protos import custos_pb2, custos_pb2_grpc
+
+ATTEST_NONCE_SIZES = range(16, 65)
+
+_OUTCOMES: tuple[tuple[type[EnclaveError], str], ...] = (
+    (InvalidInputError, "invalid_input"),
+    (QuotaExhaustedError, "refused_quota"),
+    (LeaseRevokedError, "refused_quota"),
+    (SuspendedError, "refused_suspended"),
+    (CustodianOfflineError, "refused_offline"),
+)
+
+
+def _outcome(error: EnclaveError) -> str:
+    return next((outcome for kind, outcome in _OUTCOMES if isinstance(error, kind)), "error")
+
+
+class InferenceService(custos_pb2_grpc.InferenceServicer):
+    def __init__(
+        self,
+        config: DaemonConfig,
+        identity: MeasuredIdentity,
+        lease: Lease,
+        metrics: DaemonMetrics,
+        executor: Executor,
+        *,
+        custodian_reachable: Callable[[], bool],
+    ) -> None:
+        self._config = config
+        self._identity = identity
+        self._lease = lease
+        self._metrics = metrics
+        self._executor = executor
+        self._custodian_reachable = custodian_reachable
+        self._limits = InputLimits(
+            max_image_bytes=config.max_image_bytes,
+            max_image_pixels=config.max_image_pixels,
+            max_tensor_bytes=config.max_tensor_bytes,
+        )
+        self.model: ModelRuntime | None = None
+        self.served = 0
+        self.refused = 0
+
+    async def Infer(  # noqa: N802 -- gRPC method name
+        self, request: custos_pb2.InferRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> custos_pb2.InferResponse:
+        started = time.perf_counter()
+        try:
+            response = await self._infer(request)
+        except EnclaveError as exc:
+            self.refused += 1
+            self._metrics.count(_outcome(exc))
+            await status.abort(context, exc)
+        self.served += 1
+        self._metrics.count("served")
+        self._metrics.latency.observe(time.perf_counter() - started)
+        return response
+
+    async def _infer(self, request: custos_pb2.InferRequest) -> custos_pb2.InferResponse:
+        model = self.model
+        if model is None:
+            raise ModelNotLoadedError()
+        loop = asyncio.get_running_loop()
+        tensor = await loop.run_in_executor(self._executor, self._prepare, model, request)
+        top_k = request.top_k or self._config.default_top_k
+        await self._lease.reserve()
+        try:
+            scores = await loop.run_in_executor(self._executor, model.run, tensor, top_k)
+        except BaseException:
+            self._lease.refund()
+            raise
+        self._lease.commit()
+        return custos_pb2.InferResponse(
+            top=[custos_pb2.ClassScore(index=s.index, label=s.label, score=s.score) for s in scores],
+            remaining_quota=self._lease.remaining + self._lease.deployment_balance,
+            model_sha384=model.sha384.hex(),
+        )
+
+    def _prepare(self, model: ModelRuntime, request: custos_pb2.InferRequest) -> FloatArray:
+        kind = request.WhichOneof("input")
+        if kind == "image":
+            if model.image_spec is None:
+                raise InvalidInputError("this model takes tensors, not images")
+            return image_to_tensor(request.image, model.image_spec, self._limits)
+        if kind == "tensor":
+            tensor = request.tensor
+            return tensor_from_wire(tensor.shape, tensor.float32_data, model.input_shape, self._limits)
+        raise InvalidInputError("request carries no input")
+
+    async def Attest(  # noqa: N802 -- gRPC method name
+        self, request: custos_pb2.AttestRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> custos_pb2.AttestResponse:
+        nonce = request.nonce
+        if len(nonce) not in ATTEST_NONCE_SIZES:
+            low, high = ATTEST_NONCE_SIZES.start, ATTEST_NONCE_SIZES.stop - 1
+            error = InvalidInputError(f"nonce must be {low} to {high} bytes, got {len(nonce)}")
+            await status.abort(context, error)
+        evidence, claims = await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._identity.attest, "attest", nonce
+        )
+        return custos_pb2.AttestResponse(evidence=evidence, claims=claims)
+
+    async def Status(  # noqa: N802 -- gRPC method name
+        self, request: custos_pb2.StatusRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> custos_pb2.StatusResponse:
+        model = self.model
+        return custos_pb2.StatusResponse(
+            deployment=self._config.deployment,
+            platform=self._identity.platform,
+            model_loaded=model is not None,
+            model_sha384=model.sha384.hex() if model is not None else "",
+            suspended=self._lease.suspended,
+            lease_limit=self._lease.limit,
+            lease_used=self._lease.committed,
+            served=self.served,
+            refused=self.refused,
+            custodian_reachable=self._custodian_reachable(),
+        )

@@ -1,0 +1,257 @@
+"""The custodian link: the mutual-TLS session with the custodian's gateway.
+
+After enrolment it fetches the model, acquires the lease, reports usage and
+keeps the control stream open:
+
+- usage reports every ``report_interval`` when ``used`` changed, and at once
+  when a caller found the lease exhausted (``want_more``). ``seq`` is monotonic
+  per instance; a report that failed is retried with the same ``seq`` and
+  ``used``, so the custodian counts it once.
+- the control stream (``Watch``) applies heartbeats and lease changes to the
+  local lease. When it fails or goes silent, the link reconnects with
+  exponential backoff and jitter, acquires the lease again (reporting what was
+  served meanwhile) and reopens the stream. Losing the custodian never stops
+  the daemon; the lease's offline deadline decides what is served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+
+import grpc
+
+from enclave._daemon.config import DaemonConfig
+from enclave._daemon.enrolment import Enrolment, channel_options, gateway_credentials
+from enclave._daemon.lease import Lease, LeaseTerms
+from enclave._daemon.measured import MeasuredIdentity
+from enclave._daemon.metrics import DaemonMetrics
+from enclave._daemon.model_push import PushedModel, receive_model
+from protos import custos_pb2, custos_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+# Codes with which the custodian refuses a report for good; retrying it cannot help.
+_REPORT_REFUSALS = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.PERMISSION_DENIED,
+    }
+)
+
+
+class Backoff:
+    """Exponential backoff with jitter: each delay drawn from [d/2, d], d doubling up to ``cap``."""
+
+    def __init__(self, initial: float, cap: float, rng: random.Random | None = None) -> None:
+        self._initial = initial
+        self._cap = cap
+        self._rng = rng or random.Random()  # noqa: S311 -- jitter, not a secret
+        self._attempt = 0
+
+    def next(self) -> float:
+        delay = min(self._cap, self._initial * 2**self._attempt)
+        self._attempt = min(self._attempt + 1, 32)
+        return self._rng.uniform(delay / 2, delay)
+
+    def reset(self) -> None:
+        self._attempt = 0
+
+
+def lease_terms(message: custos_pb2.Lease) -> LeaseTerms:
+    return LeaseTerms(
+        lease_id=message.lease_id,
+        limit=message.limit,
+        valid_for=float(message.valid_for_seconds),
+        suspended=message.suspended,
+        deployment_balance=message.deployment_balance,
+    )
+
+
+def heartbeat_silence(valid_for: float) -> float:
+    """How long the control stream may stay silent: two heartbeat periods and a second."""
+    period = max(1.0, min(5.0, valid_for / 3))
+    return 2 * period + 1
+
+
+class CustodianLink:
+    def __init__(
+        self,
+        config: DaemonConfig,
+        identity: MeasuredIdentity,
+        enrolment: Enrolment,
+        lease: Lease,
+        metrics: DaemonMetrics,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._config = config
+        self._identity = identity
+        self.enrolment = enrolment
+        self.lease = lease
+        self._metrics = metrics
+        self._rng = rng
+        self._channel = grpc.aio.secure_channel(
+            enrolment.gateway,
+            gateway_credentials(config, identity, enrolment),
+            options=channel_options(config),
+        )
+        self._stub = custos_pb2_grpc.EnclaveGatewayStub(self._channel)
+        self._seq = 0
+        self._pending: custos_pb2.UsageReport | None = None
+        self._acked_lease = ""
+        self._acked_used = 0
+        self.connected = False
+        self._closed = False
+
+    # --------------------------------------------------------------- calls
+
+    async def fetch_model(self) -> PushedModel:
+        return await receive_model(
+            self._stub,
+            self._identity,
+            self.enrolment.instance_id,
+            max_model_bytes=self._config.max_model_bytes,
+            read_timeout=self._config.call_timeout,
+        )
+
+    async def acquire_lease(self) -> None:
+        """Open or refresh the lease, telling the custodian what was used under it."""
+        request = custos_pb2.LeaseRequest(
+            lease_id=self.lease.lease_id, used=self.lease.committed, seq=self._next_seq()
+        )
+        reply = await self._stub.AcquireLease(request, timeout=self._config.call_timeout)
+        self.lease.apply(lease_terms(reply))
+        self._set_connected(True)
+        logger.info(
+            "lease %s: limit %d, valid %d s%s",
+            reply.lease_id,
+            reply.limit,
+            reply.valid_for_seconds,
+            ", SUSPENDED" if reply.suspended else "",
+        )
+
+    async def report(self, *, final: bool = False) -> bool:
+        """Send one usage report if one is due; False when it failed or brought no top-up."""
+        if final and self._pending is not None and not self._pending.final:
+            self._pending = None  # superseded: the final report carries the cumulative use
+        if self._pending is None:
+            want_more = self.lease.topup_wanted.is_set() and not final
+            self.lease.topup_wanted.clear()
+            lease_id, used = self.lease.lease_id, self.lease.committed
+            acked = self._acked_used if lease_id == self._acked_lease else 0
+            if not lease_id or (used == acked and not want_more and not final):
+                return True
+            self._pending = custos_pb2.UsageReport(
+                lease_id=lease_id, seq=self._next_seq(), used=used, want_more=want_more, final=final
+            )
+        report = self._pending
+        try:
+            reply = await self._stub.ReportUsage(report, timeout=self._config.call_timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() not in _REPORT_REFUSALS:
+                logger.warning("usage report %d failed (%s); it will be retried", report.seq, exc.code().name)
+                return False
+            logger.error(
+                "custodian refused usage report %d (used %d): %s: %s",
+                report.seq,
+                report.used,
+                exc.code().name,
+                exc.details(),
+            )
+            self._settle(report)
+            return False
+        self._settle(report)
+        limit_before = self.lease.limit
+        self.lease.apply(lease_terms(reply))
+        return not (report.want_more and self.lease.limit <= limit_before)
+
+    def _settle(self, report: custos_pb2.UsageReport) -> None:
+        self._pending = None
+        self._acked_lease, self._acked_used = report.lease_id, report.used
+
+    # --------------------------------------------------------------- loops
+
+    async def run(self) -> None:
+        """Report usage and watch the control stream until cancelled."""
+        await asyncio.gather(self._report_loop(), self._watch_loop())
+
+    async def _report_loop(self) -> None:
+        interval = self._config.report_interval
+        while True:
+            try:
+                await asyncio.wait_for(self.lease.topup_wanted.wait(), interval)
+            except TimeoutError:
+                pass
+            if not await self.report():
+                await asyncio.sleep(interval)
+
+    async def _watch_loop(self) -> None:
+        backoff = Backoff(self._config.reconnect_initial, self._config.reconnect_max, self._rng)
+        while True:
+            try:
+                await self._watch(backoff)
+                reason = "control stream closed"
+            except grpc.aio.AioRpcError as exc:
+                reason = f"{exc.code().name}: {exc.details()}"
+            except TimeoutError:
+                reason = "control stream went silent"
+            self._set_connected(False)
+            logger.warning("lost the custodian (%s); reconnecting", reason)
+            while True:
+                await asyncio.sleep(backoff.next())
+                try:
+                    await self.acquire_lease()
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    logger.info("custodian still unreachable (%s)", exc.code().name)
+
+    async def _watch(self, backoff: Backoff) -> None:
+        call = self._stub.Watch(custos_pb2.WatchRequest())
+        try:
+            while True:
+                event = await asyncio.wait_for(call.read(), heartbeat_silence(self.lease.valid_for))
+                if not isinstance(event, custos_pb2.ControlEvent):
+                    return  # grpc.aio.EOF: the custodian closed the stream
+                backoff.reset()
+                self._set_connected(True)
+                if event.WhichOneof("event") == "lease":
+                    self.lease.apply(lease_terms(event.lease))
+                elif event.WhichOneof("event") == "heartbeat":
+                    self.lease.heartbeat(float(event.heartbeat.valid_for_seconds), event.heartbeat.suspended)
+        finally:
+            call.cancel()
+
+    # ------------------------------------------------------------ shutdown
+
+    async def close(self, *, final_report: bool) -> None:
+        """Send the final usage report (closing the lease), retried within the shutdown grace."""
+        if self._closed:
+            return
+        self._closed = True
+        if final_report and self.lease.lease_id:
+            try:
+                await asyncio.wait_for(self._final_report(), self._config.shutdown_grace)
+            except TimeoutError:
+                logger.error("final usage report not acknowledged within %g s", self._config.shutdown_grace)
+        await self._channel.close(None)
+        self._set_connected(False)
+
+    async def _final_report(self) -> None:
+        backoff = Backoff(self._config.reconnect_initial, self._config.reconnect_max, self._rng)
+        while True:
+            if await self.report(final=True) or self._pending is None:
+                break
+            await asyncio.sleep(backoff.next())
+        logger.info("final usage report sent: %d units used", self._acked_used)
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _set_connected(self, connected: bool) -> None:
+        self.connected = connected
+        self._metrics.custodian_connected.set(1 if connected else 0)

@@ -1,0 +1,41 @@
+"""Domain errors to gRPC status codes: the one place this mapping lives."""
+
+from __future__ import annotations
+
+from typing import Any, NoReturn
+
+import grpc
+
+from enclave._daemon.errors import (
+    CustodianOfflineError,
+    InferenceError,
+    InvalidInputError,
+    LeaseRevokedError,
+    ModelNotLoadedError,
+    QuotaExhaustedError,
+    SuspendedError,
+)
+from enclave.errors import EnclaveError
+
+_CODES: tuple[tuple[type[EnclaveError], grpc.StatusCode], ...] = (
+    (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ModelNotLoadedError, grpc.StatusCode.FAILED_PRECONDITION),
+    (SuspendedError, grpc.StatusCode.PERMISSION_DENIED),
+    (LeaseRevokedError, grpc.StatusCode.PERMISSION_DENIED),
+    (QuotaExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (CustodianOfflineError, grpc.StatusCode.UNAVAILABLE),
+    (InferenceError, grpc.StatusCode.INTERNAL),
+)
+
+
+def code_for(error: EnclaveError) -> grpc.StatusCode:
+    for kind, code in _CODES:
+        if isinstance(error, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+async def abort(context: grpc.aio.ServicerContext[Any, Any], error: EnclaveError) -> NoReturn:
+    """End the call with the error's status code and its one-line reason."""
+    await context.abort(code_for(error), str(error))
+    raise AssertionError("grpc.aio ServicerContext.abort returned")

@@ -1,0 +1,204 @@
+"""The local lease: arithmetic (property-tested), concurrency, refusals."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from enclave._daemon.errors import (
+    CustodianOfflineError,
+    LeaseRevokedError,
+    QuotaExhaustedError,
+    SuspendedError,
+)
+from enclave._daemon.lease import Lease, LeaseTerms
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def terms(limit: int, *, lease_id: str = "L1", valid_for: float = 30, suspended: bool = False) -> LeaseTerms:
+    return LeaseTerms(
+        lease_id=lease_id, limit=limit, valid_for=valid_for, suspended=suspended, deployment_balance=7
+    )
+
+
+def new_lease(limit: int, *, topup_wait: float = 0.0) -> tuple[Lease, FakeClock]:
+    clock = FakeClock()
+    lease = Lease(topup_wait=topup_wait, clock=clock)
+    lease.apply(terms(limit))
+    return lease, clock
+
+
+async def try_reserve(lease: Lease) -> bool:
+    try:
+        await lease.reserve()
+    except QuotaExhaustedError:
+        return False
+    return True
+
+
+operations = st.lists(
+    st.one_of(
+        st.just(("reserve", 0)),
+        st.just(("commit", 0)),
+        st.just(("refund", 0)),
+        st.tuples(st.just("limit"), st.integers(0, 12)),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(initial=st.integers(0, 12), ops=operations)
+def test_arithmetic_never_serves_past_the_limit(initial: int, ops: list[tuple[str, int]]) -> None:
+    async def run() -> None:
+        lease, _ = new_lease(initial)
+        limit, committed, outstanding = initial, 0, 0
+        for op, value in ops:
+            if op == "reserve":
+                took = await try_reserve(lease)
+                assert took == (committed + outstanding < limit)
+                outstanding += took
+            elif op == "commit" and outstanding:
+                outstanding -= 1
+                if committed < limit:
+                    lease.commit()
+                    committed += 1
+                else:
+                    with pytest.raises(LeaseRevokedError):
+                        lease.commit()
+            elif op == "refund" and outstanding:
+                lease.refund()
+                outstanding -= 1
+            elif op == "limit":
+                lease.apply(terms(value))
+                limit = value
+            assert (lease.committed, lease.reserved, lease.limit) == (committed, outstanding, limit)
+            assert lease.remaining == max(0, limit - committed - outstanding)
+
+    asyncio.run(run())
+
+
+def test_commit_or_refund_without_reservation_is_a_bug() -> None:
+    lease, _ = new_lease(3)
+    with pytest.raises(RuntimeError):
+        lease.commit()
+    with pytest.raises(RuntimeError):
+        lease.refund()
+
+
+def test_many_concurrent_callers_get_exactly_the_limit() -> None:
+    async def run() -> None:
+        lease, _ = new_lease(10, topup_wait=0.05)
+
+        async def call() -> bool:
+            if not await try_reserve(lease):
+                return False
+            await asyncio.sleep(0)
+            lease.commit()
+            return True
+
+        results = await asyncio.gather(*(call() for _ in range(50)))
+        assert sum(results) == 10
+        assert (lease.committed, lease.reserved) == (10, 0)
+        assert lease.topup_wanted.is_set()
+
+    asyncio.run(run())
+
+
+def test_waiting_caller_takes_a_top_up() -> None:
+    async def run() -> None:
+        lease, _ = new_lease(1, topup_wait=30)
+        await lease.reserve()
+        lease.commit()
+        waiter = asyncio.ensure_future(lease.reserve())
+        await asyncio.sleep(0)
+        assert lease.topup_wanted.is_set()
+        assert not waiter.done()
+        lease.apply(terms(3))
+        await waiter
+        assert (lease.committed, lease.reserved) == (1, 1)
+
+    asyncio.run(run())
+
+
+def test_waiting_caller_takes_a_refunded_unit() -> None:
+    async def run() -> None:
+        lease, _ = new_lease(1, topup_wait=30)
+        await lease.reserve()
+        waiter = asyncio.ensure_future(lease.reserve())
+        await asyncio.sleep(0)
+        lease.refund()
+        await waiter
+        lease.commit()
+        assert lease.committed == 1
+
+    asyncio.run(run())
+
+
+def test_suspension_refuses_waiting_and_new_callers_and_in_flight_commits() -> None:
+    async def run() -> None:
+        lease, _ = new_lease(1, topup_wait=30)
+        await lease.reserve()
+        waiter = asyncio.ensure_future(lease.reserve())
+        await asyncio.sleep(0)
+        lease.heartbeat(30, suspended=True)
+        with pytest.raises(SuspendedError):
+            await waiter
+        with pytest.raises(SuspendedError):
+            lease.commit()
+        with pytest.raises(SuspendedError):
+            await lease.reserve()
+        assert (lease.committed, lease.reserved) == (0, 0)
+
+    asyncio.run(run())
+
+
+def test_offline_past_the_deadline_and_back_on_contact() -> None:
+    async def run() -> None:
+        lease, clock = new_lease(5)
+        clock.now += 29.9
+        await lease.reserve()
+        lease.commit()
+        clock.now += 0.1
+        with pytest.raises(CustodianOfflineError, match="custodian unreachable past the offline grace"):
+            await lease.reserve()
+        lease.heartbeat(30, suspended=False)
+        await lease.reserve()
+
+    asyncio.run(run())
+
+
+def test_no_contact_yet_means_offline() -> None:
+    async def run() -> None:
+        with pytest.raises(CustodianOfflineError):
+            await Lease(topup_wait=0, clock=FakeClock()).reserve()
+
+    asyncio.run(run())
+
+
+def test_exhausted_without_top_up_is_refused() -> None:
+    async def run() -> None:
+        lease, _ = new_lease(0, topup_wait=0.01)
+        with pytest.raises(QuotaExhaustedError):
+            await lease.reserve()
+        assert lease.topup_wanted.is_set()
+
+    asyncio.run(run())
+
+
+def test_a_new_lease_starts_its_own_count() -> None:
+    lease, _ = new_lease(5)
+    asyncio.run(lease.reserve())
+    lease.commit()
+    lease.apply(terms(4, lease_id="L2"))
+    assert (lease.lease_id, lease.committed, lease.limit, lease.deployment_balance) == ("L2", 0, 4, 7)
