@@ -1,0 +1,20 @@
+"""Custos custodian: the model owner's server and console.
+
+The server (``custodian serve``) keeps the models encrypted at rest, the
+deployments and their quota in a SQLite ledger with a hash-chained audit log,
+enrols attested enclaves, pushes them the model and leases them inferences.
+It listens on three sockets (see ``docs/protocol.md``): enrolment over TLS,
+the enclave gateway over mutual TLS, and the admin API on a unix socket in the
+data directory, which the console subcommands use.
+
+Modules, by job:
+
+- ``config``: the server's configuration and its bounds; ``errors``: the error
+  classes (mapped to gRPC status codes once, in ``_status``).
+- ``quota``: pure quota arithmetic; ``ledger`` (with ``_schema``): storage.
+- ``authority``: the TLS and enclave CAs; ``model_store``: models sealed at rest.
+- ``enrolment``, ``leases``, ``deployments``, ``control``: the domain services.
+- ``gateway``, ``admin``: the gRPC servicers; ``server``: the running process;
+  ``metrics``: its Prometheus metrics.
+- ``console``: the admin API client; ``cli``: the ``custodian`` command.
+"""

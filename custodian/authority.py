@@ -1,0 +1,194 @@
+"""The custodian's two certificate authorities and the certificates they issue.
+
+- The **TLS CA** issues the custodian's own server certificate (SAN
+  ``custodian.custos``). Enclaves pin it; its fingerprint is measured into the
+  enclave's configuration and named in every manifest.
+- The **enclave CA** issues each enrolled instance a short-lived client
+  certificate (CN = instance id) for the attested key, which the gateway
+  requires for mutual TLS.
+
+Both CA keys live in the data directory (0600). Server keys are made fresh in
+memory at every start.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from custodian.errors import ConfigError, InvalidRequestError, RefusedError
+from enclave.identity import private_key_pem, public_key_der
+
+logger = logging.getLogger(__name__)
+
+CUSTODIAN_TLS_NAME = "custodian.custos"
+CA_VALIDITY = datetime.timedelta(days=3650)
+SERVER_VALIDITY = datetime.timedelta(days=365)
+MAX_CSR_BYTES = 16 * 1024
+_BACKDATE = datetime.timedelta(minutes=5)
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Create ``path`` readable by its owner only; refuse to overwrite."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+@dataclass(frozen=True)
+class ServerIdentity:
+    """A server key and certificate chain, PEM, as gRPC server credentials take them."""
+
+    key_pem: bytes
+    chain_pem: bytes
+
+
+class CertificateAuthority:
+    def __init__(self, key: ec.EllipticCurvePrivateKey, certificate: x509.Certificate) -> None:
+        self._key = key
+        self.certificate = certificate
+
+    @classmethod
+    def load_or_create(
+        cls, directory: Path, stem: str, common_name: str, *, now: datetime.datetime
+    ) -> CertificateAuthority:
+        """The CA kept as ``STEM.key`` and ``STEM.pem`` in ``directory``, created on first use."""
+        key_path, cert_path = directory / f"{stem}.key", directory / f"{stem}.pem"
+        if key_path.exists() or cert_path.exists():
+            try:
+                key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+                certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"cannot load the {stem} in {directory}: {exc}") from exc
+            public = certificate.public_key()
+            if (
+                not isinstance(key, ec.EllipticCurvePrivateKey)
+                or not isinstance(public, ec.EllipticCurvePublicKey)
+                or public_key_der(key) != public_key_der(public)
+            ):
+                raise ConfigError(f"{key_path} does not match {cert_path}")
+            return cls(key, certificate)
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+        certificate = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - _BACKDATE)
+            .not_valid_after(now + CA_VALIDITY)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(_key_usage(cert_sign=True), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        write_private(key_path, private_key_pem(key))
+        cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+        logger.info("created %s (%s)", cert_path, common_name)
+        return cls(key, certificate)
+
+    @property
+    def pem(self) -> bytes:
+        return self.certificate.public_bytes(serialization.Encoding.PEM)
+
+    @property
+    def sha256(self) -> str:
+        """SHA-256 of the CA certificate's DER: what enclaves measure and manifests pin."""
+        return hashlib.sha256(self.certificate.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+    def server_identity(self, dns_name: str, *, now: datetime.datetime) -> ServerIdentity:
+        """A fresh in-memory server key with a certificate for ``dns_name``."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        certificate = self._issue(
+            key.public_key(),
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_name)]),
+            ExtendedKeyUsageOID.SERVER_AUTH,
+            now=now,
+            validity=SERVER_VALIDITY,
+            san=dns_name,
+        )
+        return ServerIdentity(
+            private_key_pem(key), certificate.public_bytes(serialization.Encoding.PEM) + self.pem
+        )
+
+    def issue_client(
+        self,
+        public_key: ec.EllipticCurvePublicKey,
+        common_name: str,
+        *,
+        now: datetime.datetime,
+        validity: datetime.timedelta,
+    ) -> x509.Certificate:
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+        return self._issue(public_key, name, ExtendedKeyUsageOID.CLIENT_AUTH, now=now, validity=validity)
+
+    def _issue(
+        self,
+        public_key: ec.EllipticCurvePublicKey,
+        subject: x509.Name,
+        usage: x509.ObjectIdentifier,
+        *,
+        now: datetime.datetime,
+        validity: datetime.timedelta,
+        san: str | None = None,
+    ) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(self.certificate.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - _BACKDATE)
+            .not_valid_after(min(now + validity, self.certificate.not_valid_after_utc))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_key_usage(cert_sign=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), critical=False
+            )
+        )
+        if san is not None:
+            builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(san)]), critical=False)
+        return builder.sign(self._key, hashes.SHA256())
+
+
+def csr_public_key(der: bytes) -> ec.EllipticCurvePublicKey:
+    """Parse a PKCS#10 request, check its self-signature, and return its key, which must be P-256."""
+    if len(der) > MAX_CSR_BYTES:
+        raise InvalidRequestError(f"CSR is {len(der)} bytes, over the {MAX_CSR_BYTES}-byte limit")
+    try:
+        csr = x509.load_der_x509_csr(der)
+        public = csr.public_key()
+    except ValueError as exc:
+        raise InvalidRequestError(f"CSR does not parse: {exc}") from exc
+    if not isinstance(public, ec.EllipticCurvePublicKey) or not isinstance(public.curve, ec.SECP256R1):
+        raise InvalidRequestError("CSR key is not a P-256 key")
+    if not csr.is_signature_valid:
+        raise RefusedError("CSR signature does not verify")
+    return public
+
+
+def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=not cert_sign,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
+    )

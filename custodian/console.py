@@ -1,0 +1,123 @@
+"""The console's client for the admin API on the data directory's unix socket.
+
+Every method is one admin call; a refusal or an unreachable custodian raises
+``ConsoleError`` with the custodian's one-line reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+
+from custodian.errors import ConsoleError
+from protos import custos_pb2 as pb
+from protos import custos_pb2_grpc as pb_grpc
+
+UPLOAD_PART_BYTES = 1 << 20
+_TIMEOUT = 30.0
+_MAX_MESSAGE = 64 << 20
+
+_Response = TypeVar("_Response")
+
+
+class Console:
+    def __init__(self, socket: Path, *, timeout: float = _TIMEOUT) -> None:
+        self._socket = socket
+        self._timeout = timeout
+        self._channel = grpc.insecure_channel(
+            f"unix:{socket.absolute()}", options=[("grpc.max_receive_message_length", _MAX_MESSAGE)]
+        )
+        self._stub = pb_grpc.AdminStub(self._channel)
+
+    def __enter__(self) -> Console:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(
+        self, method: Callable[..., _Response], request: Any, *, timeout: float | None = None
+    ) -> _Response:
+        if not self._socket.exists():
+            raise ConsoleError(
+                f"no custodian is serving {self._socket.parent}: start it with `custodian serve`"
+            )
+        try:
+            return method(request, timeout=timeout or self._timeout)
+        except grpc.RpcError as exc:
+            code: grpc.StatusCode = exc.code()
+            details: str = exc.details() or code.name
+            if code is grpc.StatusCode.UNAVAILABLE:
+                raise ConsoleError(
+                    f"the custodian at unix:{self._socket} is not answering: {details}"
+                ) from None
+            raise ConsoleError(details) from None
+
+    def add_model(self, name: str, path: Path) -> pb.ModelInfo:
+        """Upload a model file in parts; the custodian seals it and keeps no plaintext."""
+        try:
+            handle = path.open("rb")
+        except OSError as exc:
+            raise ConsoleError(f"cannot read {path}: {exc.strerror}") from None
+        with handle:
+            # Upload time grows with the model: no deadline beyond the channel's own.
+            return self._call(self._stub.AddModel, _upload(name, handle.read), timeout=24 * 3600)
+
+    def list_models(self) -> list[pb.ModelInfo]:
+        return list(self._call(self._stub.ListModels, pb.ListModelsRequest()).models)
+
+    def create_deployment(
+        self, name: str, *, model: str, manifest: str, offline_grace_seconds: int, lease_size: int
+    ) -> pb.DeploymentCreated:
+        request = pb.CreateDeploymentRequest(
+            name=name,
+            model=model,
+            manifest=manifest,
+            offline_grace_seconds=offline_grace_seconds,
+            lease_size=lease_size,
+        )
+        return self._call(self._stub.CreateDeployment, request)
+
+    def rotate_token(self, name: str) -> pb.DeploymentCreated:
+        return self._call(self._stub.RotateToken, pb.RotateTokenRequest(name=name))
+
+    def manifest(self, name: str) -> str:
+        return self._call(self._stub.GetDeploymentManifest, pb.DeploymentManifestRequest(name=name)).manifest
+
+    def grant(self, deployment: str, units: int) -> pb.QuotaChange:
+        return self._call(self._stub.Grant, pb.GrantRequest(deployment=deployment, units=units))
+
+    def revoke(self, deployment: str, *, units: int = 0, everything: bool = False) -> pb.QuotaChange:
+        return self._call(
+            self._stub.Revoke, pb.RevokeRequest(deployment=deployment, units=units, all=everything)
+        )
+
+    def suspend(self, deployment: str) -> pb.DeploymentUsage:
+        return self._call(self._stub.Suspend, pb.DeploymentRequest(deployment=deployment))
+
+    def resume(self, deployment: str) -> pb.DeploymentUsage:
+        return self._call(self._stub.Resume, pb.DeploymentRequest(deployment=deployment))
+
+    def usage(self, deployment: str = "") -> list[pb.DeploymentUsage]:
+        return list(self._call(self._stub.Usage, pb.UsageRequest(deployment=deployment)).deployments)
+
+    def enclaves(self, deployment: str = "") -> list[pb.EnclaveInfo]:
+        return list(self._call(self._stub.Enclaves, pb.EnclavesRequest(deployment=deployment)).enclaves)
+
+    def custodian_ca(self) -> bytes:
+        return self._call(self._stub.CustodianCa, pb.CaRequest()).pem
+
+
+def _upload(name: str, read: Callable[[int], bytes]) -> Iterator[pb.ModelUpload]:
+    yield pb.ModelUpload(name=name)
+    while part := read(UPLOAD_PART_BYTES):
+        yield pb.ModelUpload(data=part)

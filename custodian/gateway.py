@@ -1,0 +1,168 @@
+"""The enclave gateway: the gRPC face of enrolment, model push, leases and the control stream.
+
+One servicer serves both custodian listeners. ``GetChallenge`` and ``Enrol``
+need only TLS; every other call needs the client certificate issued at
+enrolment, so it succeeds on the mutual-TLS listener alone. The handlers only
+translate between the wire and the domain; errors become status codes in
+``custodian._status``.
+"""
+
+# ruff: noqa: N802 - gRPC method names are the wire contract's.
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc.aio
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from custodian.control import ControlBus, heartbeat_interval
+from custodian.deployments import Deployments
+from custodian.enrolment import Enrolment
+from custodian.errors import RefusedError
+from custodian.leases import Leases, LeaseView
+from custodian.ledger import InstanceRecord
+from custodian.metrics import CustodianMetrics
+from custodian.model_store import ModelStore
+from enclave.envelope import SealedChunk
+from enclave.identity import public_key_der
+from protos import custos_pb2 as pb
+from protos import custos_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def lease_message(view: LeaseView) -> pb.Lease:
+    return pb.Lease(
+        lease_id=view.lease_id,
+        limit=view.limit,
+        valid_for_seconds=view.valid_for_seconds,
+        suspended=view.suspended,
+        deployment_balance=view.deployment_balance,
+    )
+
+
+class Gateway(pb_grpc.EnclaveGatewayServicer):
+    def __init__(
+        self,
+        *,
+        enrolment: Enrolment,
+        leases: Leases,
+        deployments: Deployments,
+        store: ModelStore,
+        bus: ControlBus,
+        metrics: CustodianMetrics,
+        mtls_port: int,
+    ) -> None:
+        self._enrolment = enrolment
+        self._leases = leases
+        self._deployments = deployments
+        self._store = store
+        self._bus = bus
+        self._metrics = metrics
+        self._mtls_port = mtls_port
+
+    async def GetChallenge(self, request: pb.ChallengeRequest, context: Context) -> pb.Challenge:
+        nonce, ttl = await self._enrolment.challenge(request.deployment)
+        return pb.Challenge(nonce=nonce, expires_in_seconds=ttl)
+
+    async def Enrol(self, request: pb.EnrolRequest, context: Context) -> pb.Enrolment:
+        enrolled = await self._enrolment.enrol(
+            request.deployment,
+            join_token=request.join_token,
+            evidence=request.evidence,
+            claims=request.claims,
+            csr=request.csr,
+        )
+        return pb.Enrolment(
+            instance_id=enrolled.instance_id,
+            certificate=enrolled.certificate_pem,
+            enclave_ca=enrolled.enclave_ca_pem,
+            offline_grace_seconds=enrolled.offline_grace_seconds,
+            lease_size=enrolled.lease_size,
+            mtls_port=self._mtls_port,
+        )
+
+    async def FetchModel(
+        self, request: pb.FetchModelRequest, context: Context
+    ) -> AsyncIterator[pb.ModelPart]:
+        instance = await self._caller(context)
+        model = await self._deployments.release_model(instance)
+        header = pb.ModelHeader(
+            model_id=model.model_id,
+            name=model.name,
+            plaintext_sha384=model.sha384,
+            plaintext_size=model.size,
+            chunk_size=model.chunk_size,
+            chunk_count=model.chunk_count,
+            wrapped_key=self._store.wrap_for(model, instance.public_key, instance.instance_id),
+        )
+        async with contextlib.aclosing(self._store.chunks(model)) as chunks:
+            # The sealed file opens and checks out before anything is sent.
+            first = await anext(chunks)
+            yield pb.ModelPart(header=header)
+            yield self._part(first)
+            async for chunk in chunks:
+                yield self._part(chunk)
+        self._metrics.model_pushes.inc()
+        logger.info("model %s pushed to instance %s", model.name, instance.instance_id)
+
+    def _part(self, chunk: SealedChunk) -> pb.ModelPart:
+        self._metrics.model_bytes_pushed.inc(len(chunk.ciphertext))
+        return pb.ModelPart(
+            chunk=pb.ModelChunk(index=chunk.index, final=chunk.final, ciphertext=chunk.ciphertext)
+        )
+
+    async def AcquireLease(self, request: pb.LeaseRequest, context: Context) -> pb.Lease:
+        instance = await self._caller(context)
+        view = await self._leases.acquire(
+            instance.instance_id, lease_id=request.lease_id, used=request.used, seq=request.seq
+        )
+        return lease_message(view)
+
+    async def ReportUsage(self, request: pb.UsageReport, context: Context) -> pb.Lease:
+        instance = await self._caller(context)
+        view = await self._leases.report(
+            instance.instance_id,
+            lease_id=request.lease_id,
+            seq=request.seq,
+            used=request.used,
+            want_more=request.want_more,
+            final=request.final,
+        )
+        return lease_message(view)
+
+    async def Watch(self, request: pb.WatchRequest, context: Context) -> AsyncIterator[pb.ControlEvent]:
+        instance = await self._caller(context)
+        with self._bus.subscribe(instance.instance_id, instance.deployment) as subscription:
+            view = await self._leases.touch(instance.instance_id)
+            yield _heartbeat(view)
+            while True:
+                changed = await subscription.wait(heartbeat_interval(view.valid_for_seconds))
+                view = await self._leases.touch(instance.instance_id)
+                yield pb.ControlEvent(lease=lease_message(view)) if changed else _heartbeat(view)
+
+    async def _caller(self, context: Context) -> InstanceRecord:
+        """The enrolled instance behind the call's client certificate."""
+        auth = context.auth_context()
+        names, pems = list(auth.get("x509_common_name", ())), list(auth.get("x509_pem_cert", ()))
+        if not names or not pems:
+            raise RefusedError(
+                "this call needs the client certificate from enrolment, on the mutual-TLS port"
+            )
+        public = x509.load_pem_x509_certificate(pems[0]).public_key()
+        if not isinstance(public, ec.EllipticCurvePublicKey):
+            raise RefusedError("client certificate key is not an EC key")
+        return await self._enrolment.authenticate(names[0].decode(), public_key_der(public))
+
+
+def _heartbeat(view: LeaseView) -> pb.ControlEvent:
+    return pb.ControlEvent(
+        heartbeat=pb.Heartbeat(valid_for_seconds=view.valid_for_seconds, suspended=view.suspended)
+    )

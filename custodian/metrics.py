@@ -1,0 +1,57 @@
+"""The custodian's Prometheus metrics, in a registry of their own.
+
+Label sets are small and fixed: no deployment or instance names as labels.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+ENROL_REFUSAL_REASONS = ("token", "nonce", "csr", "evidence", "binding", "policy", "format")
+
+
+class CustodianMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "custos_custodian_requests_total",
+            "gRPC calls handled, by method and status code",
+            ["method", "code"],
+            registry=r,
+        )
+        self.enrolments = Counter(
+            "custos_custodian_enrolments_total", "Enclave instances enrolled", registry=r
+        )
+        self.enrol_refusals = Counter(
+            "custos_custodian_enrol_refusals_total", "Enrolments refused, by reason", ["reason"], registry=r
+        )
+        for reason in ENROL_REFUSAL_REASONS:
+            self.enrol_refusals.labels(reason)
+        self.units_granted = Counter(
+            "custos_custodian_units_granted_total", "Inference units granted", registry=r
+        )
+        self.units_revoked = Counter(
+            "custos_custodian_units_revoked_total", "Inference units revoked", registry=r
+        )
+        self.units_used = Counter(
+            "custos_custodian_units_used_total", "Inference units reported used", registry=r
+        )
+        self.units_overdrawn = Counter(
+            "custos_custodian_units_overdrawn_total",
+            "Units reported used after their lease was cut, beyond what the balance could cover",
+            registry=r,
+        )
+        self.leases_opened = Counter("custos_custodian_leases_opened_total", "Leases opened", registry=r)
+        self.leases_closed = Counter(
+            "custos_custodian_leases_closed_total", "Leases closed, by how", ["how"], registry=r
+        )
+        for how in ("final", "expired"):
+            self.leases_closed.labels(how)
+        self.model_pushes = Counter(
+            "custos_custodian_model_pushes_total", "Models pushed to enclaves", registry=r
+        )
+        self.model_bytes_pushed = Counter(
+            "custos_custodian_model_bytes_pushed_total", "Ciphertext bytes of models pushed", registry=r
+        )
+        self.watch_streams = Gauge("custos_custodian_watch_streams", "Control streams open", registry=r)

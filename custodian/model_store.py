@@ -1,0 +1,162 @@
+"""The model store: models encrypted at rest, ready to be pushed as they are.
+
+``add`` seals an uploaded model with a fresh data key (``enclave.envelope``),
+writes the ciphertext chunks back to back in ``models/<model id>.sealed`` and
+records the model with its data key wrapped by the key-encryption key
+(``kek`` in the data directory, 0600). The plaintext is never written. Chunk
+``i`` sits at offset ``i * (chunk_size + 16)``, so the file needs no framing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncGenerator, AsyncIterable
+from pathlib import Path
+from typing import BinaryIO
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from custodian.authority import write_private
+from custodian.config import check_name
+from custodian.errors import ConfigError, ConflictError, InvalidRequestError, LedgerError
+from custodian.ledger import Ledger, ModelRecord
+from enclave.envelope import (
+    KEY_SIZE,
+    TAG_SIZE,
+    ModelSealer,
+    SealedChunk,
+    new_data_key,
+    new_model_id,
+    open_at_rest,
+    seal_at_rest,
+    wrap_key,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class ModelStore:
+    def __init__(
+        self, directory: Path, kek: bytes, ledger: Ledger, *, chunk_size: int, max_bytes: int
+    ) -> None:
+        self._directory = directory
+        self._kek = kek
+        self._ledger = ledger
+        self._chunk_size = chunk_size
+        self._max_bytes = max_bytes
+
+    @classmethod
+    def open(cls, data_dir: Path, ledger: Ledger, *, chunk_size: int, max_bytes: int) -> ModelStore:
+        """The store in ``data_dir``; creates the key-encryption key and ``models/`` on first use."""
+        kek_path = data_dir / "kek"
+        if not kek_path.exists():
+            write_private(kek_path, os.urandom(KEY_SIZE))
+            logger.info("created the key-encryption key %s", kek_path)
+        kek = kek_path.read_bytes()
+        if len(kek) != KEY_SIZE:
+            raise ConfigError(f"{kek_path} is not a {KEY_SIZE}-byte key")
+        directory = data_dir / "models"
+        directory.mkdir(mode=0o700, exist_ok=True)
+        return cls(directory, kek, ledger, chunk_size=chunk_size, max_bytes=max_bytes)
+
+    def _path(self, model_id: bytes) -> Path:
+        return self._directory / f"{model_id.hex()}.sealed"
+
+    async def add(self, name: str, data: AsyncIterable[bytes], *, actor: str) -> ModelRecord:
+        """Seal the streamed plaintext under a new data key and record the model."""
+        check_name("model", name)
+        async with self._ledger.transaction() as tx:
+            if await tx.model(name) is not None:
+                raise ConflictError(f"model {name!r} already exists")
+        data_key, model_id = new_data_key(), new_model_id()
+        sealer = ModelSealer(data_key, model_id, self._chunk_size)
+        path = self._path(model_id)
+        partial = path.with_suffix(".partial")
+        handle = await asyncio.to_thread(partial.open, "xb")
+        try:
+            try:
+                async for part in data:
+                    if sealer.size + len(part) > self._max_bytes:
+                        raise InvalidRequestError(f"model is larger than the {self._max_bytes}-byte limit")
+                    await asyncio.to_thread(_seal, sealer, handle, part)
+                if sealer.size == 0:
+                    raise InvalidRequestError("model is empty")
+                await asyncio.to_thread(_seal, sealer, handle, None)
+                await asyncio.to_thread(os.fsync, handle.fileno())
+            finally:
+                handle.close()
+            await asyncio.to_thread(partial.rename, path)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        async with self._ledger.transaction() as tx:
+            record = ModelRecord(
+                model_id=model_id,
+                name=name,
+                sha384=sealer.sha384,
+                size=sealer.size,
+                chunk_size=self._chunk_size,
+                chunk_count=sealer.chunk_count,
+                wrapped_key=seal_at_rest(self._kek, data_key, model_id),
+                created_at=tx.now,
+            )
+            try:
+                await tx.add_model(record)
+            except ConflictError:
+                path.unlink(missing_ok=True)
+                raise
+            await tx.audit(
+                actor,
+                "model.add",
+                name,
+                {"model_id": model_id.hex(), "sha384": record.sha384.hex(), "size": record.size},
+            )
+        logger.info("model %s added: %d bytes in %d chunks", name, record.size, record.chunk_count)
+        return record
+
+    async def models(self) -> list[ModelRecord]:
+        async with self._ledger.transaction() as tx:
+            return await tx.models()
+
+    async def chunks(self, model: ModelRecord) -> AsyncGenerator[SealedChunk, None]:
+        """The stored ciphertext chunks, in order, exactly as they are at rest."""
+        path = self._path(model.model_id)
+        expected = model.size + model.chunk_count * TAG_SIZE
+        try:
+            handle = await asyncio.to_thread(path.open, "rb")
+        except OSError as exc:
+            raise LedgerError(f"the sealed file of model {model.name!r} is missing: {exc}") from exc
+        with handle:
+            if os.fstat(handle.fileno()).st_size != expected:
+                raise LedgerError(f"the sealed file of model {model.name!r} has the wrong size")
+            for index in range(model.chunk_count):
+                start = index * model.chunk_size
+                length = min(model.chunk_size, model.size - start) + TAG_SIZE
+                ciphertext = await asyncio.to_thread(handle.read, length)
+                yield SealedChunk(index, index == model.chunk_count - 1, ciphertext)
+
+    def wrap_for(self, model: ModelRecord, public_key: bytes, instance_id: str) -> bytes:
+        """The model's data key wrapped to an instance's attested key (SPKI DER)."""
+        recipient = serialization.load_der_public_key(public_key)
+        if not isinstance(recipient, ec.EllipticCurvePublicKey):
+            raise LedgerError(f"instance {instance_id} has no EC key on record")
+        data_key = open_at_rest(self._kek, model.wrapped_key, model.model_id)
+        return wrap_key(data_key, recipient, model.model_id + instance_id.encode())
+
+    def remove_orphans(self, known: set[bytes]) -> None:
+        """Delete sealed files no model record names (left by a crash between write and commit)."""
+        for path in self._directory.iterdir():
+            with contextlib.suppress(ValueError):
+                if path.suffix == ".partial" or bytes.fromhex(path.stem) not in known:
+                    logger.info("removing orphaned model file %s", path.name)
+                    path.unlink()
+
+
+def _seal(sealer: ModelSealer, handle: BinaryIO, part: bytes | None) -> None:
+    """Seal and write one uploaded part (off the event loop); ``None`` seals the final chunk."""
+    for chunk in sealer.update(part) if part is not None else [sealer.finish()]:
+        handle.write(chunk.ciphertext)

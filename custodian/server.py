@@ -1,0 +1,272 @@
+"""The running custodian: the data directory, its listeners and the background sweeper.
+
+Data directory (0700), created on first start:
+
+    custodian.lock          held while a custodian serves this directory
+    custodian-ca.key/.pem   TLS CA: the custodian's server certificates; enclaves pin it
+    enclave-ca.key/.pem     enclave CA: client certificates of enrolled instances
+    kek                     key-encryption key of the models' data keys
+    ledger.sqlite3          the ledger (WAL)
+    models/                 sealed models
+    admin.sock              admin API (0600)
+    endpoints.json          where it listens, written once it serves, removed when it stops
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import stat
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+import grpc.aio
+from prometheus_client import start_http_server
+
+from custodian._status import StatusInterceptor
+from custodian.admin import Admin
+from custodian.authority import CUSTODIAN_TLS_NAME, CertificateAuthority
+from custodian.config import Address, CustodianConfig
+from custodian.control import ControlBus
+from custodian.deployments import Deployments
+from custodian.enrolment import Enrolment
+from custodian.errors import ConfigError
+from custodian.gateway import Gateway
+from custodian.leases import Leases
+from custodian.ledger import Ledger
+from custodian.metrics import CustodianMetrics
+from custodian.model_store import ModelStore
+from protos import custos_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+# Longest unix socket path the kernel accepts (sun_path is 108 bytes with its NUL).
+_MAX_SOCKET_PATH = 107
+# Admin uploads arrive in pieces; this bounds one piece, not the model.
+_ADMIN_MAX_MESSAGE = 8 << 20
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Where the running custodian listens (actual ports, also when configured as 0)."""
+
+    enrolment: Address
+    gateway: Address
+    metrics: Address | None
+    admin_socket: Path
+    custodian_ca_sha256: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "enrolment": str(self.enrolment),
+            "gateway": str(self.gateway),
+            "metrics": str(self.metrics) if self.metrics else None,
+            "admin_socket": str(self.admin_socket),
+            "custodian_ca_sha256": self.custodian_ca_sha256,
+        }
+
+
+class CustodianServer:
+    def __init__(self) -> None:
+        self._lock: IO[bytes] | None = None
+        self._ledger: Ledger | None = None
+        self._servers: list[grpc.aio.Server] = []
+        self._sweeper: asyncio.Task[None] | None = None
+        self._http: WSGIServer | None = None
+        self._socket: Path | None = None
+        self._endpoints_file: Path | None = None
+        self._stopped = asyncio.Event()
+        self.metrics = CustodianMetrics()
+        self.endpoints: Endpoints | None = None
+        self.custodian_ca_pem = b""
+
+    @classmethod
+    async def start(
+        cls,
+        config: CustodianConfig,
+        *,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        collateral: Mapping[str, bytes] | None = None,
+    ) -> CustodianServer:
+        """Open the data directory and start every listener; stops again cleanly if any step fails."""
+        server = cls()
+        try:
+            await server._start(config, now, collateral)
+        except BaseException:
+            await server.stop()
+            raise
+        return server
+
+    async def _start(
+        self, config: CustodianConfig, now: Callable[[], datetime], collateral: Mapping[str, bytes] | None
+    ) -> None:
+        data = config.data_dir
+        data.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if stat.S_IMODE(data.stat().st_mode) & 0o077:
+            raise ConfigError(f"data directory {data} is open to other users; chmod 700 it")
+        self._lock = _lock(data / "custodian.lock")
+        tls_ca = CertificateAuthority.load_or_create(data, "custodian-ca", "Custos custodian CA", now=now())
+        enclave_ca = CertificateAuthority.load_or_create(data, "enclave-ca", "Custos enclave CA", now=now())
+        self.custodian_ca_pem = tls_ca.pem
+        ledger = self._ledger = await Ledger.open(data / "ledger.sqlite3", now=now)
+        store = ModelStore.open(
+            data, ledger, chunk_size=config.model_chunk_size, max_bytes=config.max_model_bytes
+        )
+        store.remove_orphans({m.model_id for m in await store.models()})
+
+        bus = ControlBus()
+        self.metrics.watch_streams.set_function(lambda: bus.streams)
+        enrolment = Enrolment(ledger, enclave_ca, config, self.metrics, collateral=collateral)
+        leases = Leases(ledger, self.metrics)
+        deployments = Deployments(ledger, config, bus, self.metrics, custodian_ca_sha256=tls_ca.sha256)
+
+        gateway = self._server(config.max_message_bytes)
+        identity = tls_ca.server_identity(CUSTODIAN_TLS_NAME, now=now())
+        pair = [(identity.key_pem, identity.chain_pem)]
+        enrolment_port = _bind(gateway, str(config.listen), grpc.ssl_server_credentials(pair))
+        gateway_port = _bind(
+            gateway,
+            str(config.gateway_listen),
+            grpc.ssl_server_credentials(pair, root_certificates=enclave_ca.pem, require_client_auth=True),
+        )
+        pb_grpc.add_EnclaveGatewayServicer_to_server(
+            Gateway(
+                enrolment=enrolment,
+                leases=leases,
+                deployments=deployments,
+                store=store,
+                bus=bus,
+                metrics=self.metrics,
+                mtls_port=gateway_port,
+            ),
+            gateway,
+        )
+
+        admin = self._server(_ADMIN_MAX_MESSAGE)
+        socket = config.admin_socket
+        if len(os.fsencode(socket.resolve())) > _MAX_SOCKET_PATH:
+            raise ConfigError(
+                f"admin socket path {socket} is too long for a unix socket; use a shorter data dir"
+            )
+        socket.unlink(missing_ok=True)
+        _bind(admin, f"unix:{socket.resolve()}", None)
+        self._socket = socket
+        socket.chmod(0o600)
+        pb_grpc.add_AdminServicer_to_server(
+            Admin(store=store, deployments=deployments, custodian_ca_pem=tls_ca.pem), admin
+        )
+
+        metrics = None
+        if config.metrics_listen is not None:
+            try:
+                self._http, _ = start_http_server(
+                    config.metrics_listen.port, config.metrics_listen.host, registry=self.metrics.registry
+                )
+            except OSError as exc:
+                raise ConfigError(f"cannot serve metrics on {config.metrics_listen}: {exc.strerror}") from exc
+            metrics = replace(config.metrics_listen, port=self._http.server_port)
+        for server in self._servers:
+            await server.start()
+        self._sweeper = asyncio.create_task(_sweep(config.sweep_interval_seconds, leases, enrolment))
+        self.endpoints = Endpoints(
+            enrolment=replace(config.listen, port=enrolment_port),
+            gateway=replace(config.gateway_listen, port=gateway_port),
+            metrics=metrics,
+            admin_socket=socket,
+            custodian_ca_sha256=tls_ca.sha256,
+        )
+        self._endpoints_file = data / "endpoints.json"
+        _write_atomically(self._endpoints_file, json.dumps(self.endpoints.to_json(), indent=2) + "\n")
+        logger.info("enrolment listening on %s (TLS)", self.endpoints.enrolment)
+        logger.info("gateway listening on %s (mutual TLS)", self.endpoints.gateway)
+        logger.info("admin API on unix:%s", socket)
+        if metrics is not None:
+            logger.info("metrics on http://%s/metrics", metrics)
+
+    def _server(self, max_message: int) -> grpc.aio.Server:
+        server = grpc.aio.server(
+            interceptors=[StatusInterceptor(self.metrics)],
+            options=[("grpc.max_receive_message_length", max_message), ("grpc.so_reuseport", 0)],
+        )
+        self._servers.append(server)
+        return server
+
+    async def wait(self) -> None:
+        """Until ``stop`` is called."""
+        await self._stopped.wait()
+
+    async def stop(self, grace: float = 1.0) -> None:
+        if self._endpoints_file is not None:
+            self._endpoints_file.unlink(missing_ok=True)
+            self._endpoints_file = None
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        for server in self._servers:
+            await server.stop(grace)
+        self._servers.clear()
+        if self._socket is not None:
+            self._socket.unlink(missing_ok=True)
+            self._socket = None
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+        if self._ledger is not None:
+            await self._ledger.close()
+            self._ledger = None
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+        self._stopped.set()
+
+
+def _lock(path: os.PathLike[str]) -> IO[bytes]:
+    # Held open (and locked) for the server's lifetime.
+    handle = open(path, "ab")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise ConfigError(f"another custodian is already serving {os.path.dirname(path)}") from None
+    return handle
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    partial = path.with_suffix(".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    try:
+        if credentials is None:
+            return server.add_insecure_port(address)
+        return server.add_secure_port(address, credentials)
+    except RuntimeError as exc:
+        raise ConfigError(f"cannot listen on {address}: {exc}") from exc
+
+
+async def _sweep(interval: float, leases: Leases, enrolment: Enrolment) -> None:
+    """Expire unrefreshed leases and purge stale challenges, forever."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            expired = await leases.expire_due()
+            await enrolment.purge_challenges()
+        except Exception:
+            logger.exception("sweeping leases failed; retrying")
+            continue
+        if expired:
+            logger.info("%d lease(s) expired", expired)

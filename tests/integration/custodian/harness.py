@@ -1,0 +1,97 @@
+"""A real custodian server on loopback (port 0) in a temp data dir, and the clients that talk to it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from custodian.authority import CUSTODIAN_TLS_NAME
+from custodian.config import Address, CustodianConfig
+from custodian.server import CustodianServer
+from protos import custos_pb2 as pb
+from protos import custos_pb2_grpc as pb_grpc
+from tests.unit.custodian.fake_enclave import FakeEnclave, sim_manifest
+
+_NAME = [("grpc.ssl_target_name_override", CUSTODIAN_TLS_NAME)]
+
+
+@dataclass
+class Running:
+    server: CustodianServer
+    admin: Any  # AdminAsyncStub
+    channels: list[grpc.aio.Channel]
+
+    @property
+    def ca_pem(self) -> bytes:
+        return self.server.custodian_ca_pem
+
+    def _channel(self, port: int, credentials: grpc.ChannelCredentials) -> grpc.aio.Channel:
+        channel = grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials, options=_NAME)
+        self.channels.append(channel)
+        return channel
+
+    def enrolment(self) -> Any:
+        """A gateway stub over plain TLS on the enrolment port, pinning the custodian CA."""
+        assert self.server.endpoints is not None
+        credentials = grpc.ssl_channel_credentials(root_certificates=self.ca_pem)
+        return pb_grpc.EnclaveGatewayStub(self._channel(self.server.endpoints.enrolment.port, credentials))
+
+    def gateway(self, key_pem: bytes, certificate_pem: bytes, *, port: int | None = None) -> Any:
+        """A gateway stub over mutual TLS with an enrolled instance's key and certificate."""
+        assert self.server.endpoints is not None
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=self.ca_pem, private_key=key_pem, certificate_chain=certificate_pem
+        )
+        return pb_grpc.EnclaveGatewayStub(
+            self._channel(port or self.server.endpoints.gateway.port, credentials)
+        )
+
+    async def lend(
+        self, name: str = "d", *, model: bytes | None = None, units: int = 0, **options: Any
+    ) -> str:
+        async def upload() -> AsyncIterator[pb.ModelUpload]:
+            yield pb.ModelUpload(name=f"{name}-model")
+            data = model if model is not None else os.urandom(5000)
+            for i in range(0, len(data), 4096):
+                yield pb.ModelUpload(data=data[i : i + 4096])
+
+        await self.admin.AddModel(upload())
+        created = await self.admin.CreateDeployment(
+            pb.CreateDeploymentRequest(
+                name=name, model=f"{name}-model", manifest=sim_manifest(self.ca_pem), **options
+            )
+        )
+        if units:
+            await self.admin.Grant(pb.GrantRequest(deployment=name, units=units))
+        return str(created.join_token)
+
+    async def enrol(self, deployment: str, token: str) -> tuple[pb.Enrolment, FakeEnclave, Any]:
+        """Enrol a fresh fake enclave; returns the enrolment, the enclave and its mutual-TLS gateway stub."""
+        stub = self.enrolment()
+        enclave = FakeEnclave(self.ca_pem, deployment)
+        challenge = await stub.GetChallenge(pb.ChallengeRequest(deployment=deployment))
+        enrolled = await stub.Enrol(enclave.enrol_request(challenge.nonce, token))
+        return enrolled, enclave, self.gateway(enclave.key_pem, enrolled.certificate, port=enrolled.mtls_port)
+
+
+@asynccontextmanager
+async def running(tmp_path: Path, **config: Any) -> AsyncIterator[Running]:
+    server = await CustodianServer.start(
+        CustodianConfig(data_dir=tmp_path / "data", listen=Address("127.0.0.1", 0), **config)
+    )
+    assert server.endpoints is not None
+    admin_channel = grpc.aio.insecure_channel(f"unix:{server.endpoints.admin_socket}")
+    handle = Running(server, pb_grpc.AdminStub(admin_channel), [admin_channel])
+    try:
+        yield handle
+    finally:
+        for channel in handle.channels:
+            await channel.close(None)
+        await server.stop(grace=0)

@@ -1,0 +1,96 @@
+"""The custodian CLI end to end: a real `custodian serve` process and console commands against it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from enclave.attestation import ReferenceValues
+from tests.unit.custodian.fake_enclave import sim_manifest
+
+pytestmark = pytest.mark.integration
+
+
+def _cli(data: Path, *args: str, expect: int = 0) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        # Global options go before the command here; the unit tests put them after it.
+        [sys.executable, "-m", "custodian.cli", "--data", str(data), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert done.returncode == expect, done.stderr
+    return done
+
+
+def _json(data: Path, *args: str) -> Any:
+    return json.loads(_cli(data, *args, "--json").stdout)
+
+
+def test_serve_and_administer_from_the_console(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    model = tmp_path / "net.onnx"
+    model.write_bytes(os.urandom(50_000))
+    serve = ["serve", "--json", "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "custodian.cli", "--data", str(data), *serve],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        ready = json.loads(server.stdout.readline())
+        assert ready == json.loads((data / "endpoints.json").read_text())
+        assert ready["admin_socket"] == str(data / "admin.sock")
+        assert ready["metrics"].startswith("127.0.0.1:")
+
+        ca = _json(data, "ca")
+        assert ca["sha256"] == ready["custodian_ca_sha256"]
+        added = _json(data, "model", "add", str(model))
+        assert (added["name"], added["size"]) == ("net", 50_000)
+        assert added["sha384"] == hashlib.sha384(model.read_bytes()).hexdigest()
+        assert [m["name"] for m in _json(data, "model", "list")] == ["net"]
+
+        manifest = tmp_path / "manifest.toml"
+        manifest.write_text(sim_manifest(ca["pem"].encode()))
+        created = _json(data, "deployment", "create", "d", "--model", "net", "--manifest", str(manifest))
+        assert created["name"] == "d"
+        assert len(created["join_token"]) >= 32
+        approved = ReferenceValues.from_toml(_cli(data, "deployment", "manifest", "d").stdout)
+        assert approved.allowed_model_sha384 == (added["sha384"],)
+
+        assert _json(data, "grant", "d", "100")["changed"] == 100
+        [usage] = _json(data, "usage")
+        assert (usage["name"], usage["balance"], usage["granted_total"]) == ("d", 100, 100)
+        assert _json(data, "revoke", "d", "--all")["changed"] == 100
+        assert "suspended" in _cli(data, "suspend", "d").stdout
+        assert _json(data, "enclaves") == []
+
+        refused = _cli(data, "grant", "nope", "5", expect=1)
+        assert refused.stderr.strip() == "custodian: no deployment 'nope'"
+        audit = _json(data, "audit")
+        assert audit["intact"]
+        assert [e["action"] for e in audit["last"]] == [
+            "model.add",
+            "deployment.create",
+            "quota.grant",
+            "quota.revoke",
+            "deployment.suspend",
+        ]
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=30)
+    assert server.returncode == 0, err
+    assert "Traceback" not in err
+    assert not (data / "admin.sock").exists()
+    assert "audit log intact: 5 entries" in _cli(data, "audit").stdout

@@ -1,0 +1,121 @@
+"""The custodian's services wired over a real SQLite ledger in a temp dir, with a settable clock."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from custodian.authority import CertificateAuthority
+from custodian.config import CustodianConfig
+from custodian.control import ControlBus
+from custodian.deployments import Deployments
+from custodian.enrolment import Enrolment
+from custodian.leases import Leases
+from custodian.ledger import Ledger
+from custodian.metrics import CustodianMetrics
+from custodian.model_store import ModelStore
+from tests.unit.custodian.fake_enclave import FakeEnclave, sim_manifest
+
+
+@dataclass
+class Clock:
+    now: datetime = field(default_factory=lambda: datetime(2030, 1, 1, tzinfo=UTC))
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+@dataclass
+class Custody:
+    config: CustodianConfig
+    clock: Clock
+    ledger: Ledger
+    store: ModelStore
+    bus: ControlBus
+    metrics: CustodianMetrics
+    tls_ca: CertificateAuthority
+    enclave_ca: CertificateAuthority
+    deployments: Deployments
+    leases: Leases
+    enrolment: Enrolment
+
+    async def upload(self, name: str, data: bytes, *, part: int = 700) -> Any:
+        async def parts() -> AsyncIterator[bytes]:
+            for i in range(0, len(data), part):
+                yield data[i : i + part]
+
+        return await self.store.add(name, parts(), actor="admin")
+
+    async def lend(self, name: str = "d", *, units: int = 0, grace: int = 30, lease_size: int = 100) -> str:
+        """A model and a deployment of it under the sim manifest; returns the join token."""
+        if not await self.store_has(f"{name}-model"):
+            await self.upload(f"{name}-model", os.urandom(3000))
+        token = await self.deployments.create(
+            name,
+            model=f"{name}-model",
+            manifest=sim_manifest(self.tls_ca.pem),
+            offline_grace_seconds=grace,
+            lease_size=lease_size,
+        )
+        if units:
+            await self.deployments.grant(name, units)
+        return token
+
+    async def store_has(self, model: str) -> bool:
+        return any(m.name == model for m in await self.store.models())
+
+    async def enrol(self, deployment: str, token: str) -> tuple[str, FakeEnclave]:
+        """Enrol a fresh fake enclave; returns its instance id and the enclave."""
+        enclave = FakeEnclave(self.tls_ca.pem, deployment)
+        nonce, _ = await self.enrolment.challenge(deployment)
+        request = enclave.enrol_request(nonce, token)
+        enrolled = await self.enrolment.enrol(
+            deployment, join_token=token, evidence=request.evidence, claims=request.claims, csr=request.csr
+        )
+        return enrolled.instance_id, enclave
+
+
+@asynccontextmanager
+async def custody(tmp_path: Path, *, clock: Clock | None = None, **config: Any) -> AsyncIterator[Custody]:
+    clock = clock or Clock()
+    settings = CustodianConfig(data_dir=tmp_path, **config)
+    ledger = await Ledger.open(tmp_path / "ledger.sqlite3", now=clock)
+    try:
+        store = ModelStore.open(
+            tmp_path, ledger, chunk_size=settings.model_chunk_size, max_bytes=settings.max_model_bytes
+        )
+        bus, metrics = ControlBus(), CustodianMetrics()
+        tls_ca = CertificateAuthority.load_or_create(
+            tmp_path, "custodian-ca", "test custodian CA", now=clock()
+        )
+        enclave_ca = CertificateAuthority.load_or_create(
+            tmp_path, "enclave-ca", "test enclave CA", now=clock()
+        )
+        yield Custody(
+            config=settings,
+            clock=clock,
+            ledger=ledger,
+            store=store,
+            bus=bus,
+            metrics=metrics,
+            tls_ca=tls_ca,
+            enclave_ca=enclave_ca,
+            deployments=Deployments(ledger, settings, bus, metrics, custodian_ca_sha256=tls_ca.sha256),
+            leases=Leases(ledger, metrics),
+            enrolment=Enrolment(ledger, enclave_ca, settings, metrics),
+        )
+    finally:
+        await ledger.close()
+
+
+def sample(metrics: CustodianMetrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    return value or 0.0

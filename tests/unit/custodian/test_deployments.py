@@ -1,0 +1,190 @@
+"""Deployments: creation and its checks, tokens, grant and revoke, the kill switch, listings."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from custodian.authority import CertificateAuthority
+from custodian.errors import ConflictError, CustodianError, InvalidRequestError, NotFoundError, RefusedError
+from enclave.attestation import ReferenceValues
+from enclave.errors import ManifestError
+from tests.unit.custodian.fake_enclave import sim_manifest
+from tests.unit.custodian.harness import Clock, Custody, custody, sample
+
+
+def _foreign_ca_manifest(c: Custody, tmp_path: Path) -> str:
+    other = CertificateAuthority.load_or_create(tmp_path, "foreign", "Someone else", now=Clock().now)
+    return sim_manifest(other.pem)
+
+
+def _tdx_manifest(c: Custody, tmp_path: Path) -> str:
+    return sim_manifest(c.tls_ca.pem).replace('platform = "sim"', 'platform = "tdx"')
+
+
+CREATE_REFUSALS: list[tuple[str, dict[str, Any], type[Exception]]] = [
+    ("bad-name", {"name": "no spaces"}, InvalidRequestError),
+    ("unknown-model", {"model": "missing"}, NotFoundError),
+    ("manifest-not-toml", {"manifest": lambda c, p: "not = [toml"}, ManifestError),
+    ("manifest-empty", {"manifest": lambda c, p: ""}, ManifestError),
+    ("manifest-other-custodian", {"manifest": _foreign_ca_manifest}, InvalidRequestError),
+    ("manifest-unverifiable-platform", {"manifest": _tdx_manifest}, InvalidRequestError),
+    ("grace-too-short", {"offline_grace_seconds": 1}, InvalidRequestError),
+    ("lease-too-large", {"lease_size": 10**8}, InvalidRequestError),
+    ("name-taken", {"name": "taken"}, ConflictError),
+]
+
+
+@pytest.mark.parametrize(
+    ("changes", "error"), [r[1:] for r in CREATE_REFUSALS], ids=[r[0] for r in CREATE_REFUSALS]
+)
+def test_create_refuses(tmp_path: Path, changes: dict[str, Any], error: type[Exception]) -> None:
+    async def scenario() -> None:
+        async with custody(tmp_path) as c:
+            await c.upload("m", b"model")
+            await c.lend("taken")
+            args: dict[str, Any] = {
+                "name": "d",
+                "model": "m",
+                "manifest": sim_manifest(c.tls_ca.pem),
+                "offline_grace_seconds": 0,
+                "lease_size": 0,
+                **changes,
+            }
+            if callable(args["manifest"]):
+                args["manifest"] = args["manifest"](c, tmp_path)
+            with pytest.raises(error):
+                await c.deployments.create(args.pop("name"), **args)
+            assert [u.name for u in await c.deployments.usage()] == ["taken"]
+
+    asyncio.run(scenario())
+
+
+def test_the_approved_manifest_allows_the_deployments_model(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with custody(tmp_path) as c:
+            model = await c.upload("m", b"model bytes")
+            await c.deployments.create(
+                "d", model="m", manifest=sim_manifest(c.tls_ca.pem), offline_grace_seconds=0, lease_size=0
+            )
+            approved = ReferenceValues.from_toml(await c.deployments.manifest("d"))
+            assert approved.allowed_model_sha384 == (model.sha384.hex(),)
+            assert approved.custodian_ca_sha256 == c.tls_ca.sha256
+            [usage] = await c.deployments.usage("d")
+            assert (usage.model, usage.offline_grace_seconds, usage.lease_size) == ("m", 30, 100)
+
+    asyncio.run(scenario())
+
+
+def test_a_rotated_token_replaces_the_old_one(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with custody(tmp_path) as c:
+            old = await c.lend("d")
+            new = await c.deployments.rotate_token("d")
+            assert new != old
+            with pytest.raises(RefusedError, match="join token"):
+                await c.enrol("d", old)
+            await c.enrol("d", new)
+
+    asyncio.run(scenario())
+
+
+def test_grant_adds_and_revoke_takes_the_balance_then_leases_and_wakes_watchers(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with custody(tmp_path) as c:
+            token = await c.lend("d", units=100, lease_size=60)
+            await c.lend("other")
+            instance, _ = await c.enrol("d", token)
+            lease = await c.leases.acquire(instance, lease_id="", used=0, seq=0)
+            await c.leases.report(
+                instance, lease_id=lease.lease_id, seq=1, used=15, want_more=False, final=False
+            )
+            usage, added = await c.deployments.grant("d", 20)
+            assert (added, usage.balance, usage.granted_total) == (20, 60, 120)
+            with c.bus.subscribe(instance, "d") as mine, c.bus.subscribe("x", "other") as theirs:
+                usage, taken = await c.deployments.revoke("d", units=70, everything=False)
+                assert (taken, usage.balance, usage.leased) == (70, 0, 35)
+                assert await mine.wait(0)
+                assert not await theirs.wait(0)
+            view = await c.leases.touch(instance)
+            assert view.limit == 50
+            usage, taken = await c.deployments.revoke("d", units=0, everything=True)
+            assert (taken, usage.leased, usage.used) == (35, 0, 15)
+            usage, taken = await c.deployments.revoke("d", units=5, everything=False)
+            assert taken == 0
+            assert sample(c.metrics, "custos_custodian_units_revoked_total") == 105
+            assert sample(c.metrics, "custos_custodian_units_granted_total") == 120
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("call", "error"),
+    [
+        (lambda c: c.deployments.revoke("d", units=0, everything=False), InvalidRequestError),
+        (lambda c: c.deployments.revoke("d", units=5, everything=True), InvalidRequestError),
+        (lambda c: c.deployments.grant("d", 0), InvalidRequestError),
+        (lambda c: c.deployments.grant("nope", 5), NotFoundError),
+        (lambda c: c.deployments.suspend("nope"), NotFoundError),
+        (lambda c: c.deployments.usage("nope"), NotFoundError),
+        (lambda c: c.deployments.enclaves("nope"), NotFoundError),
+        (lambda c: c.deployments.manifest("nope"), NotFoundError),
+        (lambda c: c.deployments.rotate_token("nope"), NotFoundError),
+    ],
+    ids=["revoke-neither", "revoke-both", "grant-zero", "grant-unknown", "suspend-unknown", "usage-unknown",
+         "enclaves-unknown", "manifest-unknown", "rotate-unknown"],
+)  # fmt: skip
+def test_admin_misuse(tmp_path: Path, call: Any, error: type[CustodianError]) -> None:
+    async def scenario() -> None:
+        async with custody(tmp_path) as c:
+            await c.lend("d", units=10)
+            with pytest.raises(error):
+                await call(c)
+
+    asyncio.run(scenario())
+
+
+def test_suspend_stops_the_model_push_at_once_and_resume_restores_it(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with custody(tmp_path) as c:
+            token = await c.lend("d", units=10)
+            instance_id, enclave = await c.enrol("d", token)
+            instance = await c.enrolment.authenticate(instance_id, enclave.public_key)
+            with c.bus.subscribe(instance_id, "d") as watcher:
+                usage = await c.deployments.suspend("d")
+                assert usage.suspended
+                assert await watcher.wait(0)
+                with pytest.raises(RefusedError, match="suspended"):
+                    await c.deployments.release_model(instance)
+                assert not (await c.deployments.resume("d")).suspended
+                assert await watcher.wait(0)
+            model = await c.deployments.release_model(instance)
+            assert model.name == "d-model"
+
+    asyncio.run(scenario())
+
+
+def test_enclaves_listing_shows_leases_and_open_streams(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with custody(tmp_path) as c:
+            token = await c.lend("d", units=10)
+            await c.lend("e")
+            first, enclave = await c.enrol("d", token)
+            second, _ = await c.enrol("d", token)
+            await c.leases.acquire(first, lease_id="", used=0, seq=0)
+            with c.bus.subscribe(second, "d"):
+                listed = {e.instance_id: e for e in await c.deployments.enclaves("d")}
+            assert set(listed) == {first, second}
+            assert (listed[first].lease_limit, listed[first].connected) == (10, False)
+            assert (listed[second].lease_id, listed[second].connected) == ("", True)
+            assert listed[first].key_sha256 == hashlib.sha256(enclave.public_key).hexdigest()
+            assert await c.deployments.enclaves("e") == []
+            assert len(await c.deployments.enclaves()) == 2
+            [usage] = await c.deployments.usage("d")
+            assert usage.instances == 2
+
+    asyncio.run(scenario())

@@ -1,0 +1,249 @@
+"""Enrolment: the checks of docs/protocol.md in order, each refusal audited and counted by reason."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from custodian.errors import BusyError, InvalidRequestError, NotFoundError, RefusedError
+from enclave.errors import BindingError, EvidenceError, FormatError, PolicyError
+from enclave.identity import generate_identity_key, public_key_der
+from protos import custos_pb2 as pb
+from tests.unit.custodian.fake_enclave import FakeEnclave, csr_der, sim_manifest
+from tests.unit.custodian.harness import Custody, custody, sample
+
+
+def test_an_attested_enclave_enrols_and_gets_a_certificate_for_its_key(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with custody(tmp_path) as c:
+            token = await c.lend("d", units=10)
+            enclave = FakeEnclave(c.tls_ca.pem, "d")
+            nonce, ttl = await c.enrolment.challenge("d")
+            assert (len(nonce), ttl) == (32, 60)
+            request = enclave.enrol_request(nonce, token)
+            enrolled = await c.enrolment.enrol(
+                "d", join_token=token, evidence=request.evidence, claims=request.claims, csr=request.csr
+            )
+            cert = x509.load_pem_x509_certificate(enrolled.certificate_pem)
+            assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == enrolled.instance_id
+            assert public_key_der(cert.public_key()) == enclave.public_key  # type: ignore[arg-type]
+            cert.verify_directly_issued_by(c.enclave_ca.certificate)
+            assert (enrolled.offline_grace_seconds, enrolled.lease_size) == (30, 100)
+            instance = await c.enrolment.authenticate(enrolled.instance_id, enclave.public_key)
+            assert (instance.deployment, instance.platform) == ("d", "sim")
+            with pytest.raises(RefusedError):
+                await c.enrolment.authenticate(enrolled.instance_id, public_key_der(generate_identity_key()))
+            with pytest.raises(RefusedError):
+                await c.enrolment.authenticate("nobody", enclave.public_key)
+            async with c.ledger.transaction() as tx:
+                last = (await tx.audit_entries(last=1))[0]
+            assert (last.action, last.detail["instance"], last.detail["simulated"]) == (
+                "enrol",
+                enrolled.instance_id,
+                True,
+            )
+            assert sample(c.metrics, "custos_custodian_enrolments_total") == 1
+
+    asyncio.run(scenario())
+
+
+Build = Callable[[Custody, FakeEnclave, bytes, str], dict[str, Any]]
+
+
+def _request(enclave: FakeEnclave, nonce: bytes, token: str, **changes: Any) -> dict[str, Any]:
+    request = enclave.enrol_request(nonce, token, **changes)
+    return {
+        "join_token": request.join_token,
+        "evidence": request.evidence,
+        "claims": request.claims,
+        "csr": request.csr,
+    }
+
+
+def _flip_signature(evidence: bytes) -> bytes:
+    doc = json.loads(evidence)
+    doc["parts"]["signature"] = doc["parts"]["body"]
+    return json.dumps(doc).encode()
+
+
+def _claims(enclave: FakeEnclave, nonce: bytes, token: str, **claim_changes: Any) -> dict[str, Any]:
+    return _request(enclave, nonce, token, claims=enclave.claims(nonce, **claim_changes))
+
+
+def _evidence_over_other_claims(enclave: FakeEnclave, nonce: bytes, token: str) -> dict[str, Any]:
+    other = enclave.claims(os.urandom(32))
+    evidence = enclave.attester.collect(other.report_data()).to_bytes()
+    return _request(enclave, nonce, token, evidence=evidence)
+
+
+REFUSALS: list[tuple[str, Build, type[Exception], str]] = [
+    ("wrong-token", lambda c, e, n, t: _request(e, n, "not-the-token"), RefusedError, "token"),
+    ("claims-not-json", lambda c, e, n, t: {**_request(e, n, t), "claims": b"{"}, FormatError, "format"),
+    ("unknown-nonce", lambda c, e, n, t: _request(e, os.urandom(32), t), RefusedError, "nonce"),
+    ("csr-garbage", lambda c, e, n, t: _request(e, n, t, csr=b"\x30\x00"), InvalidRequestError, "csr"),
+    (
+        "csr-bad-signature",
+        lambda c, e, n, t: _request(e, n, t, csr=csr_der(e.key, signer=generate_identity_key())),
+        RefusedError,
+        "csr",
+    ),
+    (
+        "csr-other-key",
+        lambda c, e, n, t: _request(e, n, t, csr=csr_der(generate_identity_key())),
+        RefusedError,
+        "csr",
+    ),
+    (
+        "evidence-forged",
+        lambda c, e, n, t: {**_request(e, n, t), "evidence": _flip_signature(_request(e, n, t)["evidence"])},
+        EvidenceError,
+        "evidence",
+    ),
+    (
+        "evidence-garbage",
+        lambda c, e, n, t: {**_request(e, n, t), "evidence": b"\xff"},
+        EvidenceError,
+        "evidence",
+    ),
+    (
+        "evidence-over-other-claims",
+        lambda c, e, n, t: _evidence_over_other_claims(e, n, t),
+        BindingError,
+        "binding",
+    ),
+    ("claims-for-tls", lambda c, e, n, t: _claims(e, n, t, purpose="tls"), BindingError, "binding"),
+    (
+        "claims-other-deployment",
+        lambda c, e, n, t: _claims(e, n, t, deployment="else"),
+        BindingError,
+        "binding",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "reason"), [r[1:] for r in REFUSALS], ids=[r[0] for r in REFUSALS]
+)
+def test_refusals_are_raised_audited_and_counted(
+    tmp_path: Path, build: Build, error: type[Exception], reason: str
+) -> None:
+    async def scenario() -> None:
+        async with custody(tmp_path) as c:
+            token = await c.lend("d")
+            enclave = FakeEnclave(c.tls_ca.pem, "d")
+            nonce, _ = await c.enrolment.challenge("d")
+            with pytest.raises(error):
+                await c.enrolment.enrol("d", **build(c, enclave, nonce, token))
+            assert sample(c.metrics, "custos_custodian_enrol_refusals_total", reason=reason) == 1
+            async with c.ledger.transaction() as tx:
+                last = (await tx.audit_entries(last=1))[0]
+                assert await tx.instances() == []
+            assert (last.action, last.detail["reason"]) == ("enrol.refuse", reason)
+            if reason not in ("format", "nonce"):
+                # Whatever failed, the nonce is spent: even a correct retry is refused.
+                with pytest.raises(RefusedError, match="nonce"):
+                    await c.enrolment.enrol("d", **_request(enclave, nonce, token))
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("manifest", "message"),
+    [
+        ({"allow_simulation": False}, "does not allow simulation"),
+        ({"code_sha384": "ab" * 48}, "code measurement"),
+    ],
+    ids=["simulation-not-allowed", "other-code"],
+)
+def test_evidence_that_misses_the_manifest_is_refused(
+    tmp_path: Path, manifest: dict[str, Any], message: str
+) -> None:
+    async def scenario() -> None:
+        async with custody(tmp_path) as c:
+            await c.upload("m", b"model")
+            token = await c.deployments.create(
+                "d",
+                model="m",
+                manifest=sim_manifest(c.tls_ca.pem, **manifest),
+                offline_grace_seconds=0,
+                lease_size=0,
+            )
+            enclave = FakeEnclave(c.tls_ca.pem, "d")
+            nonce, _ = await c.enrolment.challenge("d")
+            with pytest.raises(PolicyError, match=message):
+                await c.enrolment.enrol("d", **_request(enclave, nonce, token))
+            assert sample(c.metrics, "custos_custodian_enrol_refusals_total", reason="policy") == 1
+
+    asyncio.run(scenario())
+
+
+def test_nonces_are_single_use_expire_and_belong_to_one_deployment(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with custody(tmp_path) as c:
+            token = await c.lend("d")
+            other_token = await c.lend("other")
+            enclave = FakeEnclave(c.tls_ca.pem, "d")
+
+            nonce, _ = await c.enrolment.challenge("d")
+            await c.enrolment.enrol("d", **_request(enclave, nonce, token))
+            with pytest.raises(RefusedError, match="already used"):
+                await c.enrolment.enrol("d", **_request(FakeEnclave(c.tls_ca.pem, "d"), nonce, token))
+
+            nonce, _ = await c.enrolment.challenge("d")
+            c.clock.advance(61)
+            with pytest.raises(RefusedError, match="expired"):
+                await c.enrolment.enrol("d", **_request(enclave, nonce, token))
+
+            nonce, _ = await c.enrolment.challenge("other")
+            with pytest.raises(RefusedError, match="another deployment"):
+                await c.enrolment.enrol("d", **_request(enclave, nonce, token))
+            assert other_token != token
+
+    asyncio.run(scenario())
+
+
+def test_unknown_deployments_are_not_found(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with custody(tmp_path) as c:
+            with pytest.raises(NotFoundError):
+                await c.enrolment.challenge("nope")
+            enclave = FakeEnclave(c.tls_ca.pem, "nope")
+            with pytest.raises(NotFoundError):
+                await c.enrolment.enrol("nope", **_request(enclave, os.urandom(32), "t"))
+
+    asyncio.run(scenario())
+
+
+def test_outstanding_challenges_are_bounded_and_purged_when_stale(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with custody(tmp_path, max_pending_challenges=2) as c:
+            await c.lend("d")
+            await c.enrolment.challenge("d")
+            await c.enrolment.challenge("d")
+            with pytest.raises(BusyError):
+                await c.enrolment.challenge("d")
+            c.clock.advance(61)
+            await c.enrolment.challenge("d")
+
+    asyncio.run(scenario())
+
+
+def test_enrol_request_fields_match_the_wire_contract() -> None:
+    # The fake builds exactly the fields the gateway reads.
+    assert {f.name for f in pb.EnrolRequest.DESCRIPTOR.fields} == {
+        "deployment",
+        "join_token",
+        "evidence",
+        "claims",
+        "csr",
+    }
+    assert dataclasses.is_dataclass(FakeEnclave)

@@ -1,0 +1,198 @@
+"""The ledger: schema migration, records, transactions and the hash-chained audit log."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from custodian.errors import ConflictError, LedgerError
+from custodian.ledger import SCHEMA_VERSION, DeploymentRecord, Ledger, ModelRecord
+from custodian.quota import Account
+from tests.unit.custodian.harness import Clock
+
+
+def _model(name: str = "m") -> ModelRecord:
+    return ModelRecord(
+        model_id=name.encode().ljust(16, b"\0"),
+        name=name,
+        sha384=bytes(48),
+        size=10,
+        chunk_size=4,
+        chunk_count=3,
+        wrapped_key=b"k" * 60,
+        created_at=Clock().now,
+    )
+
+
+def _deployment(model: ModelRecord, name: str = "d") -> DeploymentRecord:
+    return DeploymentRecord(
+        name=name,
+        model_id=model.model_id,
+        manifest="m",
+        token_sha256=bytes(32),
+        offline_grace_seconds=30,
+        lease_size=10,
+        suspended=False,
+        account=Account(balance=5, granted=5),
+        created_at=Clock().now,
+    )
+
+
+def test_records_round_trip_and_names_are_unique(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        ledger = await Ledger.open(tmp_path / "l.db", now=Clock())
+        try:
+            model = _model()
+            async with ledger.transaction() as tx:
+                await tx.add_model(model)
+                await tx.add_deployment(_deployment(model))
+            async with ledger.transaction() as tx:
+                assert await tx.model("m") == model
+                assert await tx.deployment("d") == _deployment(model)
+                assert await tx.deployment("other") is None
+            with pytest.raises(ConflictError):
+                async with ledger.transaction() as tx:
+                    await tx.add_model(_model())
+        finally:
+            await ledger.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_transaction_leaves_nothing_behind(tmp_path: Path) -> None:
+    async def fail_midway(ledger: Ledger) -> None:
+        async with ledger.transaction() as tx:
+            await tx.add_model(_model())
+            await tx.audit("admin", "model.add", "m", {})
+            raise RuntimeError("boom")
+
+    async def scenario() -> None:
+        ledger = await Ledger.open(tmp_path / "l.db", now=Clock())
+        try:
+            with pytest.raises(RuntimeError):
+                await fail_midway(ledger)
+            async with ledger.transaction() as tx:
+                assert await tx.models() == []
+                assert await tx.audit_entries() == []
+        finally:
+            await ledger.close()
+
+    asyncio.run(scenario())
+
+
+def test_audit_log_chains_and_verifies(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        ledger = await Ledger.open(tmp_path / "l.db", now=Clock())
+        try:
+            for i in range(3):
+                async with ledger.transaction() as tx:
+                    await tx.audit("admin", "quota.grant", "d", {"units": i, "all": False})
+            async with ledger.transaction() as tx:
+                assert await tx.verify_audit() == 3
+                last = await tx.audit_entries(last=2)
+            assert [e.seq for e in last] == [2, 3]
+            assert last[0].detail == {"units": 1, "all": False}
+        finally:
+            await ledger.close()
+
+    asyncio.run(scenario())
+
+
+def test_audit_log_is_append_only(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        ledger = await Ledger.open(tmp_path / "l.db", now=Clock())
+        try:
+            async with ledger.transaction() as tx:
+                await tx.audit("admin", "a", "s", {})
+        finally:
+            await ledger.close()
+
+    asyncio.run(scenario())
+    db = sqlite3.connect(tmp_path / "l.db")
+    try:
+        for statement in ("UPDATE audit SET actor = 'x'", "DELETE FROM audit"):
+            with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+                db.execute(statement)
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize(
+    ("tamper", "message"),
+    [
+        ("UPDATE audit SET detail = '{\"units\": 1000}' WHERE seq = 2", "entry 2"),
+        ("UPDATE audit SET actor = 'someone' WHERE seq = 1", "entry 1"),
+        ("DELETE FROM audit WHERE seq = 2", "missing entry 2"),
+        ("UPDATE audit SET hash = zeroblob(32) WHERE seq = 3", "entry 3"),
+    ],
+    ids=["detail-changed", "actor-changed", "entry-removed", "hash-replaced"],
+)
+def test_tampering_with_the_audit_log_is_detected(tmp_path: Path, tamper: str, message: str) -> None:
+    path = tmp_path / "l.db"
+
+    async def write() -> None:
+        ledger = await Ledger.open(path, now=Clock())
+        try:
+            for i in range(3):
+                async with ledger.transaction() as tx:
+                    await tx.audit("admin", "quota.grant", "d", {"units": i})
+        finally:
+            await ledger.close()
+
+    asyncio.run(write())
+    db = sqlite3.connect(path)
+    try:
+        # Someone with write access to the file drops the guards and edits history.
+        db.executescript(
+            "DROP TRIGGER audit_append_only_update; DROP TRIGGER audit_append_only_delete;" + tamper
+        )
+        db.commit()
+    finally:
+        db.close()
+
+    async def verify() -> None:
+        ledger = await Ledger.open(path, readonly=True)
+        try:
+            async with ledger.transaction() as tx:
+                await tx.verify_audit()
+        finally:
+            await ledger.close()
+
+    with pytest.raises(LedgerError, match=message):
+        asyncio.run(verify())
+
+
+def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    db = sqlite3.connect(tmp_path / "l.db")
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(LedgerError, match="newer"):
+        asyncio.run(Ledger.open(tmp_path / "l.db"))
+
+
+def test_readonly_needs_an_existing_migrated_ledger(tmp_path: Path) -> None:
+    with pytest.raises(LedgerError):
+        asyncio.run(Ledger.open(tmp_path / "absent.db", readonly=True))
+    assert not (tmp_path / "absent.db").exists()
+    sqlite3.connect(tmp_path / "old.db").close()
+    with pytest.raises(LedgerError, match="migrate"):
+        asyncio.run(Ledger.open(tmp_path / "old.db", readonly=True))
+
+
+def test_reopening_keeps_everything(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        ledger = await Ledger.open(tmp_path / "l.db", now=Clock())
+        async with ledger.transaction() as tx:
+            await tx.add_model(_model())
+        await ledger.close()
+        ledger = await Ledger.open(tmp_path / "l.db", now=Clock())
+        try:
+            async with ledger.transaction() as tx:
+                assert [m.name for m in await tx.models()] == ["m"]
+        finally:
+            await ledger.close()
+
+    asyncio.run(scenario())
