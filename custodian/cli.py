@@ -154,6 +154,7 @@ def _parser() -> argparse.ArgumentParser:
         help="print the approved manifest, for end users to check enclaves against",
     )
     manifest.add_argument("name")
+    manifest.add_argument("--out", type=Path, help="write the manifest to this file instead of stdout")
     manifest.set_defaults(run=_deployment_manifest)
 
     grant = commands.add_parser("grant", parents=[common], help="add inference units to a deployment")
@@ -327,7 +328,13 @@ def _token_text(name: str, token: str) -> str:
 def _deployment_manifest(args: argparse.Namespace) -> None:
     with _console(args) as console:
         text = console.manifest(args.name)
-    _emit(args, {"manifest": text}, text.rstrip())
+    if args.out is None:
+        _emit(args, {"manifest": text}, text.rstrip())
+        return
+    partial = args.out.with_name(args.out.name + ".partial")
+    partial.write_text(text)
+    partial.replace(args.out)
+    _emit(args, {"manifest_file": str(args.out)}, f"wrote the end-user manifest of {args.name} to {args.out}")
 
 
 _USAGE_COLUMNS = ("name", "model", "suspended", "balance", "leased", "used", "granted_total", "instances")

@@ -1,0 +1,30 @@
+"""gRPC status codes from the enclave -> client errors, in one place."""
+
+from __future__ import annotations
+
+import grpc
+
+from client.errors import (
+    ClientError,
+    EnclaveUnavailableError,
+    InvalidInputError,
+    NotReadyError,
+    QuotaExhaustedError,
+    SuspendedError,
+)
+
+_ERRORS: dict[grpc.StatusCode, type[ClientError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidInputError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: QuotaExhaustedError,
+    grpc.StatusCode.PERMISSION_DENIED: SuspendedError,
+    grpc.StatusCode.UNAVAILABLE: EnclaveUnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: EnclaveUnavailableError,
+    grpc.StatusCode.FAILED_PRECONDITION: NotReadyError,
+}
+
+
+def from_rpc_error(error: grpc.RpcError) -> ClientError:
+    code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = error.details() if isinstance(error, grpc.Call) else None
+    kind = _ERRORS.get(code, ClientError)
+    return kind(f"enclave answered {code.name}: {details or 'no reason given'}")
