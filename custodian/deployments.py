@@ -58,6 +58,14 @@ class EnclaveStatus:
     lease_expires_at: datetime | None
 
 
+JOIN_TOKEN_PREFIX = "cjt_"  # noqa: S105 - a format prefix, not a secret
+
+
+def new_join_token() -> str:
+    """256 random bits, prefixed so that a token never starts with '-' on a command line."""
+    return JOIN_TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
 class Deployments:
     def __init__(
         self,
@@ -91,7 +99,7 @@ class Deployments:
                 f"manifest pins custodian CA {reference.custodian_ca_sha256},"
                 f" this custodian's CA is {self._ca_sha256}"
             )
-        token = secrets.token_urlsafe(32)
+        token = new_join_token()
         async with self._ledger.transaction() as tx:
             record = await _model(tx, model)
             approved = reference.with_models(record.sha384.hex())
@@ -124,7 +132,7 @@ class Deployments:
         return token
 
     async def rotate_token(self, name: str) -> str:
-        token = secrets.token_urlsafe(32)
+        token = new_join_token()
         async with self._ledger.transaction() as tx:
             deployment = await _deployment(tx, name)
             await tx.update_deployment(replace(deployment, token_sha256=token_digest(token)))

@@ -120,7 +120,9 @@ class ModelSealer:
         return self._index
 
     def _seal(self, plaintext: bytes, *, final: bool) -> SealedChunk:
-        chunk = SealedChunk(self._index, final, seal_chunk(self.key, self.model_id, self._index, final, plaintext))
+        chunk = SealedChunk(
+            self._index, final, seal_chunk(self.key, self.model_id, self._index, final, plaintext)
+        )
         self._index += 1
         return chunk
 

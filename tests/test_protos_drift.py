@@ -20,11 +20,22 @@ def test_generated_code_matches_proto(tmp_path: Path) -> None:
     (tmp_path / "protos").mkdir()
     shutil.copy(ROOT / "protos" / "custos.proto", tmp_path / "protos" / "custos.proto")
     subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", "-I.", "--python_out=.", "--grpc_python_out=.",
-         f"--plugin=protoc-gen-mypy={plugin}",
-         f"--plugin=protoc-gen-mypy_grpc={Path(plugin).with_name('protoc-gen-mypy_grpc')}",
-         "--mypy_out=.", "--mypy_grpc_out=.", "protos/custos.proto"],
-        cwd=tmp_path, check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            "-I.",
+            "--python_out=.",
+            "--grpc_python_out=.",
+            f"--plugin=protoc-gen-mypy={plugin}",
+            f"--plugin=protoc-gen-mypy_grpc={Path(plugin).with_name('protoc-gen-mypy_grpc')}",
+            "--mypy_out=.",
+            "--mypy_grpc_out=.",
+            "protos/custos.proto",
+        ],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
     )
     for name in GENERATED:
         fresh = (tmp_path / "protos" / name).read_text()

@@ -40,7 +40,9 @@ def custodian_ca_sha256(ca_der: bytes) -> str:
 def config_event(custodian_ca_der: bytes) -> MeasurementEvent:
     """The configuration that decides whom the enclave trusts: the custodian CA it pins."""
     detail = {"custodian_ca_sha256": custodian_ca_sha256(custodian_ca_der)}
-    return MeasurementEvent(kind="config", sha384=hashlib.sha384(canonical_json(detail)).digest(), detail=detail)
+    return MeasurementEvent(
+        kind="config", sha384=hashlib.sha384(canonical_json(detail)).digest(), detail=detail
+    )
 
 
 def model_event(model_sha384: bytes) -> MeasurementEvent:

@@ -15,4 +15,6 @@ def verifier_for(platform: str) -> Verifier:
     try:
         return _VERIFIERS[platform]()
     except KeyError:
-        raise EvidenceError(f"no verifier for platform {platform!r} (known: {', '.join(PLATFORMS)})") from None
+        raise EvidenceError(
+            f"no verifier for platform {platform!r} (known: {', '.join(PLATFORMS)})"
+        ) from None

@@ -35,17 +35,22 @@ def free_port() -> int:
         return port
 
 
-def wait_for_file(path: Path, proc: subprocess.Popen[str], what: str) -> dict[str, Any]:
+def wait_for_file(path: Path, proc: subprocess.Popen[str], what: str, log: Path) -> dict[str, Any]:
     deadline = time.monotonic() + STARTUP_DEADLINE
     while time.monotonic() < deadline:
         if path.exists():
             doc: dict[str, Any] = json.loads(path.read_text())
             return doc
         if proc.poll() is not None:
-            out, err = proc.communicate()
-            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{out}\n{err}")
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log.read_text()}")
         time.sleep(0.05)
-    raise RuntimeError(f"{what} did not become ready in {STARTUP_DEADLINE} s")
+    raise RuntimeError(f"{what} did not become ready in {STARTUP_DEADLINE} s:\n{log.read_text()}")
+
+
+def spawn(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[str]:
+    """Start a process whose stdout and stderr go to ``log`` (never a pipe that could fill up)."""
+    with log.open("a") as out:
+        return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
 
 
 def poll(condition: Any, *, deadline: float = 20.0, interval: float = 0.1) -> Any:
@@ -80,15 +85,29 @@ class Custodian:
     proc: subprocess.Popen[str] | None = None
     endpoints: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def log(self) -> Path:
+        return self.data.parent / f"{self.data.name}-custodian.log"
+
     def start(self) -> Custodian:
         (self.data / "endpoints.json").unlink(missing_ok=True)
-        self.proc = subprocess.Popen(
-            [script("custodian"), "serve", "--data", str(self.data),
-             "--listen", f"127.0.0.1:{self.enrol_port}", "--mtls-listen", f"127.0.0.1:{self.gateway_port}",
-             "--metrics", "127.0.0.1:0"],
-            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        self.proc = spawn(
+            [
+                script("custodian"),
+                "serve",
+                "--data",
+                str(self.data),
+                "--listen",
+                f"127.0.0.1:{self.enrol_port}",
+                "--mtls-listen",
+                f"127.0.0.1:{self.gateway_port}",
+                "--metrics",
+                "127.0.0.1:0",
+            ],
+            self.env,
+            self.log,
         )
-        self.endpoints = wait_for_file(self.data / "endpoints.json", self.proc, "custodian")
+        self.endpoints = wait_for_file(self.data / "endpoints.json", self.proc, "custodian", self.log)
         return self
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
@@ -98,7 +117,11 @@ class Custodian:
     def console(self, *args: str, check: bool = True) -> Any:
         result = subprocess.run(
             [script("custodian"), "--data", str(self.data), *args, "--json"],
-            env=self.env, capture_output=True, text=True, timeout=60, check=False,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
         if check and result.returncode != 0:
             raise AssertionError(f"custodian {' '.join(args)} failed ({result.returncode}): {result.stderr}")
@@ -106,8 +129,14 @@ class Custodian:
 
     def ca_file(self) -> Path:
         path = self.data.parent / "custodian-ca.pem"
-        result = subprocess.run([script("custodian"), "--data", str(self.data), "ca"],
-                                env=self.env, capture_output=True, text=True, check=True, timeout=60)
+        result = subprocess.run(
+            [script("custodian"), "--data", str(self.data), "ca"],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=60,
+        )
         path.write_text(result.stdout)
         return path
 
@@ -125,18 +154,41 @@ class Enclave:
     proc: subprocess.Popen[str] | None = None
     ready: dict[str, Any] = field(default_factory=dict)
 
-    def start(self, custodian: Custodian, ca: Path, deployment: str, token: str, *, wait: bool = True) -> Enclave:
+    @property
+    def log(self) -> Path:
+        return self.workdir / "enclave.log"
+
+    def start(
+        self, custodian: Custodian, ca: Path, deployment: str, token: str, *, wait: bool = True
+    ) -> Enclave:
         ready_file = self.workdir / "enclave-ready.json"
         ready_file.unlink(missing_ok=True)
-        self.proc = subprocess.Popen(
-            [script("enclave"), "serve", "--custodian", f"127.0.0.1:{custodian.enrol_port}",
-             "--custodian-ca", str(ca), "--deployment", deployment, "--token", token,
-             "--listen", "127.0.0.1:0", "--platform", "sim", "--metrics", "127.0.0.1:0",
-             "--ready-file", str(ready_file)],
-            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        self.proc = spawn(
+            [
+                script("enclave"),
+                "serve",
+                "--custodian",
+                f"127.0.0.1:{custodian.enrol_port}",
+                "--custodian-ca",
+                str(ca),
+                "--deployment",
+                deployment,
+                "--token",
+                token,
+                "--listen",
+                "127.0.0.1:0",
+                "--platform",
+                "sim",
+                "--metrics",
+                "127.0.0.1:0",
+                "--ready-file",
+                str(ready_file),
+            ],
+            self.env,
+            self.log,
         )
         if wait:
-            self.ready = wait_for_file(ready_file, self.proc, "enclave")
+            self.ready = wait_for_file(ready_file, self.proc, "enclave", self.log)
         return self
 
     @property
@@ -147,7 +199,7 @@ class Enclave:
         import urllib.request
 
         url = f"http://{self.ready['metrics']}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - loopback test URL
+        with urllib.request.urlopen(url, timeout=10) as response:
             text = response.read().decode()
         want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
         total = 0.0

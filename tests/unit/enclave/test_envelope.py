@@ -108,7 +108,7 @@ def _tamper(kind: str, chunks: list[SealedChunk]) -> tuple[list[SealedChunk], in
 def test_stream_tampering_is_rejected(kind: str) -> None:
     _, chunks = _seal(DATA, 512)
     tampered, count = _tamper(kind, chunks)
-    with pytest.raises(EnvelopeError, match="^model envelope failed authentication$"):
+    with pytest.raises(EnvelopeError, match=r"^model envelope failed authentication$"):
         _open(DATA, 512, tampered, count)
 
 

@@ -1,0 +1,342 @@
+"""Custodian, enclave and client as real processes over loopback TLS (sim platform)."""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client import connect
+from client.cli import main as query_main
+from client.errors import (
+    ClientError,
+    EnclaveUnavailableError,
+    InvalidInputError,
+    QuotaExhaustedError,
+    SuspendedError,
+)
+from enclave.attestation import ReferenceValues
+
+from ._processes import MODEL, SAMPLES, Custodian, Enclave, isolated_env, poll, running, script
+
+pytestmark = pytest.mark.integration
+_names = (f"d{i}" for i in itertools.count())
+
+
+class System:
+    """One custodian with the demo model; deployments and enclaves made per test."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.env = isolated_env(tmp)
+        self.custodian = Custodian(tmp / "data", self.env).start()
+        self.ca = self.custodian.ca_file()
+        self.custodian.console("model", "add", str(MODEL), "--name", "digits")
+        self.enclave_manifest = tmp / "enclave.toml"
+        subprocess.run(
+            [
+                script("enclave"),
+                "manifest",
+                "--platform",
+                "sim",
+                "--custodian-ca",
+                str(self.ca),
+                "--out",
+                str(self.enclave_manifest),
+            ],
+            env=self.env,
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        self.enclaves: list[Enclave] = []
+
+    def deployment(self, *, grant: int = 0, grace: int = 30, manifest: Path | None = None) -> tuple[str, str]:
+        name = next(_names)
+        created = self.custodian.console(
+            "deployment",
+            "create",
+            name,
+            "--model",
+            "digits",
+            "--manifest",
+            str(manifest or self.enclave_manifest),
+            "--offline-grace",
+            str(grace),
+        )
+        if grant:
+            self.custodian.console("grant", name, str(grant))
+        return name, created["join_token"]
+
+    def end_user_manifest(self, name: str) -> Path:
+        path = self.tmp / f"{name}-end-user.toml"
+        self.custodian.console("deployment", "manifest", name, "--out", str(path))
+        return path
+
+    def enclave(self, name: str, token: str, *, wait: bool = True, ca: Path | None = None) -> Enclave:
+        workdir = self.tmp / f"enclave-{len(self.enclaves)}"
+        workdir.mkdir()
+        enclave = Enclave(workdir, self.env).start(self.custodian, ca or self.ca, name, token, wait=wait)
+        self.enclaves.append(enclave)
+        return enclave
+
+    def close(self) -> None:
+        with running(self.custodian, *self.enclaves):
+            pass
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
+    sys_ = System(tmp_path_factory.mktemp("e2e"))
+    try:
+        yield sys_
+    finally:
+        sys_.close()
+
+
+def _image(name: str) -> bytes:
+    return (SAMPLES / name).read_bytes()
+
+
+def test_quota_is_exact_under_concurrency(system: System) -> None:
+    granted = 8
+    name, token = system.deployment(grant=granted)
+    enclave = system.enclave(name, token)
+    image = _image("digit-3.png")
+    with connect(enclave.address, system.end_user_manifest(name)) as conn:
+
+        def one(_: int) -> str:
+            try:
+                conn.infer_image(image)
+            except QuotaExhaustedError:
+                return "exhausted"
+            return "served"
+
+        with ThreadPoolExecutor(16) as pool:
+            outcomes = list(pool.map(one, range(5 * granted)))
+    assert outcomes.count("served") == granted
+    assert outcomes.count("exhausted") == 4 * granted
+    usage = poll(lambda: (u := system.custodian.usage(name))["used"] == granted and u)
+    assert usage["balance"] == 0
+
+
+def test_rejected_input_costs_no_quota(system: System) -> None:
+    name, token = system.deployment(grant=5)
+    enclave = system.enclave(name, token)
+    png = _image("digit-1.png")
+    bad_inputs = {
+        "not-an-image": _image("not-an-image.txt"),
+        "truncated-png": png[: len(png) // 2],
+        "corrupt-png": png[:40] + bytes(len(png) - 40),
+    }
+    with connect(enclave.address, system.end_user_manifest(name)) as conn:
+        for label, data in bad_inputs.items():
+            with pytest.raises(InvalidInputError, match="INVALID_ARGUMENT"):
+                conn.infer_image(data)
+            assert conn.status().lease_used == 0, label
+        with pytest.raises(InvalidInputError, match="INVALID_ARGUMENT"):
+            conn.infer_tensor(np.zeros((1, 1, 9, 9), dtype=np.float32))
+        assert conn.status().served == 0
+        assert conn.infer_image(png).top[0].label == "one"
+        assert conn.status().lease_used == 1
+    assert poll(lambda: system.custodian.usage(name)["used"] == 1)
+
+
+def _tampered(path: Path, tmp: Path, label: str, **changes: object) -> Path:
+    ref = replace(ReferenceValues.from_toml(path.read_text()), **changes)  # type: ignore[arg-type]
+    out = tmp / f"tampered-{label}.toml"
+    out.write_text(ref.to_toml())
+    return out
+
+
+TAMPERINGS = [
+    ("code-measurement", {"code_sha384": "00" * 48}),
+    ("custodian-ca", {"custodian_ca_sha256": "11" * 32}),
+    ("no-simulation", {"allow_simulation": False}),
+    ("other-model", {"allowed_model_sha384": ("22" * 48,)}),
+    ("boot-register", {"registers": {"sim.boot": "33" * 48}}),
+]
+
+
+def test_query_refused_on_manifest_mismatch_sends_nothing(
+    system: System, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name, token = system.deployment(grant=5)
+    enclave = system.enclave(name, token)
+    good = system.end_user_manifest(name)
+    for label, changes in TAMPERINGS:
+        manifest = _tampered(good, system.tmp, label, **changes)
+        code = query_main(
+            ["--enclave", enclave.address, "--manifest", str(manifest), str(SAMPLES / "digit-2.png")]
+        )
+        assert code == 3, label
+        assert "refused" in capsys.readouterr().err, label
+    assert enclave.metric("custos_enclave_inferences_total") == 0
+    assert (
+        query_main(["--enclave", enclave.address, "--manifest", str(good), str(SAMPLES / "digit-2.png")]) == 0
+    )
+    assert enclave.metric("custos_enclave_inferences_total") == 1
+
+
+def test_query_cli_exit_codes_for_quota_and_suspension(system: System) -> None:
+    name, token = system.deployment(grant=1)
+    enclave = system.enclave(name, token)
+    manifest = str(system.end_user_manifest(name))
+    argv = ["--enclave", enclave.address, "--manifest", manifest, "--json", str(SAMPLES / "digit-4.png")]
+    assert query_main(argv) == 0
+    assert query_main(argv) == 4
+    system.custodian.console("grant", name, "1")
+    system.custodian.console("suspend", name)
+    time.sleep(1.0)  # suspension must have reached the enclave within one second
+    assert query_main(argv) == 5
+    system.custodian.console("resume", name)
+    assert poll(lambda: query_main(argv) == 0)
+
+
+def test_suspend_reaches_a_connected_enclave_within_one_second(system: System) -> None:
+    name, token = system.deployment(grant=10)
+    enclave = system.enclave(name, token)
+    with connect(enclave.address, system.end_user_manifest(name)) as conn:
+        conn.infer_image(_image("digit-6.png"))
+        system.custodian.console("suspend", name)
+        time.sleep(1.0)
+        assert conn.status().suspended
+        with pytest.raises(SuspendedError, match="suspended"):
+            conn.infer_image(_image("digit-6.png"))
+        system.custodian.console("resume", name)
+        poll(lambda: not conn.status().suspended)
+        conn.infer_image(_image("digit-6.png"))
+    assert poll(lambda: system.custodian.usage(name)["used"] == 2)
+
+
+def _refused_enrolment(enclave: Enclave) -> str:
+    assert enclave.proc is not None
+    enclave.proc.wait(timeout=60)
+    log = enclave.log.read_text()
+    assert enclave.proc.returncode == 1, log
+    return log
+
+
+def test_enrolment_refusals_name_the_reason(system: System) -> None:
+    name, _ = system.deployment(grant=1)
+    err = _refused_enrolment(system.enclave(name, "not-the-token", wait=False))
+    assert "token" in err
+    bad_manifest = _tampered(system.enclave_manifest, system.tmp, "enrol-code", code_sha384="44" * 48)
+    other, token = system.deployment(grant=1, manifest=bad_manifest)
+    err = _refused_enrolment(system.enclave(other, token, wait=False))
+    assert "code measurement" in err
+    wrong_ca = system.tmp / "wrong-ca.pem"
+    wrong_ca.write_text(_other_ca_pem())
+    third, token = system.deployment(grant=1)
+    _refused_enrolment(system.enclave(third, token, wait=False, ca=wrong_ca))
+    enclaves = system.custodian.console("enclaves")
+    rows = enclaves["enclaves"] if isinstance(enclaves, dict) else enclaves
+    assert not [row for row in rows if row["deployment"] in {name, other, third}]
+
+
+def _other_ca_pem() -> str:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Impostor CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def test_sigterm_reports_final_usage_and_returns_the_rest(system: System) -> None:
+    name, token = system.deployment(grant=6)
+    enclave = system.enclave(name, token)
+    with connect(enclave.address, system.end_user_manifest(name)) as conn:
+        for _ in range(2):
+            conn.infer_image(_image("digit-8.png"))
+    assert enclave.stop(signal.SIGTERM) == 0
+    usage = poll(lambda: (u := system.custodian.usage(name))["used"] == 2 and u)
+    assert usage["leased"] == 0
+    assert usage["balance"] == 4
+
+
+def test_offline_grace_restart_and_durable_ledger(tmp_path: Path) -> None:
+    system = System(tmp_path)
+    try:
+        name, token = system.deployment(grant=20, grace=3)
+        enclave = system.enclave(name, token)
+        manifest = system.end_user_manifest(name)
+        served = 0
+        with connect(enclave.address, manifest) as conn:
+            conn.infer_image(_image("digit-5.png"))
+            served += 1
+            poll(lambda: system.custodian.usage(name)["used"] == 1)
+            system.custodian.stop(signal.SIGKILL)
+
+            def refused_offline() -> bool:
+                nonlocal served
+                try:
+                    conn.infer_image(_image("digit-5.png"))
+                except EnclaveUnavailableError:
+                    return True
+                served += 1
+                return False
+
+            poll(refused_offline, deadline=30, interval=0.25)
+            assert not conn.status().custodian_reachable
+            system.custodian.start()
+
+            def serves_again() -> bool:
+                nonlocal served
+                try:
+                    conn.infer_image(_image("digit-5.png"))
+                except ClientError:
+                    return False
+                served += 1
+                return True
+
+            poll(serves_again, deadline=30, interval=0.25)
+        usage = poll(lambda: (u := system.custodian.usage(name))["used"] == served and u)
+        assert usage["granted_total"] == 20
+        assert usage["balance"] + usage["leased"] + usage["used"] == 20
+    finally:
+        system.close()
+    _assert_no_plaintext(MODEL.read_bytes(), [tmp_path])
+
+
+def _assert_no_plaintext(model: bytes, roots: list[Path]) -> None:
+    probes = [model[i : i + 48] for i in range(0, len(model) - 48, max(1, len(model) // 16))]
+    for root in roots:
+        for path in root.rglob("*"):
+            if path.is_file() and not path.is_symlink() and path.suffix != ".sock":
+                content = path.read_bytes()
+                assert not any(p in content for p in probes), f"plaintext model bytes in {path}"
+
+
+def test_no_plaintext_model_in_data_or_temp_dirs(system: System) -> None:
+    name, token = system.deployment(grant=2)
+    enclave = system.enclave(name, token)
+    with connect(enclave.address, system.end_user_manifest(name)) as conn:
+        conn.infer_image(_image("digit-0.png"))
+    # The custodian's data dir, both processes' TMPDIR and the enclave's working dirs.
+    roots = [system.custodian.data, Path(system.env["TMPDIR"]), *(e.workdir for e in system.enclaves)]
+    _assert_no_plaintext(MODEL.read_bytes(), roots)
