@@ -80,31 +80,44 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     def _unary(self, method: str, behaviour: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
         async def call(request: Any, context: Context) -> Any:
-            try:
-                response = await behaviour(request, context)
-            except (grpc.aio.AbortError, asyncio.CancelledError):
-                self._count(method, "CANCELLED")
-                raise
-            except Exception as exc:
-                await self._fail(method, exc, context)
-            self._count(method, "OK")
-            return response
+            with self._metrics.rpc_seconds.labels(method).time():
+                return await self._unary_call(method, behaviour, request, context)
 
         return call
+
+    async def _unary_call(
+        self, method: str, behaviour: Callable[..., Any], request: Any, context: Context
+    ) -> Any:
+        try:
+            response = await behaviour(request, context)
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            self._count(method, "CANCELLED")
+            raise
+        except Exception as exc:
+            await self._fail(method, exc, context)
+        self._count(method, "OK")
+        return response
 
     def _stream(self, method: str, behaviour: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
         async def call(request: Any, context: Context) -> AsyncIterator[Any]:
-            try:
-                async for message in behaviour(request, context):
+            with self._metrics.rpc_seconds.labels(method).time():
+                async for message in self._stream_call(method, behaviour, request, context):
                     yield message
-            except (grpc.aio.AbortError, asyncio.CancelledError):
-                self._count(method, "CANCELLED")
-                raise
-            except Exception as exc:
-                await self._fail(method, exc, context)
-            self._count(method, "OK")
 
         return call
+
+    async def _stream_call(
+        self, method: str, behaviour: Callable[..., Any], request: Any, context: Context
+    ) -> AsyncIterator[Any]:
+        try:
+            async for message in behaviour(request, context):
+                yield message
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            self._count(method, "CANCELLED")
+            raise
+        except Exception as exc:
+            await self._fail(method, exc, context)
+        self._count(method, "OK")
 
     async def _fail(self, method: str, exc: Exception, context: Context) -> NoReturn:
         code, details = status_of(exc)

@@ -1,13 +1,33 @@
 """The custodian's Prometheus metrics, in a registry of their own.
 
-Label sets are small and fixed: no deployment or instance names as labels.
+Label sets are small and fixed: no instance names as labels. The per-deployment
+gauges carry the deployment name, which the custodian's operator chooses and
+which stays few; they are refreshed from the ledger by the sweeper.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from collections.abc import Iterable
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 ENROL_REFUSAL_REASONS = ("token", "nonce", "csr", "evidence", "binding", "policy", "format")
+
+
+class _Usage(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def balance(self) -> int: ...
+    @property
+    def leased(self) -> int: ...
+    @property
+    def used(self) -> int: ...
+    @property
+    def suspended(self) -> bool: ...
+    @property
+    def instances(self) -> int: ...
 
 
 class CustodianMetrics:
@@ -55,3 +75,25 @@ class CustodianMetrics:
             "custos_custodian_model_bytes_pushed_total", "Ciphertext bytes of models pushed", registry=r
         )
         self.watch_streams = Gauge("custos_custodian_watch_streams", "Control streams open", registry=r)
+        self.rpc_seconds = Histogram(
+            "custos_custodian_rpc_seconds",
+            "gRPC call latency (streams: until they end)",
+            ["method"],
+            registry=r,
+        )
+        self._deployment_gauges = {
+            field: Gauge(f"custos_custodian_deployment_{field}", text, ["deployment"], registry=r)
+            for field, text in (
+                ("balance", "Free units of the deployment"),
+                ("leased", "Units held by active leases and not used yet"),
+                ("used", "Units reported used"),
+                ("suspended", "1 while the deployment is suspended"),
+                ("instances", "Enrolled enclave instances"),
+            )
+        }
+
+    def observe_deployments(self, usages: Iterable[_Usage]) -> None:
+        """Set the per-deployment gauges from a fresh read of the ledger."""
+        for usage in usages:
+            for field, gauge in self._deployment_gauges.items():
+                gauge.labels(usage.name).set(float(getattr(usage, field)))

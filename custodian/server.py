@@ -176,7 +176,9 @@ class CustodianServer:
             metrics = replace(config.metrics_listen, port=self._http.server_port)
         for server in self._servers:
             await server.start()
-        self._sweeper = asyncio.create_task(_sweep(config.sweep_interval_seconds, leases, enrolment))
+        self._sweeper = asyncio.create_task(
+            _sweep(config.sweep_interval_seconds, leases, enrolment, deployments, self.metrics)
+        )
         self.endpoints = Endpoints(
             enrolment=replace(config.listen, port=enrolment_port),
             gateway=replace(config.gateway_listen, port=gateway_port),
@@ -258,13 +260,16 @@ def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredent
         raise ConfigError(f"cannot listen on {address}: {exc}") from exc
 
 
-async def _sweep(interval: float, leases: Leases, enrolment: Enrolment) -> None:
-    """Expire unrefreshed leases and purge stale challenges, forever."""
+async def _sweep(
+    interval: float, leases: Leases, enrolment: Enrolment, deployments: Deployments, metrics: CustodianMetrics
+) -> None:
+    """Expire unrefreshed leases, purge stale challenges and refresh the deployment gauges, forever."""
     while True:
         await asyncio.sleep(interval)
         try:
             expired = await leases.expire_due()
             await enrolment.purge_challenges()
+            metrics.observe_deployments(await deployments.usage())
         except Exception:
             logger.exception("sweeping leases failed; retrying")
             continue

@@ -76,6 +76,20 @@ def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout: float 
     return proc.returncode
 
 
+def scrape(address: str, name: str, **labels: str) -> float:
+    """Sum of the samples of metric ``name`` whose labels include ``labels``."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        head, _, value = line.rpartition(" ")
+        if head.split("{")[0] == name and all(f'{k}="{v}"' in head for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
 @dataclass
 class Custodian:
     data: Path
@@ -113,6 +127,9 @@ class Custodian:
     def stop(self, sig: int = signal.SIGTERM) -> int:
         assert self.proc is not None
         return stop(self.proc, sig)
+
+    def metric(self, name: str, **labels: str) -> float:
+        return scrape(str(self.endpoints["metrics"]), name, **labels)
 
     def console(self, *args: str, check: bool = True) -> Any:
         result = subprocess.run(
@@ -196,19 +213,7 @@ class Enclave:
         return str(self.ready["inference"])
 
     def metric(self, name: str, **labels: str) -> float:
-        import urllib.request
-
-        url = f"http://{self.ready['metrics']}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            text = response.read().decode()
-        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-        total = 0.0
-        for line in text.splitlines():
-            if line.startswith(name) and (not want or all(f'{k}="{v}"' in line for k, v in labels.items())):
-                head, _, value = line.rpartition(" ")
-                if head.split("{")[0] == name:
-                    total += float(value)
-        return total
+        return scrape(str(self.ready["metrics"]), name, **labels)
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         assert self.proc is not None

@@ -126,6 +126,9 @@ def test_quota_is_exact_under_concurrency(system: System) -> None:
     assert outcomes.count("exhausted") == 4 * granted
     usage = poll(lambda: (u := system.custodian.usage(name))["used"] == granted and u)
     assert usage["balance"] == 0
+    used_gauge = "custos_custodian_deployment_used"
+    poll(lambda: system.custodian.metric(used_gauge, deployment=name) == granted)
+    assert enclave.metric("custos_enclave_inferences_total", outcome="served") == granted
 
 
 def test_rejected_input_costs_no_quota(system: System) -> None:
