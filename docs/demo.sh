@@ -58,8 +58,8 @@ run custodian grant demo 3
 run custodian deployment manifest demo --out "$WORK/end-user.toml"
 
 say "Borrower: start the enclave (it enrols, receives the encrypted model, serves attested TLS)"
-enclave serve --custodian "127.0.0.1:$ENROL_PORT" --custodian-ca "$WORK/custodian-ca.pem" \
-    --deployment demo --token="$TOKEN" --listen 127.0.0.1:0 --platform sim \
+ENCLAVE_TOKEN="$TOKEN" enclave serve --custodian "127.0.0.1:$ENROL_PORT" --custodian-ca "$WORK/custodian-ca.pem" \
+    --deployment demo --listen 127.0.0.1:0 --platform sim \
     --ready-file "$WORK/enclave.json" >"$WORK/enclave.log" 2>&1 &
 PIDS+=($!)
 wait_file "$WORK/enclave.json"
