@@ -78,11 +78,12 @@ def appraise(
     platform_claims = verifier.verify(
         parsed_evidence, report_data=parsed_claims.report_data(), now=now, collateral=collateral
     )
-    register = platform_claims.registers.get(platform_claims.log_register)
-    if register is None:
-        raise EvidenceError(f"evidence lacks the log register {platform_claims.log_register}")
-    if replay(parsed_claims.log, platform_claims.log_hash) != register:
-        raise BindingError(f"measurement log does not replay to register {platform_claims.log_register}")
+    if platform_claims.log_register is not None:
+        register = platform_claims.registers.get(platform_claims.log_register)
+        if register is None:
+            raise EvidenceError(f"evidence lacks the log register {platform_claims.log_register}")
+        if replay(parsed_claims.log, platform_claims.log_hash) != register:
+            raise BindingError(f"measurement log does not replay to register {platform_claims.log_register}")
     policy.check(parsed_claims, platform_claims, reference, require_model=require_model)
     if platform_claims.simulated:
         logger.warning(SIMULATION_WARNING)

@@ -68,8 +68,10 @@ class PlatformClaims:
     # Measurement registers by name, e.g. "sim.app", "pcr.sha256.15", "rtmr3".
     registers: Mapping[str, bytes]
     simulated: bool
-    # The register the measurement log is folded into, and its hash algorithm.
-    log_register: str
+    # The register the measurement log is folded into, and its hash algorithm. None where
+    # the platform has no extendable register (SEV-SNP, SGX): there the log is bound only
+    # through the report data, and the launch measurement vouches for the code that wrote it.
+    log_register: str | None
     log_hash: str
     # Other parsed fields, for display (firmware, TCB status, ...).
     details: Mapping[str, Any] = field(default_factory=dict)

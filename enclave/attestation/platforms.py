@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from enclave.attestation.interface import Verifier
+from enclave.attestation.sev_snp import SevSnpVerifier
 from enclave.attestation.sim import SimVerifier
 from enclave.errors import EvidenceError
 
-_VERIFIERS: dict[str, type[Verifier]] = {"sim": SimVerifier}
+_VERIFIERS: dict[str, type[Verifier]] = {"sim": SimVerifier, "sev-snp": SevSnpVerifier}
 
 PLATFORMS = tuple(sorted(_VERIFIERS))
 
