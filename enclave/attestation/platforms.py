@@ -5,9 +5,14 @@ from __future__ import annotations
 from enclave.attestation.interface import Verifier
 from enclave.attestation.sev_snp import SevSnpVerifier
 from enclave.attestation.sim import SimVerifier
+from enclave.attestation.tpm import TpmVerifier
 from enclave.errors import EvidenceError
 
-_VERIFIERS: dict[str, type[Verifier]] = {"sim": SimVerifier, "sev-snp": SevSnpVerifier}
+_VERIFIERS: dict[str, type[Verifier]] = {
+    "sim": SimVerifier,
+    "sev-snp": SevSnpVerifier,
+    "tpm": TpmVerifier,
+}
 
 PLATFORMS = tuple(sorted(_VERIFIERS))
 

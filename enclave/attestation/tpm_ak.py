@@ -1,0 +1,270 @@
+"""The TPM attestation key (AK): loading it in its several encodings, and trusting it by certificate.
+
+An AK arrives as a ``TPMT_PUBLIC`` (go-tpm-tools, go-attestation), a
+SubjectPublicKeyInfo in DER or PEM (trustee, keylime), or a JWK (the
+``HCLAkPub`` of an Azure confidential VM). A ``TPMT_PUBLIC`` also tells what
+kind of key it is, so it must describe a restricted signing key that never
+leaves its TPM: only such a key is guaranteed to sign nothing but genuine
+TPM-generated structures.
+
+Trusting the AK by certificate (Google Compute Engine style): the AK
+certificate must carry exactly the AK's public key and chain, through
+intermediates, to one of the caller's roots, every certificate valid at
+``now``. Revocation is not checked (no CRL is fetched; verification does no I/O).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from enclave.attestation.tpm_structures import (
+    TPMA_OBJECT_DECRYPT,
+    TPMA_OBJECT_FIXED_TPM,
+    TPMA_OBJECT_RESTRICTED,
+    TPMA_OBJECT_SIGN,
+    TpmPublic,
+    parse_public,
+)
+from enclave.errors import EvidenceError
+
+AkPublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+
+MAX_AK_BYTES = 16 * 1024
+MAX_CERTIFICATE_BYTES = 64 * 1024
+MAX_CHAIN_DEPTH = 4
+_JWK_CURVES: Mapping[str, ec.EllipticCurve] = {"P-256": ec.SECP256R1(), "P-384": ec.SECP384R1()}
+
+
+@dataclass(frozen=True)
+class AttestationKey:
+    """The AK's public key, how it was encoded, and its ``TPMT_PUBLIC`` where that was given."""
+
+    key: AkPublicKey
+    encoding: str  # "tpmt_public" | "spki" | "jwk"
+    tpm_public: TpmPublic | None = None
+
+    def spki(self) -> bytes:
+        return self.key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+
+def load_ak(data: bytes) -> AttestationKey:
+    """An AK from a TPMT_PUBLIC, a DER or PEM SubjectPublicKeyInfo, or a JWK (JSON)."""
+    if len(data) > MAX_AK_BYTES:
+        raise EvidenceError(f"AK is {len(data)} bytes, over the {MAX_AK_BYTES}-byte limit")
+    data = bytes(data)
+    stripped = data.lstrip()
+    if stripped.startswith(b"-----BEGIN"):
+        return _from_spki(data, pem=True)
+    if stripped.startswith(b"{"):
+        return ak_from_jwk(json_object(data, "AK JWK"))
+    if data[:1] == b"\x30":
+        return _from_spki(data, pem=False)
+    public = parse_public(data)
+    _check_ak_attributes(public)
+    return AttestationKey(key=public.public_key(), encoding="tpmt_public", tpm_public=public)
+
+
+def _from_spki(data: bytes, *, pem: bool) -> AttestationKey:
+    try:
+        key = serialization.load_pem_public_key(data) if pem else serialization.load_der_public_key(data)
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise EvidenceError(f"AK SubjectPublicKeyInfo does not parse: {exc}") from None
+    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+        raise EvidenceError(f"AK is a {type(key).__name__}, not an RSA or EC key")
+    return AttestationKey(key=key, encoding="spki")
+
+
+def _check_ak_attributes(public: TpmPublic) -> None:
+    required = {
+        "restricted": TPMA_OBJECT_RESTRICTED,
+        "sign": TPMA_OBJECT_SIGN,
+        "fixedTPM": TPMA_OBJECT_FIXED_TPM,
+    }
+    missing = [name for name, bit in required.items() if not public.has(bit)]
+    if missing or public.has(TPMA_OBJECT_DECRYPT):
+        raise EvidenceError(
+            f"AK objectAttributes {public.object_attributes:#010x} are not those of a restricted signing "
+            f"key fixed to its TPM (missing: {', '.join(missing) or 'none'}; decrypt must be clear)"
+        )
+
+
+def ak_from_jwk(jwk: Mapping[str, Any]) -> AttestationKey:
+    """An AK from a parsed JWK: ``kty`` RSA (``n``, ``e``) or EC (``crv`` P-256/P-384, ``x``, ``y``)."""
+    kty = jwk.get("kty")
+    try:
+        if kty == "RSA":
+            n, e = _b64url_int(jwk, "n"), _b64url_int(jwk, "e")
+            return AttestationKey(key=rsa.RSAPublicNumbers(e, n).public_key(), encoding="jwk")
+        if kty == "EC":
+            curve = _JWK_CURVES.get(str(jwk.get("crv")))
+            if curve is None:
+                raise EvidenceError(f"AK JWK curve {jwk.get('crv')!r} is not P-256 or P-384")
+            x, y = _b64url_int(jwk, "x"), _b64url_int(jwk, "y")
+            return AttestationKey(key=ec.EllipticCurvePublicNumbers(x, y, curve).public_key(), encoding="jwk")
+    except ValueError as exc:
+        raise EvidenceError(f"AK JWK is not a valid {kty} key: {exc}") from None
+    raise EvidenceError(f"AK JWK kty {kty!r} is not RSA or EC")
+
+
+def _b64url_int(jwk: Mapping[str, Any], member: str) -> int:
+    value = jwk.get(member)
+    if not isinstance(value, str) or not value or len(value) > 1024:
+        raise EvidenceError(f"AK JWK member {member!r} is missing or not a short string")
+    try:
+        raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+    except (binascii.Error, ValueError):
+        raise EvidenceError(f"AK JWK member {member!r} is not base64url") from None
+    return int.from_bytes(raw, "big")
+
+
+def json_object(data: bytes, what: str) -> dict[str, Any]:
+    """Strict JSON for evidence (JWKs, PCR values, Azure runtime data): one object, no repeated names.
+
+    Deep nesting is refused rather than crashing; every failure is an ``EvidenceError``.
+    """
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) != len(keys):
+            raise EvidenceError(f"{what} repeats a member name")
+        return dict(pairs)
+
+    try:
+        doc = json.loads(data, object_pairs_hook=unique)
+    except (ValueError, RecursionError) as exc:
+        raise EvidenceError(f"{what} is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise EvidenceError(f"{what} is not a JSON object")
+    return doc
+
+
+def load_certificates(data: bytes, what: str) -> list[x509.Certificate]:
+    """Certificates from a PEM bundle or one DER certificate."""
+    if len(data) > MAX_CERTIFICATE_BYTES:
+        raise EvidenceError(f"{what} is {len(data)} bytes, over the {MAX_CERTIFICATE_BYTES}-byte limit")
+    try:
+        if bytes(data).lstrip().startswith(b"-----BEGIN"):
+            return x509.load_pem_x509_certificates(bytes(data))
+        return [x509.load_der_x509_certificate(bytes(data))]
+    except ValueError as exc:
+        raise EvidenceError(f"{what} does not parse as X.509: {exc}") from None
+
+
+def verify_ak_certificate(
+    certificate: x509.Certificate,
+    ak: AttestationKey,
+    *,
+    roots: Sequence[x509.Certificate],
+    intermediates: Iterable[x509.Certificate] = (),
+    now: datetime,
+) -> list[x509.Certificate]:
+    """Check that ``certificate`` certifies ``ak`` and chains to one of ``roots`` at ``now``.
+
+    Returns the chain, leaf first, ending with the root. Raises ``EvidenceError``.
+    """
+    if not roots:
+        raise EvidenceError("no AK certificate roots are configured")
+    when = now if now.tzinfo is not None else now.replace(tzinfo=UTC)
+    try:
+        leaf_key = certificate.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise EvidenceError(f"AK certificate public key does not parse: {exc}") from None
+    if leaf_key != ak.spki():
+        raise EvidenceError("AK certificate is for another key than the AK that signed the quote")
+    if _is_ca(certificate):
+        raise EvidenceError("AK certificate is a CA certificate")
+    _check_validity(certificate, when, "AK certificate")
+    root_ders = {root.public_bytes(serialization.Encoding.DER) for root in roots}
+    candidates = [*roots, *intermediates]
+    chain = [certificate]
+    current = certificate
+    for depth in range(MAX_CHAIN_DEPTH + 1):
+        issuer = _find_issuer(current, candidates)
+        if issuer is None:
+            raise EvidenceError(
+                f"AK certificate chain stops at {_label(current)}: "
+                "no trusted root or supplied intermediate issued it"
+            )
+        _check_validity(issuer, when, f"AK chain certificate {_label(issuer)}")
+        chain.append(issuer)
+        if issuer.public_bytes(serialization.Encoding.DER) in root_ders:
+            return chain
+        _check_intermediate(issuer, depth)
+        current = issuer
+    raise EvidenceError(f"AK certificate chain is longer than {MAX_CHAIN_DEPTH} intermediates")
+
+
+def _label(certificate: x509.Certificate) -> str:
+    """Names a certificate by its SHA-256 fingerprint.
+
+    Not by its subject: reading a Name makes ``cryptography`` warn about the
+    over-long common names that Google's TPM CAs use.
+    """
+    return f"sha256:{certificate.fingerprint(hashes.SHA256()).hex()[:16]}"
+
+
+def _find_issuer(
+    certificate: x509.Certificate, candidates: Sequence[x509.Certificate]
+) -> x509.Certificate | None:
+    for candidate in candidates:
+        try:  # also checks that the issuer name matches the candidate's subject
+            certificate.verify_directly_issued_by(candidate)
+        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+            continue
+        return candidate
+    return None
+
+
+_E = TypeVar("_E", x509.BasicConstraints, x509.KeyUsage)
+
+
+def _extension(certificate: x509.Certificate, kind: type[_E]) -> _E | None:
+    try:
+        return certificate.extensions.get_extension_for_class(kind).value
+    except x509.ExtensionNotFound:
+        return None
+    except ValueError as exc:
+        raise EvidenceError(f"certificate {_label(certificate)} has malformed extensions: {exc}") from None
+
+
+def _is_ca(certificate: x509.Certificate) -> bool:
+    constraints = _extension(certificate, x509.BasicConstraints)
+    return constraints is not None and constraints.ca
+
+
+def _check_validity(certificate: x509.Certificate, when: datetime, what: str) -> None:
+    if not certificate.not_valid_before_utc <= when <= certificate.not_valid_after_utc:
+        raise EvidenceError(
+            f"{what} is not valid at {when.isoformat()} (valid {certificate.not_valid_before_utc.isoformat()}"
+            f" to {certificate.not_valid_after_utc.isoformat()})"
+        )
+
+
+def _check_intermediate(certificate: x509.Certificate, below: int) -> None:
+    """An intermediate ``below`` other intermediates from the leaf: a CA that may sign certificates."""
+    name = _label(certificate)
+    constraints = _extension(certificate, x509.BasicConstraints)
+    if constraints is None:
+        raise EvidenceError(f"AK chain certificate {name} has no basicConstraints")
+    if not constraints.ca:
+        raise EvidenceError(f"AK chain certificate {name} is not a CA")
+    if constraints.path_length is not None and constraints.path_length < below:
+        raise EvidenceError(f"AK chain certificate {name} exceeds its path length constraint")
+    usage = _extension(certificate, x509.KeyUsage)
+    if usage is not None and not usage.key_cert_sign:
+        raise EvidenceError(f"AK chain certificate {name} may not sign certificates")
