@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from enclave.attestation.interface import Verifier
 from enclave.attestation.sev_snp import SevSnpVerifier
+from enclave.attestation.sgx import SgxVerifier
 from enclave.attestation.sim import SimVerifier
+from enclave.attestation.tdx import TdxVerifier
 from enclave.attestation.tpm import TpmVerifier
 from enclave.errors import EvidenceError
 
@@ -12,6 +14,8 @@ _VERIFIERS: dict[str, type[Verifier]] = {
     "sim": SimVerifier,
     "sev-snp": SevSnpVerifier,
     "tpm": TpmVerifier,
+    "tdx": TdxVerifier,
+    "sgx": SgxVerifier,
 }
 
 PLATFORMS = tuple(sorted(_VERIFIERS))
