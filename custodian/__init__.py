@@ -5,16 +5,21 @@ deployments and their quota in a SQLite ledger with a hash-chained audit log,
 enrols attested enclaves, pushes them the model and leases them inferences.
 It listens on three sockets (see ``docs/protocol.md``): enrolment over TLS,
 the enclave gateway over mutual TLS, and the admin API on a unix socket in the
-data directory, which the console subcommands use.
+data directory, which the console subcommands use (optionally also on TCP with
+mutual TLS, ``admin_access``).
 
 Modules, by job:
 
 - ``config``: the server's configuration and its bounds; ``errors``: the error
   classes (mapped to gRPC status codes once, in ``_status``).
-- ``quota``: pure quota arithmetic; ``ledger`` (with ``_schema``): storage.
+- ``quota``: pure quota arithmetic; ``ledger`` (with ``_schema``, ``_rows`` and
+  the records of ``records``): storage; ``audit``: the audit log's hash chain,
+  ``audit_file``: its export and offline verification.
 - ``authority``: the TLS and enclave CAs; ``model_store``: models sealed at rest.
-- ``enrolment``, ``leases``, ``deployments``, ``control``: the domain services.
+- ``enrolment``, ``leases`` (with ``metering``: usage receipts), ``deployments``,
+  ``roster`` (the enclave listing), ``control``: the domain services.
 - ``gateway``, ``admin``: the gRPC servicers; ``server``: the running process;
   ``metrics``: its Prometheus metrics.
-- ``console``: the admin API client; ``cli``: the ``custodian`` command.
+- ``console``: the admin API client; ``cli`` (with ``_cli_audit`` and
+  ``_cli_admin``): the ``custodian`` command.
 """

@@ -71,4 +71,25 @@ MIGRATIONS = (
     CREATE TRIGGER audit_append_only_delete BEFORE DELETE ON audit
         BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
     """,
+    """
+    CREATE TABLE receipts (
+        instance_id TEXT NOT NULL REFERENCES instances(instance_id),
+        seq INTEGER NOT NULL,
+        lease_id TEXT NOT NULL REFERENCES leases(lease_id),
+        used INTEGER NOT NULL,
+        body BLOB NOT NULL,
+        signature BLOB NOT NULL,
+        digest BLOB NOT NULL,
+        received_at REAL NOT NULL,
+        PRIMARY KEY (instance_id, seq)
+    );
+    CREATE TRIGGER receipts_append_only_update BEFORE UPDATE ON receipts
+        BEGIN SELECT RAISE(ABORT, 'receipts are append-only'); END;
+    CREATE TRIGGER receipts_append_only_delete BEFORE DELETE ON receipts
+        BEGIN SELECT RAISE(ABORT, 'receipts are append-only'); END;
+    ALTER TABLE leases ADD COLUMN unreported INTEGER NOT NULL DEFAULT 0 CHECK (unreported >= 0);
+    ALTER TABLE deployments ADD COLUMN unreported INTEGER NOT NULL DEFAULT 0 CHECK (unreported >= 0);
+    ALTER TABLE deployments ADD COLUMN zeroize_after INTEGER NOT NULL DEFAULT 0;
+    UPDATE deployments SET zeroize_after = 4 * offline_grace;
+    """,
 )

@@ -23,6 +23,7 @@ from custodian.errors import (
     InvalidRequestError,
     NotFoundError,
     RefusedError,
+    SuspendedError,
 )
 from custodian.metrics import CustodianMetrics
 from enclave.errors import AttestationError, EnclaveError, FormatError, ManifestError
@@ -40,6 +41,7 @@ _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (RefusedError, grpc.StatusCode.PERMISSION_DENIED),
     (AttestationError, grpc.StatusCode.PERMISSION_DENIED),
     (BusyError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (SuspendedError, grpc.StatusCode.FAILED_PRECONDITION),
 )
 
 

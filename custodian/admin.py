@@ -1,7 +1,10 @@
 """The admin API on the data directory's unix socket: what the console subcommands call.
 
 Handlers translate between the wire and the domain; errors become status codes
-in ``custodian._status``.
+in ``custodian._status``. Every change is audited with its origin: the
+listener it came through (the unix socket, whose 0600 mode limits it to the
+custodian's user) and what the console says of itself (its user and host, sent
+as call metadata and recorded as claimed, not proven).
 """
 
 # ruff: noqa: N802 - gRPC method names are the wire contract's.
@@ -15,10 +18,12 @@ from typing import Any
 
 import grpc.aio
 
-from custodian.deployments import ADMIN, Deployments, DeploymentUsage, EnclaveStatus
-from custodian.errors import InvalidRequestError
+from custodian.admin_access import AdminAccess
+from custodian.deployments import ADMIN, Deployments, DeploymentUsage
+from custodian.errors import InvalidRequestError, RefusedError
 from custodian.ledger import ModelRecord
 from custodian.model_store import ModelStore
+from custodian.roster import EnclaveStatus, Roster
 from protos import custos_pb2 as pb
 from protos import custos_pb2_grpc as pb_grpc
 
@@ -26,12 +31,50 @@ logger = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
+# Call metadata the console sends about itself.
+CONSOLE_USER = "custos-console-user"
+CONSOLE_HOST = "custos-console-host"
+_MAX_CLAIM = 64
+
+
+def origin(context: Context, socket: str) -> str:
+    """Where an admin call came from, for the audit log."""
+    peer = context.peer() or ""
+    where = f"unix:{socket}" if peer.startswith("unix:") or not peer else peer
+    names = list(context.auth_context().get("x509_common_name", ()))
+    if names:
+        where += f" certificate CN={names[0].decode(errors='replace')}"
+    claims = {k: str(v) for k, v in (context.invocation_metadata() or ())}
+    user, host = claims.get(CONSOLE_USER, ""), claims.get(CONSOLE_HOST, "")
+    if user or host:
+        where += f" console {_clean(user)}@{_clean(host)} (claimed)"
+    return where
+
+
+def _clean(text: str) -> str:
+    return "".join(c for c in text[:_MAX_CLAIM] if c.isprintable() and not c.isspace()) or "?"
+
 
 class Admin(pb_grpc.AdminServicer):
-    def __init__(self, *, store: ModelStore, deployments: Deployments, custodian_ca_pem: bytes) -> None:
+    def __init__(
+        self,
+        *,
+        store: ModelStore,
+        deployments: Deployments,
+        roster: Roster,
+        access: AdminAccess,
+        custodian_ca_pem: bytes,
+        socket: str = "admin.sock",
+    ) -> None:
         self._store = store
         self._deployments = deployments
+        self._roster = roster
+        self._access = access
         self._ca_pem = custodian_ca_pem
+        self._socket = socket
+
+    def _origin(self, context: Context) -> str:
+        return origin(context, self._socket)
 
     async def AddModel(
         self, request_iterator: AsyncIterator[pb.ModelUpload], context: Context
@@ -39,7 +82,9 @@ class Admin(pb_grpc.AdminServicer):
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("part") != "name":
             raise InvalidRequestError("a model upload starts with the model's name")
-        record = await self._store.add(first.name, _data(request_iterator), actor=ADMIN)
+        record = await self._store.add(
+            first.name, _data(request_iterator), actor=ADMIN, origin=self._origin(context)
+        )
         return _model_info(record)
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
@@ -54,11 +99,13 @@ class Admin(pb_grpc.AdminServicer):
             manifest=request.manifest,
             offline_grace_seconds=request.offline_grace_seconds,
             lease_size=request.lease_size,
+            zeroize_after_seconds=request.zeroize_after_seconds,
+            origin=self._origin(context),
         )
         return pb.DeploymentCreated(name=request.name, join_token=token)
 
     async def RotateToken(self, request: pb.RotateTokenRequest, context: Context) -> pb.DeploymentCreated:
-        token = await self._deployments.rotate_token(request.name)
+        token = await self._deployments.rotate_token(request.name, origin=self._origin(context))
         return pb.DeploymentCreated(name=request.name, join_token=token)
 
     async def GetDeploymentManifest(
@@ -67,31 +114,46 @@ class Admin(pb_grpc.AdminServicer):
         return pb.DeploymentManifest(manifest=await self._deployments.manifest(request.name))
 
     async def Grant(self, request: pb.GrantRequest, context: Context) -> pb.QuotaChange:
-        usage, changed = await self._deployments.grant(request.deployment, request.units)
+        usage, changed = await self._deployments.grant(
+            request.deployment, request.units, origin=self._origin(context)
+        )
         return pb.QuotaChange(usage=_usage(usage), changed=changed)
 
     async def Revoke(self, request: pb.RevokeRequest, context: Context) -> pb.QuotaChange:
         usage, changed = await self._deployments.revoke(
-            request.deployment, units=request.units, everything=request.all
+            request.deployment, units=request.units, everything=request.all, origin=self._origin(context)
         )
         return pb.QuotaChange(usage=_usage(usage), changed=changed)
 
     async def Suspend(self, request: pb.DeploymentRequest, context: Context) -> pb.DeploymentUsage:
-        return _usage(await self._deployments.suspend(request.deployment))
+        return _usage(await self._deployments.suspend(request.deployment, origin=self._origin(context)))
 
     async def Resume(self, request: pb.DeploymentRequest, context: Context) -> pb.DeploymentUsage:
-        return _usage(await self._deployments.resume(request.deployment))
+        return _usage(await self._deployments.resume(request.deployment, origin=self._origin(context)))
 
     async def Usage(self, request: pb.UsageRequest, context: Context) -> pb.UsageResponse:
         usages = await self._deployments.usage(request.deployment or None)
         return pb.UsageResponse(deployments=[_usage(u) for u in usages])
 
     async def Enclaves(self, request: pb.EnclavesRequest, context: Context) -> pb.EnclavesResponse:
-        enclaves = await self._deployments.enclaves(request.deployment or None)
+        enclaves = await self._roster.enclaves(request.deployment or None)
         return pb.EnclavesResponse(enclaves=[_enclave(e) for e in enclaves])
 
     async def CustodianCa(self, request: pb.CaRequest, context: Context) -> pb.CaResponse:
         return pb.CaResponse(pem=self._ca_pem)
+
+    async def IssueAdminCertificate(
+        self, request: pb.AdminCertificateRequest, context: Context
+    ) -> pb.AdminCertificate:
+        where = self._origin(context)
+        if not where.startswith("unix:"):
+            raise RefusedError("admin certificates are issued over the unix socket only")
+        issued = await self._access.issue(request.name, request.csr, days=request.validity_days, origin=where)
+        return pb.AdminCertificate(
+            certificate=issued.certificate_pem,
+            admin_ca=issued.admin_ca_pem,
+            custodian_ca=issued.custodian_ca_pem,
+        )
 
 
 async def _data(parts: AsyncIterator[pb.ModelUpload]) -> AsyncIterator[bytes]:
@@ -128,6 +190,8 @@ def _usage(u: DeploymentUsage) -> pb.DeploymentUsage:
         offline_grace_seconds=u.offline_grace_seconds,
         lease_size=u.lease_size,
         instances=u.instances,
+        unreported=u.unreported,
+        zeroize_after_seconds=u.zeroize_after_seconds,
     )
 
 
@@ -144,4 +208,10 @@ def _enclave(e: EnclaveStatus) -> pb.EnclaveInfo:
         lease_limit=e.lease_limit,
         lease_used=e.lease_used,
         lease_expires_at=_iso(e.lease_expires_at),
+        state=e.state,
+        offline_since=_iso(e.offline_since),
+        lease_state=e.lease_state,
+        last_receipt_seq=e.last_receipt_seq,
+        last_receipt_used=e.last_receipt_used,
+        last_receipt_at=_iso(e.last_receipt_at),
     )

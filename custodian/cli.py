@@ -22,10 +22,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from google.protobuf.message import Message
 
+from custodian._cli_admin import add_admin_cert_command, add_remote_options, check_remote_options, console_for
+from custodian._cli_audit import add_audit_commands, count, emit
 from custodian.config import Address, CustodianConfig
 from custodian.console import Console
 from custodian.errors import ConfigError, CustodianError
-from custodian.ledger import AuditEntry, Ledger
 from custodian.server import CustodianServer
 from enclave.errors import EnclaveError
 
@@ -44,12 +45,6 @@ def _address(text: str) -> Address:
 def _positive(text: str) -> int:
     if not text.isdigit() or int(text) <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
-    return int(text)
-
-
-def _count(text: str) -> int:
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
     return int(text)
 
 
@@ -78,6 +73,7 @@ def _global_options(parser: argparse.ArgumentParser, *, here: bool) -> None:
         default=flag_default,
         help="debug logging and tracebacks on errors",
     )
+    add_remote_options(parser, here=here)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -111,6 +107,13 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("CUSTODIAN_METRICS") or None,
         help="Prometheus metrics over HTTP, HOST:PORT (env CUSTODIAN_METRICS; default: off)",
     )
+    serve.add_argument(
+        "--admin-listen",
+        type=_address,
+        default=os.environ.get("CUSTODIAN_ADMIN_LISTEN") or None,
+        help="admin API over TCP, mutual TLS with `custodian admin-cert` certificates"
+        " (env CUSTODIAN_ADMIN_LISTEN; default: the unix socket only)",
+    )
     serve.set_defaults(run=_serve)
 
     commands.add_parser(
@@ -139,11 +142,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     create.add_argument(
         "--offline-grace",
-        type=_count,
+        type=count,
         default=0,
         help="seconds an enclave serves without the custodian (0: default)",
     )
-    create.add_argument("--lease-size", type=_count, default=0, help="units per enclave lease (0: default)")
+    create.add_argument("--lease-size", type=count, default=0, help="units per enclave lease (0: default)")
+    create.add_argument(
+        "--zeroize-after",
+        type=count,
+        default=0,
+        help="seconds without a renewed lease (or suspended) before an enclave drops the model and its"
+        " keys and must enrol again (0: default, four times the offline grace)",
+    )
     create.set_defaults(run=_deployment_create)
     rotate = deployment.add_parser("rotate-token", parents=[common], help="replace the join token")
     rotate.add_argument("name")
@@ -182,13 +192,8 @@ def _parser() -> argparse.ArgumentParser:
     enclaves = commands.add_parser("enclaves", parents=[common], help="enrolled enclave instances")
     enclaves.add_argument("--deployment", default="", help="only this deployment's")
     enclaves.set_defaults(run=_enclaves)
-    audit = commands.add_parser(
-        "audit", parents=[common], help="verify the hash-chained audit log and print its last entries"
-    )
-    audit.add_argument(
-        "--last", type=_count, default=20, help="entries to print (default %(default)s; 0: all)"
-    )
-    audit.set_defaults(run=_audit)
+    add_audit_commands(commands, common)
+    add_admin_cert_command(commands, common)
     return parser
 
 
@@ -197,6 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "revoke" and (args.units is None) == (not args.all):
         parser.error("revoke takes either UNITS or --all")
+    check_remote_options(parser, args)
     level = logging.DEBUG if args.verbose else logging.INFO if args.command == "serve" else logging.WARNING
     logging.basicConfig(
         level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -231,10 +237,6 @@ def _plain(message: Message) -> dict[str, Any]:
     return out
 
 
-def _emit(args: argparse.Namespace, doc: Any, text: str) -> None:
-    print(json.dumps(doc, indent=2, sort_keys=True) if args.json else text)
-
-
 def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
     if not rows:
         return "(none)"
@@ -248,7 +250,7 @@ def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
 
 
 def _console(args: argparse.Namespace) -> Console:
-    return Console(args.data / "admin.sock")
+    return console_for(args)
 
 
 # ---------------------------------------------------------------- commands
@@ -260,6 +262,7 @@ def _serve(args: argparse.Namespace) -> None:
         listen=args.listen,
         mtls_listen=args.mtls_listen,
         metrics_listen=args.metrics,
+        admin_listen=args.admin_listen,
     )
     asyncio.run(_run_server(config, as_json=args.json))
 
@@ -283,7 +286,7 @@ def _ca(args: argparse.Namespace) -> None:
     with _console(args) as console:
         pem = console.custodian_ca()
     der = x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
-    _emit(args, {"pem": pem.decode(), "sha256": hashlib.sha256(der).hexdigest()}, pem.decode().rstrip())
+    emit(args, {"pem": pem.decode(), "sha256": hashlib.sha256(der).hexdigest()}, pem.decode().rstrip())
 
 
 _MODEL_COLUMNS = ("name", "size", "chunk_count", "sha384", "created_at")
@@ -293,13 +296,13 @@ def _model_add(args: argparse.Namespace) -> None:
     name = args.name or args.file.stem
     with _console(args) as console:
         info = _plain(console.add_model(name, args.file))
-    _emit(args, info, f"model {info['name']} sealed: {info['size']} bytes, sha384 {info['sha384']}")
+    emit(args, info, f"model {info['name']} sealed: {info['size']} bytes, sha384 {info['sha384']}")
 
 
 def _model_list(args: argparse.Namespace) -> None:
     with _console(args) as console:
         models = [_plain(m) for m in console.list_models()]
-    _emit(args, models, _table(models, _MODEL_COLUMNS))
+    emit(args, models, _table(models, _MODEL_COLUMNS))
 
 
 def _deployment_create(args: argparse.Namespace) -> None:
@@ -311,14 +314,15 @@ def _deployment_create(args: argparse.Namespace) -> None:
             manifest=manifest,
             offline_grace_seconds=args.offline_grace,
             lease_size=args.lease_size,
+            zeroize_after_seconds=args.zeroize_after,
         )
-    _emit(args, _plain(created), _token_text(created.name, created.join_token))
+    emit(args, _plain(created), _token_text(created.name, created.join_token))
 
 
 def _deployment_rotate(args: argparse.Namespace) -> None:
     with _console(args) as console:
         rotated = console.rotate_token(args.name)
-    _emit(args, _plain(rotated), _token_text(rotated.name, rotated.join_token))
+    emit(args, _plain(rotated), _token_text(rotated.name, rotated.join_token))
 
 
 def _token_text(name: str, token: str) -> str:
@@ -329,24 +333,32 @@ def _deployment_manifest(args: argparse.Namespace) -> None:
     with _console(args) as console:
         text = console.manifest(args.name)
     if args.out is None:
-        _emit(args, {"manifest": text}, text.rstrip())
+        emit(args, {"manifest": text}, text.rstrip())
         return
     partial = args.out.with_name(args.out.name + ".partial")
     partial.write_text(text)
     partial.replace(args.out)
-    _emit(args, {"manifest_file": str(args.out)}, f"wrote the end-user manifest of {args.name} to {args.out}")
+    emit(args, {"manifest_file": str(args.out)}, f"wrote the end-user manifest of {args.name} to {args.out}")
 
 
-_USAGE_COLUMNS = ("name", "model", "suspended", "balance", "leased", "used", "granted_total", "instances")
+_USAGE_COLUMNS = (
+    "name",
+    "model",
+    "suspended",
+    "balance",
+    "leased",
+    "used",
+    "unreported",
+    "granted_total",
+    "instances",
+)
 
 
 def _change(args: argparse.Namespace, verb: str, call: Callable[[Console], Message]) -> None:
     with _console(args) as console:
         change = _plain(call(console))
     usage = change["usage"]
-    _emit(
-        args, change, f"{verb} {change['changed']} units; {usage['name']} balance is now {usage['balance']}"
-    )
+    emit(args, change, f"{verb} {change['changed']} units; {usage['name']} balance is now {usage['balance']}")
 
 
 def _grant(args: argparse.Namespace) -> None:
@@ -360,28 +372,30 @@ def _revoke(args: argparse.Namespace) -> None:
 def _suspend(args: argparse.Namespace) -> None:
     with _console(args) as console:
         usage = _plain(console.suspend(args.deployment))
-    _emit(args, usage, f"deployment {usage['name']} suspended")
+    emit(args, usage, f"deployment {usage['name']} suspended")
 
 
 def _resume(args: argparse.Namespace) -> None:
     with _console(args) as console:
         usage = _plain(console.resume(args.deployment))
-    _emit(args, usage, f"deployment {usage['name']} resumed")
+    emit(args, usage, f"deployment {usage['name']} resumed")
 
 
 def _usage(args: argparse.Namespace) -> None:
     with _console(args) as console:
         usages = [_plain(u) for u in console.usage(args.deployment)]
-    _emit(args, usages, _table(usages, _USAGE_COLUMNS))
+    emit(args, usages, _table(usages, _USAGE_COLUMNS))
 
 
 _ENCLAVE_COLUMNS = (
     "instance_id",
     "deployment",
-    "platform",
-    "connected",
+    "state",
+    "offline_since",
+    "lease_state",
     "lease_limit",
     "lease_used",
+    "last_receipt_seq",
     "last_seen",
 )
 
@@ -389,38 +403,7 @@ _ENCLAVE_COLUMNS = (
 def _enclaves(args: argparse.Namespace) -> None:
     with _console(args) as console:
         enclaves = [_plain(e) for e in console.enclaves(args.deployment)]
-    _emit(args, enclaves, _table(enclaves, _ENCLAVE_COLUMNS))
-
-
-def _audit(args: argparse.Namespace) -> None:
-    entries, length = asyncio.run(_read_audit(args.data / "ledger.sqlite3", args.last or None))
-    docs = [
-        {
-            "seq": e.seq,
-            "at": e.at,
-            "actor": e.actor,
-            "action": e.action,
-            "subject": e.subject,
-            "detail": e.detail,
-        }
-        for e in entries
-    ]
-    lines = [f"audit log intact: {length} entries"]
-    lines += [
-        f"{d['seq']:>6} {d['at']} {d['actor']} {d['action']} {d['subject']} {json.dumps(d['detail'])}"
-        for d in docs
-    ]
-    _emit(args, {"intact": True, "entries": length, "last": docs}, "\n".join(lines))
-
-
-async def _read_audit(path: Path, last: int | None) -> tuple[list[AuditEntry], int]:
-    ledger = await Ledger.open(path, readonly=True)
-    try:
-        async with ledger.transaction() as tx:
-            length = await tx.verify_audit()
-            return await tx.audit_entries(last=last), length
-    finally:
-        await ledger.close()
+    emit(args, enclaves, _table(enclaves, _ENCLAVE_COLUMNS))
 
 
 if __name__ == "__main__":

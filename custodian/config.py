@@ -12,6 +12,10 @@ from enclave.envelope import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
 # Bounds every configuration must respect, whatever the flags say.
 NONCE_TTL_BOUNDS = (5, 600)
 GRACE_BOUNDS = (3, 86_400)
+# Seconds without a renewed lease before an enclave zeroizes: at least the grace, at most 30 days.
+MAX_ZEROIZE_AFTER = 30 * 86_400
+# Default zeroize-after, as a multiple of the deployment's offline grace.
+ZEROIZE_GRACES = 4
 LEASE_SIZE_BOUNDS = (1, 1_000_000)
 MAX_MODEL_BYTES = 8 << 30
 MESSAGE_BYTES_BOUNDS = (64 << 10, 64 << 20)
@@ -45,6 +49,8 @@ class CustodianConfig:
     mtls_listen: Address | None = None
     # Prometheus text over HTTP; None turns the endpoint off.
     metrics_listen: Address | None = None
+    # Admin API over TCP, mutual TLS with certificates from `custodian admin-cert`; None: socket only.
+    admin_listen: Address | None = None
     nonce_ttl_seconds: int = 60
     max_pending_challenges: int = 1024
     client_cert_hours: int = 24
@@ -87,6 +93,12 @@ class CustodianConfig:
         if requested == 0:
             return self.default_offline_grace_seconds
         return _within("offline grace", requested, *GRACE_BOUNDS, error=InvalidRequestError)
+
+    def zeroize_after(self, requested: int, grace: int) -> int:
+        """When an enclave drops the model without a renewed lease: ``ZEROIZE_GRACES`` graces for 0."""
+        if requested == 0:
+            return min(MAX_ZEROIZE_AFTER, ZEROIZE_GRACES * grace)
+        return _within("zeroize-after", requested, grace, MAX_ZEROIZE_AFTER, error=InvalidRequestError)
 
     def lease_size(self, requested: int) -> int:
         if requested == 0:

@@ -6,13 +6,19 @@ Every method is one admin call; a refusal or an unreachable custodian raises
 
 from __future__ import annotations
 
+import getpass
+import os
+import socket
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
 
+from custodian.admin import CONSOLE_HOST, CONSOLE_USER
+from custodian.authority import CUSTODIAN_TLS_NAME
 from custodian.errors import ConsoleError
 from protos import custos_pb2 as pb
 from protos import custos_pb2_grpc as pb_grpc
@@ -24,14 +30,34 @@ _MAX_MESSAGE = 64 << 20
 _Response = TypeVar("_Response")
 
 
+@dataclass(frozen=True)
+class RemoteAdmin:
+    """The admin TCP listener and the credentials from ``custodian admin-cert``."""
+
+    address: str
+    key_pem: bytes = field(repr=False)
+    certificate_pem: bytes
+    custodian_ca_pem: bytes
+
+
 class Console:
-    def __init__(self, socket: Path, *, timeout: float = _TIMEOUT) -> None:
+    def __init__(self, socket: Path, *, remote: RemoteAdmin | None = None, timeout: float = _TIMEOUT) -> None:
         self._socket = socket
+        self._remote = remote
         self._timeout = timeout
-        self._channel = grpc.insecure_channel(
-            f"unix:{socket.absolute()}", options=[("grpc.max_receive_message_length", _MAX_MESSAGE)]
-        )
+        options: list[tuple[str, str | int]] = [("grpc.max_receive_message_length", _MAX_MESSAGE)]
+        if remote is None:
+            self._channel = grpc.insecure_channel(f"unix:{socket.absolute()}", options=options)
+        else:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=remote.custodian_ca_pem,
+                private_key=remote.key_pem,
+                certificate_chain=remote.certificate_pem,
+            )
+            options.append(("grpc.ssl_target_name_override", CUSTODIAN_TLS_NAME))
+            self._channel = grpc.secure_channel(remote.address, credentials, options=options)
         self._stub = pb_grpc.AdminStub(self._channel)
+        self._metadata = _about_console()
 
     def __enter__(self) -> Console:
         return self
@@ -47,19 +73,18 @@ class Console:
     def _call(
         self, method: Callable[..., _Response], request: Any, *, timeout: float | None = None
     ) -> _Response:
-        if not self._socket.exists():
+        if self._remote is None and not self._socket.exists():
             raise ConsoleError(
                 f"no custodian is serving {self._socket.parent}: start it with `custodian serve`"
             )
         try:
-            return method(request, timeout=timeout or self._timeout)
+            return method(request, timeout=timeout or self._timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             code: grpc.StatusCode = exc.code()
             details: str = exc.details() or code.name
             if code is grpc.StatusCode.UNAVAILABLE:
-                raise ConsoleError(
-                    f"the custodian at unix:{self._socket} is not answering: {details}"
-                ) from None
+                where = self._remote.address if self._remote else f"unix:{self._socket}"
+                raise ConsoleError(f"the custodian at {where} is not answering: {details}") from None
             raise ConsoleError(details) from None
 
     def add_model(self, name: str, path: Path) -> pb.ModelInfo:
@@ -76,7 +101,14 @@ class Console:
         return list(self._call(self._stub.ListModels, pb.ListModelsRequest()).models)
 
     def create_deployment(
-        self, name: str, *, model: str, manifest: str, offline_grace_seconds: int, lease_size: int
+        self,
+        name: str,
+        *,
+        model: str,
+        manifest: str,
+        offline_grace_seconds: int,
+        lease_size: int,
+        zeroize_after_seconds: int = 0,
     ) -> pb.DeploymentCreated:
         request = pb.CreateDeploymentRequest(
             name=name,
@@ -84,6 +116,7 @@ class Console:
             manifest=manifest,
             offline_grace_seconds=offline_grace_seconds,
             lease_size=lease_size,
+            zeroize_after_seconds=zeroize_after_seconds,
         )
         return self._call(self._stub.CreateDeployment, request)
 
@@ -113,8 +146,25 @@ class Console:
     def enclaves(self, deployment: str = "") -> list[pb.EnclaveInfo]:
         return list(self._call(self._stub.Enclaves, pb.EnclavesRequest(deployment=deployment)).enclaves)
 
+    def issue_admin_certificate(self, name: str, csr: bytes, *, days: int) -> pb.AdminCertificate:
+        request = pb.AdminCertificateRequest(name=name, csr=csr, validity_days=days)
+        return self._call(self._stub.IssueAdminCertificate, request)
+
     def custodian_ca(self) -> bytes:
         return self._call(self._stub.CustodianCa, pb.CaRequest()).pem
+
+
+def _about_console() -> tuple[tuple[str, str], ...]:
+    """Who runs this console, for the audit log's origin (claimed: the custodian cannot check it)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid{os.getuid()}"
+    clean = [
+        ("".join(c for c in v if c.isascii() and c.isprintable()) or "?")[:64]
+        for v in (user, socket.gethostname())
+    ]
+    return ((CONSOLE_USER, clean[0]), (CONSOLE_HOST, clean[1]))
 
 
 def _upload(name: str, read: Callable[[int], bytes]) -> Iterator[pb.ModelUpload]:

@@ -2,8 +2,10 @@
 
 The admin operations of the console live here: create a deployment (approving
 its manifest), rotate its join token, grant and revoke units, suspend and
-resume, and the usage and enclave listings. Changes that enclaves must hear
-about at once are pushed through the control bus after they commit.
+resume, and the usage listing (the enclave listing is ``custodian.roster``).
+Every change is audited with its ``origin`` (which admin listener, which
+console). Changes that enclaves must hear about at once are pushed through the
+control bus after they commit.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import logging
 import secrets
 from dataclasses import dataclass, replace
-from datetime import datetime
 
 from custodian import quota
 from custodian.config import CustodianConfig, check_name
@@ -41,21 +42,9 @@ class DeploymentUsage:
     offline_grace_seconds: int
     lease_size: int
     instances: int
-
-
-@dataclass(frozen=True)
-class EnclaveStatus:
-    instance_id: str
-    deployment: str
-    platform: str
-    key_sha256: str
-    enrolled_at: datetime
-    last_seen: datetime
-    connected: bool
-    lease_id: str
-    lease_limit: int
-    lease_used: int
-    lease_expires_at: datetime | None
+    # Units charged for expired leases beyond their receipts (``used`` counts only what receipts prove).
+    unreported: int
+    zeroize_after_seconds: int
 
 
 JOIN_TOKEN_PREFIX = "cjt_"  # noqa: S105 - a format prefix, not a secret
@@ -83,12 +72,21 @@ class Deployments:
         self._ca_sha256 = custodian_ca_sha256
 
     async def create(
-        self, name: str, *, model: str, manifest: str, offline_grace_seconds: int, lease_size: int
+        self,
+        name: str,
+        *,
+        model: str,
+        manifest: str,
+        offline_grace_seconds: int,
+        lease_size: int,
+        zeroize_after_seconds: int = 0,
+        origin: str = "",
     ) -> str:
         """Create the deployment and return its join token (shown once; only its SHA-256 is kept)."""
         check_name("deployment", name)
         grace = self._config.offline_grace(offline_grace_seconds)
         size = self._config.lease_size(lease_size)
+        zeroize_after = self._config.zeroize_after(zeroize_after_seconds, grace)
         reference = ReferenceValues.from_toml(manifest)
         if reference.platform not in PLATFORMS:
             raise InvalidRequestError(
@@ -114,6 +112,7 @@ class Deployments:
                     suspended=False,
                     account=quota.Account(),
                     created_at=tx.now,
+                    zeroize_after_seconds=zeroize_after,
                 )
             )
             await tx.audit(
@@ -126,17 +125,19 @@ class Deployments:
                     "allow_simulation": approved.allow_simulation,
                     "offline_grace": grace,
                     "lease_size": size,
+                    "zeroize_after": zeroize_after,
+                    "origin": origin,
                 },
             )
         logger.info("deployment %s created for model %s", name, model)
         return token
 
-    async def rotate_token(self, name: str) -> str:
+    async def rotate_token(self, name: str, *, origin: str = "") -> str:
         token = new_join_token()
         async with self._ledger.transaction() as tx:
             deployment = await _deployment(tx, name)
             await tx.update_deployment(replace(deployment, token_sha256=token_digest(token)))
-            await tx.audit(ADMIN, "deployment.rotate_token", name, {})
+            await tx.audit(ADMIN, "deployment.rotate_token", name, {"origin": origin})
         return token
 
     async def manifest(self, name: str) -> str:
@@ -144,20 +145,25 @@ class Deployments:
         async with self._ledger.transaction() as tx:
             return (await _deployment(tx, name)).manifest
 
-    async def grant(self, name: str, units: int) -> tuple[DeploymentUsage, int]:
+    async def grant(self, name: str, units: int, *, origin: str = "") -> tuple[DeploymentUsage, int]:
         async with self._ledger.transaction() as tx:
             deployment = await _deployment(tx, name)
             deployment = replace(deployment, account=quota.grant(deployment.account, units))
             await tx.update_deployment(deployment)
             await tx.audit(
-                ADMIN, "quota.grant", name, {"units": units, "balance": deployment.account.balance}
+                ADMIN,
+                "quota.grant",
+                name,
+                {"units": units, "balance": deployment.account.balance, "origin": origin},
             )
             usage = await _usage(tx, deployment)
         self._metrics.units_granted.inc(units)
         self._bus.notify(name)
         return usage, units
 
-    async def revoke(self, name: str, *, units: int, everything: bool) -> tuple[DeploymentUsage, int]:
+    async def revoke(
+        self, name: str, *, units: int, everything: bool, origin: str = ""
+    ) -> tuple[DeploymentUsage, int]:
         """Take ``units`` (or everything) back: the balance first, then the active leases' unused units."""
         if everything == (units != 0):
             raise InvalidRequestError("revoke takes either a number of units or --all, not both or neither")
@@ -173,24 +179,28 @@ class Deployments:
             deployment = replace(deployment, account=account)
             await tx.update_deployment(deployment)
             await tx.audit(
-                ADMIN, "quota.revoke", name, {"requested": "all" if everything else units, "revoked": changed}
+                ADMIN,
+                "quota.revoke",
+                name,
+                {"requested": "all" if everything else units, "revoked": changed, "origin": origin},
             )
             usage = await _usage(tx, deployment)
         self._metrics.units_revoked.inc(changed)
         self._bus.notify(name)
         return usage, changed
 
-    async def suspend(self, name: str) -> DeploymentUsage:
-        return await self._set_suspended(name, True)
+    async def suspend(self, name: str, *, origin: str = "") -> DeploymentUsage:
+        return await self._set_suspended(name, True, origin)
 
-    async def resume(self, name: str) -> DeploymentUsage:
-        return await self._set_suspended(name, False)
+    async def resume(self, name: str, *, origin: str = "") -> DeploymentUsage:
+        return await self._set_suspended(name, False, origin)
 
-    async def _set_suspended(self, name: str, suspended: bool) -> DeploymentUsage:
+    async def _set_suspended(self, name: str, suspended: bool, origin: str) -> DeploymentUsage:
         async with self._ledger.transaction() as tx:
             deployment = replace(await _deployment(tx, name), suspended=suspended)
             await tx.update_deployment(deployment)
-            await tx.audit(ADMIN, "deployment.suspend" if suspended else "deployment.resume", name, {})
+            action = "deployment.suspend" if suspended else "deployment.resume"
+            await tx.audit(ADMIN, action, name, {"origin": origin})
             usage = await _usage(tx, deployment)
         logger.info("deployment %s %s", name, "suspended" if suspended else "resumed")
         self._bus.notify(name)
@@ -200,28 +210,6 @@ class Deployments:
         async with self._ledger.transaction() as tx:
             deployments = [await _deployment(tx, name)] if name else await tx.deployments()
             return [await _usage(tx, d) for d in deployments]
-
-    async def enclaves(self, name: str | None = None) -> list[EnclaveStatus]:
-        async with self._ledger.transaction() as tx:
-            if name:
-                await _deployment(tx, name)
-            return [await self._status(tx, i) for i in await tx.instances(name or None)]
-
-    async def _status(self, tx: Transaction, instance: InstanceRecord) -> EnclaveStatus:
-        lease = await tx.active_lease(instance.instance_id)
-        return EnclaveStatus(
-            instance_id=instance.instance_id,
-            deployment=instance.deployment,
-            platform=instance.platform,
-            key_sha256=instance.key_sha256,
-            enrolled_at=instance.enrolled_at,
-            last_seen=instance.last_seen,
-            connected=self._bus.connected(instance.instance_id),
-            lease_id=lease.lease_id if lease else "",
-            lease_limit=lease.units.limit if lease else 0,
-            lease_used=lease.units.used if lease else 0,
-            lease_expires_at=lease.expires_at if lease else None,
-        )
 
     async def release_model(self, instance: InstanceRecord) -> ModelRecord:
         """The model an instance's deployment lends, recorded as pushed; refused while suspended."""
@@ -266,4 +254,6 @@ async def _usage(tx: Transaction, deployment: DeploymentRecord) -> DeploymentUsa
         offline_grace_seconds=deployment.offline_grace_seconds,
         lease_size=deployment.lease_size,
         instances=len(await tx.instances(deployment.name)),
+        unreported=deployment.account.unreported,
+        zeroize_after_seconds=deployment.zeroize_after_seconds,
     )

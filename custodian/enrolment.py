@@ -10,6 +10,7 @@ is written to the audit log and counted by reason before it is raised.
 
 from __future__ import annotations
 
+import base64
 import datetime
 import hashlib
 import hmac
@@ -23,7 +24,7 @@ from cryptography.hazmat.primitives import serialization
 
 from custodian.authority import CertificateAuthority, csr_public_key
 from custodian.config import CustodianConfig
-from custodian.errors import BusyError, CustodianError, NotFoundError, RefusedError
+from custodian.errors import BusyError, CustodianError, NotFoundError, RefusedError, SuspendedError
 from custodian.ledger import InstanceRecord, Ledger
 from custodian.metrics import CustodianMetrics
 from enclave.attestation import AttestedClaims, ReferenceValues, appraise
@@ -42,6 +43,7 @@ class Enrolled:
     enclave_ca_pem: bytes
     offline_grace_seconds: int
     lease_size: int
+    zeroize_after_seconds: int
 
 
 def token_digest(token: str) -> bytes:
@@ -68,8 +70,11 @@ class Enrolment:
         """A fresh single-use nonce for ``deployment`` and the seconds it stays valid."""
         ttl = self._config.nonce_ttl_seconds
         async with self._ledger.transaction() as tx:
-            if await tx.deployment(deployment) is None:
+            record = await tx.deployment(deployment)
+            if record is None:
                 raise NotFoundError(f"no deployment {deployment!r}")
+            if record.suspended:
+                raise SuspendedError(f"deployment {deployment!r} is suspended; enrol again once it resumes")
             if await tx.pending_challenges() >= self._config.max_pending_challenges:
                 await tx.purge_challenges()
                 if await tx.pending_challenges() >= self._config.max_pending_challenges:
@@ -163,6 +168,7 @@ class Enrolment:
                 {
                     "instance": instance_id,
                     "key_sha256": instance.key_sha256,
+                    "public_key": base64.b64encode(key).decode(),
                     "platform": instance.platform,
                     "simulated": appraisal.simulated,
                 },
@@ -175,6 +181,7 @@ class Enrolment:
             enclave_ca_pem=self._ca.pem,
             offline_grace_seconds=record.offline_grace_seconds,
             lease_size=record.lease_size,
+            zeroize_after_seconds=record.zeroize_after_seconds,
         )
 
     async def authenticate(self, instance_id: str, public_key: bytes) -> InstanceRecord:

@@ -31,6 +31,10 @@ class RefusedError(CustodianError):
     """The caller may not do this: enrolment refused, deployment suspended (``PERMISSION_DENIED``)."""
 
 
+class SuspendedError(CustodianError):
+    """The deployment is suspended: no instance may enrol until it resumes (``FAILED_PRECONDITION``)."""
+
+
 class BusyError(CustodianError):
     """A bounded resource is full, e.g. too many outstanding challenges (``RESOURCE_EXHAUSTED``)."""
 

@@ -26,10 +26,12 @@ from custodian.enrolment import Enrolment
 from custodian.errors import RefusedError
 from custodian.leases import Leases, LeaseView
 from custodian.ledger import InstanceRecord
+from custodian.metering import UsageClaim
 from custodian.metrics import CustodianMetrics
 from custodian.model_store import ModelStore
 from enclave.envelope import SealedChunk
 from enclave.identity import public_key_der
+from enclave.receipts import SignedReceipt
 from protos import custos_pb2 as pb
 from protos import custos_pb2_grpc as pb_grpc
 
@@ -87,6 +89,7 @@ class Gateway(pb_grpc.EnclaveGatewayServicer):
             offline_grace_seconds=enrolled.offline_grace_seconds,
             lease_size=enrolled.lease_size,
             mtls_port=self._mtls_port,
+            zeroize_after_seconds=enrolled.zeroize_after_seconds,
         )
 
     async def FetchModel(
@@ -121,22 +124,24 @@ class Gateway(pb_grpc.EnclaveGatewayServicer):
 
     async def AcquireLease(self, request: pb.LeaseRequest, context: Context) -> pb.Lease:
         instance = await self._caller(context)
-        view = await self._leases.acquire(
-            instance.instance_id, lease_id=request.lease_id, used=request.used, seq=request.seq
-        )
-        return lease_message(view)
+        return lease_message(await self._leases.acquire(instance.instance_id))
 
     async def ReportUsage(self, request: pb.UsageReport, context: Context) -> pb.Lease:
         instance = await self._caller(context)
-        view = await self._leases.report(
-            instance.instance_id,
+        receipt = (
+            SignedReceipt(request.receipt.body, request.receipt.signature)
+            if request.HasField("receipt")
+            else None
+        )
+        claim = UsageClaim(
             lease_id=request.lease_id,
             seq=request.seq,
             used=request.used,
             want_more=request.want_more,
             final=request.final,
+            receipt=receipt,
         )
-        return lease_message(view)
+        return lease_message(await self._leases.report(instance.instance_id, claim))
 
     async def Watch(self, request: pb.WatchRequest, context: Context) -> AsyncIterator[pb.ControlEvent]:
         instance = await self._caller(context)

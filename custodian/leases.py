@@ -1,15 +1,20 @@
 """Leases: the blocks of inferences an enrolled instance may serve, and their usage reports.
 
-The arithmetic is ``custodian.quota``; this module applies it to the ledger,
-one transaction per call, following ``docs/protocol.md`` (Quota):
+The arithmetic is ``custodian.quota``, the receipt checks ``custodian.metering``;
+this module applies them to the ledger, one transaction per call, following
+``docs/protocol.md`` (Quota) and the lease rules in the README:
 
 - ``acquire`` returns the instance's active lease with its expiry refreshed,
   or opens one of ``min(lease_size, balance)`` units (0 while suspended).
-- ``report`` records cumulative usage under a sequence number that must grow;
-  a sequence already seen is a no-op that returns the current lease. It can
-  also top the lease up (``want_more``) or close it (``final``).
-- ``touch`` is the control stream's keep-alive; ``expire_due`` returns the
-  unused units of leases nobody refreshed within the offline grace.
+- ``report`` acts on a usage report whose signed receipt is the next link of
+  the instance's chain: it records the cumulative usage, tops the lease up
+  (``want_more``) or closes it (``final``). A receipt for a lease that is no
+  longer active settles it. A refused receipt changes nothing and is written
+  to the audit log with its reason.
+- ``touch`` is the control stream's keep-alive; ``expire_due`` expires leases
+  nobody refreshed within the offline grace and charges their unreported
+  remainder; ``resume`` gives every active lease a fresh grace when the
+  custodian starts.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from datetime import datetime, timedelta
 from custodian import quota
 from custodian.errors import InvalidRequestError, NotFoundError
 from custodian.ledger import DeploymentRecord, InstanceRecord, LeaseRecord, Ledger, Transaction
+from custodian.metering import ReceiptRefusedError, UsageClaim, check_claim, receipt_detail, refusal_detail
 from custodian.metrics import CustodianMetrics
 
 logger = logging.getLogger(__name__)
@@ -56,74 +62,62 @@ class Leases:
         self._ledger = ledger
         self._metrics = metrics
 
-    async def acquire(self, instance_id: str, *, lease_id: str, used: int, seq: int) -> LeaseView:
-        """The instance's active lease (refreshed), or a new one; records ``used`` for ``lease_id`` first."""
-        _check_seq(seq)
+    async def acquire(self, instance_id: str) -> LeaseView:
+        """The instance's active lease (refreshed), or a new one."""
         async with self._ledger.transaction() as tx:
             instance, deployment = await _load(tx, instance_id)
-            if lease_id and seq > instance.last_seq:
-                lease = await _own_lease(tx, instance, lease_id)
-                deployment, _ = await self._record(tx, deployment, lease, used)
-                instance = replace(instance, last_seq=seq)
-            active = await tx.active_lease(instance_id)
-            if active is None:
-                size = 0 if deployment.suspended else deployment.lease_size
-                account, units = quota.open_allotment(deployment.account, size)
-                deployment = replace(deployment, account=account)
-                lease = LeaseRecord(
-                    lease_id=uuid.uuid4().hex,
-                    instance_id=instance_id,
-                    deployment=deployment.name,
-                    units=units,
-                    state="active",
-                    expires_at=_expiry(tx, deployment),
-                )
-                await tx.add_lease(lease)
-                await tx.audit(
-                    _actor(instance_id),
-                    "lease.open",
-                    deployment.name,
-                    {"lease": lease.lease_id, "limit": units.limit},
-                )
-                self._metrics.leases_opened.inc()
-                logger.info(
-                    "lease %s opened for instance %s: %d units", lease.lease_id, instance_id, units.limit
-                )
+            lease = await tx.active_lease(instance_id)
+            if lease is None:
+                deployment, lease = await self._open(tx, deployment, instance_id)
             else:
-                lease = replace(active, expires_at=_expiry(tx, deployment))
+                lease = replace(lease, expires_at=_expiry(tx, deployment))
                 await tx.update_lease(lease)
             await tx.update_deployment(deployment)
             await tx.update_instance(replace(instance, last_seen=tx.now))
             return lease_view(deployment, lease)
 
-    async def report(
-        self, instance_id: str, *, lease_id: str, seq: int, used: int, want_more: bool, final: bool
-    ) -> LeaseView:
-        _check_seq(seq)
+    async def report(self, instance_id: str, claim: UsageClaim) -> LeaseView:
+        """Act on one usage report; its reply carries the instance's current lease (empty if none)."""
+        _check_seq(claim.seq)
+        try:
+            return await self._report(instance_id, claim)
+        except ReceiptRefusedError as exc:
+            self._metrics.receipt_refusals.labels(exc.reason).inc()
+            async with self._ledger.transaction() as tx:
+                instance = await tx.instance(instance_id)
+                subject = instance.deployment if instance else ""
+                await tx.audit(
+                    _actor(instance_id), "receipt.refuse", subject, refusal_detail(instance_id, claim, exc)
+                )
+            logger.warning("usage report %d of instance %s refused: %s", claim.seq, instance_id, exc)
+            raise
+
+    async def _report(self, instance_id: str, claim: UsageClaim) -> LeaseView:
         async with self._ledger.transaction() as tx:
             instance, deployment = await _load(tx, instance_id)
-            lease = await _own_lease(tx, instance, lease_id)
-            if seq > instance.last_seq:
-                deployment, lease = await self._record(tx, deployment, lease, used)
-                instance = replace(instance, last_seq=seq)
-                if lease.active and final:
-                    deployment, lease = await self._close(tx, deployment, lease, "closed")
-                elif lease.active and want_more and not deployment.suspended:
-                    account, units = quota.top_up(deployment.account, lease.units, deployment.lease_size)
-                    if units.limit > lease.units.limit:
-                        await tx.audit(
-                            _actor(instance_id),
-                            "lease.top_up",
-                            deployment.name,
-                            {"lease": lease.lease_id, "limit": units.limit, "used": units.used},
-                        )
-                    deployment, lease = replace(deployment, account=account), replace(lease, units=units)
+            checked = await check_claim(tx, instance, deployment, claim)
+            lease = checked.lease
+            if checked.receipt is not None:
+                await tx.add_receipt(checked.receipt)
+                await tx.audit(
+                    _actor(instance_id), "receipt", deployment.name, receipt_detail(checked.receipt)
+                )
+                self._metrics.receipts.inc()
+                instance = replace(instance, last_seq=checked.receipt.seq)
+                if lease.active:
+                    deployment, lease = await self._record(tx, deployment, lease, claim.used)
+                    if claim.final:
+                        deployment, lease = await self._close(tx, deployment, lease)
+                    elif claim.want_more and not deployment.suspended:
+                        deployment, lease = await self._top_up(tx, deployment, lease)
+                else:
+                    deployment, lease = await self._settle(tx, deployment, lease, claim.used)
             if lease.active:
                 lease = replace(lease, expires_at=_expiry(tx, deployment))
-            await tx.update_lease(lease)
+                await tx.update_lease(lease)
             await tx.update_deployment(deployment)
             await tx.update_instance(replace(instance, last_seen=tx.now))
-            return lease_view(deployment, lease)
+            return lease_view(deployment, lease if lease.active else await tx.active_lease(instance_id))
 
     async def touch(self, instance_id: str) -> LeaseView:
         """Keep-alive from the control stream: refresh the lease's expiry and the instance's last contact."""
@@ -137,26 +131,93 @@ class Leases:
             return lease_view(deployment, lease)
 
     async def expire_due(self) -> int:
-        """Expire every active lease past its expiry; its unused units return to the balance."""
+        """Expire every active lease past its expiry, charging its unreported remainder."""
         async with self._ledger.transaction() as tx:
             due = await tx.due_leases()
             for lease in due:
                 deployment = await tx.deployment(lease.deployment)
                 if deployment is None:
                     continue
-                deployment, _ = await self._close(tx, deployment, lease, "expired")
-                await tx.update_deployment(deployment)
+                account, units = quota.expire(deployment.account, lease.units)
+                await tx.update_lease(replace(lease, units=units, state="expired"))
+                await tx.update_deployment(replace(deployment, account=account))
+                await tx.audit(
+                    "custodian",
+                    "lease.expire",
+                    deployment.name,
+                    {"lease": lease.lease_id, "used": units.used, "unreported": units.unreported},
+                )
+                self._metrics.leases_closed.labels("expired").inc()
+                self._metrics.units_unreported.inc(units.unreported)
+                logger.info(
+                    "lease %s expired after %d reported units; %d unreported units charged",
+                    lease.lease_id,
+                    units.used,
+                    units.unreported,
+                )
             return len(due)
+
+    async def resume(self) -> int:
+        """At start: every active lease gets its grace from now (its instance could not reach us)."""
+        async with self._ledger.transaction() as tx:
+            leases = await tx.active_leases_all()
+            for lease in leases:
+                deployment = await tx.deployment(lease.deployment)
+                if deployment is not None:
+                    await tx.update_lease(
+                        replace(lease, expires_at=max(lease.expires_at, _expiry(tx, deployment)))
+                    )
+            if leases:
+                await tx.audit("custodian", "custodian.start", "", {"active_leases": len(leases)})
+            return len(leases)
+
+    async def _open(
+        self, tx: Transaction, deployment: DeploymentRecord, instance_id: str
+    ) -> tuple[DeploymentRecord, LeaseRecord]:
+        size = 0 if deployment.suspended else deployment.lease_size
+        account, units = quota.open_allotment(deployment.account, size)
+        lease = LeaseRecord(
+            lease_id=uuid.uuid4().hex,
+            instance_id=instance_id,
+            deployment=deployment.name,
+            units=units,
+            state="active",
+            expires_at=_expiry(tx, deployment),
+        )
+        await tx.add_lease(lease)
+        await tx.audit(
+            _actor(instance_id),
+            "lease.open",
+            deployment.name,
+            {"instance": instance_id, "lease": lease.lease_id, "limit": units.limit},
+        )
+        self._metrics.leases_opened.inc()
+        logger.info("lease %s opened for instance %s: %d units", lease.lease_id, instance_id, units.limit)
+        return replace(deployment, account=account), lease
 
     async def _record(
         self, tx: Transaction, deployment: DeploymentRecord, lease: LeaseRecord, used: int
     ) -> tuple[DeploymentRecord, LeaseRecord]:
-        account, units = quota.record_use(deployment.account, lease.units, used)
+        try:
+            account, units = quota.record_use(deployment.account, lease.units, used)
+        except InvalidRequestError as exc:
+            raise ReceiptRefusedError("usage", str(exc)) from None
+        return await self._apply_use(tx, deployment, lease, account, units, used)
+
+    async def _apply_use(
+        self,
+        tx: Transaction,
+        deployment: DeploymentRecord,
+        lease: LeaseRecord,
+        account: quota.Account,
+        units: quota.Allotment,
+        used: int,
+    ) -> tuple[DeploymentRecord, LeaseRecord]:
         if account.overdrawn > deployment.account.overdrawn:
             overdrawn = account.overdrawn - deployment.account.overdrawn
             self._metrics.units_overdrawn.inc(overdrawn)
             logger.warning("lease %s used %d units its deployment could not cover", lease.lease_id, overdrawn)
-        if units.limit > lease.units.limit:
+        if used > lease.units.limit:
             await tx.audit(
                 _actor(lease.instance_id),
                 "lease.overrun",
@@ -173,17 +234,54 @@ class Leases:
         await tx.update_lease(lease)
         return replace(deployment, account=account), lease
 
+    async def _settle(
+        self, tx: Transaction, deployment: DeploymentRecord, lease: LeaseRecord, used: int
+    ) -> tuple[DeploymentRecord, LeaseRecord]:
+        """A receipt for a closed or expired lease: the proven usage replaces any unreported charge."""
+        try:
+            account, units = quota.settle(deployment.account, lease.units, used)
+        except InvalidRequestError as exc:
+            raise ReceiptRefusedError("usage", str(exc)) from None
+        refunded = lease.units.limit - units.limit if units.limit < lease.units.limit else 0
+        if lease.units.unreported:
+            await tx.audit(
+                _actor(lease.instance_id),
+                "lease.settle",
+                deployment.name,
+                {"lease": lease.lease_id, "used": used, "refunded": refunded},
+            )
+            logger.info("expired lease %s settled at %d units; %d returned", lease.lease_id, used, refunded)
+        return await self._apply_use(tx, deployment, lease, account, units, used)
+
+    async def _top_up(
+        self, tx: Transaction, deployment: DeploymentRecord, lease: LeaseRecord
+    ) -> tuple[DeploymentRecord, LeaseRecord]:
+        account, units = quota.top_up(deployment.account, lease.units, deployment.lease_size)
+        if units.limit > lease.units.limit:
+            await tx.audit(
+                _actor(lease.instance_id),
+                "lease.top_up",
+                deployment.name,
+                {"lease": lease.lease_id, "limit": units.limit, "used": units.used},
+            )
+        lease = replace(lease, units=units)
+        await tx.update_lease(lease)
+        return replace(deployment, account=account), lease
+
     async def _close(
-        self, tx: Transaction, deployment: DeploymentRecord, lease: LeaseRecord, state: str
+        self, tx: Transaction, deployment: DeploymentRecord, lease: LeaseRecord
     ) -> tuple[DeploymentRecord, LeaseRecord]:
         account, units = quota.release(deployment.account, lease.units)
-        lease = replace(lease, units=units, state=state)
+        lease = replace(lease, units=units, state="closed")
         await tx.update_lease(lease)
-        actor = _actor(lease.instance_id) if state == "closed" else "custodian"
-        action = "lease.close" if state == "closed" else "lease.expire"
-        await tx.audit(actor, action, deployment.name, {"lease": lease.lease_id, "used": units.used})
-        self._metrics.leases_closed.labels("final" if state == "closed" else "expired").inc()
-        logger.info("lease %s %s after %d units", lease.lease_id, state, units.used)
+        await tx.audit(
+            _actor(lease.instance_id),
+            "lease.close",
+            deployment.name,
+            {"lease": lease.lease_id, "used": units.used},
+        )
+        self._metrics.leases_closed.labels("final").inc()
+        logger.info("lease %s closed after %d units", lease.lease_id, units.used)
         return replace(deployment, account=account), lease
 
 
@@ -193,13 +291,6 @@ async def _load(tx: Transaction, instance_id: str) -> tuple[InstanceRecord, Depl
     if instance is None or deployment is None:
         raise NotFoundError(f"instance {instance_id} is not enrolled")
     return instance, deployment
-
-
-async def _own_lease(tx: Transaction, instance: InstanceRecord, lease_id: str) -> LeaseRecord:
-    lease = await tx.lease(lease_id) if lease_id else None
-    if lease is None or lease.instance_id != instance.instance_id:
-        raise NotFoundError(f"no lease {lease_id!r} for this instance")
-    return lease
 
 
 def _check_seq(seq: int) -> None:

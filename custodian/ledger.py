@@ -1,133 +1,71 @@
-"""The ledger: models, deployments, instances, leases and the audit log in SQLite.
+"""The ledger: models, deployments, instances, leases, receipts and the audit log in SQLite.
 
 This is the only module that touches the database (through ``aiosqlite``). Its
 interface is small on purpose: ``Ledger.transaction()`` yields a
-``Transaction`` whose methods read and write whole records, so another backend
-(PostgreSQL, for several custodian replicas) can take its place.
+``Transaction`` whose methods read and write whole records
+(``custodian.records``), so another backend (PostgreSQL, for several custodian
+replicas) can take its place.
 
 Every change happens in one ``BEGIN IMMEDIATE`` transaction together with its
-audit entry. The audit log is append-only (triggers refuse updates and
-deletes) and hash-chained: entry ``n`` stores ``SHA-256(hash(n-1) ||
-canonical JSON of entry n)``, which ``verify_audit`` recomputes. The schema
-(``custodian._schema``) is versioned with ``PRAGMA user_version`` and migrated
-forward on open.
+audit entry. The audit log and the receipts are append-only (triggers refuse
+updates and deletes); the audit log is hash-chained (``custodian.audit``). The
+schema (``custodian._schema``) is versioned with ``PRAGMA user_version`` and
+migrated forward on open.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import logging
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
+from custodian._rows import (
+    audit_row,
+    deployment_row,
+    dt,
+    instance_row,
+    lease_row,
+    model_row,
+    receipt_row,
+    ts,
+)
 from custodian._schema import MIGRATIONS
+from custodian.audit import GENESIS, AuditEntry, AuditValue, verify_chain
 from custodian.errors import ConflictError, LedgerError
-from custodian.quota import Account, Allotment
-from enclave.attestation.claims import canonical_json
+from custodian.records import (
+    LEASE_STATES,
+    DeploymentRecord,
+    InstanceRecord,
+    LeaseRecord,
+    ModelRecord,
+    ReceiptRecord,
+)
+
+__all__ = [
+    "LEASE_STATES",
+    "SCHEMA_VERSION",
+    "AuditEntry",
+    "AuditValue",
+    "DeploymentRecord",
+    "InstanceRecord",
+    "LeaseRecord",
+    "Ledger",
+    "ModelRecord",
+    "ReceiptRecord",
+    "Transaction",
+]
 
 logger = logging.getLogger(__name__)
 
-AuditValue = str | int | bool
-LEASE_STATES = ("active", "closed", "expired")
-_GENESIS = bytes(32)
-
 SCHEMA_VERSION = len(MIGRATIONS)
-
-
-@dataclass(frozen=True)
-class ModelRecord:
-    model_id: bytes
-    name: str
-    sha384: bytes
-    size: int
-    chunk_size: int
-    chunk_count: int
-    # The data key, wrapped by the custodian's key-encryption key.
-    wrapped_key: bytes
-    created_at: datetime
-
-
-@dataclass(frozen=True)
-class DeploymentRecord:
-    name: str
-    model_id: bytes
-    manifest: str
-    token_sha256: bytes
-    offline_grace_seconds: int
-    lease_size: int
-    suspended: bool
-    account: Account
-    created_at: datetime
-
-
-@dataclass(frozen=True)
-class InstanceRecord:
-    instance_id: str
-    deployment: str
-    platform: str
-    public_key: bytes  # SubjectPublicKeyInfo, DER
-    enrolled_at: datetime
-    last_seen: datetime
-    last_seq: int
-
-    @property
-    def key_sha256(self) -> str:
-        return hashlib.sha256(self.public_key).hexdigest()
-
-
-@dataclass(frozen=True)
-class LeaseRecord:
-    lease_id: str
-    instance_id: str
-    deployment: str
-    units: Allotment
-    state: str
-    expires_at: datetime
-
-    @property
-    def active(self) -> bool:
-        return self.state == "active"
-
-
-@dataclass(frozen=True)
-class AuditEntry:
-    seq: int
-    at: str
-    actor: str
-    action: str
-    subject: str
-    detail: Mapping[str, AuditValue]
-    hash: bytes
-
-    def body(self) -> bytes:
-        return canonical_json(
-            {
-                "seq": self.seq,
-                "at": self.at,
-                "actor": self.actor,
-                "action": self.action,
-                "subject": self.subject,
-                "detail": dict(self.detail),
-            }
-        )
-
-
-def _ts(value: datetime) -> float:
-    return value.timestamp()
-
-
-def _dt(value: float) -> datetime:
-    return datetime.fromtimestamp(value, UTC)
 
 
 class Transaction:
@@ -166,20 +104,20 @@ class Transaction:
                 m.chunk_size,
                 m.chunk_count,
                 m.wrapped_key,
-                _ts(m.created_at),
+                ts(m.created_at),
             ),
         )
 
     async def model(self, name: str) -> ModelRecord | None:
         row = await self._one("SELECT * FROM models WHERE name = ?", (name,))
-        return _model(row) if row else None
+        return model_row(row) if row else None
 
     async def model_by_id(self, model_id: bytes) -> ModelRecord | None:
         row = await self._one("SELECT * FROM models WHERE model_id = ?", (model_id,))
-        return _model(row) if row else None
+        return model_row(row) if row else None
 
     async def models(self) -> list[ModelRecord]:
-        return [_model(r) for r in await self._all("SELECT * FROM models ORDER BY name")]
+        return [model_row(r) for r in await self._all("SELECT * FROM models ORDER BY name")]
 
     # ------------------------------------------------------------- deployments
 
@@ -187,7 +125,7 @@ class Transaction:
         a = d.account
         await self._insert(
             f"deployment {d.name!r}",
-            "INSERT INTO deployments VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO deployments VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 d.name,
                 d.model_id,
@@ -201,7 +139,9 @@ class Transaction:
                 a.revoked,
                 a.used,
                 a.overdrawn,
-                _ts(d.created_at),
+                ts(d.created_at),
+                a.unreported,
+                d.zeroize_after_seconds,
             ),
         )
 
@@ -210,22 +150,32 @@ class Transaction:
         a = d.account
         await self._db.execute(
             "UPDATE deployments SET token_sha256 = ?, suspended = ?, balance = ?, granted = ?, revoked = ?,"
-            " used = ?, overdrawn = ? WHERE name = ?",
-            (d.token_sha256, d.suspended, a.balance, a.granted, a.revoked, a.used, a.overdrawn, d.name),
+            " used = ?, overdrawn = ?, unreported = ? WHERE name = ?",
+            (
+                d.token_sha256,
+                d.suspended,
+                a.balance,
+                a.granted,
+                a.revoked,
+                a.used,
+                a.overdrawn,
+                a.unreported,
+                d.name,
+            ),
         )
 
     async def deployment(self, name: str) -> DeploymentRecord | None:
         row = await self._one("SELECT * FROM deployments WHERE name = ?", (name,))
-        return _deployment(row) if row else None
+        return deployment_row(row) if row else None
 
     async def deployments(self) -> list[DeploymentRecord]:
-        return [_deployment(r) for r in await self._all("SELECT * FROM deployments ORDER BY name")]
+        return [deployment_row(r) for r in await self._all("SELECT * FROM deployments ORDER BY name")]
 
     # -------------------------------------------------------------- challenges
 
     async def add_challenge(self, nonce: bytes, deployment: str, expires_at: datetime) -> None:
         await self._insert(
-            "challenge", "INSERT INTO challenges VALUES (?, ?, ?)", (nonce, deployment, _ts(expires_at))
+            "challenge", "INSERT INTO challenges VALUES (?, ?, ?)", (nonce, deployment, ts(expires_at))
         )
 
     async def take_challenge(self, nonce: bytes) -> tuple[str, datetime] | None:
@@ -233,14 +183,14 @@ class Transaction:
         row = await self._one(
             "DELETE FROM challenges WHERE nonce = ? RETURNING deployment, expires_at", (nonce,)
         )
-        return (row["deployment"], _dt(row["expires_at"])) if row else None
+        return (row["deployment"], dt(row["expires_at"])) if row else None
 
     async def pending_challenges(self) -> int:
         row = await self._one("SELECT count(*) AS n FROM challenges")
         return int(row["n"]) if row else 0
 
     async def purge_challenges(self) -> int:
-        cursor = await self._db.execute("DELETE FROM challenges WHERE expires_at < ?", (_ts(self.now),))
+        cursor = await self._db.execute("DELETE FROM challenges WHERE expires_at < ?", (ts(self.now),))
         return cursor.rowcount
 
     # --------------------------------------------------------------- instances
@@ -254,8 +204,8 @@ class Transaction:
                 i.deployment,
                 i.platform,
                 i.public_key,
-                _ts(i.enrolled_at),
-                _ts(i.last_seen),
+                ts(i.enrolled_at),
+                ts(i.last_seen),
                 i.last_seq,
             ),
         )
@@ -264,12 +214,12 @@ class Transaction:
         """Write the mutable fields: last contact and last usage sequence."""
         await self._db.execute(
             "UPDATE instances SET last_seen = ?, last_seq = ? WHERE instance_id = ?",
-            (_ts(i.last_seen), i.last_seq, i.instance_id),
+            (ts(i.last_seen), i.last_seq, i.instance_id),
         )
 
     async def instance(self, instance_id: str) -> InstanceRecord | None:
         row = await self._one("SELECT * FROM instances WHERE instance_id = ?", (instance_id,))
-        return _instance(row) if row else None
+        return instance_row(row) if row else None
 
     async def instances(self, deployment: str | None = None) -> list[InstanceRecord]:
         if deployment is None:
@@ -279,7 +229,7 @@ class Transaction:
                 "SELECT * FROM instances WHERE deployment = ? ORDER BY enrolled_at, instance_id",
                 (deployment,),
             )
-        return [_instance(r) for r in rows]
+        return [instance_row(r) for r in rows]
 
     # ------------------------------------------------------------------ leases
 
@@ -287,7 +237,7 @@ class Transaction:
         u = lease.units
         await self._insert(
             f"lease for instance {lease.instance_id}",
-            "INSERT INTO leases VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO leases VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 lease.lease_id,
                 lease.instance_id,
@@ -296,143 +246,104 @@ class Transaction:
                 u.peak,
                 u.used,
                 lease.state,
-                _ts(lease.expires_at),
+                ts(lease.expires_at),
+                u.unreported,
             ),
         )
 
     async def update_lease(self, lease: LeaseRecord) -> None:
         u = lease.units
         await self._db.execute(
-            "UPDATE leases SET lim = ?, peak = ?, used = ?, state = ?, expires_at = ? WHERE lease_id = ?",
-            (u.limit, u.peak, u.used, lease.state, _ts(lease.expires_at), lease.lease_id),
+            "UPDATE leases SET lim = ?, peak = ?, used = ?, unreported = ?, state = ?, expires_at = ?"
+            " WHERE lease_id = ?",
+            (u.limit, u.peak, u.used, u.unreported, lease.state, ts(lease.expires_at), lease.lease_id),
         )
 
     async def lease(self, lease_id: str) -> LeaseRecord | None:
         row = await self._one("SELECT * FROM leases WHERE lease_id = ?", (lease_id,))
-        return _lease(row) if row else None
+        return lease_row(row) if row else None
 
     async def active_lease(self, instance_id: str) -> LeaseRecord | None:
         row = await self._one(
             "SELECT * FROM leases WHERE instance_id = ? AND state = 'active'", (instance_id,)
         )
-        return _lease(row) if row else None
+        return lease_row(row) if row else None
 
     async def active_leases(self, deployment: str) -> list[LeaseRecord]:
         rows = await self._all(
             "SELECT * FROM leases WHERE deployment = ? AND state = 'active' ORDER BY rowid", (deployment,)
         )
-        return [_lease(r) for r in rows]
+        return [lease_row(r) for r in rows]
 
     async def due_leases(self) -> list[LeaseRecord]:
         """Active leases whose expiry has passed."""
         rows = await self._all(
-            "SELECT * FROM leases WHERE state = 'active' AND expires_at < ? ORDER BY rowid", (_ts(self.now),)
+            "SELECT * FROM leases WHERE state = 'active' AND expires_at < ? ORDER BY rowid", (ts(self.now),)
         )
-        return [_lease(r) for r in rows]
+        return [lease_row(r) for r in rows]
+
+    async def latest_lease(self, instance_id: str) -> LeaseRecord | None:
+        """The instance's active lease, else the one it held last."""
+        row = await self._one(
+            "SELECT * FROM leases WHERE instance_id = ? ORDER BY state = 'active' DESC, rowid DESC LIMIT 1",
+            (instance_id,),
+        )
+        return lease_row(row) if row else None
+
+    async def active_leases_all(self) -> list[LeaseRecord]:
+        rows = await self._all("SELECT * FROM leases WHERE state = 'active' ORDER BY rowid")
+        return [lease_row(r) for r in rows]
+
+    # ---------------------------------------------------------------- receipts
+
+    async def add_receipt(self, r: ReceiptRecord) -> None:
+        await self._insert(
+            f"receipt {r.seq} of instance {r.instance_id}",
+            "INSERT INTO receipts VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (r.instance_id, r.seq, r.lease_id, r.used, r.body, r.signature, r.digest, ts(r.received_at)),
+        )
+
+    async def receipt(self, instance_id: str, seq: int) -> ReceiptRecord | None:
+        row = await self._one("SELECT * FROM receipts WHERE instance_id = ? AND seq = ?", (instance_id, seq))
+        return receipt_row(row) if row else None
 
     # ------------------------------------------------------------------- audit
 
     async def audit(self, actor: str, action: str, subject: str, detail: Mapping[str, AuditValue]) -> None:
         """Append one entry to the hash-chained audit log."""
         last = await self._one("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
-        seq, previous = (last["seq"] + 1, bytes(last["hash"])) if last else (1, _GENESIS)
+        seq, previous = (last["seq"] + 1, bytes(last["hash"])) if last else (1, GENESIS)
         entry = AuditEntry(seq, self.now.isoformat(), actor, action, subject, dict(detail), b"")
-        digest = hashlib.sha256(previous + entry.body()).digest()
+        digest = entry.chained_to(previous)
         await self._db.execute(
             "INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?)",
             (seq, entry.at, actor, action, subject, json.dumps(dict(detail), sort_keys=True), digest),
         )
 
-    async def audit_entries(self, *, last: int | None = None) -> list[AuditEntry]:
-        """The audit log in order, or only its ``last`` entries."""
+    async def audit_entries(self, *, last: int | None = None, since: int = 1) -> list[AuditEntry]:
+        """The audit log in order from entry ``since``, or only its ``last`` entries."""
         if last is None:
-            rows = await self._all("SELECT * FROM audit ORDER BY seq")
+            rows = await self._all("SELECT * FROM audit WHERE seq >= ? ORDER BY seq", (since,))
         else:
             rows = await self._all(
                 "SELECT * FROM (SELECT * FROM audit ORDER BY seq DESC LIMIT ?) ORDER BY seq", (last,)
             )
-        return [_audit(r) for r in rows]
+        return [audit_row(r) for r in rows]
 
     async def verify_audit(self) -> int:
         """Recompute the whole chain; raise ``LedgerError`` at the first broken link. Returns the length."""
-        previous = _GENESIS
         entries = await self.audit_entries()
-        for expected_seq, entry in enumerate(entries, start=1):
-            if entry.seq != expected_seq:
-                raise LedgerError(f"audit log is missing entry {expected_seq}")
-            if not hmac.compare_digest(hashlib.sha256(previous + entry.body()).digest(), entry.hash):
-                raise LedgerError(f"audit log entry {entry.seq} does not match its hash chain")
-            previous = entry.hash
+        verify_chain(entries)
         return len(entries)
 
-
-def _model(r: sqlite3.Row) -> ModelRecord:
-    return ModelRecord(
-        model_id=bytes(r["model_id"]),
-        name=r["name"],
-        sha384=bytes(r["sha384"]),
-        size=r["size"],
-        chunk_size=r["chunk_size"],
-        chunk_count=r["chunk_count"],
-        wrapped_key=bytes(r["wrapped_key"]),
-        created_at=_dt(r["created_at"]),
-    )
-
-
-def _deployment(r: sqlite3.Row) -> DeploymentRecord:
-    account = Account(
-        balance=r["balance"],
-        granted=r["granted"],
-        revoked=r["revoked"],
-        used=r["used"],
-        overdrawn=r["overdrawn"],
-    )
-    return DeploymentRecord(
-        name=r["name"],
-        model_id=bytes(r["model_id"]),
-        manifest=r["manifest"],
-        token_sha256=bytes(r["token_sha256"]),
-        offline_grace_seconds=r["offline_grace"],
-        lease_size=r["lease_size"],
-        suspended=bool(r["suspended"]),
-        account=account,
-        created_at=_dt(r["created_at"]),
-    )
-
-
-def _instance(r: sqlite3.Row) -> InstanceRecord:
-    return InstanceRecord(
-        instance_id=r["instance_id"],
-        deployment=r["deployment"],
-        platform=r["platform"],
-        public_key=bytes(r["public_key"]),
-        enrolled_at=_dt(r["enrolled_at"]),
-        last_seen=_dt(r["last_seen"]),
-        last_seq=r["last_seq"],
-    )
-
-
-def _lease(r: sqlite3.Row) -> LeaseRecord:
-    return LeaseRecord(
-        lease_id=r["lease_id"],
-        instance_id=r["instance_id"],
-        deployment=r["deployment"],
-        units=Allotment(limit=r["lim"], peak=r["peak"], used=r["used"]),
-        state=r["state"],
-        expires_at=_dt(r["expires_at"]),
-    )
-
-
-def _audit(r: sqlite3.Row) -> AuditEntry:
-    return AuditEntry(
-        seq=r["seq"],
-        at=r["at"],
-        actor=r["actor"],
-        action=r["action"],
-        subject=r["subject"],
-        detail=json.loads(r["detail"]),
-        hash=bytes(r["hash"]),
-    )
+    async def audit_hash(self, seq: int) -> bytes:
+        """The hash of entry ``seq`` (32 zero bytes for 0): where an export from ``seq + 1`` starts."""
+        if seq <= 0:
+            return GENESIS
+        row = await self._one("SELECT hash FROM audit WHERE seq = ?", (seq,))
+        if row is None:
+            raise LedgerError(f"the audit log has no entry {seq}")
+        return bytes(row["hash"])
 
 
 class Ledger:
@@ -452,6 +363,9 @@ class Ledger:
         cls, path: Path, *, now: Callable[[], datetime] = lambda: datetime.now(UTC), readonly: bool = False
     ) -> Ledger:
         """Open (creating and migrating unless ``readonly``) the ledger at ``path``."""
+        if readonly and not await asyncio.to_thread(path.is_file):
+            # Checked here: a failed aiosqlite connect can race the closing of the caller's event loop.
+            raise LedgerError(f"cannot open the ledger at {path}: no such file")
         uri = _uri(path, readonly=readonly)
         try:
             db = await aiosqlite.connect(uri, uri=True, isolation_level=None)

@@ -13,6 +13,8 @@ from typing import Protocol
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 ENROL_REFUSAL_REASONS = ("token", "nonce", "csr", "evidence", "binding", "policy", "format")
+# The same as custodian.metering.RECEIPT_REFUSAL_REASONS (metrics imports nothing of the domain).
+RECEIPT_REFUSAL_REASONS = ("format", "signature", "binding", "replay", "sequence", "chain", "usage")
 
 
 class _Usage(Protocol):
@@ -28,6 +30,8 @@ class _Usage(Protocol):
     def suspended(self) -> bool: ...
     @property
     def instances(self) -> int: ...
+    @property
+    def unreported(self) -> int: ...
 
 
 class CustodianMetrics:
@@ -62,6 +66,20 @@ class CustodianMetrics:
             "Units reported used after their lease was cut, beyond what the balance could cover",
             registry=r,
         )
+        self.units_unreported = Counter(
+            "custos_custodian_units_unreported_total",
+            "Units charged for leases that expired without a final receipt",
+            registry=r,
+        )
+        self.receipts = Counter("custos_custodian_receipts_total", "Usage receipts accepted", registry=r)
+        self.receipt_refusals = Counter(
+            "custos_custodian_receipt_refusals_total",
+            "Usage reports refused for their receipt, by reason",
+            ["reason"],
+            registry=r,
+        )
+        for reason in RECEIPT_REFUSAL_REASONS:
+            self.receipt_refusals.labels(reason)
         self.leases_opened = Counter("custos_custodian_leases_opened_total", "Leases opened", registry=r)
         self.leases_closed = Counter(
             "custos_custodian_leases_closed_total", "Leases closed, by how", ["how"], registry=r
@@ -89,6 +107,7 @@ class CustodianMetrics:
                 ("used", "Units reported used"),
                 ("suspended", "1 while the deployment is suspended"),
                 ("instances", "Enrolled enclave instances"),
+                ("unreported", "Units charged for expired leases beyond their receipts"),
             )
         }
 

@@ -66,7 +66,9 @@ class ModelStore:
     def _path(self, model_id: bytes) -> Path:
         return self._directory / f"{model_id.hex()}.sealed"
 
-    async def add(self, name: str, data: AsyncIterable[bytes], *, actor: str) -> ModelRecord:
+    async def add(
+        self, name: str, data: AsyncIterable[bytes], *, actor: str, origin: str = ""
+    ) -> ModelRecord:
         """Seal the streamed plaintext under a new data key and record the model."""
         check_name("model", name)
         async with self._ledger.transaction() as tx:
@@ -113,7 +115,12 @@ class ModelStore:
                 actor,
                 "model.add",
                 name,
-                {"model_id": model_id.hex(), "sha384": record.sha384.hex(), "size": record.size},
+                {
+                    "model_id": model_id.hex(),
+                    "sha384": record.sha384.hex(),
+                    "size": record.size,
+                    **({"origin": origin} if origin else {}),
+                },
             )
         logger.info("model %s added: %d bytes in %d chunks", name, record.size, record.chunk_count)
         return record

@@ -12,6 +12,13 @@ told; usage up to it is accepted even after a revoke or an expiry cut the limit
 (the enclave may have served those units before it heard of the cut). Such an
 overrun is taken from the balance as far as it goes; the rest is ``overdrawn``,
 so every inference the enclave served is counted.
+
+A lease that expires without its final receipt is charged in full: its unused
+units do not return, and ``unreported`` records how many of them no receipt
+covers (the declared worst case). A receipt that arrives later settles it: the
+proven usage replaces the charge and the difference returns to the balance.
+``used`` counts only what receipts prove; ``used + unreported`` is what the
+deployment has been charged.
 """
 
 from __future__ import annotations
@@ -35,6 +42,12 @@ class Account:
     revoked: int = 0
     used: int = 0
     overdrawn: int = 0
+    # Units charged for expired leases beyond what their receipts prove.
+    unreported: int = 0
+
+    @property
+    def charged(self) -> int:
+        return self.used + self.unreported
 
 
 @dataclass(frozen=True)
@@ -44,6 +57,8 @@ class Allotment:
     limit: int
     peak: int
     used: int
+    # Units charged at expiry without a receipt (limit - used then); 0 once settled.
+    unreported: int = 0
 
     @property
     def remaining(self) -> int:
@@ -96,6 +111,26 @@ def release(account: Account, allotment: Allotment) -> tuple[Account, Allotment]
         replace(account, balance=account.balance + allotment.remaining),
         replace(allotment, limit=allotment.used),
     )
+
+
+def expire(account: Account, allotment: Allotment) -> tuple[Account, Allotment]:
+    """The lease expired without its final receipt: its unused units are charged, none return."""
+    unreported = allotment.remaining
+    return (
+        replace(account, unreported=account.unreported + unreported),
+        replace(allotment, unreported=unreported),
+    )
+
+
+def settle(account: Account, allotment: Allotment, used: int) -> tuple[Account, Allotment]:
+    """A receipt for a lease that is no longer active: record ``used``, then release what it did not use.
+
+    For an expired lease this replaces the charge of its unreported remainder by
+    the proven usage; for a closed one anything past its limit is an overrun.
+    """
+    account, allotment = record_use(account, allotment, used)
+    account = replace(account, unreported=account.unreported - allotment.unreported)
+    return release(account, replace(allotment, unreported=0))
 
 
 def revoke(

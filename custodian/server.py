@@ -5,6 +5,7 @@ Data directory (0700), created on first start:
     custodian.lock          held while a custodian serves this directory
     custodian-ca.key/.pem   TLS CA: the custodian's server certificates; enclaves pin it
     enclave-ca.key/.pem     enclave CA: client certificates of enrolled instances
+    admin-ca.key/.pem       admin CA: client certificates for the admin TCP listener
     kek                     key-encryption key of the models' data keys
     ledger.sqlite3          the ledger (WAL)
     models/                 sealed models
@@ -34,6 +35,7 @@ from prometheus_client import start_http_server
 
 from custodian._status import StatusInterceptor
 from custodian.admin import Admin
+from custodian.admin_access import AdminAccess
 from custodian.authority import CUSTODIAN_TLS_NAME, CertificateAuthority
 from custodian.config import Address, CustodianConfig
 from custodian.control import ControlBus
@@ -45,6 +47,7 @@ from custodian.leases import Leases
 from custodian.ledger import Ledger
 from custodian.metrics import CustodianMetrics
 from custodian.model_store import ModelStore
+from custodian.roster import Roster
 from protos import custos_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
@@ -64,6 +67,7 @@ class Endpoints:
     metrics: Address | None
     admin_socket: Path
     custodian_ca_sha256: str
+    admin: Address | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -72,6 +76,7 @@ class Endpoints:
             "metrics": str(self.metrics) if self.metrics else None,
             "admin_socket": str(self.admin_socket),
             "custodian_ca_sha256": self.custodian_ca_sha256,
+            "admin": str(self.admin) if self.admin else None,
         }
 
 
@@ -127,6 +132,9 @@ class CustodianServer:
         self.metrics.watch_streams.set_function(lambda: bus.streams)
         enrolment = Enrolment(ledger, enclave_ca, config, self.metrics, collateral=collateral)
         leases = Leases(ledger, self.metrics)
+        resumed = await leases.resume()
+        if resumed:
+            logger.info("%d active lease(s) get a fresh grace from now", resumed)
         deployments = Deployments(ledger, config, bus, self.metrics, custodian_ca_sha256=tls_ca.sha256)
 
         gateway = self._server(config.max_message_bytes)
@@ -152,6 +160,14 @@ class CustodianServer:
         )
 
         admin = self._server(_ADMIN_MAX_MESSAGE)
+        admin_ca = CertificateAuthority.load_or_create(data, "admin-ca", "Custos admin CA", now=now())
+        admin_port = None
+        if config.admin_listen is not None:
+            admin_port = _bind(
+                admin,
+                str(config.admin_listen),
+                grpc.ssl_server_credentials(pair, root_certificates=admin_ca.pem, require_client_auth=True),
+            )
         socket = config.admin_socket
         if len(os.fsencode(socket.resolve())) > _MAX_SOCKET_PATH:
             raise ConfigError(
@@ -162,7 +178,15 @@ class CustodianServer:
         self._socket = socket
         socket.chmod(0o600)
         pb_grpc.add_AdminServicer_to_server(
-            Admin(store=store, deployments=deployments, custodian_ca_pem=tls_ca.pem), admin
+            Admin(
+                store=store,
+                deployments=deployments,
+                roster=Roster(ledger, bus),
+                access=AdminAccess(ledger, admin_ca, tls_ca.pem),
+                custodian_ca_pem=tls_ca.pem,
+                socket=str(socket),
+            ),
+            admin,
         )
 
         metrics = None
@@ -185,12 +209,17 @@ class CustodianServer:
             metrics=metrics,
             admin_socket=socket,
             custodian_ca_sha256=tls_ca.sha256,
+            admin=replace(config.admin_listen, port=admin_port)
+            if config.admin_listen and admin_port
+            else None,
         )
         self._endpoints_file = data / "endpoints.json"
         _write_atomically(self._endpoints_file, json.dumps(self.endpoints.to_json(), indent=2) + "\n")
         logger.info("enrolment listening on %s (TLS)", self.endpoints.enrolment)
         logger.info("gateway listening on %s (mutual TLS)", self.endpoints.gateway)
         logger.info("admin API on unix:%s", socket)
+        if self.endpoints.admin is not None:
+            logger.info("admin API on %s (mutual TLS, admin certificates)", self.endpoints.admin)
         if metrics is not None:
             logger.info("metrics on http://%s/metrics", metrics)
 

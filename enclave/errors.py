@@ -51,3 +51,19 @@ class PolicyError(AttestationError):
 
 class ManifestError(EnclaveError):
     """A manifest (reference values file) is malformed or empty."""
+
+
+class ReceiptError(EnclaveError):
+    """A usage receipt was refused; ``reason`` names the check that failed.
+
+    Reasons: ``format`` (does not parse or is not canonical), ``signature``
+    (not signed by the instance's key), ``binding`` (names another deployment,
+    instance, lease or model, or disagrees with the report it came with),
+    ``replay`` (a sequence number already used), ``sequence`` (a gap: a receipt
+    is missing or out of order) and ``chain`` (does not hash-link to the
+    previous receipt).
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        super().__init__(message)

@@ -3,7 +3,7 @@
 isort:skip_file
 Custos wire contract. Three services:
   EnclaveGateway  custodian <- enclave, TLS (enrolment), then mutual TLS
-  Admin           custodian <- console, unix socket in the data dir
+  Admin           custodian <- console, unix socket in the data dir (or TCP with mutual TLS)
   Inference       enclave   <- end user, attested TLS
 """
 
@@ -110,6 +110,7 @@ class Enrolment(_message.Message):
     OFFLINE_GRACE_SECONDS_FIELD_NUMBER: _builtins.int
     LEASE_SIZE_FIELD_NUMBER: _builtins.int
     MTLS_PORT_FIELD_NUMBER: _builtins.int
+    ZEROIZE_AFTER_SECONDS_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     certificate: _builtins.bytes
     """Client certificate (PEM) issued by the enclave CA for the attested key."""
@@ -121,6 +122,10 @@ class Enrolment(_message.Message):
     """Port of the mutual-TLS gateway on the custodian's host (grpc Python servers
     cannot make client certificates optional, so enrolment and mTLS listen apart).
     """
+    zeroize_after_seconds: _builtins.int
+    """Seconds without a renewed lease (or suspended) after which the enclave drops the
+    model and its keys and must enrol again (see docs/protocol.md, Zeroization).
+    """
     def __init__(
         self,
         *,
@@ -130,10 +135,11 @@ class Enrolment(_message.Message):
         offline_grace_seconds: _builtins.int = ...,
         lease_size: _builtins.int = ...,
         mtls_port: _builtins.int = ...,
+        zeroize_after_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate", "enclave_ca", b"enclave_ca", "instance_id", b"instance_id", "lease_size", b"lease_size", "mtls_port", b"mtls_port", "offline_grace_seconds", b"offline_grace_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate", "enclave_ca", b"enclave_ca", "instance_id", b"instance_id", "lease_size", b"lease_size", "mtls_port", b"mtls_port", "offline_grace_seconds", b"offline_grace_seconds", "zeroize_after_seconds", b"zeroize_after_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -286,27 +292,47 @@ class LeaseRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     LEASE_ID_FIELD_NUMBER: _builtins.int
-    USED_FIELD_NUMBER: _builtins.int
-    SEQ_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
-    """Current lease, empty for the first one."""
-    used: _builtins.int
-    """Cumulative units used under that lease."""
-    seq: _builtins.int
+    """Current lease, empty for the first one (informational: usage travels in UsageReport)."""
     def __init__(
         self,
         *,
         lease_id: _builtins.str = ...,
-        used: _builtins.int = ...,
-        seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id", "seq", b"seq", "used", b"used"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LeaseRequest: _TypeAlias = LeaseRequest  # noqa: Y015
+
+@_typing.final
+class Receipt(_message.Message):
+    """A usage receipt signed by the instance's attested identity key. The body is
+    canonical JSON; the encoding and the checks are in docs/protocol.md (Usage receipts).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BODY_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    body: _builtins.bytes
+    signature: _builtins.bytes
+    """ECDSA P-256 with SHA-256 over the body, DER."""
+    def __init__(
+        self,
+        *,
+        body: _builtins.bytes = ...,
+        signature: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "signature", b"signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Receipt: _TypeAlias = Receipt  # noqa: Y015
 
 @_typing.final
 class UsageReport(_message.Message):
@@ -317,15 +343,20 @@ class UsageReport(_message.Message):
     USED_FIELD_NUMBER: _builtins.int
     WANT_MORE_FIELD_NUMBER: _builtins.int
     FINAL_FIELD_NUMBER: _builtins.int
+    RECEIPT_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     seq: _builtins.int
-    """Monotonic per instance; a report with a sequence already seen is a no-op."""
+    """1, 2, 3, ... per instance: the receipt's sequence number."""
     used: _builtins.int
     """Cumulative units used under the lease."""
     want_more: _builtins.bool
     """Ask for the lease to be topped up to the deployment's lease size."""
     final: _builtins.bool
     """Final report before the instance shuts down: its lease is closed."""
+    @_builtins.property
+    def receipt(self) -> Global___Receipt:
+        """Signed statement of lease_id, seq and used; required, and must agree with them."""
+
     def __init__(
         self,
         *,
@@ -334,10 +365,11 @@ class UsageReport(_message.Message):
         used: _builtins.int = ...,
         want_more: _builtins.bool = ...,
         final: _builtins.bool = ...,
+        receipt: Global___Receipt | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["receipt", b"receipt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["final", b"final", "lease_id", b"lease_id", "seq", b"seq", "used", b"used", "want_more", b"want_more"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["final", b"final", "lease_id", b"lease_id", "receipt", b"receipt", "seq", b"seq", "used", b"used", "want_more", b"want_more"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -514,12 +546,15 @@ class CreateDeploymentRequest(_message.Message):
     MANIFEST_FIELD_NUMBER: _builtins.int
     OFFLINE_GRACE_SECONDS_FIELD_NUMBER: _builtins.int
     LEASE_SIZE_FIELD_NUMBER: _builtins.int
+    ZEROIZE_AFTER_SECONDS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     model: _builtins.str
     manifest: _builtins.str
     """TOML manifest text (reference values)."""
     offline_grace_seconds: _builtins.int
     lease_size: _builtins.int
+    zeroize_after_seconds: _builtins.int
+    """0: the default (four times the offline grace)."""
     def __init__(
         self,
         *,
@@ -528,10 +563,11 @@ class CreateDeploymentRequest(_message.Message):
         manifest: _builtins.str = ...,
         offline_grace_seconds: _builtins.int = ...,
         lease_size: _builtins.int = ...,
+        zeroize_after_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_size", b"lease_size", "manifest", b"manifest", "model", b"model", "name", b"name", "offline_grace_seconds", b"offline_grace_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_size", b"lease_size", "manifest", b"manifest", "model", b"model", "name", b"name", "offline_grace_seconds", b"offline_grace_seconds", "zeroize_after_seconds", b"zeroize_after_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -696,6 +732,8 @@ class DeploymentUsage(_message.Message):
     OFFLINE_GRACE_SECONDS_FIELD_NUMBER: _builtins.int
     LEASE_SIZE_FIELD_NUMBER: _builtins.int
     INSTANCES_FIELD_NUMBER: _builtins.int
+    UNREPORTED_FIELD_NUMBER: _builtins.int
+    ZEROIZE_AFTER_SECONDS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     model: _builtins.str
     suspended: _builtins.bool
@@ -706,6 +744,9 @@ class DeploymentUsage(_message.Message):
     offline_grace_seconds: _builtins.int
     lease_size: _builtins.int
     instances: _builtins.int
+    unreported: _builtins.int
+    """Units charged for leases that expired without a final receipt (their unreported remainder)."""
+    zeroize_after_seconds: _builtins.int
     def __init__(
         self,
         *,
@@ -719,10 +760,12 @@ class DeploymentUsage(_message.Message):
         offline_grace_seconds: _builtins.int = ...,
         lease_size: _builtins.int = ...,
         instances: _builtins.int = ...,
+        unreported: _builtins.int = ...,
+        zeroize_after_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "granted_total", b"granted_total", "instances", b"instances", "lease_size", b"lease_size", "leased", b"leased", "model", b"model", "name", b"name", "offline_grace_seconds", b"offline_grace_seconds", "suspended", b"suspended", "used", b"used"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "granted_total", b"granted_total", "instances", b"instances", "lease_size", b"lease_size", "leased", b"leased", "model", b"model", "name", b"name", "offline_grace_seconds", b"offline_grace_seconds", "suspended", b"suspended", "unreported", b"unreported", "used", b"used", "zeroize_after_seconds", b"zeroize_after_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -806,6 +849,12 @@ class EnclaveInfo(_message.Message):
     LEASE_LIMIT_FIELD_NUMBER: _builtins.int
     LEASE_USED_FIELD_NUMBER: _builtins.int
     LEASE_EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    OFFLINE_SINCE_FIELD_NUMBER: _builtins.int
+    LEASE_STATE_FIELD_NUMBER: _builtins.int
+    LAST_RECEIPT_SEQ_FIELD_NUMBER: _builtins.int
+    LAST_RECEIPT_USED_FIELD_NUMBER: _builtins.int
+    LAST_RECEIPT_AT_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     deployment: _builtins.str
     platform: _builtins.str
@@ -817,6 +866,15 @@ class EnclaveInfo(_message.Message):
     lease_limit: _builtins.int
     lease_used: _builtins.int
     lease_expires_at: _builtins.str
+    state: _builtins.str
+    """connected, offline (no control stream), or stopped (its last lease closed with a final report)."""
+    offline_since: _builtins.str
+    """When it was last heard from, while not connected."""
+    lease_state: _builtins.str
+    """The instance's latest lease when it holds no active one: active, closed or expired."""
+    last_receipt_seq: _builtins.int
+    last_receipt_used: _builtins.int
+    last_receipt_at: _builtins.str
     def __init__(
         self,
         *,
@@ -831,10 +889,16 @@ class EnclaveInfo(_message.Message):
         lease_limit: _builtins.int = ...,
         lease_used: _builtins.int = ...,
         lease_expires_at: _builtins.str = ...,
+        state: _builtins.str = ...,
+        offline_since: _builtins.str = ...,
+        lease_state: _builtins.str = ...,
+        last_receipt_seq: _builtins.int = ...,
+        last_receipt_used: _builtins.int = ...,
+        last_receipt_at: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "deployment", b"deployment", "enrolled_at", b"enrolled_at", "instance_id", b"instance_id", "key_sha256", b"key_sha256", "last_seen", b"last_seen", "lease_expires_at", b"lease_expires_at", "lease_id", b"lease_id", "lease_limit", b"lease_limit", "lease_used", b"lease_used", "platform", b"platform"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "deployment", b"deployment", "enrolled_at", b"enrolled_at", "instance_id", b"instance_id", "key_sha256", b"key_sha256", "last_receipt_at", b"last_receipt_at", "last_receipt_seq", b"last_receipt_seq", "last_receipt_used", b"last_receipt_used", "last_seen", b"last_seen", "lease_expires_at", b"lease_expires_at", "lease_id", b"lease_id", "lease_limit", b"lease_limit", "lease_state", b"lease_state", "lease_used", b"lease_used", "offline_since", b"offline_since", "platform", b"platform", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -912,6 +976,61 @@ class CaResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CaResponse: _TypeAlias = CaResponse  # noqa: Y015
+
+@_typing.final
+class AdminCertificateRequest(_message.Message):
+    """A client certificate for the admin TCP listener (mutual TLS). Issued only over the unix socket."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    CSR_FIELD_NUMBER: _builtins.int
+    VALIDITY_DAYS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Who holds it: the certificate's CN, recorded as the origin of every action taken with it."""
+    csr: _builtins.bytes
+    """PKCS#10 request, DER, for a P-256 key the console generated and keeps."""
+    validity_days: _builtins.int
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        csr: _builtins.bytes = ...,
+        validity_days: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["csr", b"csr", "name", b"name", "validity_days", b"validity_days"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdminCertificateRequest: _TypeAlias = AdminCertificateRequest  # noqa: Y015
+
+@_typing.final
+class AdminCertificate(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CERTIFICATE_FIELD_NUMBER: _builtins.int
+    ADMIN_CA_FIELD_NUMBER: _builtins.int
+    CUSTODIAN_CA_FIELD_NUMBER: _builtins.int
+    certificate: _builtins.bytes
+    admin_ca: _builtins.bytes
+    """The CA that issued it (PEM) and the custodian TLS CA (PEM) that the admin listener's certificate chains to."""
+    custodian_ca: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        certificate: _builtins.bytes = ...,
+        admin_ca: _builtins.bytes = ...,
+        custodian_ca: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["admin_ca", b"admin_ca", "certificate", b"certificate", "custodian_ca", b"custodian_ca"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdminCertificate: _TypeAlias = AdminCertificate  # noqa: Y015
 
 @_typing.final
 class Tensor(_message.Message):

@@ -382,6 +382,11 @@ class AdminStub:
                 request_serializer=protos_dot_custos__pb2.CaRequest.SerializeToString,
                 response_deserializer=protos_dot_custos__pb2.CaResponse.FromString,
                 _registered_method=True)
+        self.IssueAdminCertificate = channel.unary_unary(
+                '/custos.v1.Admin/IssueAdminCertificate',
+                request_serializer=protos_dot_custos__pb2.AdminCertificateRequest.SerializeToString,
+                response_deserializer=protos_dot_custos__pb2.AdminCertificate.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -459,6 +464,12 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def IssueAdminCertificate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -521,6 +532,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.CustodianCa,
                     request_deserializer=protos_dot_custos__pb2.CaRequest.FromString,
                     response_serializer=protos_dot_custos__pb2.CaResponse.SerializeToString,
+            ),
+            'IssueAdminCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.IssueAdminCertificate,
+                    request_deserializer=protos_dot_custos__pb2.AdminCertificateRequest.FromString,
+                    response_serializer=protos_dot_custos__pb2.AdminCertificate.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -847,6 +863,33 @@ class Admin:
             '/custos.v1.Admin/CustodianCa',
             protos_dot_custos__pb2.CaRequest.SerializeToString,
             protos_dot_custos__pb2.CaResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IssueAdminCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/custos.v1.Admin/IssueAdminCertificate',
+            protos_dot_custos__pb2.AdminCertificateRequest.SerializeToString,
+            protos_dot_custos__pb2.AdminCertificate.FromString,
             options,
             channel_credentials,
             insecure,

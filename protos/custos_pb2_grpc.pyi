@@ -3,7 +3,7 @@
 isort:skip_file
 Custos wire contract. Three services:
   EnclaveGateway  custodian <- enclave, TLS (enrolment), then mutual TLS
-  Admin           custodian <- console, unix socket in the data dir
+  Admin           custodian <- console, unix socket in the data dir (or TCP with mutual TLS)
   Inference       enclave   <- end user, attested TLS
 """
 
@@ -117,6 +117,7 @@ class AdminStub:
     Usage: _grpc.UnaryUnaryMultiCallable[_custos_pb2.UsageRequest, _custos_pb2.UsageResponse]
     Enclaves: _grpc.UnaryUnaryMultiCallable[_custos_pb2.EnclavesRequest, _custos_pb2.EnclavesResponse]
     CustodianCa: _grpc.UnaryUnaryMultiCallable[_custos_pb2.CaRequest, _custos_pb2.CaResponse]
+    IssueAdminCertificate: _grpc.UnaryUnaryMultiCallable[_custos_pb2.AdminCertificateRequest, _custos_pb2.AdminCertificate]
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -133,6 +134,7 @@ class AdminAsyncStub(AdminStub):
     Usage: _aio.UnaryUnaryMultiCallable[_custos_pb2.UsageRequest, _custos_pb2.UsageResponse]  # type: ignore[assignment]
     Enclaves: _aio.UnaryUnaryMultiCallable[_custos_pb2.EnclavesRequest, _custos_pb2.EnclavesResponse]  # type: ignore[assignment]
     CustodianCa: _aio.UnaryUnaryMultiCallable[_custos_pb2.CaRequest, _custos_pb2.CaResponse]  # type: ignore[assignment]
+    IssueAdminCertificate: _aio.UnaryUnaryMultiCallable[_custos_pb2.AdminCertificateRequest, _custos_pb2.AdminCertificate]  # type: ignore[assignment]
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -218,6 +220,13 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _custos_pb2.CaRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_custos_pb2.CaResponse, _abc.Awaitable[_custos_pb2.CaResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def IssueAdminCertificate(
+        self,
+        request: _custos_pb2.AdminCertificateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_custos_pb2.AdminCertificate, _abc.Awaitable[_custos_pb2.AdminCertificate]]: ...
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

@@ -8,7 +8,8 @@ Shape, from the bottom up: ``config`` (one frozen dataclass of bounds),
 (image and tensor input), ``runtime`` (onnxruntime, the only importer),
 ``lease`` (local quota); ``enrolment`` (TLS enrolment, client certificate),
 ``model_push`` (model stream opened in memory) and ``link`` (the mutual-TLS
-session: lease, usage reports, control stream); ``inference`` (the gRPC
-servicer) with ``status`` (errors to gRPC codes, in one place) and ``metrics``;
-``daemon`` ties them together and ``cli`` parses flags.
+session: lease, usage reports signed as receipts, control stream);
+``inference`` (the gRPC servicer) with ``status`` (errors to gRPC codes, in one
+place) and ``metrics``; ``daemon`` ties them together (and zeroizes and enrols
+again when the lease cannot be renewed) and ``cli`` parses flags.
 """

@@ -25,6 +25,7 @@ from enclave._daemon.config import DaemonConfig, parse_address
 from enclave._daemon.errors import (
     CustodianUnreachableError,
     DaemonError,
+    DeploymentSuspendedError,
     EnrolmentRefusedError,
     ProtocolError,
 )
@@ -35,6 +36,8 @@ from protos import custos_pb2, custos_pb2_grpc
 logger = logging.getLogger(__name__)
 
 CUSTODIAN_TLS_NAME = "custodian.custos"
+# Without a zeroize-after from the custodian: this many offline graces.
+ZEROIZE_GRACES = 4
 _NONCE_SIZES = range(16, 65)
 _MAX_INSTANCE_ID = 128
 _INSTANCE_ID_CHARS = frozenset(string.ascii_letters + string.digits + "-_.")
@@ -59,6 +62,8 @@ class Enrolment:
     offline_grace: int
     lease_size: int
     gateway: str  # HOST:PORT of the mutual-TLS gateway
+    # Seconds without a renewed lease (or suspended past the grace) before zeroizing.
+    zeroize_after: int = 0
 
 
 def channel_options(config: DaemonConfig) -> list[tuple[str, str | int]]:
@@ -130,6 +135,8 @@ async def _challenge(
 
 def _enrol_error(exc: grpc.aio.AioRpcError, config: DaemonConfig) -> DaemonError:
     details = exc.details() or exc.code().name
+    if exc.code() is grpc.StatusCode.FAILED_PRECONDITION:
+        return DeploymentSuspendedError(f"custodian refused enrolment for now: {details}")
     if exc.code() in _REFUSALS:
         return EnrolmentRefusedError(f"custodian refused enrolment ({exc.code().name}): {details}")
     return CustodianUnreachableError(f"cannot reach the custodian at {config.custodian}: {details}")
@@ -156,6 +163,7 @@ def _check_enrolment(
         offline_grace=reply.offline_grace_seconds,
         lease_size=reply.lease_size,
         gateway=f"{host}:{reply.mtls_port}",
+        zeroize_after=reply.zeroize_after_seconds or ZEROIZE_GRACES * reply.offline_grace_seconds,
     )
 
 

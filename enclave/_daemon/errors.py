@@ -66,6 +66,10 @@ class EnrolmentRefusedError(DaemonError):
     """The custodian refused to enrol this enclave; the message carries its reason."""
 
 
+class DeploymentSuspendedError(EnrolmentRefusedError):
+    """The deployment is suspended: the custodian enrols no instance until it resumes."""
+
+
 class LeaseUnavailableError(DaemonError):
     """The custodian did not grant a lease when the daemon started."""
 

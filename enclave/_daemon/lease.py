@@ -8,6 +8,12 @@ so no number of concurrent calls serves more than the lease allows.
 
 The lease dies without contact: every message from the custodian moves the
 offline deadline to ``now + valid_for``; past it, calls are refused.
+
+When the custodian replaces the lease (the old one closed or expired), the old
+lease's final count is kept in ``retired`` until the usage reporter has sent
+it: no unit served is ever dropped from the reports. ``silent_for`` and
+``suspended_for`` tell the daemon when to zeroize; ``close`` refuses every
+call from then on.
 """
 
 from __future__ import annotations
@@ -55,6 +61,13 @@ class Lease:
         # Set when a caller found the lease exhausted; the usage reporter asks for a top-up.
         self.topup_wanted = asyncio.Event()
         self._changed = asyncio.Event()
+        # Leases the custodian replaced, with their final committed count, oldest first.
+        self.retired: list[tuple[str, int]] = []
+        self._last_contact = clock()
+        self._suspended_since: float | None = None
+        # How many top-up requests the custodian has answered.
+        self._topup_answers = 0
+        self.closed = False
 
     # ---------------------------------------------------------------- state
 
@@ -66,6 +79,16 @@ class Lease:
     def offline(self) -> bool:
         return self._clock() >= self._deadline
 
+    @property
+    def silent_for(self) -> float:
+        """Seconds since the custodian last spoke (or since the lease was created)."""
+        return self._clock() - self._last_contact
+
+    @property
+    def suspended_for(self) -> float:
+        """Seconds the deployment has been suspended without a break (0 while it is not)."""
+        return 0.0 if self._suspended_since is None else self._clock() - self._suspended_since
+
     # ------------------------------------------------------- from custodian
 
     def apply(self, terms: LeaseTerms) -> None:
@@ -76,8 +99,9 @@ class Lease:
                     "custodian replaced lease %s (%d units committed) by %s",
                     self.lease_id,
                     self.committed,
-                    terms.lease_id,
+                    terms.lease_id or "none",
                 )
+                self.retired.append((self.lease_id, self.committed))
             self.lease_id = terms.lease_id
             self.committed = 0
         if terms.limit < self.limit:
@@ -94,26 +118,46 @@ class Lease:
     def refresh(self, valid_for: float) -> None:
         """Contact from the custodian: the lease stays valid ``valid_for`` seconds from now."""
         self.valid_for = valid_for
-        self._deadline = self._clock() + valid_for
+        self._last_contact = self._clock()
+        self._deadline = self._last_contact + valid_for
+        self._notify()
+
+    def topup_answered(self) -> None:
+        """The custodian answered a top-up request (``apply`` has the new terms already)."""
+        self._topup_answers += 1
+        self._notify()
+
+    def close(self) -> None:
+        """Refuse every call from now on (the daemon is zeroizing)."""
+        self.closed = True
         self._notify()
 
     def _set_suspended(self, suspended: bool) -> None:
         if suspended != self.suspended:
             logger.warning("deployment %s", "suspended" if suspended else "resumed")
+            self._suspended_since = self._clock() if suspended else None
         self.suspended = suspended
 
     # ------------------------------------------------------------ per call
 
     async def reserve(self) -> None:
-        """Take one unit, asking for a top-up and waiting up to ``topup_wait`` when none is left."""
+        """Take one unit, asking for a top-up and waiting up to ``topup_wait`` when none is left.
+
+        Refused at once when the custodian answers a top-up request with nothing
+        left in the deployment's balance.
+        """
         deadline: float | None = None
+        answers = 0
         while True:
             self._check_open()
             if self.committed + self.reserved < self.limit:
                 self.reserved += 1
                 return
-            if deadline is None:
-                deadline = self._clock() + self._topup_wait
+            if deadline is None or self._topup_answers > answers:
+                if deadline is not None and self.deployment_balance == 0:
+                    raise QuotaExhaustedError()
+                deadline = deadline or self._clock() + self._topup_wait
+                answers = self._topup_answers
                 self.topup_wanted.set()
             remaining = deadline - self._clock()
             if remaining <= 0:
@@ -146,6 +190,8 @@ class Lease:
         self._notify()
 
     def _check_open(self) -> None:
+        if self.closed:
+            raise CustodianOfflineError()
         if self.suspended:
             raise SuspendedError()
         if self.offline:

@@ -4,13 +4,17 @@ After enrolment it fetches the model, acquires the lease, reports usage and
 keeps the control stream open:
 
 - usage reports every ``report_interval`` when ``used`` changed, and at once
-  when a caller found the lease exhausted (``want_more``). ``seq`` is monotonic
-  per instance; a report that failed is retried with the same ``seq`` and
-  ``used``, so the custodian counts it once.
+  when a caller found the lease exhausted (``want_more``). Each report carries
+  a receipt signed with the identity key (``enclave.receipts``): ``seq`` 1, 2,
+  3, ... per instance, hash-chained to the previous one. Reports go one at a
+  time and in order; one that failed is retried unchanged (same receipt), so
+  the custodian counts it once, and the next receipt is built only once the
+  previous one was answered. Leases the custodian replaced get their final
+  count reported before the current one.
 - the control stream (``Watch``) applies heartbeats and lease changes to the
   local lease. When it fails or goes silent, the link reconnects with
-  exponential backoff and jitter, acquires the lease again (reporting what was
-  served meanwhile) and reopens the stream. Losing the custodian never stops
+  exponential backoff and jitter, reports what was served meanwhile, acquires
+  the lease again and reopens the stream. Losing the custodian never stops
   the daemon; the lease's offline deadline decides what is served.
 """
 
@@ -28,6 +32,7 @@ from enclave._daemon.lease import Lease, LeaseTerms
 from enclave._daemon.measured import MeasuredIdentity
 from enclave._daemon.metrics import DaemonMetrics
 from enclave._daemon.model_push import PushedModel, receive_model
+from enclave.receipts import GENESIS, Receipt, sign_receipt
 from protos import custos_pb2, custos_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -100,29 +105,36 @@ class CustodianLink:
             options=channel_options(config),
         )
         self._stub = custos_pb2_grpc.EnclaveGatewayStub(self._channel)
-        self._seq = 0
-        self._pending: custos_pb2.UsageReport | None = None
-        self._acked_lease = ""
-        self._acked_used = 0
+        self.model_sha384 = b""
+        # One report at a time, in receipt order.
+        self._reporting = asyncio.Lock()
+        self._pending: tuple[custos_pb2.UsageReport, Receipt] | None = None
+        # The receipt chain as the custodian has it: last accepted sequence and its digest.
+        self.receipt_seq = 0
+        self._receipt_head = GENESIS
+        # Units the custodian has been told of (or refused), per lease.
+        self._acked: dict[str, int] = {}
+        # Whether the last report was refused (as opposed to not reaching the custodian).
+        self._refused = False
         self.connected = False
         self._closed = False
 
     # --------------------------------------------------------------- calls
 
     async def fetch_model(self) -> PushedModel:
-        return await receive_model(
+        pushed = await receive_model(
             self._stub,
             self._identity,
             self.enrolment.instance_id,
             max_model_bytes=self._config.max_model_bytes,
             read_timeout=self._config.call_timeout,
         )
+        self.model_sha384 = pushed.sha384
+        return pushed
 
     async def acquire_lease(self) -> None:
-        """Open or refresh the lease, telling the custodian what was used under it."""
-        request = custos_pb2.LeaseRequest(
-            lease_id=self.lease.lease_id, used=self.lease.committed, seq=self._next_seq()
-        )
+        """Open or refresh the lease (usage travels in reports, never here)."""
+        request = custos_pb2.LeaseRequest(lease_id=self.lease.lease_id)
         reply = await self._stub.AcquireLease(request, timeout=self._config.call_timeout)
         self.lease.apply(lease_terms(reply))
         self._set_connected(True)
@@ -135,20 +147,67 @@ class CustodianLink:
         )
 
     async def report(self, *, final: bool = False) -> bool:
-        """Send one usage report if one is due; False when it failed or brought no top-up."""
-        if final and self._pending is not None and not self._pending.final:
-            self._pending = None  # superseded: the final report carries the cumulative use
-        if self._pending is None:
-            want_more = self.lease.topup_wanted.is_set() and not final
-            self.lease.topup_wanted.clear()
-            lease_id, used = self.lease.lease_id, self.lease.committed
-            acked = self._acked_used if lease_id == self._acked_lease else 0
-            if not lease_id or (used == acked and not want_more and not final):
-                return True
-            self._pending = custos_pb2.UsageReport(
-                lease_id=lease_id, seq=self._next_seq(), used=used, want_more=want_more, final=final
-            )
-        report = self._pending
+        """Send every report that is due, in order; False when one failed or brought no wanted top-up.
+
+        With ``final``, the last one closes the lease, and True means it was acknowledged.
+        """
+        async with self._reporting:
+            while True:
+                if self._pending is None:
+                    self._pending = self._next_report(final)
+                    if self._pending is None:
+                        return True
+                report, receipt = self._pending
+                limit_before = self.lease.limit
+                if not await self._send(report, receipt):
+                    return False
+                if final and not report.final and self.lease.lease_id:
+                    continue  # what was pending or retired went first; the final report follows
+                if report.lease_id != self.lease.lease_id and self.lease.retired:
+                    continue
+                return report.final or not (report.want_more and self.lease.limit <= limit_before)
+
+    def _next_report(self, final: bool) -> tuple[custos_pb2.UsageReport, Receipt] | None:
+        """The next report due: a replaced lease's final count first, then the current lease."""
+        while self.lease.retired:
+            lease_id, used = self.lease.retired[0]
+            if used > self._acked.get(lease_id, 0):
+                return self._build(lease_id, used, want_more=False, final=False)
+            self.lease.retired.pop(0)
+            self._acked.pop(lease_id, None)
+        lease_id, used = self.lease.lease_id, self.lease.committed
+        want_more = self.lease.topup_wanted.is_set() and not final
+        if not lease_id or (used == self._acked.get(lease_id, 0) and not want_more and not final):
+            return None
+        self.lease.topup_wanted.clear()
+        return self._build(lease_id, used, want_more=want_more, final=final)
+
+    def _build(
+        self, lease_id: str, used: int, *, want_more: bool, final: bool
+    ) -> tuple[custos_pb2.UsageReport, Receipt]:
+        receipt = Receipt(
+            deployment=self._config.deployment,
+            instance=self.enrolment.instance_id,
+            lease=lease_id,
+            model_sha384=self.model_sha384,
+            used=used,
+            seq=self.receipt_seq + 1,
+            prev=self._receipt_head,
+        )
+        signed = sign_receipt(receipt, self._identity.key)
+        report = custos_pb2.UsageReport(
+            lease_id=lease_id,
+            seq=receipt.seq,
+            used=used,
+            want_more=want_more,
+            final=final,
+            receipt=custos_pb2.Receipt(body=signed.body, signature=signed.signature),
+        )
+        return report, receipt
+
+    async def _send(self, report: custos_pb2.UsageReport, receipt: Receipt) -> bool:
+        """One report; True when the custodian took it. A refusal is final: the report is dropped."""
+        self._refused = False
         try:
             reply = await self._stub.ReportUsage(report, timeout=self._config.call_timeout)
         except grpc.aio.AioRpcError as exc:
@@ -163,15 +222,19 @@ class CustodianLink:
                 exc.details(),
             )
             self._settle(report)
+            self._refused = True
             return False
         self._settle(report)
-        limit_before = self.lease.limit
+        self.receipt_seq, self._receipt_head = receipt.seq, receipt.digest()
         self.lease.apply(lease_terms(reply))
-        return not (report.want_more and self.lease.limit <= limit_before)
+        if report.want_more:
+            self.lease.topup_answered()
+        self._set_connected(True)
+        return True
 
     def _settle(self, report: custos_pb2.UsageReport) -> None:
         self._pending = None
-        self._acked_lease, self._acked_used = report.lease_id, report.used
+        self._acked[report.lease_id] = report.used
 
     # --------------------------------------------------------------- loops
 
@@ -188,6 +251,13 @@ class CustodianLink:
                 pass
             if not await self.report():
                 await asyncio.sleep(interval)
+            elif not self.lease.lease_id and self.connected:
+                # The custodian says this instance holds no lease (it expired or closed): ask for one.
+                try:
+                    await self.acquire_lease()
+                except grpc.aio.AioRpcError as exc:
+                    logger.warning("no new lease yet (%s)", exc.code().name)
+                    await asyncio.sleep(interval)
 
     async def _watch_loop(self) -> None:
         backoff = Backoff(self._config.reconnect_initial, self._config.reconnect_max, self._rng)
@@ -204,10 +274,13 @@ class CustodianLink:
             while True:
                 await asyncio.sleep(backoff.next())
                 try:
+                    # What was served while the custodian was away, then the lease again.
+                    await self.report()
                     await self.acquire_lease()
                     break
                 except grpc.aio.AioRpcError as exc:
                     logger.info("custodian still unreachable (%s)", exc.code().name)
+            logger.info("reconnected to the custodian")
 
     async def _watch(self, backoff: Backoff) -> None:
         call = self._stub.Watch(custos_pb2.WatchRequest())
@@ -227,30 +300,29 @@ class CustodianLink:
 
     # ------------------------------------------------------------ shutdown
 
-    async def close(self, *, final_report: bool) -> None:
+    async def close(self, *, final_report: bool, grace: float | None = None) -> None:
         """Send the final usage report (closing the lease), retried within the shutdown grace."""
         if self._closed:
             return
         self._closed = True
         if final_report and self.lease.lease_id:
+            grace = self._config.shutdown_grace if grace is None else grace
             try:
-                await asyncio.wait_for(self._final_report(), self._config.shutdown_grace)
+                await asyncio.wait_for(self._final_report(), grace)
             except TimeoutError:
-                logger.error("final usage report not acknowledged within %g s", self._config.shutdown_grace)
+                logger.error("final usage report not acknowledged within %g s", grace)
         await self._channel.close(None)
         self._set_connected(False)
 
     async def _final_report(self) -> None:
         backoff = Backoff(self._config.reconnect_initial, self._config.reconnect_max, self._rng)
         while True:
-            if await self.report(final=True) or self._pending is None:
-                break
+            if await self.report(final=True):
+                logger.info("final usage report acknowledged (receipt %d)", self.receipt_seq)
+                return
+            if self._refused:
+                return
             await asyncio.sleep(backoff.next())
-        logger.info("final usage report sent: %d units used", self._acked_used)
-
-    def _next_seq(self) -> int:
-        self._seq += 1
-        return self._seq
 
     def _set_connected(self, connected: bool) -> None:
         self.connected = connected

@@ -9,6 +9,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 OUTCOMES = ("served", "refused_quota", "refused_suspended", "refused_offline", "invalid_input", "error")
+ZEROIZE_REASONS = ("suspended", "offline")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -40,6 +41,14 @@ class DaemonMetrics:
             "1 while the control stream to the custodian is open.",
             registry=self.registry,
         )
+        self.zeroizations = Counter(
+            "custos_enclave_zeroizations",
+            "Times the model and the keys were dropped, by reason (suspended, offline).",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in ZEROIZE_REASONS:
+            self.zeroizations.labels(reason=reason)
         self.model_loaded = Gauge(
             "custos_enclave_model_loaded", "1 once the model is loaded.", registry=self.registry
         )

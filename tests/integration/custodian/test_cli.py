@@ -40,7 +40,16 @@ def test_serve_and_administer_from_the_console(tmp_path: Path) -> None:
     data = tmp_path / "data"
     model = tmp_path / "net.onnx"
     model.write_bytes(os.urandom(50_000))
-    serve = ["serve", "--json", "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"]
+    serve = [
+        "serve",
+        "--json",
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ]
     server = subprocess.Popen(
         [sys.executable, "-m", "custodian.cli", "--data", str(data), *serve],
         stdout=subprocess.PIPE,
@@ -87,10 +96,44 @@ def test_serve_and_administer_from_the_console(tmp_path: Path) -> None:
             "quota.revoke",
             "deployment.suspend",
         ]
+        # Every admin action says where it came from: the socket, and what the console claims to be.
+        origins = {e["detail"]["origin"] for e in audit["last"]}
+        assert len(origins) == 1
+        [origin] = origins
+        assert origin.startswith(f"unix:{data / 'admin.sock'} console ")
+        assert origin.endswith("(claimed)")
+
+        # The same console over TCP, with an administrator's certificate.
+        creds = tmp_path / "creds"
+        issued = _json(data, "admin-cert", "ops", "--out", str(creds), "--days", "3")
+        assert (creds / "ops.key").stat().st_mode & 0o777 == 0o600
+        remote = [
+            "--admin",
+            ready["admin"],
+            "--admin-key",
+            issued["key"],
+            "--admin-cert",
+            issued["certificate"],
+        ]
+        remote += ["--custodian-ca", issued["custodian_ca"]]
+        [usage] = _json(tmp_path / "elsewhere", *remote, "usage")
+        assert usage["name"] == "d"
+        assert _cli(data, "--admin", ready["admin"], "usage", expect=2).returncode == 2
+
+        export = tmp_path / "audit.jsonl"
+        assert _json(data, "audit", "export", "--out", str(export))["entries"] == 6
+        assert (
+            _json(data, "audit", "export", "--since", "4", "--out", str(tmp_path / "tail.jsonl"))["first_seq"]
+            == 4
+        )
+        verdict = _json(data, "audit", "verify", str(export))
+        assert (verdict["intact"], verdict["entries"], verdict["receipts"]) == (True, 6, 0)
+        export.write_text(export.read_text().replace('"units":100', '"units":1000'))
+        assert "does not match its hash chain" in _cli(data, "audit", "verify", str(export), expect=1).stderr
     finally:
         server.send_signal(signal.SIGTERM)
         _, err = server.communicate(timeout=30)
     assert server.returncode == 0, err
     assert "Traceback" not in err
     assert not (data / "admin.sock").exists()
-    assert "audit log intact: 5 entries" in _cli(data, "audit").stdout
+    assert "audit log intact: 6 entries" in _cli(data, "audit").stdout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import hashlib
 import json
 import os
 import socket
@@ -66,7 +67,15 @@ def test_an_enclave_enrols_fetches_the_model_and_meters_its_lease(tmp_path: Path
 
             lease = await gateway.AcquireLease(pb.LeaseRequest())
             assert (lease.limit, lease.deployment_balance, lease.valid_for_seconds) == (100, 50, 30)
-            report = pb.UsageReport(lease_id=lease.lease_id, seq=1, used=60, want_more=True)
+            enclave.instance_id, enclave.model_sha384 = enrolled.instance_id, hashlib.sha384(model).digest()
+            receipt, signed = enclave.receipt(lease.lease_id, 60)
+            report = pb.UsageReport(
+                lease_id=lease.lease_id,
+                seq=receipt.seq,
+                used=60,
+                want_more=True,
+                receipt=pb.Receipt(body=signed.body, signature=signed.signature),
+            )
             topped = await gateway.ReportUsage(report)
             assert (topped.limit, topped.deployment_balance) == (150, 0)
             assert await gateway.ReportUsage(report) == topped

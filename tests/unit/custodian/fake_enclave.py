@@ -20,6 +20,7 @@ from enclave.attestation import AttestedClaims, MeasurementEvent, ReferenceValue
 from enclave.attestation.measurement import code_event, config_event
 from enclave.attestation.sim import BOOT_MEASUREMENT, BOOT_REGISTER, SimAttester
 from enclave.identity import generate_identity_key, private_key_pem, public_key_der
+from enclave.receipts import GENESIS, Receipt, SignedReceipt, sign_receipt
 from protos import custos_pb2 as pb
 
 
@@ -67,6 +68,11 @@ class FakeEnclave:
     deployment: str
     key: ec.EllipticCurvePrivateKey = field(default_factory=generate_identity_key)
     attester: SimAttester = field(default_factory=SimAttester)
+    # Set once enrolled; the receipt chain the enclave keeps.
+    instance_id: str = ""
+    model_sha384: bytes = bytes(48)
+    last_seq: int = 0
+    head: bytes = GENESIS
 
     def __post_init__(self) -> None:
         self.log = (_code_event(), config_event(ca_der(self.custodian_ca_pem)))
@@ -113,3 +119,27 @@ class FakeEnclave:
             claims=claims.to_bytes(),
             csr=csr if csr is not None else csr_der(self.key),
         )
+
+    def receipt(self, lease_id: str, used: int, **changes: object) -> tuple[Receipt, SignedReceipt]:
+        """The next receipt of this enclave's chain (not yet accepted); ``changes`` forge its fields.
+
+        ``key=`` signs it with another key instead of the enclave's own.
+        """
+        key = changes.pop("key", self.key)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        values: dict[str, object] = {
+            "deployment": self.deployment,
+            "instance": self.instance_id,
+            "lease": lease_id,
+            "model_sha384": self.model_sha384,
+            "used": used,
+            "seq": self.last_seq + 1,
+            "prev": self.head,
+        }
+        values.update(changes)
+        receipt = Receipt(**values)  # type: ignore[arg-type]
+        return receipt, sign_receipt(receipt, key)
+
+    def accepted(self, receipt: Receipt) -> None:
+        """The custodian took ``receipt``: the chain moves on."""
+        self.last_seq, self.head = receipt.seq, receipt.digest()

@@ -15,10 +15,12 @@ from custodian.config import CustodianConfig
 from custodian.control import ControlBus
 from custodian.deployments import Deployments
 from custodian.enrolment import Enrolment
-from custodian.leases import Leases
+from custodian.leases import Leases, LeaseView
 from custodian.ledger import Ledger
+from custodian.metering import UsageClaim
 from custodian.metrics import CustodianMetrics
 from custodian.model_store import ModelStore
+from custodian.roster import Roster
 from tests.unit.custodian.fake_enclave import FakeEnclave, sim_manifest
 
 
@@ -46,6 +48,7 @@ class Custody:
     deployments: Deployments
     leases: Leases
     enrolment: Enrolment
+    roster: Roster
 
     async def upload(self, name: str, data: bytes, *, part: int = 700) -> Any:
         async def parts() -> AsyncIterator[bytes]:
@@ -80,7 +83,37 @@ class Custody:
         enrolled = await self.enrolment.enrol(
             deployment, join_token=token, evidence=request.evidence, claims=request.claims, csr=request.csr
         )
+        enclave.instance_id = enrolled.instance_id
+        async with self.ledger.transaction() as tx:
+            record = await tx.deployment(deployment)
+            model = await tx.model_by_id(record.model_id) if record else None
+        assert model is not None
+        enclave.model_sha384 = model.sha384
         return enrolled.instance_id, enclave
+
+    async def report(
+        self,
+        enclave: FakeEnclave,
+        lease_id: str,
+        used: int,
+        *,
+        want_more: bool = False,
+        final: bool = False,
+        **forged: object,
+    ) -> LeaseView:
+        """A usage report with the enclave's next receipt (``forged`` changes the receipt's fields)."""
+        receipt, signed = enclave.receipt(lease_id, used, **forged)
+        claim = UsageClaim(
+            lease_id=receipt.lease,
+            seq=receipt.seq,
+            used=receipt.used,
+            want_more=want_more,
+            final=final,
+            receipt=signed,
+        )
+        view = await self.leases.report(enclave.instance_id, claim)
+        enclave.accepted(receipt)
+        return view
 
 
 @asynccontextmanager
@@ -111,6 +144,7 @@ async def custody(tmp_path: Path, *, clock: Clock | None = None, **config: Any) 
             deployments=Deployments(ledger, settings, bus, metrics, custodian_ca_sha256=tls_ca.sha256),
             leases=Leases(ledger, metrics),
             enrolment=Enrolment(ledger, enclave_ca, settings, metrics),
+            roster=Roster(ledger, bus),
         )
     finally:
         await ledger.close()

@@ -25,10 +25,12 @@ from custodian.cli import main
         ["serve", "--listen", "127.0.0.1:99999"],
         ["model"],
         ["audit", "--last", "x"],
+        ["--admin", "127.0.0.1:1", "usage"],
+        ["audit", "export"],
     ],
     ids=["nothing", "unknown-command", "grant-no-units", "grant-zero", "grant-words", "revoke-neither",
          "revoke-both", "create-no-manifest", "create-negative-lease", "listen-no-port", "listen-port-range",
-         "model-no-action", "audit-last-words"],
+         "model-no-action", "audit-last-words", "admin-without-credentials", "export-without-out"],
 )  # fmt: skip
 def test_argument_misuse_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:

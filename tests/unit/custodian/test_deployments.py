@@ -22,8 +22,8 @@ def _foreign_ca_manifest(c: Custody, tmp_path: Path) -> str:
     return sim_manifest(other.pem)
 
 
-def _tdx_manifest(c: Custody, tmp_path: Path) -> str:
-    return sim_manifest(c.tls_ca.pem).replace('platform = "sim"', 'platform = "tdx"')
+def _unverifiable_manifest(c: Custody, tmp_path: Path) -> str:
+    return sim_manifest(c.tls_ca.pem).replace('platform = "sim"', 'platform = "no-such-platform"')
 
 
 CREATE_REFUSALS: list[tuple[str, dict[str, Any], type[Exception]]] = [
@@ -32,7 +32,7 @@ CREATE_REFUSALS: list[tuple[str, dict[str, Any], type[Exception]]] = [
     ("manifest-not-toml", {"manifest": lambda c, p: "not = [toml"}, ManifestError),
     ("manifest-empty", {"manifest": lambda c, p: ""}, ManifestError),
     ("manifest-other-custodian", {"manifest": _foreign_ca_manifest}, InvalidRequestError),
-    ("manifest-unverifiable-platform", {"manifest": _tdx_manifest}, InvalidRequestError),
+    ("manifest-unverifiable-platform", {"manifest": _unverifiable_manifest}, InvalidRequestError),
     ("grace-too-short", {"offline_grace_seconds": 1}, InvalidRequestError),
     ("lease-too-large", {"lease_size": 10**8}, InvalidRequestError),
     ("name-taken", {"name": "taken"}, ConflictError),
@@ -98,11 +98,9 @@ def test_grant_adds_and_revoke_takes_the_balance_then_leases_and_wakes_watchers(
         async with custody(tmp_path) as c:
             token = await c.lend("d", units=100, lease_size=60)
             await c.lend("other")
-            instance, _ = await c.enrol("d", token)
-            lease = await c.leases.acquire(instance, lease_id="", used=0, seq=0)
-            await c.leases.report(
-                instance, lease_id=lease.lease_id, seq=1, used=15, want_more=False, final=False
-            )
+            instance, enclave = await c.enrol("d", token)
+            lease = await c.leases.acquire(instance)
+            await c.report(enclave, lease.lease_id, 15)
             usage, added = await c.deployments.grant("d", 20)
             assert (added, usage.balance, usage.granted_total) == (20, 60, 120)
             with c.bus.subscribe(instance, "d") as mine, c.bus.subscribe("x", "other") as theirs:
@@ -131,7 +129,7 @@ def test_grant_adds_and_revoke_takes_the_balance_then_leases_and_wakes_watchers(
         (lambda c: c.deployments.grant("nope", 5), NotFoundError),
         (lambda c: c.deployments.suspend("nope"), NotFoundError),
         (lambda c: c.deployments.usage("nope"), NotFoundError),
-        (lambda c: c.deployments.enclaves("nope"), NotFoundError),
+        (lambda c: c.roster.enclaves("nope"), NotFoundError),
         (lambda c: c.deployments.manifest("nope"), NotFoundError),
         (lambda c: c.deployments.rotate_token("nope"), NotFoundError),
     ],
@@ -175,15 +173,32 @@ def test_enclaves_listing_shows_leases_and_open_streams(tmp_path: Path) -> None:
             await c.lend("e")
             first, enclave = await c.enrol("d", token)
             second, _ = await c.enrol("d", token)
-            await c.leases.acquire(first, lease_id="", used=0, seq=0)
+            lease = await c.leases.acquire(first)
+            await c.report(enclave, lease.lease_id, 3)
             with c.bus.subscribe(second, "d"):
-                listed = {e.instance_id: e for e in await c.deployments.enclaves("d")}
+                listed = {e.instance_id: e for e in await c.roster.enclaves("d")}
             assert set(listed) == {first, second}
-            assert (listed[first].lease_limit, listed[first].connected) == (10, False)
-            assert (listed[second].lease_id, listed[second].connected) == ("", True)
-            assert listed[first].key_sha256 == hashlib.sha256(enclave.public_key).hexdigest()
-            assert await c.deployments.enclaves("e") == []
-            assert len(await c.deployments.enclaves()) == 2
+            one, two = listed[first], listed[second]
+            assert (one.lease_limit, one.lease_state, one.connected, one.state) == (
+                10,
+                "active",
+                False,
+                "offline",
+            )
+            assert one.offline_since == one.last_seen
+            assert (one.last_receipt_seq, one.last_receipt_used, one.last_receipt_at) == (1, 3, c.clock.now)
+            assert (two.lease_id, two.connected, two.state, two.offline_since) == (
+                "",
+                True,
+                "connected",
+                None,
+            )
+            assert one.key_sha256 == hashlib.sha256(enclave.public_key).hexdigest()
+            assert await c.roster.enclaves("e") == []
+            assert len(await c.roster.enclaves()) == 2
+            await c.report(enclave, lease.lease_id, 4, final=True)
+            [one] = [e for e in await c.roster.enclaves("d") if e.instance_id == first]
+            assert (one.state, one.lease_state, one.lease_used) == ("stopped", "closed", 4)
             [usage] = await c.deployments.usage("d")
             assert usage.instances == 2
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import hashlib
 import json
 import os
 import threading
@@ -28,7 +29,9 @@ from cryptography.x509.oid import NameOID
 from enclave._daemon.measured import reference_values
 from enclave.attestation import ReferenceValues, appraise
 from enclave.envelope import ModelSealer, new_data_key, new_model_id, wrap_key
-from enclave.errors import EnclaveError
+from enclave.errors import EnclaveError, ReceiptError
+from enclave.identity import public_key_der
+from enclave.receipts import GENESIS, Receipt, check_successor, verify_receipt
 from protos import custos_pb2, custos_pb2_grpc
 
 NOW = datetime.datetime.now(datetime.UTC)
@@ -93,6 +96,9 @@ class CertAuthority:
 class Instance:
     instance_id: str
     public_key: ec.EllipticCurvePublicKey
+    # The receipt chain: last accepted sequence number and body.
+    last_seq: int = 0
+    last_body: bytes = b""
 
 
 @dataclass
@@ -100,7 +106,6 @@ class FakeLease:
     lease_id: str
     limit: int
     used: int = 0
-    last_seq: int = 0
     closed: bool = False
 
 
@@ -112,6 +117,8 @@ class FakeGateway(custos_pb2_grpc.EnclaveGatewayServicer):
     balance: int = 100
     lease_size: int = 10
     grace: int = 30
+    # Sent at enrolment; 0 leaves the enclave's default (four graces).
+    zeroize_after: int = 0
     # "flip" a ciphertext byte, "reorder" two chunks, "truncate" the final chunk, "wrong-key" context.
     tamper: str | None = None
     chunk_size: int = 64
@@ -130,12 +137,17 @@ class FakeGateway(custos_pb2_grpc.EnclaveGatewayServicer):
         self.challenges: set[bytes] = set()
         self.instances: dict[str, Instance] = {}
         self.lease: FakeLease | None = None
+        # Leases replaced by a newer one; reports for them still count.
+        self.old_leases: dict[str, FakeLease] = {}
         self.suspended = False
         self.reports: list[custos_pb2.UsageReport] = []
+        self.receipts: list[Receipt] = []
+        self.receipt_refusals: list[str] = []
         self.lease_requests: list[custos_pb2.LeaseRequest] = []
         self.watch_count = 0
         self.mtls_port = 0
         self.enrol_refusals: list[str] = []
+        self.challenges_refused = 0
         self.bind_loop()
 
     def bind_loop(self) -> None:
@@ -164,6 +176,11 @@ class FakeGateway(custos_pb2_grpc.EnclaveGatewayServicer):
         self.lease.limit = self.lease.used
         self._events.put_nowait(custos_pb2.ControlEvent(lease=self.lease_message()))
 
+    def expire(self) -> None:
+        """The lease ran out on the custodian's side: the next AcquireLease opens another."""
+        assert self.lease is not None
+        self.lease.closed = True
+
     def drop_watch(self) -> None:
         """End the open control stream with UNAVAILABLE, as a lost connection would."""
         self._events.put_nowait(None)
@@ -173,6 +190,9 @@ class FakeGateway(custos_pb2_grpc.EnclaveGatewayServicer):
     async def GetChallenge(self, request, context):  # noqa: N802
         if request.deployment != self.deployment:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown deployment {request.deployment!r}")
+        if self.suspended:
+            self.challenges_refused += 1
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "deployment is suspended")
         nonce = os.urandom(32)
         self.challenges.add(nonce)
         return custos_pb2.Challenge(nonce=nonce, expires_in_seconds=60)
@@ -221,6 +241,7 @@ class FakeGateway(custos_pb2_grpc.EnclaveGatewayServicer):
             offline_grace_seconds=self.grace,
             lease_size=self.lease_size,
             mtls_port=self.mtls_port,
+            zeroize_after_seconds=self.zeroize_after,
         )
 
     def _instance(self, context) -> Instance:
@@ -261,25 +282,51 @@ class FakeGateway(custos_pb2_grpc.EnclaveGatewayServicer):
         self._instance(context)
         self.lease_requests.append(request)
         if self.lease is None or self.lease.closed:
+            if self.lease is not None:
+                self.old_leases[self.lease.lease_id] = self.lease
             limit = 0 if self.suspended else min(self.lease_size, self.balance)
             self.balance -= limit
             self.lease = FakeLease(lease_id=uuid.uuid4().hex, limit=limit)
         return self.lease_message()
 
+    async def _check_receipt(self, request, context, instance: Instance) -> bool:
+        """Verify the report's receipt like the custodian does; False for a retry of the last one."""
+        body, signature = request.receipt.body, request.receipt.signature
+        try:
+            receipt = verify_receipt(body, signature, public_key_der(instance.public_key))
+            if (receipt.lease, receipt.seq, receipt.used) != (request.lease_id, request.seq, request.used):
+                raise ReceiptError("binding", "receipt disagrees with the report")
+            if receipt.instance != instance.instance_id or receipt.model_sha384 != self.sha384:
+                raise ReceiptError("binding", "receipt names another instance or model")
+            if receipt.seq == instance.last_seq and body == instance.last_body:
+                return False
+            last_digest = hashlib.sha256(instance.last_body).digest() if instance.last_seq else GENESIS
+            check_successor(receipt, last_seq=instance.last_seq, last_digest=last_digest)
+        except ReceiptError as exc:
+            self.receipt_refusals.append(exc.reason)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"receipt refused: {exc}")
+        instance.last_seq, instance.last_body = receipt.seq, body
+        self.receipts.append(receipt)
+        return True
+
     async def ReportUsage(self, request, context):  # noqa: N802
-        self._instance(context)
+        instance = self._instance(context)
         if self.fail_reports > 0:
             self.fail_reports -= 1
             await context.abort(grpc.StatusCode.UNAVAILABLE, "custodian is busy")
         self.reports.append(request)
         lease = self.lease
+        if lease is not None and request.lease_id in self.old_leases:
+            if await self._check_receipt(request, context, instance):
+                self.old_leases[request.lease_id].used = request.used
+            return self.lease_message()
         if lease is None or request.lease_id != lease.lease_id:
             await context.abort(grpc.StatusCode.NOT_FOUND, "no such lease")
-        if request.seq <= lease.last_seq:
+        if not await self._check_receipt(request, context, instance):
             return self.lease_message()
         if request.used < lease.used or request.used > lease.limit:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "used goes backwards or over the limit")
-        lease.last_seq, lease.used = request.seq, request.used
+        lease.used = request.used
         if request.want_more and not self.suspended:
             add = min(self.balance, max(0, self.lease_size - (lease.limit - lease.used)))
             lease.limit += add
@@ -315,17 +362,19 @@ def _claims_field(claims: bytes, name: str) -> str:
 class FakeCustodian:
     """The fake gateway on two loopback listeners: TLS for enrolment, mutual TLS for the rest."""
 
-    def __init__(self, gateway: FakeGateway) -> None:
+    def __init__(self, gateway: FakeGateway, *, port: int = 0) -> None:
         self.gateway = gateway
         self._servers: list[grpc.aio.Server] = []
-        self.port = 0
+        self.port = port
 
     async def __aenter__(self) -> FakeCustodian:
         gateway = self.gateway
         key, cert = gateway.custodian_ca.server_pair("custodian.custos")
         enrol_server = grpc.aio.server()
         custos_pb2_grpc.add_EnclaveGatewayServicer_to_server(gateway, enrol_server)
-        self.port = enrol_server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key, cert)]))
+        self.port = enrol_server.add_secure_port(
+            f"127.0.0.1:{self.port}", grpc.ssl_server_credentials([(key, cert)])
+        )
         mtls_server = grpc.aio.server()
         custos_pb2_grpc.add_EnclaveGatewayServicer_to_server(gateway, mtls_server)
         gateway.mtls_port = mtls_server.add_secure_port(

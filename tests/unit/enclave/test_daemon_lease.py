@@ -202,3 +202,53 @@ def test_a_new_lease_starts_its_own_count() -> None:
     lease.commit()
     lease.apply(terms(4, lease_id="L2"))
     assert (lease.lease_id, lease.committed, lease.limit, lease.deployment_balance) == ("L2", 0, 4, 7)
+    # The replaced lease's count waits for the usage reporter; nothing served is dropped.
+    assert lease.retired == [("L1", 1)]
+
+
+def test_a_top_up_answered_from_an_empty_balance_refuses_at_once() -> None:
+    async def run() -> None:
+        lease, _ = new_lease(0, topup_wait=5)
+        waiter = asyncio.ensure_future(lease.reserve())
+        await asyncio.sleep(0)
+        assert lease.topup_wanted.is_set()
+        lease.apply(LeaseTerms(lease_id="L1", limit=0, valid_for=30, suspended=False, deployment_balance=0))
+        lease.topup_answered()
+        with pytest.raises(QuotaExhaustedError):
+            await waiter
+
+    asyncio.run(run())
+
+
+def test_a_top_up_that_others_took_is_asked_again_while_the_balance_lasts() -> None:
+    async def run() -> None:
+        lease, _ = new_lease(0, topup_wait=5)
+        waiter = asyncio.ensure_future(lease.reserve())
+        await asyncio.sleep(0)
+        assert lease.topup_wanted.is_set()
+        lease.topup_wanted.clear()
+        lease.topup_answered()  # answered, no room, but the deployment has a balance of 7
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert lease.topup_wanted.is_set()
+        lease.apply(terms(1))
+        await waiter
+        assert lease.reserved == 1
+
+    asyncio.run(run())
+
+
+def test_silence_suspension_and_closing_are_tracked_for_zeroization() -> None:
+    lease, clock = new_lease(5)
+    clock.now += 7
+    assert (lease.silent_for, lease.suspended_for) == (7, 0)
+    lease.heartbeat(30, True)
+    clock.now += 3
+    assert (lease.silent_for, lease.suspended_for) == (3, 3)
+    lease.heartbeat(30, True)
+    assert lease.suspended_for == 3
+    lease.heartbeat(30, False)
+    assert lease.suspended_for == 0
+    lease.close()
+    with pytest.raises(CustodianOfflineError):
+        asyncio.run(lease.reserve())

@@ -73,6 +73,7 @@ async def with_link(
         identity = measured_identity(gateway)
         enrolment = await enrol(config, identity)
         link = CustodianLink(config, identity, enrolment, Lease(topup_wait=0.5), DaemonMetrics())
+        link.model_sha384 = gateway.sha384  # as fetch_model would set it
         try:
             await body(link, custodian)
         finally:
@@ -174,11 +175,14 @@ def test_failed_report_is_retried_with_the_same_seq_and_used() -> None:
         lease.commit()  # served while the report was pending: not in the retry
         assert not await link.report()
         assert await link.report()
-        assert [(r.seq, r.used) for r in gateway.reports] == [(2, 3)]
+        assert [(r.seq, r.used) for r in gateway.reports] == [(1, 3)]
         assert await link.report()  # the unit served meanwhile goes in a new report
-        assert [(r.seq, r.used) for r in gateway.reports] == [(2, 3), (3, 4)]
+        assert [(r.seq, r.used) for r in gateway.reports] == [(1, 3), (2, 4)]
         assert await link.report()  # nothing new: nothing sent
         assert len(gateway.reports) == 2
+        # Every report carried the next receipt of the chain, signed with the identity key.
+        assert [(r.seq, r.used) for r in gateway.receipts] == [(1, 3), (2, 4)]
+        assert gateway.receipt_refusals == []
 
     asyncio.run(with_link(gateway, body))
 
@@ -243,9 +247,9 @@ def test_lost_control_stream_reconnects_and_reacquires_the_lease() -> None:
             runner.cancel()
             await asyncio.gather(runner, return_exceptions=True)
         assert len(gateway.lease_requests) == 2
-        again = gateway.lease_requests[1]
-        assert (again.lease_id, again.used) == (link.lease.lease_id, 1)
-        assert again.seq > gateway.lease_requests[0].seq
+        assert gateway.lease_requests[1].lease_id == link.lease.lease_id
+        # What was served before the loss is in a receipt, reported before the lease was asked again.
+        assert [(r.lease, r.used) for r in gateway.receipts] == [(link.lease.lease_id, 1)]
 
     asyncio.run(with_link(gateway, body))
 
@@ -273,3 +277,54 @@ def test_backoff_doubles_with_jitter_up_to_the_cap() -> None:
     assert all(cap / 2 <= d <= cap for d, cap in zip(delays, caps, strict=True))
     backoff.reset()
     assert backoff.next() <= 0.1
+
+
+def test_a_replaced_lease_reports_its_last_units_before_the_new_one() -> None:
+    gateway = FakeGateway(model=MODEL, balance=50, lease_size=10)
+
+    async def body(link: CustodianLink, custodian: FakeCustodian) -> None:
+        lease = link.lease
+        await link.acquire_lease()
+        first = lease.lease_id
+        for _ in range(2):
+            await lease.reserve()
+            lease.commit()
+        assert await link.report()
+        gateway.expire()
+        await lease.reserve()
+        lease.commit()  # served after the last report, before the custodian's new lease arrives
+        await link.acquire_lease()
+        assert lease.lease_id != first
+        assert lease.retired == [(first, 3)]
+        assert await link.report()
+        await lease.reserve()
+        lease.commit()
+        assert await link.report()
+        assert [(r.lease, r.used, r.seq) for r in gateway.receipts] == [
+            (first, 2, 1),
+            (first, 3, 2),
+            (lease.lease_id, 1, 3),
+        ]
+        assert lease.retired == []
+        assert gateway.old_leases[first].used == 3
+
+    asyncio.run(with_link(gateway, body))
+
+
+def test_a_refused_report_does_not_break_the_receipt_chain() -> None:
+    gateway = FakeGateway(model=MODEL, balance=50, lease_size=10)
+
+    async def body(link: CustodianLink, custodian: FakeCustodian) -> None:
+        await link.acquire_lease()
+        await link.lease.reserve()
+        link.lease.commit()
+        link.model_sha384 = bytes(48)  # a receipt the custodian cannot accept
+        assert not await link.report()
+        assert gateway.receipt_refusals == ["binding"]
+        link.model_sha384 = gateway.sha384
+        await link.lease.reserve()
+        link.lease.commit()
+        assert await link.report()
+        assert [(r.seq, r.used) for r in gateway.receipts] == [(1, 2)]
+
+    asyncio.run(with_link(gateway, body))

@@ -1,0 +1,125 @@
+"""Reaching the admin API from the console: the local socket, or TCP with an admin certificate.
+
+``custodian admin-cert NAME --out DIR`` (over the unix socket) writes
+``DIR/NAME.key`` (0600, generated here and never sent), ``DIR/NAME.pem`` and
+``DIR/custodian-ca.pem``; with them any console command can go to a custodian
+serving ``--admin-listen``: ``custodian --admin HOST:PORT --admin-key
+DIR/NAME.key --admin-cert DIR/NAME.pem --custodian-ca DIR/custodian-ca.pem
+usage``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from custodian._cli_audit import emit
+from custodian.admin_access import DEFAULT_ADMIN_CERT_DAYS, MAX_ADMIN_CERT_DAYS
+from custodian.authority import write_private
+from custodian.console import Console, RemoteAdmin
+from custodian.errors import ConsoleError
+from enclave.identity import private_key_pem
+
+_REMOTE = (
+    (
+        "--admin",
+        "CUSTODIAN_ADMIN",
+        "HOST:PORT",
+        "the custodian's admin TCP listener (default: DATA/admin.sock)",
+    ),
+    ("--admin-key", "CUSTODIAN_ADMIN_KEY", "FILE", "private key from `custodian admin-cert`"),
+    ("--admin-cert", "CUSTODIAN_ADMIN_CERT", "FILE", "certificate from `custodian admin-cert`"),
+    ("--custodian-ca", "CUSTODIAN_CA", "FILE", "the custodian TLS CA (PEM) the admin listener chains to"),
+)
+
+
+def add_remote_options(parser: argparse.ArgumentParser, *, here: bool) -> None:
+    """The TCP admin options, accepted before and after the command (defaults on the top level only)."""
+    for flag, env, metavar, text in _REMOTE:
+        default: object = os.environ.get(env) or None if here else argparse.SUPPRESS
+        parser.add_argument(flag, default=default, metavar=metavar, help=f"{text} (env {env})")
+
+
+def check_remote_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    given = [getattr(args, flag[2:].replace("-", "_")) is not None for flag, *_ in _REMOTE]
+    if any(given) and not all(given):
+        parser.error("--admin needs --admin-key, --admin-cert and --custodian-ca (and they need --admin)")
+
+
+def console_for(args: argparse.Namespace) -> Console:
+    if args.admin is None:
+        return Console(args.data / "admin.sock")
+    return Console(
+        args.data / "admin.sock",
+        remote=RemoteAdmin(
+            address=args.admin,
+            key_pem=_read(args.admin_key),
+            certificate_pem=_read(args.admin_cert),
+            custodian_ca_pem=_read(args.custodian_ca),
+        ),
+    )
+
+
+def add_admin_cert_command(commands: Any, common: argparse.ArgumentParser) -> None:
+    cert = commands.add_parser(
+        "admin-cert",
+        parents=[common],
+        help="issue a client certificate for the admin TCP listener (over the unix socket only)",
+    )
+    cert.add_argument("name", help="who holds it; the origin recorded for every action taken with it")
+    cert.add_argument(
+        "--out", type=Path, required=True, help="directory for NAME.key, NAME.pem, custodian-ca.pem"
+    )
+    cert.add_argument(
+        "--days",
+        type=int,
+        default=DEFAULT_ADMIN_CERT_DAYS,
+        help=f"validity in days (default %(default)s, at most {MAX_ADMIN_CERT_DAYS})",
+    )
+    cert.set_defaults(run=_admin_cert)
+
+
+def _admin_cert(args: argparse.Namespace) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, args.name)]))
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.DER)
+    )
+    with Console(args.data / "admin.sock") as console:
+        issued = console.issue_admin_certificate(args.name, csr, days=args.days)
+    args.out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key_path, cert_path, ca_path = (
+        args.out / f"{args.name}.key",
+        args.out / f"{args.name}.pem",
+        args.out / "custodian-ca.pem",
+    )
+    try:
+        write_private(key_path, private_key_pem(key))
+    except FileExistsError:
+        raise ConsoleError(f"{key_path} exists; remove it or choose another --out") from None
+    cert_path.write_bytes(issued.certificate)
+    ca_path.write_bytes(issued.custodian_ca)
+    files = {"key": str(key_path), "certificate": str(cert_path), "custodian_ca": str(ca_path)}
+    emit(
+        args,
+        files,
+        f"admin certificate for {args.name} in {args.out}; use it with\n"
+        f"  custodian --admin HOST:PORT --admin-key {key_path} --admin-cert {cert_path}"
+        f" --custodian-ca {ca_path} COMMAND",
+    )
+
+
+def _read(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConsoleError(f"cannot read {path}: {exc.strerror}") from None

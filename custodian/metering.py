@@ -1,0 +1,135 @@
+"""Usage receipts at the custodian: check each report's receipt against its instance's chain.
+
+A usage report is acted on only with a receipt that (in this order) parses as
+the canonical encoding, is signed by the reporting instance's enrolled key,
+names this deployment, this instance, one of its leases and the deployment's
+model, agrees with the report's ``lease_id``, ``seq`` and ``used``, and is the
+next link of the instance's chain (``seq`` one past the last accepted receipt,
+``prev`` its SHA-256). The one exception is the last accepted receipt sent
+again unchanged: a retry, answered without effect. Anything else raises
+``ReceiptRefusedError`` with the reason, which the caller writes to the audit
+log (see ``custodian.leases``), as it does when the usage itself is impossible
+(backwards, or past the most the lease ever allowed: reason ``usage``).
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+
+from custodian.errors import RefusedError
+from custodian.ledger import DeploymentRecord, InstanceRecord, LeaseRecord, ReceiptRecord, Transaction
+from custodian.metrics import RECEIPT_REFUSAL_REASONS
+from enclave.errors import ReceiptError
+from enclave.receipts import GENESIS, MAX_BODY_BYTES, SignedReceipt, check_successor, verify_receipt
+
+__all__ = ["RECEIPT_REFUSAL_REASONS", "Checked", "ReceiptRefusedError", "UsageClaim", "check_claim"]
+
+
+class ReceiptRefusedError(RefusedError):
+    """A usage report's receipt was refused; ``reason`` is one of ``RECEIPT_REFUSAL_REASONS``."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        super().__init__(f"usage receipt refused ({reason}): {message}")
+
+
+@dataclass(frozen=True)
+class UsageClaim:
+    """One usage report: what it asks, and the receipt that must prove it."""
+
+    lease_id: str
+    seq: int
+    used: int
+    want_more: bool
+    final: bool
+    receipt: SignedReceipt | None
+
+
+@dataclass(frozen=True)
+class Checked:
+    lease: LeaseRecord
+    # None when the report repeats the last accepted receipt (a retry): nothing to record.
+    receipt: ReceiptRecord | None
+
+
+async def check_claim(
+    tx: Transaction, instance: InstanceRecord, deployment: DeploymentRecord, claim: UsageClaim
+) -> Checked:
+    """The lease the claim's receipt is for, and the receipt to store; raise ``ReceiptRefusedError``."""
+    if claim.receipt is None:
+        raise ReceiptRefusedError("format", "the usage report carries no receipt")
+    try:
+        receipt = verify_receipt(claim.receipt.body, claim.receipt.signature, instance.public_key)
+    except ReceiptError as exc:
+        raise ReceiptRefusedError(exc.reason, str(exc)) from None
+    model = await tx.model_by_id(deployment.model_id)
+    lease = await tx.lease(receipt.lease)
+    mismatches = [
+        what
+        for what, ok in (
+            ("deployment", receipt.deployment == deployment.name),
+            ("instance", receipt.instance == instance.instance_id),
+            ("lease", lease is not None and lease.instance_id == instance.instance_id),
+            ("model", model is not None and receipt.model_sha384 == model.sha384),
+            ("report", (receipt.lease, receipt.seq, receipt.used) == (claim.lease_id, claim.seq, claim.used)),
+        )
+        if not ok
+    ]
+    if mismatches:
+        raise ReceiptRefusedError("binding", f"receipt does not match its {', '.join(mismatches)}")
+    assert lease is not None
+    last = await tx.receipt(instance.instance_id, instance.last_seq) if instance.last_seq else None
+    if last is not None and receipt.seq == last.seq and claim.receipt.body == last.body:
+        return Checked(lease, None)
+    try:
+        check_successor(receipt, last_seq=instance.last_seq, last_digest=last.digest if last else GENESIS)
+    except ReceiptError as exc:
+        raise ReceiptRefusedError(exc.reason, str(exc)) from None
+    return Checked(
+        lease,
+        ReceiptRecord(
+            instance_id=instance.instance_id,
+            seq=receipt.seq,
+            lease_id=receipt.lease,
+            used=receipt.used,
+            body=claim.receipt.body,
+            signature=claim.receipt.signature,
+            digest=receipt.digest(),
+            received_at=tx.now,
+        ),
+    )
+
+
+def receipt_detail(receipt: ReceiptRecord) -> dict[str, str | int | bool]:
+    """What the audit log keeps of an accepted receipt: enough to check it offline."""
+    return {
+        "instance": receipt.instance_id,
+        "lease": receipt.lease_id,
+        "seq": receipt.seq,
+        "used": receipt.used,
+        "body": _b64(receipt.body),
+        "signature": _b64(receipt.signature),
+    }
+
+
+def refusal_detail(
+    instance_id: str, claim: UsageClaim, error: ReceiptRefusedError
+) -> dict[str, str | int | bool]:
+    """What the audit log keeps of a refused report: the reason and the receipt as sent."""
+    detail: dict[str, str | int | bool] = {
+        "instance": instance_id,
+        "reason": error.reason,
+        "detail": str(error),
+        "lease": claim.lease_id,
+        "seq": claim.seq,
+        "used": claim.used,
+    }
+    if claim.receipt is not None and len(claim.receipt.body) <= MAX_BODY_BYTES:
+        detail["body"] = _b64(claim.receipt.body)
+        detail["signature"] = _b64(claim.receipt.signature[:128])
+    return detail
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
