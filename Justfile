@@ -28,3 +28,7 @@ model:
 # Custodian, enclave (simulated platform) and queries, locally, through the real CLIs.
 demo:
     bash docs/demo.sh
+
+# Benchmarks, each scenario against its baseline in the same run; writes bench/out/report.{json,md}. `--quick`: < 2 min.
+bench *ARGS:
+    python -m bench.run {{ARGS}}

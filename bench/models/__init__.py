@@ -1,0 +1,1 @@
+"""Models the benchmarks serve: the demo classifier and builders for larger ones."""

@@ -1,0 +1,1 @@
+"""A ResNet-18-sized network with random, seeded weights (``build.py``)."""

@@ -1,0 +1,15 @@
+"""The benchmark scenarios, in the order they run. Each module has ``NAME`` and ``run(bench) -> rows``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import ModuleType
+
+from bench._context import Bench
+from bench._stats import Row
+from bench.scenarios import attestation, cold_start, inference, ledger, provisioning
+
+Scenario = Callable[[Bench], list[Row]]
+
+MODULES: tuple[ModuleType, ...] = (inference, provisioning, ledger, attestation, cold_start)
+SCENARIOS: dict[str, Scenario] = {module.NAME: module.run for module in MODULES}

@@ -1,0 +1,204 @@
+"""2. Model provisioning: enrolment to first served inference, for a 50 MiB and a 500 MiB model.
+
+Custos (subject): the model is added with ``custodian model add``; each round
+starts a fresh ``enclave serve``, which enrols, is pushed the sealed model over
+mutual TLS, opens it in memory (AES-256-GCM chunk by chunk, then SHA-384 of the
+whole), loads it into onnxruntime and serves; the benchmark connects (verified)
+and runs one inference. The enclave's log timestamps split the time into
+phases: enrolment, transfer (fetch + decrypt + hash), load, ready.
+
+Baselines, alternating with it round by round:
+
+- a plain gRPC stream of the same bytes over TLS (``bench._baseline``,
+  ``FetchModel``, 1 MiB messages read from disk) into memory, on a fresh
+  channel; also followed by an onnxruntime load and one inference, for a
+  like-for-like end-to-end figure;
+- AES-256-GCM decryption of the same sealed chunks in memory (the floor),
+  against ``enclave.envelope.ModelOpener``, the code the enclave opens the
+  model with (decrypt into one buffer, then SHA-384), run in this process.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from bench._context import Bench
+from bench._plain_model import PlainModel
+from bench._processes import Timeline, stopping
+from bench._stats import Row, Target, alternate
+from bench._tls import SERVER_NAME
+from bench.models.blob import build as blob_build
+from client import connect
+from enclave.envelope import ModelOpener, ModelSealer, SealedChunk, new_data_key, new_model_id
+from protos import custos_pb2, custos_pb2_grpc
+
+NAME = "provisioning"
+MiB = 1 << 20
+_CHUNK_LABEL = b"custos-model/1"  # enclave.envelope's chunk AAD label (see its docstring)
+
+
+@dataclass(frozen=True)
+class Provisioned:
+    """One Custos round: the enclave's timeline and when the first inference came back."""
+
+    timeline: Timeline
+    first_inference: float
+
+    def span(self, start: float | None, end: float | None) -> float:
+        if start is None or end is None:
+            raise RuntimeError(f"the enclave log lacks a start-up event: {self.timeline}")
+        return end - start
+
+
+@dataclass(frozen=True)
+class Plain:
+    stream: float  # seconds to receive every byte
+    total: float  # stream + onnxruntime load + first inference
+
+
+def run(bench: Bench) -> list[Row]:
+    rows: list[Row] = []
+    for size in bench.settings.provision_sizes_mib:
+        rows += _run_size(bench, size)
+    if bench.settings.quick:
+        bench.notes.append("Provisioning: quick mode measures the 50 MiB model only (no 500 MiB case).")
+    return rows
+
+
+def _run_size(bench: Bench, size_mib: int) -> list[Row]:
+    system = bench.system
+    bench.say(f"provisioning/{size_mib} MiB: building the model, adding it to the custodian")
+    path = blob_build.build(size_mib)
+    name = f"blob{size_mib}"
+    added = time.perf_counter()
+    system.add_model(path, name)
+    add_seconds = time.perf_counter() - added
+    model_bytes = path.stat().st_size
+    deployment = system.deployment(f"provision-{size_mib}", name)
+    baseline = bench.baseline(name).start(stream_file=path)
+    rounds = bench.settings.provision_rounds
+    with stopping(baseline):
+        plain: list[Plain] = []
+        custos: list[Provisioned] = []
+
+        def custos_round() -> None:
+            nonlocal deployment
+            enclave, deployment = system.serving_enclave("provision", name, deployment=deployment)
+            with stopping(enclave):
+                with connect(enclave.address, deployment.end_user_manifest) as connection:
+                    connection.infer_tensor(np.zeros((1, blob_build.FEATURES), dtype=np.float32))
+                    done = time.time()
+                custos.append(Provisioned(enclave.timeline(), done))
+
+        def plain_round() -> None:
+            plain.append(_plain_round(bench, baseline.address))
+
+        bench.say(f"provisioning/{size_mib} MiB: {rounds} rounds of plain stream and Custos enrolment")
+        alternate(rounds, [("plain", plain_round), ("custos", custos_round)])
+
+    bench.say(f"provisioning/{size_mib} MiB: decrypting in memory, floor and ModelOpener")
+    decrypt = _decrypt_rounds(path.read_bytes(), rounds)
+
+    def rate(seconds: float) -> float:
+        return model_bytes / MiB / seconds
+
+    e2e = [p.span(p.timeline.enrol_started, p.first_inference) for p in custos]
+    transfer = [p.span(p.timeline.enrolled, p.timeline.model_received) for p in custos]
+    phases = {
+        "process_start_s": [p.span(p.timeline.spawned, p.timeline.enrol_started) for p in custos],
+        "enrolment_s": [p.span(p.timeline.enrol_started, p.timeline.enrolled) for p in custos],
+        "transfer_s": transfer,
+        "onnxruntime_load_s": [p.span(p.timeline.model_received, p.timeline.model_loaded) for p in custos],
+        # After the session is built: wiping the decrypted buffer, the lease, the attested TLS
+        # certificate and the server start.
+        "wipe_lease_tls_server_s": [p.span(p.timeline.model_loaded, p.timeline.serving) for p in custos],
+        "connect_first_inference_s": [p.span(p.timeline.serving, p.first_inference) for p in custos],
+        "enrolment_to_first_inference_s": e2e,
+    }
+    label = f"{size_mib} MiB"
+    return [
+        Row(NAME, f"{label}: enrolment → first served inference", "MiB/s", True, "plain gRPC stream",
+            "Custos", [rate(p.stream) for p in plain], [rate(s) for s in e2e], Target("ratio_at_least", 0.6),
+            note="model size / time", extra={"phases": phases, "model_bytes": model_bytes,
+                                             "custodian_model_add_s": add_seconds}),
+        Row(NAME, f"{label}: transfer only (fetch + decrypt + SHA-384)", "MiB/s", True, "plain gRPC stream",
+            "Custos", [rate(p.stream) for p in plain], [rate(s) for s in transfer],
+            note="enclave log: enrolled → model received"),
+        Row(NAME, f"{label}: end to end including onnxruntime load", "s", False,
+            "plain stream + load + inference", "Custos", [p.total for p in plain], e2e),
+        Row(NAME, f"{label}: decrypt in memory", "MiB/s", True, "AES-256-GCM (floor)",
+            "ModelOpener", [rate(s) for s in decrypt["floor"]], [rate(s) for s in decrypt["opener"]],
+            Target("ratio_at_least", 0.8), note="the enclave's ModelOpener (decrypt, SHA-384), run here"),
+    ]  # fmt: skip
+
+
+def _plain_round(bench: Bench, address: str) -> Plain:
+    """Stream the model over a fresh TLS channel into memory, then load it and run it once."""
+    start = time.perf_counter()
+    channel = grpc.secure_channel(
+        address,
+        grpc.ssl_channel_credentials(root_certificates=bench.tls.read("server_cert")),
+        options=[
+            ("grpc.ssl_target_name_override", SERVER_NAME),
+            ("grpc.max_receive_message_length", 20 * MiB),
+        ],
+    )
+    with channel:
+        buffer = bytearray()
+        offset = 0
+        for part in custos_pb2_grpc.EnclaveGatewayStub(channel).FetchModel(custos_pb2.FetchModelRequest()):
+            if part.WhichOneof("part") == "header":
+                buffer = bytearray(part.header.plaintext_size)
+            else:
+                data = part.chunk.ciphertext
+                buffer[offset : offset + len(data)] = data
+                offset += len(data)
+    streamed = time.perf_counter()
+    model = PlainModel(bytes(buffer))
+    model.classify(np.zeros((1, blob_build.FEATURES), dtype=np.float32), 5)
+    return Plain(stream=streamed - start, total=time.perf_counter() - start)
+
+
+def _nonce_aad(model_id: bytes, chunk: SealedChunk) -> tuple[bytes, bytes]:
+    flag = b"\x01" if chunk.final else b"\x00"
+    return chunk.index.to_bytes(11, "big") + flag, _CHUNK_LABEL + model_id + chunk.index.to_bytes(
+        8, "big"
+    ) + flag
+
+
+def _decrypt_rounds(plaintext: bytes, rounds: int) -> dict[str, list[float]]:
+    key, model_id = new_data_key(), new_model_id()
+    sealer = ModelSealer(key, model_id)
+    chunks = [*sealer.update(plaintext), sealer.finish()]
+    sha384 = sealer.sha384
+    inputs = [(*_nonce_aad(model_id, c), c.ciphertext) for c in chunks]
+
+    def floor() -> float:
+        aead = AESGCM(key)
+        start = time.perf_counter()
+        for nonce, aad, ciphertext in inputs:
+            aead.decrypt(nonce, ciphertext, aad)
+        return time.perf_counter() - start
+
+    def opener() -> float:
+        start = time.perf_counter()
+        opened = ModelOpener(
+            key,
+            model_id,
+            size=len(plaintext),
+            chunk_size=sealer.chunk_size,
+            chunk_count=len(chunks),
+            sha384=sha384,
+        )
+        for chunk in chunks:
+            opened.add(chunk.index, chunk.final, chunk.ciphertext)
+        opened.finish()
+        return time.perf_counter() - start
+
+    floor(), opener()  # warm-up
+    return alternate(max(rounds, 5), [("floor", floor), ("opener", opener)])
