@@ -16,7 +16,9 @@ HKDF-SHA256, AES-256-GCM; HPKE-style). Every failure is ``EnvelopeError``.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import hmac
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -131,6 +133,11 @@ class ModelOpener:
     """Opens chunks in order into one preallocated buffer and checks the whole model.
 
     The plaintext lives only in this object's memory; nothing is written to disk.
+    Each chunk is decrypted in place (``AESGCM.decrypt_into``) and hashed as it
+    opens, so ``finish`` only compares the SHA-384: the plaintext is read once.
+    ``add`` holds no lock and releases the GIL in its two long steps, so a
+    caller may run it in a worker thread while the next chunk arrives (one
+    call at a time, in order).
     """
 
     def __init__(
@@ -146,6 +153,8 @@ class ModelOpener:
         self._chunk_count = chunk_count
         self._sha384 = sha384
         self._buffer = bytearray(size)
+        self._view = memoryview(self._buffer)
+        self._hash = hashlib.sha384()
         self._next = 0
         self._done = False
 
@@ -157,23 +166,32 @@ class ModelOpener:
         expected = min(self._chunk_size, len(self._buffer) - start)
         if len(ciphertext) != expected + TAG_SIZE:
             raise EnvelopeError()
+        target = self._view[start : start + expected]
         try:
-            plaintext = self._aead.decrypt(nonce, ciphertext, aad)
-        except InvalidTag:
+            self._aead.decrypt_into(nonce, ciphertext, aad, target)
+        except (InvalidTag, ValueError):
+            zeroize(target)
             raise EnvelopeError() from None
-        self._buffer[start : start + expected] = plaintext
+        self._hash.update(target)
         self._next += 1
         self._done = final
 
     def finish(self) -> bytearray:
         """The whole plaintext, after checking that every chunk came and the SHA-384 matches."""
-        if not self._done or hashlib.sha384(self._buffer).digest() != self._sha384:
+        if not self._done or not hmac.compare_digest(self._hash.digest(), self._sha384):
             self.wipe()
             raise EnvelopeError()
         return self._buffer
 
     def wipe(self) -> None:
-        self._buffer[:] = bytes(len(self._buffer))
+        zeroize(self._view)
+
+
+def zeroize(buffer: memoryview | bytearray) -> None:
+    """Overwrite ``buffer`` with zeros in place (no second buffer of its size; the GIL is released)."""
+    view = memoryview(buffer).cast("B")
+    if len(view):
+        ctypes.memset((ctypes.c_char * len(view)).from_buffer(view), 0, len(view))
 
 
 def seal_at_rest(kek: bytes, data_key: bytes, model_id: bytes) -> bytes:

@@ -20,11 +20,12 @@ gRPC server, which checks nothing.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import json
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import grpc
@@ -39,7 +40,7 @@ from bench._processes import ROOT, stopping
 from bench._sim_enclave import SimInstance, stale_code
 from bench._stats import Row, alternate, flatten
 from bench._tls import SERVER_NAME
-from enclave.attestation import AttestedClaims, Evidence
+from enclave.attestation import AttestedClaims, Evidence, tpm
 from enclave.attestation.dcap_quote import parse_quote
 from enclave.attestation.measurement import code_event, config_event
 from enclave.attestation.platforms import PLATFORMS, verifier_for
@@ -69,6 +70,8 @@ class Sample:
     collateral: Mapping[str, bytes] | None
     floor: Callable[[], None]
     floor_text: str
+    # Recorded evidence whose quote carries the report data itself, not its SHA-256 (tpm).
+    raw_qualifying_data: bool = False
 
 
 def _vector(name: str) -> bytes:
@@ -260,6 +263,7 @@ def _tpm_sample() -> Sample:
         None,
         floor,
         "1 AK signature verify",
+        raw_qualifying_data=True,
     )
 
 
@@ -301,6 +305,29 @@ def _verify_row(bench: Bench, platform: str) -> Row | None:
             sample.evidence, report_data=sample.report_data, now=sample.now, collateral=sample.collateral
         )
 
+    if sample.raw_qualifying_data:
+        # The tpm platform qualifies quotes with SHA-256(report data), and the recorded quote's
+        # preimage is unknown: its qualifying data is taken as-is (as the unit tests do), which
+        # leaves out one SHA-256 of 64 bytes.
+        bench.notes.append(f"Attestation: {platform} evidence is checked with its qualifying data as-is.")
+        with _raw_qualifying_data():
+            return _measure_verify(bench, platform, sample, verifier.__class__.__name__, verify)
+    return _measure_verify(bench, platform, sample, verifier.__class__.__name__, verify)
+
+
+@contextlib.contextmanager
+def _raw_qualifying_data() -> Iterator[None]:
+    original = tpm.qualifying_data
+    tpm.qualifying_data = lambda data: data
+    try:
+        yield
+    finally:
+        tpm.qualifying_data = original
+
+
+def _measure_verify(
+    bench: Bench, platform: str, sample: Sample, verifier_name: str, verify: Callable[[], None]
+) -> Row:
     verify()
     sample.floor()
     per_block = max(1, bench.settings.verify_iterations // _BLOCKS)
@@ -315,7 +342,7 @@ def _verify_row(bench: Bench, platform: str) -> Row | None:
         "µs",
         False,
         sample.floor_text,
-        f"{type(verifier).__name__}.verify",
+        f"{verifier_name}.verify",
         [1e6 * v for v in flatten(results["floor"])],
         [1e6 * v for v in flatten(results["verify"])],
     )

@@ -14,6 +14,13 @@ lease's final count is kept in ``retired`` until the usage reporter has sent
 it: no unit served is ever dropped from the reports. ``silent_for`` and
 ``suspended_for`` tell the daemon when to zeroize; ``close`` refuses every
 call from then on.
+
+Top-ups are asked for ahead of need: once a commit leaves at most half of
+``topup_size`` (the deployment's lease size, set by the link) uncommitted, the
+usage reporter is woken to ask for more, at most one request in flight, and
+only while a top-up can bring something (the deployment has a balance and the
+lease is not already full). A call that finds the lease empty asks as well,
+and waits.
 """
 
 from __future__ import annotations
@@ -67,6 +74,9 @@ class Lease:
         self._suspended_since: float | None = None
         # How many top-up requests the custodian has answered.
         self._topup_answers = 0
+        # The deployment's lease size (0: unknown, ask only when empty) and whether a request is out.
+        self.topup_size = 0
+        self._topup_in_flight = False
         self.closed = False
 
     # ---------------------------------------------------------------- state
@@ -122,10 +132,40 @@ class Lease:
         self._deadline = self._last_contact + valid_for
         self._notify()
 
+    def topup_requested(self) -> None:
+        """The usage reporter sent a top-up request; no other is asked for until it is answered."""
+        self._topup_in_flight = True
+
     def topup_answered(self) -> None:
         """The custodian answered a top-up request (``apply`` has the new terms already)."""
         self._topup_answers += 1
+        self._topup_in_flight = False
+        if self.topup_wanted.is_set() and self.remaining > 0 and not self._running_low():
+            # Asked for while the answer was on its way, and the answer was enough.
+            self.topup_wanted.clear()
         self._notify()
+
+    def topup_dropped(self) -> None:
+        """The top-up request was refused for good: another may be asked for."""
+        self._topup_in_flight = False
+
+    def _could_grow(self) -> bool:
+        """Whether a top-up can bring units: it fills ``limit - used`` up to the lease size."""
+        return self.topup_size <= 0 or self.limit - self.committed < self.topup_size
+
+    def _running_low(self) -> bool:
+        """Half the lease or less is left uncommitted, and a top-up can bring units.
+
+        Counted without the calls in flight: a top-up fills ``limit - used`` to the lease size, so
+        the next one is asked for only after half a lease more was served, however many calls
+        are in flight (counting those would ask again at once whenever they reach half a lease).
+        """
+        return (
+            self.topup_size > 0
+            and self.deployment_balance > 0
+            and self.limit - self.committed <= self.topup_size // 2
+            and self._could_grow()
+        )
 
     def close(self) -> None:
         """Refuse every call from now on (the daemon is zeroizing)."""
@@ -147,23 +187,30 @@ class Lease:
         left in the deployment's balance.
         """
         deadline: float | None = None
-        answers = 0
+        answers = self._topup_answers
+        asked = False
         while True:
             self._check_open()
             if self.committed + self.reserved < self.limit:
                 self.reserved += 1
                 return
-            if deadline is None or self._topup_answers > answers:
-                if deadline is not None and self.deployment_balance == 0:
+            if deadline is None:
+                deadline = self._clock() + self._topup_wait
+            if self._topup_answers > answers:
+                answers, asked = self._topup_answers, False
+                if self.deployment_balance == 0:
                     raise QuotaExhaustedError()
-                deadline = deadline or self._clock() + self._topup_wait
-                answers = self._topup_answers
+            if not asked and self._could_grow():
+                # Asked again after each answer, as long as a top-up can bring something; when the
+                # lease is full of calls in flight, a commit comes first (and wakes this caller).
+                asked = True
                 self.topup_wanted.set()
             remaining = deadline - self._clock()
             if remaining <= 0:
                 raise QuotaExhaustedError()
             try:
-                await asyncio.wait_for(self._changed.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self._changed.wait()
             except TimeoutError:
                 self._check_open()
                 if self.committed + self.reserved < self.limit:
@@ -178,6 +225,8 @@ class Lease:
         if self.committed >= self.limit:
             raise LeaseRevokedError()
         self.committed += 1
+        if not self._topup_in_flight and self._running_low():
+            self.topup_wanted.set()
 
     def refund(self) -> None:
         """The call failed: its reserved unit is free again."""

@@ -4,7 +4,9 @@ After enrolment it fetches the model, acquires the lease, reports usage and
 keeps the control stream open:
 
 - usage reports every ``report_interval`` when ``used`` changed, and at once
-  when a caller found the lease exhausted (``want_more``). Each report carries
+  when the lease runs low (``want_more``; ``enclave._daemon.lease``). The
+  reporter pauses only after a report that failed; an answered top-up, with
+  or without new units, lets it go on at once. Each report carries
   a receipt signed with the identity key (``enclave.receipts``): ``seq`` 1, 2,
   3, ... per instance, hash-chained to the previous one. Reports go one at a
   time and in order; one that failed is retried unchanged (same receipt), so
@@ -105,6 +107,7 @@ class CustodianLink:
             options=channel_options(config),
         )
         self._stub = custos_pb2_grpc.EnclaveGatewayStub(self._channel)
+        lease.topup_size = enrolment.lease_size
         self.model_sha384 = b""
         # One report at a time, in receipt order.
         self._reporting = asyncio.Lock()
@@ -147,7 +150,7 @@ class CustodianLink:
         )
 
     async def report(self, *, final: bool = False) -> bool:
-        """Send every report that is due, in order; False when one failed or brought no wanted top-up.
+        """Send every report that is due, in order; False when one failed (unanswered or refused).
 
         With ``final``, the last one closes the lease, and True means it was acknowledged.
         """
@@ -158,14 +161,13 @@ class CustodianLink:
                     if self._pending is None:
                         return True
                 report, receipt = self._pending
-                limit_before = self.lease.limit
                 if not await self._send(report, receipt):
                     return False
                 if final and not report.final and self.lease.lease_id:
                     continue  # what was pending or retired went first; the final report follows
                 if report.lease_id != self.lease.lease_id and self.lease.retired:
                     continue
-                return report.final or not (report.want_more and self.lease.limit <= limit_before)
+                return True
 
     def _next_report(self, final: bool) -> tuple[custos_pb2.UsageReport, Receipt] | None:
         """The next report due: a replaced lease's final count first, then the current lease."""
@@ -180,6 +182,8 @@ class CustodianLink:
         if not lease_id or (used == self._acked.get(lease_id, 0) and not want_more and not final):
             return None
         self.lease.topup_wanted.clear()
+        if want_more:
+            self.lease.topup_requested()
         return self._build(lease_id, used, want_more=want_more, final=final)
 
     def _build(
@@ -234,6 +238,8 @@ class CustodianLink:
 
     def _settle(self, report: custos_pb2.UsageReport) -> None:
         self._pending = None
+        if report.want_more:
+            self.lease.topup_dropped()
         self._acked[report.lease_id] = report.used
 
     # --------------------------------------------------------------- loops
@@ -246,10 +252,12 @@ class CustodianLink:
         interval = self._config.report_interval
         while True:
             try:
-                await asyncio.wait_for(self.lease.topup_wanted.wait(), interval)
+                async with asyncio.timeout(interval):
+                    await self.lease.topup_wanted.wait()
             except TimeoutError:
                 pass
             if not await self.report():
+                # Back off only after a failure: an answer, even one without units, is no reason to wait.
                 await asyncio.sleep(interval)
             elif not self.lease.lease_id and self.connected:
                 # The custodian says this instance holds no lease (it expired or closed): ask for one.
@@ -286,7 +294,10 @@ class CustodianLink:
         call = self._stub.Watch(custos_pb2.WatchRequest())
         try:
             while True:
-                event = await asyncio.wait_for(call.read(), heartbeat_silence(self.lease.valid_for))
+                # asyncio.timeout, not wait_for: wait_for (3.11) can swallow a cancellation that
+                # comes as the read completes, and the link would then never stop.
+                async with asyncio.timeout(heartbeat_silence(self.lease.valid_for)):
+                    event = await call.read()
                 if not isinstance(event, custos_pb2.ControlEvent):
                     return  # grpc.aio.EOF: the custodian closed the stream
                 backoff.reset()

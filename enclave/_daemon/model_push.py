@@ -4,6 +4,10 @@
 key comes wrapped to this instance's attested key; the chunks open in order
 into one buffer, and the whole plaintext must match the header's SHA-384.
 Any failure refuses the model; nothing is written to disk.
+
+Opening a chunk (decrypt and hash) runs in a worker thread while the next one
+is received: one chunk in flight, in order, so the stream and the
+cryptography overlap and the event loop stays free.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import grpc
 
 from enclave._daemon.errors import ModelRefusedError
 from enclave._daemon.measured import MeasuredIdentity
-from enclave.envelope import MODEL_ID_SIZE, ModelOpener, unwrap_key
+from enclave.envelope import MODEL_ID_SIZE, ModelOpener, unwrap_key, zeroize
 from enclave.errors import EnvelopeError, FormatError
 from protos import custos_pb2, custos_pb2_grpc
 
@@ -34,7 +38,7 @@ class PushedModel:
     plaintext: bytearray
 
     def wipe(self) -> None:
-        self.plaintext[:] = bytes(len(self.plaintext))
+        zeroize(self.plaintext)
 
 
 async def receive_model(
@@ -49,6 +53,8 @@ async def receive_model(
     call = stub.FetchModel(custos_pb2.FetchModelRequest())
     opener: ModelOpener | None = None
     header: custos_pb2.ModelHeader | None = None
+    # The chunk being opened in a worker thread while the next one arrives.
+    opening: asyncio.Future[None] | None = None
     try:
         try:
             # read() gives grpc.aio.EOF, not a ModelPart, when the stream ends.
@@ -60,9 +66,17 @@ async def receive_model(
                     header = part.header
                     opener = _opener(header, identity, instance_id, max_model_bytes)
                 elif kind == "chunk" and opener is not None:
-                    opener.add(part.chunk.index, part.chunk.final, part.chunk.ciphertext)
+                    if opening is not None:
+                        await opening
+                    chunk = part.chunk
+                    opening = asyncio.ensure_future(
+                        asyncio.to_thread(opener.add, chunk.index, chunk.final, chunk.ciphertext)
+                    )
                 else:
                     raise ModelRefusedError("model stream carries a second header")
+            if opening is not None:
+                await opening
+                opening = None
             if header is None or opener is None:
                 raise ModelRefusedError("model stream is empty")
             plaintext = opener.finish()
@@ -72,7 +86,10 @@ async def receive_model(
             raise ModelRefusedError(f"model push failed: {exc.code().name}: {exc.details()}") from None
         except TimeoutError:
             raise ModelRefusedError(f"model push stalled for {read_timeout:g} s") from None
-    except ModelRefusedError:
+    except BaseException:
+        if opening is not None:
+            # The worker thread cannot be interrupted: let it finish before wiping under it.
+            await asyncio.gather(opening, return_exceptions=True)
         if opener is not None:
             opener.wipe()
         raise

@@ -252,3 +252,45 @@ def test_silence_suspension_and_closing_are_tracked_for_zeroization() -> None:
     lease.close()
     with pytest.raises(CustodianOfflineError):
         asyncio.run(lease.reserve())
+
+
+def test_a_top_up_is_asked_for_at_half_the_lease_once_at_a_time() -> None:
+    async def run() -> None:
+        lease, _ = new_lease(10)
+        lease.topup_size = 10
+        for _ in range(4):
+            await lease.reserve()
+            lease.commit()
+        assert not lease.topup_wanted.is_set()  # 6 left: above the low-water mark
+        await lease.reserve()
+        lease.commit()
+        assert lease.topup_wanted.is_set()  # 5 left: ask, before anyone has to wait
+        lease.topup_wanted.clear()
+        lease.topup_requested()
+        await lease.reserve()
+        assert not lease.topup_wanted.is_set()  # one request in flight is enough
+        lease.commit()
+        lease.apply(terms(16))  # the answer: limit - used back to the lease size
+        lease.topup_answered()
+        assert lease.remaining == 10
+        assert not lease.topup_wanted.is_set()
+
+    asyncio.run(run())
+
+
+def test_no_early_top_up_when_the_balance_is_empty_or_the_lease_full() -> None:
+    async def run() -> None:
+        lease, _ = new_lease(10)
+        lease.topup_size = 10
+        lease.apply(LeaseTerms(lease_id="L1", limit=10, valid_for=30, suspended=False, deployment_balance=0))
+        for _ in range(6):
+            await lease.reserve()
+            lease.commit()
+        assert not lease.topup_wanted.is_set()  # nothing to ask for
+        full, _ = new_lease(4)
+        full.topup_size = 4
+        for _ in range(3):
+            await full.reserve()  # in flight, not committed: a top-up cannot add to a full lease
+        assert not full.topup_wanted.is_set()
+
+    asyncio.run(run())

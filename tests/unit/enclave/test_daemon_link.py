@@ -328,3 +328,22 @@ def test_a_refused_report_does_not_break_the_receipt_chain() -> None:
         assert [(r.seq, r.used) for r in gateway.receipts] == [(1, 2)]
 
     asyncio.run(with_link(gateway, body))
+
+
+def test_an_answered_top_up_without_units_is_no_failure() -> None:
+    gateway = FakeGateway(model=MODEL, lease_size=2, balance=2)
+
+    async def body(link: CustodianLink, custodian: FakeCustodian) -> None:
+        await link.acquire_lease()
+        lease = link.lease
+        assert lease.topup_size == 2  # the deployment's lease size, from enrolment
+        for _ in range(2):
+            await lease.reserve()
+            lease.commit()
+        lease.topup_wanted.set()
+        # Answered with no new units (the balance is empty): the reporter need not back off.
+        assert await link.report()
+        assert (lease.limit, lease.deployment_balance) == (2, 0)
+        assert gateway.reports[-1].want_more
+
+    asyncio.run(with_link(gateway, body))
