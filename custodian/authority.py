@@ -22,7 +22,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from custodian.errors import ConfigError, InvalidRequestError, RefusedError
@@ -35,6 +35,8 @@ CA_VALIDITY = datetime.timedelta(days=3650)
 SERVER_VALIDITY = datetime.timedelta(days=365)
 MAX_CSR_BYTES = 16 * 1024
 _BACKDATE = datetime.timedelta(minutes=5)
+# TCG EK Credential Profile: the extended key usage of an AK (AIK) certificate.
+TCG_KP_AIK_CERTIFICATE = x509.ObjectIdentifier("2.23.133.8.3")
 
 
 def write_private(path: Path, data: bytes) -> None:
@@ -134,9 +136,24 @@ class CertificateAuthority:
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
         return self._issue(public_key, name, ExtendedKeyUsageOID.CLIENT_AUTH, now=now, validity=validity)
 
+    def issue_ak(
+        self,
+        public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey,
+        instance_id: str,
+        *,
+        now: datetime.datetime,
+        validity: datetime.timedelta,
+    ) -> x509.Certificate:
+        """A certificate for a TPM attestation key whose residency a credential activation proved.
+
+        Its extended key usage is tcg-kp-AIKCertificate only: it is no client certificate.
+        """
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{instance_id} TPM AK")])
+        return self._issue(public_key, name, TCG_KP_AIK_CERTIFICATE, now=now, validity=validity)
+
     def _issue(
         self,
-        public_key: ec.EllipticCurvePublicKey,
+        public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey,
         subject: x509.Name,
         usage: x509.ObjectIdentifier,
         *,

@@ -64,12 +64,14 @@ class Deployments:
         metrics: CustodianMetrics,
         *,
         custodian_ca_sha256: str,
+        enclave_ca_pem: bytes = b"",
     ) -> None:
         self._ledger = ledger
         self._config = config
         self._bus = bus
         self._metrics = metrics
         self._ca_sha256 = custodian_ca_sha256
+        self._enclave_ca_pem = enclave_ca_pem
 
     async def create(
         self,
@@ -101,6 +103,10 @@ class Deployments:
         async with self._ledger.transaction() as tx:
             record = await _model(tx, model)
             approved = reference.with_models(record.sha384.hex())
+            if approved.platform == "tpm":
+                # The enclave CA certifies each AK whose credential activation succeeded: end users
+                # trust the AK through it (enrolment itself checks the manifest's ek_roots).
+                approved = replace(approved, tpm_ak_roots=self._enclave_ca_pem.decode())
             await tx.add_deployment(
                 DeploymentRecord(
                     name=name,

@@ -6,6 +6,13 @@ unused, and consumed by any attempt that names it), the CSR (its signature,
 and that its key is the attested key), then the evidence against the
 deployment's manifest through ``enclave.attestation.appraise``. Every refusal
 is written to the audit log and counted by reason before it is raised.
+
+Platform ``tpm`` adds a credential round before the certificate: the EK
+certificate must chain to the manifest's ``[tpm] ek_roots``, and the answer is
+a ``TPM2_MakeCredential`` challenge for that EK and the Name of the AK in the
+verified evidence. ``activate`` takes the recovered secret (constant-time
+compare, single use, expiring with the nonce's lifetime); only then is the
+instance admitted, with a client certificate and a certificate for its AK.
 """
 
 from __future__ import annotations
@@ -20,20 +27,26 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from custodian.authority import CertificateAuthority, csr_public_key
 from custodian.config import CustodianConfig
 from custodian.errors import BusyError, CustodianError, NotFoundError, RefusedError, SuspendedError
 from custodian.ledger import InstanceRecord, Ledger
 from custodian.metrics import CustodianMetrics
-from enclave.attestation import AttestedClaims, ReferenceValues, appraise
+from enclave.attestation import AttestedClaims, Evidence, ReferenceValues, appraise
+from enclave.attestation.tpm_ak import load_ak
+from enclave.attestation.tpm_credential import make_credential, object_name, verify_ek_certificate
 from enclave.errors import BindingError, EnclaveError, EvidenceError, FormatError, PolicyError
 from enclave.identity import public_key_der
 
 logger = logging.getLogger(__name__)
 
 NONCE_SIZE = 32
+CREDENTIAL_SECRET_SIZE = 32
+MAX_EK_CHAIN_BYTES = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -44,6 +57,28 @@ class Enrolled:
     offline_grace_seconds: int
     lease_size: int
     zeroize_after_seconds: int
+    # Platform tpm: a certificate (PEM) for the AK, by the enclave CA.
+    ak_certificate_pem: bytes = b""
+
+
+@dataclass(frozen=True)
+class CredentialChallenge:
+    """Platform tpm: what the enclave must activate before it is admitted."""
+
+    challenge_id: str
+    credential_blob: bytes
+    encrypted_secret: bytes
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """An enrolment that passed appraisal and waits for its credential's secret."""
+
+    deployment: str
+    secret: bytes
+    public_key: ec.EllipticCurvePublicKey
+    ak_public: bytes
+    expires_at: datetime.datetime
 
 
 def token_digest(token: str) -> bytes:
@@ -65,6 +100,7 @@ class Enrolment:
         self._config = config
         self._metrics = metrics
         self._collateral = collateral
+        self._pending: dict[str, _Pending] = {}
 
     async def challenge(self, deployment: str) -> tuple[bytes, int]:
         """A fresh single-use nonce for ``deployment`` and the seconds it stays valid."""
@@ -88,8 +124,17 @@ class Enrolment:
             return await tx.purge_challenges()
 
     async def enrol(
-        self, deployment: str, *, join_token: str, evidence: bytes, claims: bytes, csr: bytes
-    ) -> Enrolled:
+        self,
+        deployment: str,
+        *,
+        join_token: str,
+        evidence: bytes,
+        claims: bytes,
+        csr: bytes,
+        tpm_ek_public: bytes = b"",
+        tpm_ek_certificate: bytes = b"",
+        tpm_ek_chain: bytes = b"",
+    ) -> Enrolled | CredentialChallenge:
         parsed: AttestedClaims | None = None
         parse_error: FormatError | None = None
         try:
@@ -124,10 +169,12 @@ class Enrolment:
             if key != parsed.public_key:
                 raise RefusedError("CSR is for another key than the attested one")
             stage = "attestation"
+            reference = ReferenceValues.from_toml(record.manifest)
+            tpm = reference.platform == "tpm"
             appraisal = appraise(
                 evidence,
                 claims,
-                ReferenceValues.from_toml(record.manifest),
+                reference,
                 now=now,
                 nonce=parsed.nonce,
                 public_key=key,
@@ -135,26 +182,132 @@ class Enrolment:
                 deployment=deployment,
                 require_model=False,
                 collateral=self._collateral,
+                tpm_credential=tpm,
             )
+            if tpm:
+                stage = "ek"
+                self._check_ek(reference, tpm_ek_public, tpm_ek_certificate, tpm_ek_chain, now)
+                return self._credential(deployment, evidence, tpm_ek_public, public_key, now)
         except (CustodianError, EnclaveError) as exc:
-            reason = _attestation_reason(exc) if stage == "attestation" else stage
-            self._metrics.enrol_refusals.labels(reason).inc()
-            async with self._ledger.transaction() as tx:
-                await tx.audit("enclave", "enrol.refuse", deployment, {"reason": reason, "detail": str(exc)})
-            logger.warning("enrolment to %s refused (%s): %s", deployment, reason, exc)
+            await self._refuse(deployment, _attestation_reason(exc) if stage == "attestation" else stage, exc)
             raise
-        instance_id = uuid.uuid4().hex
-        certificate = self._ca.issue_client(
-            public_key,
-            instance_id,
-            now=now,
-            validity=datetime.timedelta(hours=self._config.client_cert_hours),
+        return await self._admit(
+            deployment, public_key, platform=appraisal.platform.platform, simulated=appraisal.simulated
         )
+
+    async def activate(self, challenge_id: str, secret: bytes) -> Enrolled:
+        """Platform tpm: admit the enclave whose TPM recovered the credential's secret."""
+        pending = self._pending.pop(challenge_id, None)
+        async with self._ledger.transaction() as tx:
+            now = tx.now
+        try:
+            if pending is None:
+                raise RefusedError("credential challenge is unknown or was already used")
+            if now > pending.expires_at:
+                raise RefusedError("credential challenge has expired")
+            if not hmac.compare_digest(secret, pending.secret):
+                raise RefusedError(
+                    "credential activation failed: the AK is not in the same TPM as the certified EK"
+                )
+        except RefusedError as exc:
+            await self._refuse(pending.deployment if pending else "", "credential", exc)
+            raise
+        return await self._admit(
+            pending.deployment, pending.public_key, platform="tpm", simulated=False, ak=pending.ak_public
+        )
+
+    def _check_ek(
+        self,
+        reference: ReferenceValues,
+        ek_public: bytes,
+        ek_certificate: bytes,
+        ek_chain: bytes,
+        now: datetime.datetime,
+    ) -> None:
+        if not reference.tpm_ek_roots:
+            raise RefusedError("the manifest names no [tpm] ek_roots: no EK certificate can be trusted")
+        if not ek_public or not ek_certificate:
+            raise RefusedError("the enclave sent no EK public key or no EK certificate")
+        if len(ek_chain) > MAX_EK_CHAIN_BYTES:
+            raise RefusedError(f"EK certificate chain is over {MAX_EK_CHAIN_BYTES} bytes")
+        try:
+            intermediates = x509.load_pem_x509_certificates(ek_chain) if ek_chain else []
+        except ValueError:
+            raise RefusedError("EK certificate chain is not PEM certificates") from None
+        roots = x509.load_pem_x509_certificates(reference.tpm_ek_roots.encode())
+        try:
+            verify_ek_certificate(
+                ek_certificate, ek_public, roots=roots, intermediates=intermediates, now=now
+            )
+        except EvidenceError as exc:
+            raise RefusedError(
+                f"EK certificate is not trusted by the manifest's [tpm] ek_roots: {exc}"
+            ) from None
+
+    def _credential(
+        self,
+        deployment: str,
+        evidence: bytes,
+        ek_public: bytes,
+        public_key: ec.EllipticCurvePublicKey,
+        now: datetime.datetime,
+    ) -> CredentialChallenge:
+        # The Name of the AK that signed the verified quote: activation then proves that very key
+        # lives in the TPM of the certified EK.
+        ak_public = Evidence.from_bytes(evidence).part("ak")
+        secret = os.urandom(CREDENTIAL_SECRET_SIZE)
+        blob, encrypted = make_credential(ek_public, object_name(ak_public), secret)
+        for key in [k for k, p in self._pending.items() if now > p.expires_at]:
+            del self._pending[key]
+        if len(self._pending) >= self._config.max_pending_challenges:
+            raise BusyError("too many outstanding credential challenges; try again shortly")
+        challenge_id = uuid.uuid4().hex
+        self._pending[challenge_id] = _Pending(
+            deployment=deployment,
+            secret=secret,
+            public_key=public_key,
+            ak_public=ak_public,
+            expires_at=now + datetime.timedelta(seconds=self._config.nonce_ttl_seconds),
+        )
+        logger.info("enrolment to %s: credential challenge %s for the TPM's AK", deployment, challenge_id)
+        return CredentialChallenge(challenge_id, blob, encrypted)
+
+    async def _refuse(self, deployment: str, reason: str, exc: Exception) -> None:
+        self._metrics.enrol_refusals.labels(reason).inc()
+        async with self._ledger.transaction() as tx:
+            await tx.audit("enclave", "enrol.refuse", deployment, {"reason": reason, "detail": str(exc)})
+        logger.warning("enrolment to %s refused (%s): %s", deployment, reason, exc)
+
+    async def _admit(
+        self,
+        deployment: str,
+        public_key: ec.EllipticCurvePublicKey,
+        *,
+        platform: str,
+        simulated: bool,
+        ak: bytes = b"",
+    ) -> Enrolled:
+        key = public_key_der(public_key)
+        async with self._ledger.transaction() as tx:
+            record = await tx.deployment(deployment)
+            now = tx.now
+        if record is None:
+            raise NotFoundError(f"no deployment {deployment!r}")
+        instance_id = uuid.uuid4().hex
+        validity = datetime.timedelta(hours=self._config.client_cert_hours)
+        certificate = self._ca.issue_client(public_key, instance_id, now=now, validity=validity)
+        ak_certificate = b""
+        if ak:
+            ak_key = load_ak(ak).key
+            if not isinstance(ak_key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+                raise RefusedError("the AK is neither an RSA nor an EC key")
+            issued = self._ca.issue_ak(ak_key, instance_id, now=now, validity=validity)
+            ak_certificate = issued.public_bytes(serialization.Encoding.PEM)
         async with self._ledger.transaction() as tx:
             instance = InstanceRecord(
                 instance_id=instance_id,
                 deployment=deployment,
-                platform=appraisal.platform.platform,
+                platform=platform,
                 public_key=key,
                 enrolled_at=tx.now,
                 last_seen=tx.now,
@@ -170,7 +323,7 @@ class Enrolment:
                     "key_sha256": instance.key_sha256,
                     "public_key": base64.b64encode(key).decode(),
                     "platform": instance.platform,
-                    "simulated": appraisal.simulated,
+                    "simulated": simulated,
                 },
             )
         self._metrics.enrolments.inc()
@@ -182,6 +335,7 @@ class Enrolment:
             offline_grace_seconds=record.offline_grace_seconds,
             lease_size=record.lease_size,
             zeroize_after_seconds=record.zeroize_after_seconds,
+            ak_certificate_pem=ak_certificate,
         )
 
     async def authenticate(self, instance_id: str, public_key: bytes) -> InstanceRecord:

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from custodian.control import ControlBus, heartbeat_interval
 from custodian.deployments import Deployments
-from custodian.enrolment import Enrolment
+from custodian.enrolment import CredentialChallenge, Enrolled, Enrolment
 from custodian.errors import RefusedError
 from custodian.leases import Leases, LeaseView
 from custodian.ledger import InstanceRecord
@@ -69,6 +69,8 @@ class Gateway(pb_grpc.EnclaveGatewayServicer):
         self._bus = bus
         self._metrics = metrics
         self._mtls_port = mtls_port
+        # Authenticated callers by client certificate (CN and PEM): see ``_caller``.
+        self._callers: dict[tuple[bytes, bytes], InstanceRecord] = {}
 
     async def GetChallenge(self, request: pb.ChallengeRequest, context: Context) -> pb.Challenge:
         nonce, ttl = await self._enrolment.challenge(request.deployment)
@@ -81,7 +83,26 @@ class Gateway(pb_grpc.EnclaveGatewayServicer):
             evidence=request.evidence,
             claims=request.claims,
             csr=request.csr,
+            tpm_ek_public=request.tpm_ek_public,
+            tpm_ek_certificate=request.tpm_ek_certificate,
+            tpm_ek_chain=request.tpm_ek_chain,
         )
+        if isinstance(enrolled, CredentialChallenge):
+            return pb.Enrolment(
+                credential=pb.CredentialChallenge(
+                    challenge_id=enrolled.challenge_id,
+                    credential_blob=enrolled.credential_blob,
+                    encrypted_secret=enrolled.encrypted_secret,
+                )
+            )
+        return self._enrolment_message(enrolled)
+
+    async def ActivateCredential(
+        self, request: pb.ActivateCredentialRequest, context: Context
+    ) -> pb.Enrolment:
+        return self._enrolment_message(await self._enrolment.activate(request.challenge_id, request.secret))
+
+    def _enrolment_message(self, enrolled: Enrolled) -> pb.Enrolment:
         return pb.Enrolment(
             instance_id=enrolled.instance_id,
             certificate=enrolled.certificate_pem,
@@ -90,6 +111,7 @@ class Gateway(pb_grpc.EnclaveGatewayServicer):
             lease_size=enrolled.lease_size,
             mtls_port=self._mtls_port,
             zeroize_after_seconds=enrolled.zeroize_after_seconds,
+            ak_certificate=enrolled.ak_certificate_pem,
         )
 
     async def FetchModel(
@@ -154,17 +176,37 @@ class Gateway(pb_grpc.EnclaveGatewayServicer):
                 yield pb.ControlEvent(lease=lease_message(view)) if changed else _heartbeat(view)
 
     async def _caller(self, context: Context) -> InstanceRecord:
-        """The enrolled instance behind the call's client certificate."""
+        """The enrolled instance behind the call's client certificate.
+
+        The answer is kept per certificate: an instance's id, deployment and key never change
+        once enrolled (a zeroized enclave enrols again as a new instance, with a new certificate),
+        so a certificate that authenticated once names the same instance for as long as the
+        ledger holds it (the ledger never removes an instance; none is revoked). The kept
+        record's ``last_seen`` and ``last_seq`` go stale; the handlers read those in their own
+        transactions.
+        """
         auth = context.auth_context()
         names, pems = list(auth.get("x509_common_name", ())), list(auth.get("x509_pem_cert", ()))
         if not names or not pems:
             raise RefusedError(
                 "this call needs the client certificate from enrolment, on the mutual-TLS port"
             )
+        key = (names[0], pems[0])
+        known = self._callers.get(key)
+        if known is not None:
+            return known
         public = x509.load_pem_x509_certificate(pems[0]).public_key()
         if not isinstance(public, ec.EllipticCurvePublicKey):
             raise RefusedError("client certificate key is not an EC key")
-        return await self._enrolment.authenticate(names[0].decode(), public_key_der(public))
+        instance = await self._enrolment.authenticate(names[0].decode(), public_key_der(public))
+        if len(self._callers) >= _MAX_CALLERS:
+            self._callers.clear()
+        self._callers[key] = instance
+        return instance
+
+
+# Certificates whose instance is kept (about a kilobyte each); the cache starts over when full.
+_MAX_CALLERS = 4096
 
 
 def _heartbeat(view: LeaseView) -> pb.ControlEvent:

@@ -135,7 +135,14 @@ class CustodianServer:
         resumed = await leases.resume()
         if resumed:
             logger.info("%d active lease(s) get a fresh grace from now", resumed)
-        deployments = Deployments(ledger, config, bus, self.metrics, custodian_ca_sha256=tls_ca.sha256)
+        deployments = Deployments(
+            ledger,
+            config,
+            bus,
+            self.metrics,
+            custodian_ca_sha256=tls_ca.sha256,
+            enclave_ca_pem=enclave_ca.pem,
+        )
 
         gateway = self._server(config.max_message_bytes)
         identity = tls_ca.server_identity(CUSTODIAN_TLS_NAME, now=now())

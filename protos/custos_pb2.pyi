@@ -75,6 +75,9 @@ class EnrolRequest(_message.Message):
     EVIDENCE_FIELD_NUMBER: _builtins.int
     CLAIMS_FIELD_NUMBER: _builtins.int
     CSR_FIELD_NUMBER: _builtins.int
+    TPM_EK_PUBLIC_FIELD_NUMBER: _builtins.int
+    TPM_EK_CERTIFICATE_FIELD_NUMBER: _builtins.int
+    TPM_EK_CHAIN_FIELD_NUMBER: _builtins.int
     deployment: _builtins.str
     join_token: _builtins.str
     evidence: _builtins.bytes
@@ -83,6 +86,14 @@ class EnrolRequest(_message.Message):
     """Canonical JSON of the attested claims (nonce, public key, deployment, measurement log)."""
     csr: _builtins.bytes
     """PKCS#10 request, DER, for the same key as the claims' public key."""
+    tpm_ek_public: _builtins.bytes
+    """Platform tpm only: the endorsement key's TPMT_PUBLIC and its certificate (DER, as read
+    from the TPM's NV, or PEM), with any intermediates (PEM). The custodian checks the
+    certificate against the manifest's [tpm] ek_roots and answers with a credential
+    challenge instead of a certificate (see docs/protocol.md, TPM credential activation).
+    """
+    tpm_ek_certificate: _builtins.bytes
+    tpm_ek_chain: _builtins.bytes
     def __init__(
         self,
         *,
@@ -91,14 +102,69 @@ class EnrolRequest(_message.Message):
         evidence: _builtins.bytes = ...,
         claims: _builtins.bytes = ...,
         csr: _builtins.bytes = ...,
+        tpm_ek_public: _builtins.bytes = ...,
+        tpm_ek_certificate: _builtins.bytes = ...,
+        tpm_ek_chain: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["claims", b"claims", "csr", b"csr", "deployment", b"deployment", "evidence", b"evidence", "join_token", b"join_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["claims", b"claims", "csr", b"csr", "deployment", b"deployment", "evidence", b"evidence", "join_token", b"join_token", "tpm_ek_certificate", b"tpm_ek_certificate", "tpm_ek_chain", b"tpm_ek_chain", "tpm_ek_public", b"tpm_ek_public"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EnrolRequest: _TypeAlias = EnrolRequest  # noqa: Y015
+
+@_typing.final
+class CredentialChallenge(_message.Message):
+    """TPM2_MakeCredential output for the EK and the AK of the verified evidence."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHALLENGE_ID_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_BLOB_FIELD_NUMBER: _builtins.int
+    ENCRYPTED_SECRET_FIELD_NUMBER: _builtins.int
+    challenge_id: _builtins.str
+    """Names this pending enrolment in ActivateCredential; single-use, expires with the nonce."""
+    credential_blob: _builtins.bytes
+    """Marshalled TPM2B_ID_OBJECT and TPM2B_ENCRYPTED_SECRET, TPM2_ActivateCredential's inputs."""
+    encrypted_secret: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        challenge_id: _builtins.str = ...,
+        credential_blob: _builtins.bytes = ...,
+        encrypted_secret: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge_id", b"challenge_id", "credential_blob", b"credential_blob", "encrypted_secret", b"encrypted_secret"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CredentialChallenge: _TypeAlias = CredentialChallenge  # noqa: Y015
+
+@_typing.final
+class ActivateCredentialRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHALLENGE_ID_FIELD_NUMBER: _builtins.int
+    SECRET_FIELD_NUMBER: _builtins.int
+    challenge_id: _builtins.str
+    secret: _builtins.bytes
+    """The secret TPM2_ActivateCredential recovered."""
+    def __init__(
+        self,
+        *,
+        challenge_id: _builtins.str = ...,
+        secret: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge_id", b"challenge_id", "secret", b"secret"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ActivateCredentialRequest: _TypeAlias = ActivateCredentialRequest  # noqa: Y015
 
 @_typing.final
 class Enrolment(_message.Message):
@@ -111,6 +177,8 @@ class Enrolment(_message.Message):
     LEASE_SIZE_FIELD_NUMBER: _builtins.int
     MTLS_PORT_FIELD_NUMBER: _builtins.int
     ZEROIZE_AFTER_SECONDS_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_FIELD_NUMBER: _builtins.int
+    AK_CERTIFICATE_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     certificate: _builtins.bytes
     """Client certificate (PEM) issued by the enclave CA for the attested key."""
@@ -126,6 +194,16 @@ class Enrolment(_message.Message):
     """Seconds without a renewed lease (or suspended) after which the enclave drops the
     model and its keys and must enrol again (see docs/protocol.md, Zeroization).
     """
+    ak_certificate: _builtins.bytes
+    """Platform tpm, from ActivateCredential: a certificate (PEM, by the enclave CA) for the
+    AK whose TPM residency the credential proved; the enclave attaches it to its evidence.
+    """
+    @_builtins.property
+    def credential(self) -> Global___CredentialChallenge:
+        """Platform tpm: Enrol answers with only this set; ActivateCredential then answers with
+        the fields above, and ak_certificate.
+        """
+
     def __init__(
         self,
         *,
@@ -136,10 +214,12 @@ class Enrolment(_message.Message):
         lease_size: _builtins.int = ...,
         mtls_port: _builtins.int = ...,
         zeroize_after_seconds: _builtins.int = ...,
+        credential: Global___CredentialChallenge | None = ...,
+        ak_certificate: _builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["credential", b"credential"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate", "enclave_ca", b"enclave_ca", "instance_id", b"instance_id", "lease_size", b"lease_size", "mtls_port", b"mtls_port", "offline_grace_seconds", b"offline_grace_seconds", "zeroize_after_seconds", b"zeroize_after_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ak_certificate", b"ak_certificate", "certificate", b"certificate", "credential", b"credential", "enclave_ca", b"enclave_ca", "instance_id", b"instance_id", "lease_size", b"lease_size", "mtls_port", b"mtls_port", "offline_grace_seconds", b"offline_grace_seconds", "zeroize_after_seconds", b"zeroize_after_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

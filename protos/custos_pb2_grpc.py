@@ -44,6 +44,11 @@ class EnclaveGatewayStub:
                 request_serializer=protos_dot_custos__pb2.EnrolRequest.SerializeToString,
                 response_deserializer=protos_dot_custos__pb2.Enrolment.FromString,
                 _registered_method=True)
+        self.ActivateCredential = channel.unary_unary(
+                '/custos.v1.EnclaveGateway/ActivateCredential',
+                request_serializer=protos_dot_custos__pb2.ActivateCredentialRequest.SerializeToString,
+                response_deserializer=protos_dot_custos__pb2.Enrolment.FromString,
+                _registered_method=True)
         self.FetchModel = channel.unary_stream(
                 '/custos.v1.EnclaveGateway/FetchModel',
                 request_serializer=protos_dot_custos__pb2.FetchModelRequest.SerializeToString,
@@ -77,6 +82,13 @@ class EnclaveGatewayServicer:
 
     def Enrol(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ActivateCredential(self, request, context):
+        """Platform tpm: the second half of Enrol, with the secret the credential protected.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -117,6 +129,11 @@ def add_EnclaveGatewayServicer_to_server(servicer, server):
             'Enrol': grpc.unary_unary_rpc_method_handler(
                     servicer.Enrol,
                     request_deserializer=protos_dot_custos__pb2.EnrolRequest.FromString,
+                    response_serializer=protos_dot_custos__pb2.Enrolment.SerializeToString,
+            ),
+            'ActivateCredential': grpc.unary_unary_rpc_method_handler(
+                    servicer.ActivateCredential,
+                    request_deserializer=protos_dot_custos__pb2.ActivateCredentialRequest.FromString,
                     response_serializer=protos_dot_custos__pb2.Enrolment.SerializeToString,
             ),
             'FetchModel': grpc.unary_stream_rpc_method_handler(
@@ -193,6 +210,33 @@ class EnclaveGateway:
             target,
             '/custos.v1.EnclaveGateway/Enrol',
             protos_dot_custos__pb2.EnrolRequest.SerializeToString,
+            protos_dot_custos__pb2.Enrolment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ActivateCredential(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/custos.v1.EnclaveGateway/ActivateCredential',
+            protos_dot_custos__pb2.ActivateCredentialRequest.SerializeToString,
             protos_dot_custos__pb2.Enrolment.FromString,
             options,
             channel_credentials,

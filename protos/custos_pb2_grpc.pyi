@@ -37,6 +37,8 @@ class EnclaveGatewayStub:
     def __new__(cls, channel: _aio.Channel) -> EnclaveGatewayAsyncStub: ...
     GetChallenge: _grpc.UnaryUnaryMultiCallable[_custos_pb2.ChallengeRequest, _custos_pb2.Challenge]
     Enrol: _grpc.UnaryUnaryMultiCallable[_custos_pb2.EnrolRequest, _custos_pb2.Enrolment]
+    ActivateCredential: _grpc.UnaryUnaryMultiCallable[_custos_pb2.ActivateCredentialRequest, _custos_pb2.Enrolment]
+    """Platform tpm: the second half of Enrol, with the secret the credential protected."""
     FetchModel: _grpc.UnaryStreamMultiCallable[_custos_pb2.FetchModelRequest, _custos_pb2.ModelPart]
     """The calls below require the client certificate issued by Enrol."""
     AcquireLease: _grpc.UnaryUnaryMultiCallable[_custos_pb2.LeaseRequest, _custos_pb2.Lease]
@@ -48,6 +50,8 @@ class EnclaveGatewayAsyncStub(EnclaveGatewayStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetChallenge: _aio.UnaryUnaryMultiCallable[_custos_pb2.ChallengeRequest, _custos_pb2.Challenge]  # type: ignore[assignment]
     Enrol: _aio.UnaryUnaryMultiCallable[_custos_pb2.EnrolRequest, _custos_pb2.Enrolment]  # type: ignore[assignment]
+    ActivateCredential: _aio.UnaryUnaryMultiCallable[_custos_pb2.ActivateCredentialRequest, _custos_pb2.Enrolment]  # type: ignore[assignment]
+    """Platform tpm: the second half of Enrol, with the secret the credential protected."""
     FetchModel: _aio.UnaryStreamMultiCallable[_custos_pb2.FetchModelRequest, _custos_pb2.ModelPart]  # type: ignore[assignment]
     """The calls below require the client certificate issued by Enrol."""
     AcquireLease: _aio.UnaryUnaryMultiCallable[_custos_pb2.LeaseRequest, _custos_pb2.Lease]  # type: ignore[assignment]
@@ -68,6 +72,14 @@ class EnclaveGatewayServicer(metaclass=_abc_1.ABCMeta):
         request: _custos_pb2.EnrolRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_custos_pb2.Enrolment, _abc.Awaitable[_custos_pb2.Enrolment]]: ...
+
+    @_abc_1.abstractmethod
+    def ActivateCredential(
+        self,
+        request: _custos_pb2.ActivateCredentialRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_custos_pb2.Enrolment, _abc.Awaitable[_custos_pb2.Enrolment]]:
+        """Platform tpm: the second half of Enrol, with the secret the credential protected."""
 
     @_abc_1.abstractmethod
     def FetchModel(

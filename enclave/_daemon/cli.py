@@ -1,8 +1,11 @@
 """``enclave``: write the manifest of this build, or serve a lent model.
 
     enclave manifest --platform sim --custodian-ca ca.pem --out manifest.toml
+    enclave manifest --platform tpm --custodian-ca ca.pem --tpm TCTI [--tpm-quote-pcrs 0-7] \\
+                     [--pcr-value pcr.sha256.0=HEX ...] --out manifest.toml
     enclave serve --custodian HOST:PORT --custodian-ca ca.pem --deployment NAME \\
-                  --token TOKEN --listen HOST:PORT [--metrics HOST:PORT] [--ready-file PATH]
+                  --token TOKEN --listen HOST:PORT [--metrics HOST:PORT] [--ready-file PATH] \\
+                  [--platform tpm --tpm TCTI [--tpm-pcr 15] [--tpm-quote-pcrs 0-7] [--tpm-key rsa|ecc]]
 
 Every flag defaults from an ``ENCLAVE_*`` environment variable (prefer
 ``ENCLAVE_TOKEN`` to ``--token``: flags show in the process list).
@@ -27,8 +30,21 @@ from PIL import Image
 from enclave._daemon.config import DaemonConfig, custodian_ca_der
 from enclave._daemon.daemon import Daemon, Ready
 from enclave._daemon.errors import ConfigError
-from enclave._daemon.measured import ATTESTER_PLATFORMS, attester_for, reference_values
+from enclave._daemon.measured import (
+    ATTESTER_PLATFORMS,
+    SGX_PLATFORM,
+    TPM_PLATFORM,
+    TSM_PLATFORMS,
+    TeeOptions,
+    TpmOptions,
+    attester_factory,
+    parse_assignments,
+    reference_values,
+    tpm_boot_registers,
+)
+from enclave.attestation import ReferenceValues
 from enclave.attestation.sim import SIMULATION_WARNING
+from enclave.attestation.tpm import DEFAULT_APP_PCR
 from enclave.errors import EnclaveError
 
 logger = logging.getLogger("enclave")
@@ -42,10 +58,12 @@ _ENV = {
     "platform": "ENCLAVE_PLATFORM",
     "metrics": "ENCLAVE_METRICS",
     "ready_file": "ENCLAVE_READY_FILE",
+    "tpm": "ENCLAVE_TPM",
 }
+_TPM_KEY_TYPES = ("rsa", "ecc")
 
 
-def _env_flag(parser: argparse.ArgumentParser, flag: str, *, required: bool, **kwargs: object) -> None:
+def _env_flag(parser: argparse._ActionsContainer, flag: str, *, required: bool, **kwargs: object) -> None:
     """A flag that defaults from its environment variable, required only when that is unset too."""
     dest = flag.lstrip("-").replace("-", "_")
     env = _ENV[dest]
@@ -94,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="custodian TLS CA certificate (PEM) the enclave will pin",
     )
     manifest.add_argument("--out", required=True, metavar="FILE", help="where to write the manifest")
+    _tpm_flags(manifest, serve=False)
+    manifest.add_argument(
+        "--register",
+        action="append",
+        default=[],
+        metavar="NAME=HEX",
+        help="tdx, sev-snp, sgx: a register's reference value (e.g. mrtd=..., measurement=..., "
+        "mrenclave=...), as the operator measured it; repeatable",
+    )
 
     serve = commands.add_parser(
         "serve",
@@ -138,7 +165,102 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="written (atomically, JSON) once serving: bound addresses, instance id, model hash",
     )
+    _tpm_flags(serve, serve=True)
+    tee = serve.add_argument_group("platforms tdx, sev-snp, sgx")
+    tee.add_argument(
+        "--tsm-report",
+        type=Path,
+        metavar="DIR",
+        help="tdx, sev-snp: the configfs-tsm report directory (default /sys/kernel/config/tsm/report)",
+    )
+    tee.add_argument(
+        "--tsm-entry",
+        type=Path,
+        metavar="DIR",
+        help="tdx, sev-snp: use this configfs-tsm report entry as it is instead of making one",
+    )
+    tee.add_argument(
+        "--gramine-root",
+        type=Path,
+        metavar="DIR",
+        help="sgx: Gramine's attestation interface (default /dev/attestation)",
+    )
     return parser
+
+
+def _tee_options(args: argparse.Namespace) -> TeeOptions | None:
+    given = args.tsm_report or args.tsm_entry or args.gramine_root
+    if args.platform in TSM_PLATFORMS:
+        if args.gramine_root:
+            raise ConfigError("--gramine-root is for --platform sgx")
+    elif args.platform == SGX_PLATFORM:
+        if args.tsm_report or args.tsm_entry:
+            raise ConfigError("--tsm-report and --tsm-entry are for --platform tdx or sev-snp")
+    elif given:
+        raise ConfigError("--tsm-report, --tsm-entry and --gramine-root are for tdx, sev-snp and sgx")
+    return TeeOptions(tsm_report=args.tsm_report, tsm_entry=args.tsm_entry, gramine_root=args.gramine_root)
+
+
+def _tpm_flags(parser: argparse.ArgumentParser, *, serve: bool) -> None:
+    group = parser.add_argument_group("platform tpm")
+    _env_flag(
+        group,
+        "--tpm",
+        required=False,
+        metavar="TCTI",
+        help="the TPM, as a TCTI string: device:/dev/tpmrm0, swtpm:host=127.0.0.1,port=2321, mssim:...",
+    )
+    group.add_argument(
+        "--tpm-pcr",
+        type=int,
+        default=DEFAULT_APP_PCR,
+        metavar="N",
+        help=f"application PCR the measurement log is extended into (default {DEFAULT_APP_PCR})",
+    )
+    if serve:
+        group.add_argument(
+            "--tpm-key", choices=_TPM_KEY_TYPES, default="rsa", help="EK and AK key type (default rsa)"
+        )
+    group.add_argument(
+        "--tpm-quote-pcrs",
+        default="",
+        metavar="LIST",
+        help="boot PCRs quoted besides the application PCR, e.g. 0-7 or 0,2,4-7",
+    )
+    if not serve:
+        group.add_argument(
+            "--pcr-value",
+            action="append",
+            default=[],
+            metavar="pcr.BANK.N=HEX",
+            help="a boot PCR's reference value, instead of (or besides) reading it from --tpm; repeatable",
+        )
+        group.add_argument(
+            "--tpm-ek-roots",
+            metavar="FILE",
+            help="CA certificates (PEM) that the TPM's EK certificate must chain to; without them the "
+            "custodian refuses to enrol the enclave",
+        )
+
+
+def _tpm_options(args: argparse.Namespace, *, serve: bool) -> TpmOptions | None:
+    if args.platform != TPM_PLATFORM:
+        if args.tpm or args.tpm_quote_pcrs or (not serve and (args.pcr_value or args.tpm_ek_roots)):
+            raise ConfigError("the --tpm flags are for --platform tpm")
+        return None
+    from enclave._daemon.tpm_device import parse_pcr_list
+
+    try:
+        quote_pcrs = parse_pcr_list(args.tpm_quote_pcrs)
+    except ValueError as exc:
+        raise ConfigError(f"--tpm-quote-pcrs: {exc}") from None
+    if args.tpm is None:
+        if serve or not args.pcr_value:
+            raise ConfigError("--platform tpm needs --tpm TCTI" + ("" if serve else " or --pcr-value"))
+        return None
+    if serve:
+        return TpmOptions(args.tpm, app_pcr=args.tpm_pcr, quote_pcrs=quote_pcrs, key_type=args.tpm_key)
+    return TpmOptions(args.tpm, app_pcr=args.tpm_pcr, quote_pcrs=quote_pcrs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -162,7 +284,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _manifest(args: argparse.Namespace) -> int:
-    reference = reference_values(args.platform, custodian_ca_der(_read(args.custodian_ca, "--custodian-ca")))
+    ca_der = custodian_ca_der(_read(args.custodian_ca, "--custodian-ca"))
+    registers = None
+    ek_roots = ""
+    if args.platform == TPM_PLATFORM:
+        given = parse_assignments(args.pcr_value, "--pcr-value")
+        registers = tpm_boot_registers(_tpm_options(args, serve=False), given, app_pcr=args.tpm_pcr)
+        if args.tpm_ek_roots:
+            ek_roots = _read(args.tpm_ek_roots, "--tpm-ek-roots").decode(errors="replace")
+        else:
+            print(
+                "warning: no --tpm-ek-roots: the custodian will refuse to enrol this enclave", file=sys.stderr
+            )
+    else:
+        _tpm_options(args, serve=False)
+    if args.register and args.platform not in (*TSM_PLATFORMS, SGX_PLATFORM):
+        raise ConfigError("--register is for --platform tdx, sev-snp or sgx")
+    if args.platform in (*TSM_PLATFORMS, SGX_PLATFORM):
+        registers = parse_assignments(args.register, "--register")
+    reference = reference_values(
+        args.platform, ca_der, registers=registers, tpm_app_pcr=args.tpm_pcr, tpm_ek_roots=ek_roots
+    )
+    reference = ReferenceValues.from_toml(reference.to_toml())  # what the custodian will read
     _write_atomically(Path(args.out), reference.to_toml().encode())
     if reference.allow_simulation:
         print(f"SIMULATION: this manifest allows simulated evidence. {SIMULATION_WARNING}", file=sys.stderr)
@@ -199,7 +342,10 @@ def _serve(args: argparse.Namespace) -> int:
         metrics_listen=args.metrics,
         ready_file=Path(args.ready_file) if args.ready_file else None,
     )
-    attester = attester_for(config.platform)
+    new_attester = attester_factory(
+        config.platform, tpm=_tpm_options(args, serve=True), tee=_tee_options(args)
+    )
+    attester = new_attester()
     if attester.simulated:
         print(f"WARNING: SIMULATION. {SIMULATION_WARNING}", file=sys.stderr, flush=True)
 
@@ -215,7 +361,7 @@ def _serve(args: argparse.Namespace) -> int:
                 flush=True,
             )
 
-    asyncio.run(_run(Daemon(config, attester, on_ready=on_ready)))
+    asyncio.run(_run(Daemon(config, attester, on_ready=on_ready, new_attester=new_attester)))
     return 0
 
 

@@ -5,6 +5,12 @@ custodian CA from its measured configuration, asks for a challenge, and
 answers with evidence over claims holding that nonce, its public key, the
 deployment and its measurement log, plus a CSR for the same key and the join
 token. What comes back opens the mutual-TLS gateway.
+
+On the tpm platform the request also carries the EK public key and
+certificate; the custodian answers with a credential for that EK and the
+evidence's AK, which the TPM activates, and the recovered secret goes back in
+``ActivateCredential``. Its answer holds the certificate, and a certificate
+for the AK that all later evidence carries.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from enclave._daemon.errors import (
     ProtocolError,
 )
 from enclave._daemon.measured import MeasuredIdentity
+from enclave._daemon.tpm_device import TpmAttester, TpmDeviceError
 from enclave.identity import ENCLAVE_TLS_NAME, private_key_pem, public_key_der
 from protos import custos_pb2, custos_pb2_grpc
 
@@ -99,13 +106,41 @@ async def enrol(config: DaemonConfig, identity: MeasuredIdentity) -> Enrolment:
             claims=claims,
             csr=certificate_request(identity.key),
         )
+        tpm = identity.attester if isinstance(identity.attester, TpmAttester) else None
+        if tpm is not None:
+            request.tpm_ek_public = tpm.ek_public
+            request.tpm_ek_certificate = tpm.ek_certificate or b""
         try:
             reply = await stub.Enrol(request, timeout=config.call_timeout)
+            if reply.HasField("credential"):
+                if tpm is None:
+                    raise ProtocolError("custodian sent a TPM credential to an enclave without a TPM")
+                secret = await asyncio.to_thread(_activate, tpm, reply.credential)
+                activation = custos_pb2.ActivateCredentialRequest(
+                    challenge_id=reply.credential.challenge_id, secret=secret
+                )
+                reply = await stub.ActivateCredential(activation, timeout=config.call_timeout)
         except grpc.aio.AioRpcError as exc:
             raise _enrol_error(exc, config) from None
     enrolment = _check_enrolment(reply, identity, config)
+    if reply.ak_certificate:
+        if tpm is None:
+            raise ProtocolError("custodian sent an AK certificate to an enclave without a TPM")
+        try:
+            tpm.use_ak_certificate(reply.ak_certificate)
+        except ValueError as exc:
+            raise ProtocolError(f"custodian issued an unusable AK certificate: {exc}") from None
     logger.info("enrolled as instance %s (gateway %s)", enrolment.instance_id, enrolment.gateway)
     return enrolment
+
+
+def _activate(tpm: TpmAttester, credential: custos_pb2.CredentialChallenge) -> bytes:
+    """The credential's secret; empty where the TPM refuses it, so the custodian records why."""
+    try:
+        return tpm.activate_credential(credential.credential_blob, credential.encrypted_secret)
+    except TpmDeviceError as exc:
+        logger.error("%s", exc)
+        return b""
 
 
 def certificate_request(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -2,46 +2,185 @@
 
 Everything the enclave attests to goes through here, so the log the claims
 carry is always exactly what was folded into the platform's register.
+
+Attesters for the hardware platforms are imported only when chosen, so the
+daemon runs without their libraries (libtss2 for ``tpm``) on other platforms.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from enclave._daemon.errors import ConfigError
 from enclave.attestation import AttestedClaims, Attester, MeasurementEvent, ReferenceValues, measurement, sim
+from enclave.attestation.tpm import DEFAULT_APP_PCR
 from enclave.identity import generate_identity_key, public_key_der
+
+if TYPE_CHECKING:
+    from enclave._daemon.tpm_device import TpmAttester
 
 logger = logging.getLogger(__name__)
 
-_ATTESTERS: dict[str, type[Attester]] = {sim.PLATFORM: sim.SimAttester}
-ATTESTER_PLATFORMS = tuple(sorted(_ATTESTERS))
+TPM_PLATFORM = "tpm"
+TSM_PLATFORMS = ("sev-snp", "tdx")
+SGX_PLATFORM = "sgx"
+ATTESTER_PLATFORMS = tuple(sorted((sim.PLATFORM, TPM_PLATFORM, SGX_PLATFORM, *TSM_PLATFORMS)))
 # Registers a platform sets before the enclave runs, which a manifest pins.
 _BOOT_REGISTERS: dict[str, dict[str, str]] = {sim.PLATFORM: {sim.BOOT_REGISTER: sim.BOOT_MEASUREMENT.hex()}}
+_PCR_REGISTER = re.compile(r"^pcr\.(sha256|sha384)\.(\d{1,2})$")
+_DIGEST_HEX = {"sha256": 64, "sha384": 96}
+
+
+@dataclass(frozen=True)
+class TpmOptions:
+    """How ``--platform tpm`` reaches its TPM and what it quotes."""
+
+    tcti: str
+    app_pcr: int = DEFAULT_APP_PCR
+    quote_pcrs: tuple[int, ...] = ()
+    key_type: str = "rsa"
+
+
+def open_tpm(options: TpmOptions) -> TpmAttester:
+    """A :class:`~enclave._daemon.tpm_device.TpmAttester` on ``options.tcti``; raises ``TpmDeviceError``."""
+    from enclave._daemon.tpm_device import TpmAttester
+
+    try:
+        return TpmAttester(
+            options.tcti, app_pcr=options.app_pcr, quote_pcrs=options.quote_pcrs, key_type=options.key_type
+        )
+    except ValueError as exc:
+        raise ConfigError(f"--platform tpm: {exc}") from None
+
+
+@dataclass(frozen=True)
+class TeeOptions:
+    """Where the TDX / SEV-SNP (configfs-tsm) and SGX (Gramine) attesters find their interfaces.
+
+    ``None`` is the kernel's or Gramine's own path. ``tsm_entry`` is a report
+    entry made beforehand (by an operator, or a replay in tests), used as is.
+    """
+
+    tsm_report: Path | None = None
+    tsm_entry: Path | None = None
+    gramine_root: Path | None = None
+
+
+def attester_factory(
+    platform: str, *, tpm: TpmOptions | None = None, tee: TeeOptions | None = None
+) -> Callable[[], Attester]:
+    """What opens a fresh attester for ``platform`` (once at start, again after zeroizing)."""
+    if platform == sim.PLATFORM:
+        return sim.SimAttester
+    if platform in TSM_PLATFORMS or platform == SGX_PLATFORM:
+        return lambda: _open_tee(platform, tee or TeeOptions())
+    if platform == TPM_PLATFORM:
+        if tpm is None:
+            raise ConfigError("--platform tpm needs --tpm TCTI (e.g. device:/dev/tpmrm0)")
+        return lambda: open_tpm(tpm)
+    known = ", ".join(ATTESTER_PLATFORMS)
+    raise ConfigError(f"no attester for platform {platform!r} (known: {known})")
+
+
+def _open_tee(platform: str, options: TeeOptions) -> Attester:
+    from enclave._daemon import tsm
+
+    if platform == SGX_PLATFORM:
+        return tsm.GramineAttester(options.gramine_root or tsm.GRAMINE_ROOT)
+    configfs = tsm.ConfigfsTsm(options.tsm_report or tsm.TSM_REPORT_ROOT, entry=options.tsm_entry)
+    return tsm.TsmAttester(platform, tsm=configfs)
 
 
 def attester_for(platform: str) -> Attester:
-    try:
-        return _ATTESTERS[platform]()
-    except KeyError:
-        known = ", ".join(ATTESTER_PLATFORMS)
-        raise ConfigError(f"no attester for platform {platform!r} (known: {known})") from None
+    return attester_factory(platform)()
 
 
-def reference_values(platform: str, custodian_ca_der: bytes) -> ReferenceValues:
-    """The manifest of this build on ``platform``, trusting the given custodian CA."""
-    if platform not in _ATTESTERS:
+def reference_values(
+    platform: str,
+    custodian_ca_der: bytes,
+    *,
+    registers: Mapping[str, str] | None = None,
+    tpm_app_pcr: int = DEFAULT_APP_PCR,
+    tpm_ek_roots: str = "",
+) -> ReferenceValues:
+    """The manifest of this build on ``platform``, trusting the given custodian CA.
+
+    ``tpm_ek_roots`` (PEM) are checked when the manifest is parsed.
+
+    ``registers`` are the platform's boot registers (hex) for a hardware
+    platform, as read from the machine or given by its operator; the sim
+    platform has fixed ones.
+    """
+    if platform not in ATTESTER_PLATFORMS:
         raise ConfigError(f"no manifest for platform {platform!r} (known: {', '.join(ATTESTER_PLATFORMS)})")
+    if platform == sim.PLATFORM:
+        if registers:
+            raise ConfigError("the sim platform's registers are fixed")
+        registers = _BOOT_REGISTERS[platform]
+    for name, value in (registers or {}).items():
+        if not name or not re.fullmatch(r"(?:[0-9a-f]{2})+", value):
+            raise ConfigError(f"register {name!r} must be a name and an even number of lowercase hex digits")
     return ReferenceValues(
         platform=platform,
-        allow_simulation=_ATTESTERS[platform].simulated,
+        allow_simulation=platform == sim.PLATFORM,
         custodian_ca_sha256=measurement.custodian_ca_sha256(custodian_ca_der),
         code_sha384=measurement.code_sha384().hex(),
-        registers=dict(_BOOT_REGISTERS[platform]),
+        registers=dict(registers or {}),
+        tpm_app_pcr=tpm_app_pcr,
+        tpm_ek_roots=tpm_ek_roots,
     )
+
+
+def tpm_boot_registers(
+    options: TpmOptions | None, given: Mapping[str, str], *, app_pcr: int = DEFAULT_APP_PCR
+) -> dict[str, str]:
+    """Boot PCR reference values: read from the TPM (``options``), then the operator's ``given`` on top.
+
+    Never the application PCR: it holds this enclave's measurement log, which
+    the verifier replays instead.
+    """
+    registers: dict[str, str] = {}
+    if options is not None:
+        pcrs = tuple(p for p in options.quote_pcrs if p != options.app_pcr)
+        if pcrs:
+            attester = open_tpm(options)
+            try:
+                bank = attester.log_bank
+                values = attester.read_pcrs(pcrs)
+            finally:
+                attester.close()
+            registers.update({f"pcr.{bank}.{i}": v.hex() for i, v in sorted(values.items())})
+        app_pcr = options.app_pcr
+    for name, value in given.items():
+        match = _PCR_REGISTER.match(name)
+        if match is None or int(match[2]) > 23:
+            raise ConfigError(f"--pcr-value {name!r} is not pcr.sha256.N or pcr.sha384.N (N in 0-23)")
+        if int(match[2]) == app_pcr:
+            raise ConfigError(f"PCR {app_pcr} is the application PCR: the measurement log pins it")
+        text = value.lower()
+        if len(text) != _DIGEST_HEX[match[1]] or not re.fullmatch(r"[0-9a-f]*", text):
+            raise ConfigError(f"--pcr-value {name} must be {_DIGEST_HEX[match[1]] // 2} bytes of hex")
+        registers[name] = text
+    return registers
+
+
+def parse_assignments(items: Sequence[str], flag: str) -> dict[str, str]:
+    """``NAME=VALUE`` flag values as a mapping."""
+    parsed: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise ConfigError(f"{flag} must be NAME=HEX, got {item!r}")
+        parsed[name.strip()] = value.strip().lower()
+    return parsed
 
 
 class MeasuredIdentity:

@@ -21,9 +21,10 @@ What it does with the TPM:
   requires the PCR to be unextended since the TPM's last reset, because the
   verifier replays the log from zero.
 * ``collect``: ``TPM2_Quote`` of the log bank over the application PCR and the
-  configured extra PCRs (e.g. boot PCRs 0-7), qualifyingData = the 64-byte
-  report data, then the PCR values; the attester checks the result with the
-  verifier before returning it (and quotes again if a PCR moved in between).
+  configured extra PCRs (e.g. boot PCRs 0-7), qualifyingData = SHA-256 of the
+  64-byte report data (a TPM takes no more than its largest digest), then
+  the PCR values; the attester checks the result with the verifier before
+  returning it (and quotes again if a PCR moved in between).
 * ``activate_credential``: ``TPM2_ActivateCredential`` with the EK authorised
   by ``PolicySecret(TPM_RH_ENDORSEMENT)``.
 
@@ -51,7 +52,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from enclave._daemon.errors import DaemonError
 from enclave.attestation.interface import REPORT_DATA_SIZE, Attester, Evidence
-from enclave.attestation.tpm import DEFAULT_APP_PCR, PLATFORM, verify_quote
+from enclave.attestation.tpm import DEFAULT_APP_PCR, PLATFORM, qualifying_data, verify_quote
 from enclave.attestation.tpm_ak import load_ak, load_certificates
 from enclave.attestation.tpm_credential import object_name
 from enclave.attestation.tpm_structures import DIGEST_SIZES, HASH_IDS, parse_public
@@ -239,10 +240,10 @@ class TpmAttester(Attester):
         with self._lock:
             failure: EvidenceError | None = None
             for _ in range(_QUOTE_ATTEMPTS):
-                quote, signature = self._quote(report_data)
+                quote, signature = self._quote(qualifying_data(report_data))
                 pcrs = {self.log_bank: self._read_pcrs(self.log_bank, self.quote_pcrs)}
                 try:
-                    verify_quote(quote, signature, self._ak.public, pcrs, nonce=report_data)
+                    verify_quote(quote, signature, self._ak.public, pcrs, nonce=qualifying_data(report_data))
                 except EvidenceError as exc:  # a PCR was extended between the quote and the read
                     logger.info("TPM quote does not match the PCRs read after it (%s); quoting again", exc)
                     failure = exc
@@ -524,21 +525,15 @@ class TpmAttester(Attester):
             wanted = [i for i in indices if i not in values]
         return values
 
-    def _quote(self, report_data: bytes) -> tuple[bytes, bytes]:
+    def _quote(self, qualifying: bytes) -> tuple[bytes, bytes]:
         tss = self._tss
         with self._loaded(self._ak) as ak:
             try:
                 quote, signature = self._esys.quote(
-                    ak, self._selection(self.log_bank, self.quote_pcrs), report_data
+                    ak, self._selection(self.log_bank, self.quote_pcrs), qualifying
                 )
             except tss.TSS2_Exception as exc:
-                hint = ""
-                if exc.error == tss.TPM2_RC.SIZE:
-                    hint = (
-                        f" (the TPM takes no {REPORT_DATA_SIZE}-byte qualifying data: "
-                        "TPM2B_DATA is as large as its largest hash, and it implements no SHA-512)"
-                    )
-                raise TpmDeviceError(f"TPM2_Quote failed: {exc}{hint}") from exc
+                raise TpmDeviceError(f"TPM2_Quote failed: {exc}") from exc
         return bytes(quote), bytes(signature.marshal())
 
     def _unmarshal(self, kind: Any, data: bytes, what: str) -> Any:

@@ -14,6 +14,7 @@ from enclave.attestation.interface import Evidence, PlatformClaims
 from enclave.attestation.manifest import ReferenceValues
 from enclave.attestation.platforms import verifier_for
 from enclave.attestation.sim import SIMULATION_WARNING
+from enclave.attestation.tpm import TpmVerifier
 from enclave.errors import BindingError, EvidenceError, PolicyError
 
 logger = logging.getLogger(__name__)
@@ -48,12 +49,18 @@ def appraise(
     deployment: str | None = None,
     require_model: bool = False,
     collateral: Mapping[str, bytes] | None = None,
+    tpm_credential: bool = False,
 ) -> Appraisal:
     """Raise an ``AttestationError`` subclass naming the first failed step.
 
     ``nonce`` and ``public_key`` are what the relying party expects the claims
     to carry; ``None`` skips that comparison (only for a certificate's embedded
     evidence, whose freshness a later ``Attest(nonce)`` call establishes).
+
+    For ``tpm`` evidence the AK must be certified by one of the manifest's
+    ``[tpm] ak_roots``; ``tpm_credential`` waives that for a caller that
+    establishes trust in the AK itself, by credential activation against an
+    EK certificate (the custodian at enrolment), before relying on the result.
     """
     parsed_evidence = Evidence.from_bytes(evidence)
     parsed_claims = AttestedClaims.from_bytes(claims)
@@ -75,6 +82,10 @@ def appraise(
         raise BindingError(f"claims are for deployment {parsed_claims.deployment!r}, expected {deployment!r}")
 
     verifier = verifier_for(parsed_evidence.platform)
+    if isinstance(verifier, TpmVerifier):
+        verifier = TpmVerifier(app_pcr=reference.tpm_app_pcr)
+        if reference.tpm_ak_roots and not tpm_credential:
+            collateral = {**(collateral or {}), "ak_roots": reference.tpm_ak_roots.encode()}
     platform_claims = verifier.verify(
         parsed_evidence, report_data=parsed_claims.report_data(), now=now, collateral=collateral
     )
@@ -84,7 +95,13 @@ def appraise(
             raise EvidenceError(f"evidence lacks the log register {platform_claims.log_register}")
         if replay(parsed_claims.log, platform_claims.log_hash) != register:
             raise BindingError(f"measurement log does not replay to register {platform_claims.log_register}")
-    policy.check(parsed_claims, platform_claims, reference, require_model=require_model)
+    policy.check(
+        parsed_claims,
+        platform_claims,
+        reference,
+        require_model=require_model,
+        ak_trust_by_credential=tpm_credential,
+    )
     if platform_claims.simulated:
         logger.warning(SIMULATION_WARNING)
     return Appraisal(claims=parsed_claims, platform=platform_claims)

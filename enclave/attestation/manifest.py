@@ -12,11 +12,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from enclave.attestation.tpm import DEFAULT_APP_PCR
 from enclave.errors import ManifestError
 
 MANIFEST_FORMAT = "custos-manifest/1"
 MAX_MANIFEST_BYTES = 64 * 1024
 _HEX = re.compile(r"^[0-9a-f]*$")
+DEFAULT_TCB_STATUSES = ("UpToDate",)
+DCAP_PLATFORMS = ("sgx", "tdx")
+TEE_PLATFORMS = ("sev-snp", "sgx", "tdx")
 
 
 @dataclass(frozen=True)
@@ -28,6 +35,19 @@ class ReferenceValues:
     allowed_model_sha384: tuple[str, ...] = ()
     # Expected platform registers by name (hex), e.g. {"sim.boot": "..."}.
     registers: Mapping[str, str] = field(default_factory=dict)
+    # Platform tpm ([tpm] table): the PCR the measurement log is extended into; the CA
+    # certificates (PEM) an EK certificate must chain to, checked by the custodian at
+    # enrolment before its credential challenge; the CA certificates (PEM) an AK
+    # certificate in the evidence must chain to (the custodian's enclave CA, which certifies
+    # an AK after credential activation; the custodian adds it to end users' manifests).
+    # Platforms tdx and sgx: the DCAP TCB statuses accepted (a quote whose TCB status was not
+    # evaluated, for lack of TCB info collateral, is refused). Platforms tdx, sgx, sev-snp:
+    # whether a debug TD, enclave or guest is accepted.
+    accepted_tcb_statuses: tuple[str, ...] = DEFAULT_TCB_STATUSES
+    allow_debug: bool = False
+    tpm_app_pcr: int = DEFAULT_APP_PCR
+    tpm_ek_roots: str = ""
+    tpm_ak_roots: str = ""
 
     def with_models(self, *sha384: str) -> ReferenceValues:
         merged = tuple(dict.fromkeys((*self.allowed_model_sha384, *sha384)))
@@ -47,10 +67,29 @@ class ReferenceValues:
             f'custodian_ca_sha256 = "{self.custodian_ca_sha256}"',
             f'code_sha384 = "{self.code_sha384}"',
             "allowed_model_sha384 = [" + ", ".join(f'"{m}"' for m in self.allowed_model_sha384) + "]",
+            *(
+                [
+                    "accepted_tcb_statuses = ["
+                    + ", ".join(f'"{status}"' for status in self.accepted_tcb_statuses)
+                    + "]",
+                ]
+                if self.platform in DCAP_PLATFORMS
+                else []
+            ),
+            *(
+                [f"allow_debug = {'true' if self.allow_debug else 'false'}"]
+                if self.platform in TEE_PLATFORMS
+                else []
+            ),
             "",
             "[registers]",
             *(f'"{name}" = "{value}"' for name, value in sorted(self.registers.items())),
         ]
+        if self.platform == "tpm":
+            lines += ["", "[tpm]", f"app_pcr = {self.tpm_app_pcr}"]
+            for key, pem in (("ek_roots", self.tpm_ek_roots), ("ak_roots", self.tpm_ak_roots)):
+                if pem:  # a TOML literal string: PEM holds no quote
+                    lines.append(f"{key} = '''\n{pem.strip()}\n'''")
         return "\n".join(lines) + "\n"
 
     @classmethod
@@ -76,14 +115,46 @@ class ReferenceValues:
         registers = doc.get("registers", {})
         if not isinstance(registers, dict):
             raise ManifestError("manifest [registers] must be a table")
+        tpm = doc.get("tpm", {})
+        if not isinstance(tpm, dict):
+            raise ManifestError("manifest [tpm] must be a table")
+        if tpm and platform != "tpm":
+            raise ManifestError(f"manifest has a [tpm] table but its platform is {platform!r}")
+        app_pcr = tpm.get("app_pcr", DEFAULT_APP_PCR)
+        if isinstance(app_pcr, bool) or not isinstance(app_pcr, int) or not 0 <= app_pcr <= 23:
+            raise ManifestError("manifest [tpm] app_pcr must be a PCR index, 0-23")
+        statuses = doc.get("accepted_tcb_statuses", list(DEFAULT_TCB_STATUSES))
+        if not isinstance(statuses, list) or not all(isinstance(x, str) and x for x in statuses):
+            raise ManifestError("manifest accepted_tcb_statuses must be a list of TCB status names")
+        allow_debug = doc.get("allow_debug", False)
+        if not isinstance(allow_debug, bool):
+            raise ManifestError("manifest allow_debug must be true or false")
         return cls(
             platform=platform,
+            accepted_tcb_statuses=tuple(statuses),
+            allow_debug=allow_debug,
             allow_simulation=allow_sim,
             custodian_ca_sha256=_digest(doc.get("custodian_ca_sha256"), 32, "custodian_ca_sha256"),
             code_sha384=_digest(doc.get("code_sha384"), 48, "code_sha384"),
             allowed_model_sha384=tuple(_digest(m, 48, "allowed_model_sha384 entry") for m in models),
             registers={str(k): _digest(v, None, f"register {k}") for k, v in registers.items()},
+            tpm_app_pcr=app_pcr,
+            tpm_ek_roots=_pem_certificates(tpm.get("ek_roots", ""), "[tpm] ek_roots"),
+            tpm_ak_roots=_pem_certificates(tpm.get("ak_roots", ""), "[tpm] ak_roots"),
         )
+
+
+def _pem_certificates(value: Any, what: str) -> str:
+    """PEM text holding one or more X.509 certificates, or empty."""
+    if not isinstance(value, str):
+        raise ManifestError(f"manifest {what} must be PEM text")
+    if not value.strip():
+        return ""
+    try:
+        certificates = x509.load_pem_x509_certificates(value.encode())
+    except ValueError as exc:
+        raise ManifestError(f"manifest {what} is not PEM certificates: {exc}") from None
+    return "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in certificates)
 
 
 def _digest(value: Any, size: int | None, what: str) -> str:

@@ -6,7 +6,7 @@ import hashlib
 
 from enclave.attestation.claims import AttestedClaims, canonical_json
 from enclave.attestation.interface import PlatformClaims
-from enclave.attestation.manifest import ReferenceValues
+from enclave.attestation.manifest import DCAP_PLATFORMS, TEE_PLATFORMS, ReferenceValues
 from enclave.errors import PolicyError
 
 
@@ -16,8 +16,14 @@ def check(
     reference: ReferenceValues,
     *,
     require_model: bool,
+    ak_trust_by_credential: bool = False,
 ) -> None:
-    """Raise ``PolicyError`` listing every way the claims miss the reference values."""
+    """Raise ``PolicyError`` listing every way the claims miss the reference values.
+
+    ``ak_trust_by_credential``: the caller establishes trust in a TPM's AK by
+    credential activation itself, so ``tpm`` evidence need not carry an AK
+    certificate (see :func:`enclave.attestation.appraisal.appraise`).
+    """
     mismatches: list[str] = []
     if platform.platform != reference.platform:
         mismatches.append(f"platform is {platform.platform!r}, manifest expects {reference.platform!r}")
@@ -29,11 +35,42 @@ def check(
             mismatches.append(f"register {name} is not in the evidence")
         elif actual.hex() != expected:
             mismatches.append(f"register {name} is {actual.hex()}, manifest expects {expected}")
+    if platform.platform == "tpm" and not ak_trust_by_credential:
+        trust = platform.details.get("ak_trust")
+        if trust != "certificate":
+            mismatches.append(
+                f"TPM attestation key trust is {trust!r}: the evidence has no AK certificate chaining "
+                "to the manifest's [tpm] ak_roots, and no credential activation vouched for it"
+            )
+    mismatches += _check_tee(platform, reference)
     mismatches += _check_code(claims, reference)
     mismatches += _check_config(claims, reference)
     mismatches += _check_model(claims, reference, require_model=require_model)
     if mismatches:
         raise PolicyError(mismatches)
+
+
+def _check_tee(platform: PlatformClaims, reference: ReferenceValues) -> list[str]:
+    """TCB status (tdx, sgx: DCAP) and debug mode (tdx, sgx, sev-snp) from the verifier's details."""
+    problems: list[str] = []
+    details = platform.details
+    if platform.platform in DCAP_PLATFORMS:
+        status = details.get("tcb_status")
+        if status is None:
+            problems.append(
+                "TCB status was not evaluated (no TCB info collateral); the manifest requires one"
+            )
+        elif status not in reference.accepted_tcb_statuses:
+            accepted = ", ".join(reference.accepted_tcb_statuses)
+            problems.append(f"TCB status is {status}, manifest accepts {accepted}")
+    if platform.platform in TEE_PLATFORMS:
+        policy = details.get("policy")
+        debug = policy.get("debug") if isinstance(policy, dict) else details.get("debug")
+        if debug is not False and not reference.allow_debug:
+            problems.append(
+                "the TEE runs in debug mode (or does not say), and the manifest does not allow debug"
+            )
+    return problems
 
 
 def _single(claims: AttestedClaims, kind: str) -> tuple[list[str], bytes | None, dict[str, str]]:

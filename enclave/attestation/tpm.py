@@ -8,7 +8,9 @@ checks, in order:
 1. parse the quote, signature, AK and PCR values, each bounded in size;
 2. verify the signature over the ``TPMS_ATTEST`` bytes with the AK
    (RSASSA-PKCS1-v1_5, RSA-PSS or ECDSA on P-256/P-384; SHA-1 is refused);
-3. compare ``extraData`` with the expected qualifying data (``BindingError``);
+3. compare ``extraData`` with the expected qualifying data (``BindingError``):
+   for ``tpm`` evidence, SHA-256 of the 64-byte report data (see
+   :func:`qualifying_data`);
 4. recompute ``pcrDigest = H(PCR[i] || ...)`` over the quote's selection,
    bank by bank in selection order and each bank's PCRs ascending, with H the
    signature's hash algorithm (TPM 2.0 Part 3, ``TPM2_Quote``), and require
@@ -67,6 +69,16 @@ MAX_PCR_INDEX = 63
 MIN_RSA_BITS = 2048
 
 PcrValues = Mapping[str, Mapping[int, bytes]]
+
+
+def qualifying_data(report_data: bytes) -> bytes:
+    """The quote's qualifyingData for ``report_data``: its SHA-256.
+
+    A TPM takes qualifying data no larger than its largest digest (32 bytes on
+    a SHA-256-only TPM), so the 64-byte report data goes in hashed.
+    """
+    return hashlib.sha256(report_data).digest()
+
 
 _SIGNATURE_HASHES: Mapping[str, hashes.HashAlgorithm] = {
     "sha256": hashes.SHA256(),
@@ -275,7 +287,7 @@ class TpmVerifier(Verifier):
             evidence.part("signature"),
             ak,
             evidence.part("pcrs"),
-            nonce=report_data,
+            nonce=qualifying_data(report_data),
         )
         ak_trust = self._ak_trust(evidence, ak, now, collateral or {})
         registers = {
@@ -295,7 +307,7 @@ class TpmVerifier(Verifier):
         details.update(ak_trust=ak_trust, ak_encoding=ak.encoding)
         return PlatformClaims(
             platform=PLATFORM,
-            report_data=quote.nonce,
+            report_data=report_data,  # bound: the quote's qualifying data is its SHA-256
             registers=registers,
             simulated=False,
             log_register=f"pcr.{log_hash}.{self.app_pcr}",

@@ -176,7 +176,15 @@ class Enclave:
         return self.workdir / "enclave.log"
 
     def start(
-        self, custodian: Custodian, ca: Path, deployment: str, token: str, *, wait: bool = True
+        self,
+        custodian: Custodian,
+        ca: Path,
+        deployment: str,
+        token: str,
+        *,
+        wait: bool = True,
+        platform: str = "sim",
+        extra_args: tuple[str, ...] = (),
     ) -> Enclave:
         ready_file = self.workdir / "enclave-ready.json"
         ready_file.unlink(missing_ok=True)
@@ -195,7 +203,8 @@ class Enclave:
                 "--listen",
                 "127.0.0.1:0",
                 "--platform",
-                "sim",
+                platform,
+                *extra_args,
                 "--metrics",
                 "127.0.0.1:0",
                 "--ready-file",

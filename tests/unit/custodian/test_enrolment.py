@@ -238,12 +238,15 @@ def test_outstanding_challenges_are_bounded_and_purged_when_stale(tmp_path: Path
 
 
 def test_enrol_request_fields_match_the_wire_contract() -> None:
-    # The fake builds exactly the fields the gateway reads.
+    # The fake builds exactly the fields the gateway reads (the tpm_* ones only on platform tpm).
     assert {f.name for f in pb.EnrolRequest.DESCRIPTOR.fields} == {
         "deployment",
         "join_token",
         "evidence",
         "claims",
         "csr",
+        "tpm_ek_public",
+        "tpm_ek_certificate",
+        "tpm_ek_chain",
     }
     assert dataclasses.is_dataclass(FakeEnclave)

@@ -77,7 +77,7 @@ def test_flags_default_from_the_environment(
         pytest.param(["frobnicate"], id="unknown-command"),
         pytest.param(["manifest", "--out", "x.toml"], id="manifest-without-ca"),
         pytest.param(
-            ["manifest", "--custodian-ca", "ca.pem", "--out", "x", "--platform", "tdx"], id="platform"
+            ["manifest", "--custodian-ca", "ca.pem", "--out", "x", "--platform", "nitro"], id="platform"
         ),
         pytest.param(["serve", "--custodian-ca", "ca.pem"], id="serve-missing-flags"),
     ],

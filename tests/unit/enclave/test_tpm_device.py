@@ -77,6 +77,8 @@ class TpmEnclave:
             "purpose": "enrol",
             "deployment": "demo",
             "require_model": True,
+            # As the custodian at enrolment: AK trust comes from the credential round, not here.
+            "tpm_credential": True,
         }
         arguments.update(overrides)
         return appraise(evidence if evidence is not None else self.evidence(), **arguments)

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from enclave.attestation.interface import Evidence
-from enclave.attestation.tpm import parse_pcr_values
+from enclave.attestation.tpm import parse_pcr_values, qualifying_data
 from enclave.attestation.tpm_ak import load_ak
 from enclave.attestation.tpm_structures import ClockInfo, parse_attest, parse_public, parse_signature
 from enclave.errors import EvidenceError
@@ -190,7 +190,8 @@ class SoftwareTpm:
     def evidence(
         self, report_data: bytes, selection: Sequence[tuple[str, Sequence[int]]], **parts: bytes
     ) -> Evidence:
-        message, signature = self.quote(report_data, selection)
+        # As TpmAttester does: the TPM is qualified with the report data's SHA-256.
+        message, signature = self.quote(qualifying_data(report_data), selection)
         base = {
             "quote": message,
             "signature": signature,

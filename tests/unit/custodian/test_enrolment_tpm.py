@@ -1,0 +1,141 @@
+"""Enrolment on the tpm platform: the EK certificate and the credential round, against swtpm.
+
+Skips where swtpm or tpm2-pytss is missing, unless ``CUSTOS_REQUIRE_TPM=1``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from custodian.enrolment import CredentialChallenge, Enrolled
+from custodian.errors import RefusedError
+from enclave._daemon.config import custodian_ca_der
+from enclave._daemon.enrolment import certificate_request
+from enclave._daemon.measured import MeasuredIdentity
+from enclave._daemon.tpm_device import TpmAttester, TpmDeviceError
+from enclave.attestation import ReferenceValues, measurement
+from enclave.attestation.tpm_ak import load_ak
+from tests import tpm_support
+from tests.unit.custodian.harness import Custody, custody
+
+start_swtpm = tpm_support.swtpm_fixture()
+open_attester = tpm_support.attester_fixture()
+OpenAttester = Callable[..., TpmAttester]
+
+
+async def _lend(c: Custody, ek_roots: bytes) -> str:
+    await c.upload("m", b"\0" * 3000)
+    manifest = ReferenceValues(
+        platform="tpm",
+        allow_simulation=False,
+        custodian_ca_sha256=measurement.custodian_ca_sha256(custodian_ca_der(c.tls_ca.pem)),
+        code_sha384=measurement.code_sha384().hex(),
+        tpm_ek_roots=ek_roots.decode(),
+    )
+    return await c.deployments.create(
+        "d", model="m", manifest=manifest.to_toml(), offline_grace_seconds=30, lease_size=10
+    )
+
+
+def _measured(c: Custody, attester: TpmAttester) -> MeasuredIdentity:
+    identity = MeasuredIdentity(attester, "d")
+    identity.measure(measurement.code_event())
+    identity.measure(measurement.config_event(custodian_ca_der(c.tls_ca.pem)))
+    return identity
+
+
+async def _enrol(c: Custody, token: str, identity: MeasuredIdentity, ek: TpmAttester) -> CredentialChallenge:
+    """Enrol with ``identity``'s evidence and ``ek``'s EK (the same TPM, or not)."""
+    nonce, _ = await c.enrolment.challenge("d")
+    evidence, claims = identity.attest("enrol", nonce)
+    reply = await c.enrolment.enrol(
+        "d",
+        join_token=token,
+        evidence=evidence,
+        claims=claims,
+        csr=certificate_request(identity.key),
+        tpm_ek_public=ek.ek_public,
+        tpm_ek_certificate=ek.ek_certificate or b"",
+    )
+    assert isinstance(reply, CredentialChallenge)
+    return reply
+
+
+def _activate(attester: TpmAttester, challenge: CredentialChallenge) -> bytes:
+    return attester.activate_credential(challenge.credential_blob, challenge.encrypted_secret)
+
+
+async def _last_refusal(c: Custody) -> str:
+    async with c.ledger.transaction() as tx:
+        last = (await tx.audit_entries(last=1))[0]
+    assert last.action == "enrol.refuse"
+    return f"{last.detail['reason']}: {last.detail['detail']}"
+
+
+def test_activated_credential_admits_the_enclave_and_certifies_its_ak(
+    tmp_path: Path, start_swtpm: tpm_support.StartSwtpm, open_attester: OpenAttester
+) -> None:
+    attester = open_attester()
+
+    async def scenario() -> None:
+        async with custody(tmp_path) as c:
+            token = await _lend(c, start_swtpm.ca.root_pem + start_swtpm.ca.intermediate_pem)
+            identity = _measured(c, attester)
+            challenge = await _enrol(c, token, identity, attester)
+            with pytest.raises(RefusedError, match="not in the same TPM"):
+                await c.enrolment.activate(challenge.challenge_id, b"\0" * 32)
+            assert (await _last_refusal(c)).startswith("credential")
+            with pytest.raises(RefusedError, match="already used"):
+                await c.enrolment.activate(challenge.challenge_id, _activate(attester, challenge))
+
+            challenge = await _enrol(c, token, identity, attester)
+            enrolled = await c.enrolment.activate(challenge.challenge_id, _activate(attester, challenge))
+            assert isinstance(enrolled, Enrolled)
+            ak_certificate = x509.load_pem_x509_certificate(enrolled.ak_certificate_pem)
+            ak_certificate.verify_directly_issued_by(c.enclave_ca.certificate)
+            certified = ak_certificate.public_key().public_bytes(
+                Encoding.DER, PublicFormat.SubjectPublicKeyInfo
+            )
+            assert certified == load_ak(attester.ak_public).spki()
+            attester.use_ak_certificate(enrolled.ak_certificate_pem)
+
+    asyncio.run(scenario())
+
+
+def test_an_ak_from_another_tpm_cannot_activate_the_credential(
+    tmp_path: Path, start_swtpm: tpm_support.StartSwtpm, open_attester: OpenAttester
+) -> None:
+    certified, other = open_attester(), open_attester(start_swtpm("blank"))
+
+    async def scenario() -> None:
+        async with custody(tmp_path) as c:
+            token = await _lend(c, start_swtpm.ca.root_pem + start_swtpm.ca.intermediate_pem)
+            # The other TPM's AK signed the evidence; the EK and its certificate are the certified TPM's.
+            challenge = await _enrol(c, token, _measured(c, other), certified)
+            with pytest.raises(TpmDeviceError, match="not made for this TPM"):
+                _activate(other, challenge)
+            with pytest.raises(RefusedError, match="not in the same TPM"):
+                await c.enrolment.activate(challenge.challenge_id, b"")
+
+    asyncio.run(scenario())
+
+
+def test_an_ek_certificate_outside_the_manifest_roots_is_refused(
+    tmp_path: Path, start_swtpm: tpm_support.StartSwtpm, open_attester: OpenAttester
+) -> None:
+    attester = open_attester()
+
+    async def scenario() -> None:
+        async with custody(tmp_path) as c:
+            token = await _lend(c, c.tls_ca.pem)
+            with pytest.raises(RefusedError, match="EK certificate is not trusted"):
+                await _enrol(c, token, _measured(c, attester), attester)
+            assert (await _last_refusal(c)).startswith("ek")
+
+    asyncio.run(scenario())

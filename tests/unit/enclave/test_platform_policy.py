@@ -1,0 +1,132 @@
+"""Policy for the hardware platforms: TPM AK trust, DCAP TCB status, debug mode; their manifest fields."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from enclave.attestation import AttestedClaims, PlatformClaims, ReferenceValues, policy
+from enclave.errors import ManifestError, PolicyError
+
+
+def _reference(platform: str, **changes: Any) -> ReferenceValues:
+    return ReferenceValues(
+        platform=platform,
+        allow_simulation=False,
+        custodian_ca_sha256="00" * 32,
+        code_sha384="00" * 48,
+        **changes,
+    )
+
+
+def _mismatches(platform: str, details: dict[str, Any], reference: ReferenceValues, **options: Any) -> str:
+    claims = AttestedClaims(
+        nonce=bytes(32), public_key=b"k", deployment="d", platform=platform, purpose="attest", log=()
+    )
+    evidence = PlatformClaims(
+        platform=platform,
+        report_data=bytes(64),
+        registers={},
+        simulated=False,
+        log_register=None,
+        log_hash="sha384",
+        details=details,
+    )
+    # The empty log always misses the code and config events; the platform checks are what is asserted.
+    with pytest.raises(PolicyError) as caught:
+        policy.check(claims, evidence, reference, require_model=False, **options)
+    return str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("trust", "options", "refused"),
+    [
+        pytest.param("none", {}, True, id="no-ak-certificate"),
+        pytest.param("certificate", {}, False, id="ak-certificate"),
+        pytest.param("none", {"ak_trust_by_credential": True}, False, id="custodian-credential-round"),
+    ],
+)
+def test_tpm_evidence_needs_established_ak_trust(trust: str, options: dict[str, Any], refused: bool) -> None:
+    text = _mismatches("tpm", {"ak_trust": trust}, _reference("tpm"), **options)
+    assert ("attestation key trust" in text) is refused
+
+
+@pytest.mark.parametrize(
+    ("platform", "details", "changes", "expected"),
+    [
+        pytest.param("tdx", {"tcb_status": "UpToDate", "debug": False}, {}, None, id="tdx-up-to-date"),
+        pytest.param(
+            "tdx",
+            {"tcb_status": "OutOfDate", "debug": False},
+            {},
+            "TCB status is OutOfDate",
+            id="tdx-out-of-date",
+        ),
+        pytest.param(
+            "sgx",
+            {"tcb_status": "OutOfDate", "debug": False},
+            {"accepted_tcb_statuses": ("UpToDate", "OutOfDate")},
+            None,
+            id="sgx-accepted-status",
+        ),
+        pytest.param("tdx", {"tcb_status": None, "debug": False}, {}, "not evaluated", id="tdx-no-tcb-info"),
+        pytest.param("tdx", {"tcb_status": "UpToDate", "debug": True}, {}, "debug", id="tdx-debug"),
+        pytest.param(
+            "tdx",
+            {"tcb_status": "UpToDate", "debug": True},
+            {"allow_debug": True},
+            None,
+            id="tdx-debug-allowed",
+        ),
+        pytest.param("sev-snp", {"policy": {"debug": True}}, {}, "debug", id="snp-debug"),
+        pytest.param("sev-snp", {"policy": {"debug": False}}, {}, None, id="snp-no-debug"),
+        pytest.param("sev-snp", {}, {}, "debug", id="snp-debug-unknown"),
+    ],
+)
+def test_tee_tcb_status_and_debug(
+    platform: str, details: dict[str, Any], changes: dict[str, Any], expected: str | None
+) -> None:
+    text = _mismatches(platform, details, _reference(platform, **changes))
+    if expected is None:
+        assert "TCB status" not in text
+        assert "debug" not in text
+    else:
+        assert expected in text
+
+
+@pytest.mark.parametrize("platform", ["tdx", "sev-snp", "sgx", "tpm", "sim"])
+def test_platform_manifest_fields_round_trip(platform: str) -> None:
+    reference = _reference(
+        platform, allow_debug=True, accepted_tcb_statuses=("UpToDate", "SWHardeningNeeded")
+    )
+    if platform == "tpm":
+        reference = _reference(platform, tpm_app_pcr=14)
+    parsed = ReferenceValues.from_toml(reference.to_toml())
+    assert parsed.tpm_app_pcr == reference.tpm_app_pcr
+    if platform in ("tdx", "sgx"):
+        assert parsed.accepted_tcb_statuses == ("UpToDate", "SWHardeningNeeded")
+    if platform in ("tdx", "sgx", "sev-snp"):
+        assert parsed.allow_debug
+
+
+@pytest.mark.parametrize(
+    ("top", "tpm", "match"),
+    [
+        pytest.param("", "app_pcr = 99", "app_pcr", id="pcr-out-of-range"),
+        pytest.param("", 'ek_roots = "not pem"', "ek_roots", id="ek-roots-not-pem"),
+        pytest.param('allow_debug = "yes"', "", "allow_debug", id="allow-debug-not-bool"),
+        pytest.param("accepted_tcb_statuses = [1]", "", "accepted_tcb_statuses", id="statuses-not-names"),
+    ],
+)
+def test_bad_platform_manifest_fields_are_refused(top: str, tpm: str, match: str) -> None:
+    text = (
+        _reference("tpm").to_toml().replace("app_pcr = 15", tpm).replace("[registers]", f"{top}\n[registers]")
+    )
+    with pytest.raises(ManifestError, match=match):
+        ReferenceValues.from_toml(text)
+
+
+def test_a_tpm_table_on_another_platform_is_refused() -> None:
+    with pytest.raises(ManifestError, match=r"\[tpm\]"):
+        ReferenceValues.from_toml(_reference("sim").to_toml() + "\n[tpm]\napp_pcr = 15\n")
