@@ -20,14 +20,13 @@ in turn signs the TPM quote. :func:`verify_az_vtpm` checks the two TPM-side
 links: REPORT_DATA[0:len(H)] = H(runtime JSON), and the quote signed by
 ``HCLAkPub``.
 
-NOT YET CHECKED HERE: the hardware report's own signature chain. The SEV-SNP
-report must still be verified with the VCEK chain, and for TDX the separate TD
-quote must be verified and its report body matched to this TDREPORT (whose MAC
-only the TDX module can check). :attr:`HclReport.hardware_report` exposes the
-exact bytes for that, and :class:`AzureVtpmClaims` says
-``hardware_report_verified = False`` until a platform verifier completes it.
-Until then a passing result proves only that the quote, the AK and the runtime
-data are consistent with that hardware report.
+``verify_az_vtpm`` checks those two links; ``complete_hardware_chain`` then
+anchors the hardware report itself: the SEV-SNP report with its VCEK chain to
+the AMD root, or for TDX the separate TD quote to the Intel root, matched to
+this TDREPORT (whose MAC only the TDX module can check) by REPORT_DATA, MRTD
+and RTMRs. Until then :class:`AzureVtpmClaims` says
+``hardware_report_verified = False`` and a passing result proves only that the
+quote, the AK and the runtime data are consistent with that hardware report.
 """
 
 from __future__ import annotations
@@ -35,11 +34,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from enclave.attestation import dcap, sev_snp
 from enclave.attestation.tpm import PcrValues, QuoteClaims, verify_quote
 from enclave.attestation.tpm_ak import AttestationKey, ak_from_jwk, json_object
 from enclave.attestation.tpm_structures import TPM_ALG_RSASSA, TPM_ALG_SHA256, TpmSignature, parse_signature
@@ -160,7 +161,7 @@ class AzureVtpmClaims:
 
     hcl: HclReport
     quote: QuoteClaims
-    # Always False here: the SEV-SNP / TDX chain of ``hcl.hardware_report`` is checked elsewhere.
+    # True once ``complete_hardware_chain`` has anchored the hardware report to AMD or Intel.
     hardware_report_verified: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -195,3 +196,45 @@ def verify_az_vtpm(
     else:
         sig = parse_signature(signature)
     return AzureVtpmClaims(hcl=hcl, quote=verify_quote(quote, sig, ak, pcrs, nonce=nonce))
+
+
+# TDREPORT: REPORTMACSTRUCT (256) | TEE_TCB_INFO (239) | reserved (17) | TDINFO: ATTRIBUTES (8),
+# XFAM (8), MRTD (48), MRCONFIGID, MROWNER, MROWNERCONFIG (48 each), RTMR0..3 (48 each).
+_TDINFO = 512
+_TDINFO_FIELDS = (("mrtd", _TDINFO + 16), *((f"rtmr{i}", _TDINFO + 16 + 4 * 48 + i * 48) for i in range(4)))
+
+
+def complete_hardware_chain(
+    claims: AzureVtpmClaims,
+    *,
+    now: datetime,
+    snp_vcek: bytes | None = None,
+    snp_chain: bytes | None = None,
+    td_quote: bytes | None = None,
+    dcap_collateral: Mapping[str, bytes] | None = None,
+) -> AzureVtpmClaims:
+    """Anchor the HCL report's hardware report to the vendor root.
+
+    SEV-SNP: the embedded report is verified with its VCEK chain to the pinned
+    AMD ARK. TDX: the TDREPORT cannot be verified outside the TD, so the TD quote
+    Azure publishes beside it is verified to the Intel root and must carry the
+    same REPORT_DATA and MRTD/RTMRs as the embedded TDREPORT.
+    """
+    hcl = claims.hcl
+    if hcl.report_type == "snp":
+        if snp_vcek is None:
+            raise EvidenceError("completing an SEV-SNP HCL report needs its VCEK")
+        sev_snp.verify_report(hcl.hardware_report, snp_vcek, snp_chain, now=now)
+    else:
+        if td_quote is None:
+            raise EvidenceError("completing a TDX HCL report needs the TD quote")
+        verified = dcap.verify_quote(td_quote, now=now, collateral=dcap_collateral)
+        body = verified.quote.body
+        if not verified.quote.is_tdx or not hmac.compare_digest(
+            getattr(body, "reportdata", b""), hcl.report_data
+        ):
+            raise BindingError("the TD quote's REPORT_DATA does not match the HCL report's TDREPORT")
+        for name, offset in _TDINFO_FIELDS:
+            if getattr(body, name) != hcl.hardware_report[offset : offset + 48]:
+                raise BindingError(f"the TD quote's {name.upper()} is not the HCL report's")
+    return replace(claims, hardware_report_verified=True)

@@ -7,6 +7,7 @@ TPM quote. The SNP / TDX hardware report chain is not part of this module.
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
 import json
 from dataclasses import replace
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from enclave.attestation.az_vtpm import parse_hcl_report, verify_az_vtpm
+from enclave.attestation.az_vtpm import complete_hardware_chain, parse_hcl_report, verify_az_vtpm
 from enclave.attestation.tpm_structures import parse_attest
 from enclave.errors import BindingError, EvidenceError
 
@@ -195,3 +196,33 @@ def test_runtime_data_without_ak_is_refused() -> None:
     keys = [k for k in hcl.runtime_claims["keys"] if k["kid"] != "HCLAkPub"]
     with pytest.raises(EvidenceError, match="0 HCLAkPub"):
         replace(hcl, runtime_claims={**hcl.runtime_claims, "keys": keys}).ak()
+
+
+def _azure_quote_claims(kind: str) -> Any:
+    message, signature, pcrs = quote_v1(kind)
+    nonce = expected(f"az-vtpm/trustee_az-{kind}-vtpm_tpm-quote-v1.json")["extra_data_ascii"].encode()
+    return verify_az_vtpm(
+        vector(f"az-vtpm/trustee_az-{kind}-vtpm_hcl-report.bin"), message, signature, pcrs, nonce=nonce
+    )
+
+
+def test_snp_hcl_report_is_anchored_to_the_amd_root() -> None:
+    claims = _azure_quote_claims("snp")
+    assert not claims.hardware_report_verified
+    at = datetime.datetime(2025, 6, 1, tzinfo=datetime.UTC)
+    vcek = vector("az-vtpm/trustee_az-snp-vtpm_vcek.pem")
+    assert complete_hardware_chain(claims, now=at, snp_vcek=vcek).hardware_report_verified
+    with pytest.raises(EvidenceError):
+        complete_hardware_chain(claims, now=at, snp_vcek=vector("sev-snp/trustee_test-vcek.der"))
+
+
+def test_tdx_hcl_report_is_anchored_through_the_td_quote() -> None:
+    claims = _azure_quote_claims("tdx")
+    at = datetime.datetime(2024, 6, 1, tzinfo=datetime.UTC)
+    td_quote = vector("az-vtpm/trustee_az-tdx-vtpm_td-quote.bin")
+    assert complete_hardware_chain(claims, now=at, td_quote=td_quote).hardware_report_verified
+    other = vector("tdx/dcapqvl_tdx_quote.bin")
+    with pytest.raises(BindingError, match="REPORT_DATA"):
+        complete_hardware_chain(
+            claims, now=datetime.datetime(2025, 7, 1, tzinfo=datetime.UTC), td_quote=other
+        )
