@@ -48,6 +48,11 @@ class ReferenceValues:
     tpm_app_pcr: int = DEFAULT_APP_PCR
     tpm_ek_roots: str = ""
     tpm_ak_roots: str = ""
+    # Platform sev-snp ([sev_snp] table): the lowest REPORTED_TCB accepted, by component
+    # (bootloader, tee, snp, microcode, and fmc on Turin), and whether a migration agent
+    # may be bound to the guest (guest policy bit MIGRATE_MA).
+    snp_min_tcb: Mapping[str, int] = field(default_factory=dict)
+    snp_allow_migration_agent: bool = False
 
     def with_models(self, *sha384: str) -> ReferenceValues:
         merged = tuple(dict.fromkeys((*self.allowed_model_sha384, *sha384)))
@@ -85,6 +90,15 @@ class ReferenceValues:
             "[registers]",
             *(f'"{name}" = "{value}"' for name, value in sorted(self.registers.items())),
         ]
+        if self.platform == "sev-snp":
+            lines += [
+                "",
+                "[sev_snp]",
+                f"allow_migration_agent = {str(self.snp_allow_migration_agent).lower()}",
+            ]
+            if self.snp_min_tcb:
+                pairs = ", ".join(f"{k} = {v}" for k, v in sorted(self.snp_min_tcb.items()))
+                lines.append(f"min_tcb = {{ {pairs} }}")
         if self.platform == "tpm":
             lines += ["", "[tpm]", f"app_pcr = {self.tpm_app_pcr}"]
             for key, pem in (("ek_roots", self.tpm_ek_roots), ("ak_roots", self.tpm_ak_roots)):
@@ -129,10 +143,13 @@ class ReferenceValues:
         allow_debug = doc.get("allow_debug", False)
         if not isinstance(allow_debug, bool):
             raise ManifestError("manifest allow_debug must be true or false")
+        snp_min_tcb, snp_allow_ma = _sev_snp_table(doc.get("sev_snp", {}), platform)
         return cls(
             platform=platform,
             accepted_tcb_statuses=tuple(statuses),
             allow_debug=allow_debug,
+            snp_min_tcb=snp_min_tcb,
+            snp_allow_migration_agent=snp_allow_ma,
             allow_simulation=allow_sim,
             custodian_ca_sha256=_digest(doc.get("custodian_ca_sha256"), 32, "custodian_ca_sha256"),
             code_sha384=_digest(doc.get("code_sha384"), 48, "code_sha384"),
@@ -155,6 +172,28 @@ def _pem_certificates(value: Any, what: str) -> str:
     except ValueError as exc:
         raise ManifestError(f"manifest {what} is not PEM certificates: {exc}") from None
     return "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in certificates)
+
+
+SNP_TCB_COMPONENTS = ("bootloader", "tee", "snp", "microcode", "fmc")
+
+
+def _sev_snp_table(table: Any, platform: str) -> tuple[dict[str, int], bool]:
+    if not isinstance(table, dict):
+        raise ManifestError("manifest [sev_snp] must be a table")
+    if table and platform != "sev-snp":
+        raise ManifestError(f"manifest has a [sev_snp] table but its platform is {platform!r}")
+    allow_ma = table.get("allow_migration_agent", False)
+    if not isinstance(allow_ma, bool):
+        raise ManifestError("manifest [sev_snp] allow_migration_agent must be true or false")
+    min_tcb = table.get("min_tcb", {})
+    if not isinstance(min_tcb, dict) or not all(
+        k in SNP_TCB_COMPONENTS and isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255
+        for k, v in min_tcb.items()
+    ):
+        raise ManifestError(
+            f"manifest [sev_snp] min_tcb must map components ({', '.join(SNP_TCB_COMPONENTS)}) to 0-255"
+        )
+    return dict(min_tcb), allow_ma
 
 
 def _digest(value: Any, size: int | None, what: str) -> str:

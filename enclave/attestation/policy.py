@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
+from typing import Any
 
 from enclave.attestation.claims import AttestedClaims, canonical_json
 from enclave.attestation.interface import PlatformClaims
@@ -70,6 +72,25 @@ def _check_tee(platform: PlatformClaims, reference: ReferenceValues) -> list[str
             problems.append(
                 "the TEE runs in debug mode (or does not say), and the manifest does not allow debug"
             )
+    if platform.platform == "sev-snp":
+        problems += _check_snp(details, reference)
+    return problems
+
+
+def _check_snp(details: Mapping[str, Any], reference: ReferenceValues) -> list[str]:
+    """Guest policy (migration agent) and the minimum REPORTED_TCB of an SEV-SNP guest."""
+    problems: list[str] = []
+    policy = details.get("policy")
+    migrate_ma = policy.get("migrate_ma") if isinstance(policy, dict) else None
+    if migrate_ma is not False and not reference.snp_allow_migration_agent:
+        problems.append("guest policy allows a migration agent (or does not say); the manifest does not")
+    reported = details.get("reported_tcb")
+    for component, minimum in sorted(reference.snp_min_tcb.items()):
+        value = reported.get(component) if isinstance(reported, dict) else None
+        if not isinstance(value, int):
+            problems.append(f"REPORTED_TCB has no {component} component; the manifest requires >= {minimum}")
+        elif value < minimum:
+            problems.append(f"REPORTED_TCB {component} is {value}, manifest requires >= {minimum}")
     return problems
 
 

@@ -130,3 +130,53 @@ def test_bad_platform_manifest_fields_are_refused(top: str, tpm: str, match: str
 def test_a_tpm_table_on_another_platform_is_refused() -> None:
     with pytest.raises(ManifestError, match=r"\[tpm\]"):
         ReferenceValues.from_toml(_reference("sim").to_toml() + "\n[tpm]\napp_pcr = 15\n")
+
+
+_SNP_OK = {
+    "policy": {"debug": False, "migrate_ma": False},
+    "reported_tcb": {"bootloader": 3, "tee": 0, "snp": 8, "microcode": 115},
+}
+
+
+@pytest.mark.parametrize(
+    ("details", "changes", "expected"),
+    [
+        pytest.param(_SNP_OK, {"snp_min_tcb": {"snp": 8, "microcode": 115}}, None, id="tcb-at-minimum"),
+        pytest.param(_SNP_OK, {"snp_min_tcb": {"microcode": 200}}, "microcode is 115", id="old-microcode"),
+        pytest.param(
+            {**_SNP_OK, "reported_tcb": {}}, {"snp_min_tcb": {"snp": 1}}, "no snp component", id="tcb-missing"
+        ),
+        pytest.param(
+            {**_SNP_OK, "policy": {"debug": False, "migrate_ma": True}},
+            {},
+            "migration agent",
+            id="migration-agent",
+        ),
+        pytest.param(
+            {**_SNP_OK, "policy": {"debug": False, "migrate_ma": True}},
+            {"snp_allow_migration_agent": True},
+            None,
+            id="migration-agent-allowed",
+        ),
+    ],
+)
+def test_snp_minimum_tcb_and_guest_policy(
+    details: dict[str, Any], changes: dict[str, Any], expected: str | None
+) -> None:
+    text = _mismatches("sev-snp", details, _reference("sev-snp", **changes))
+    if expected is None:
+        assert "REPORTED_TCB" not in text
+        assert "migration" not in text
+    else:
+        assert expected in text
+
+
+def test_snp_manifest_table_round_trips_and_is_checked() -> None:
+    reference = _reference(
+        "sev-snp", snp_min_tcb={"snp": 8, "microcode": 115}, snp_allow_migration_agent=True
+    )
+    assert ReferenceValues.from_toml(reference.to_toml()) == reference
+    with pytest.raises(ManifestError, match="min_tcb"):
+        ReferenceValues.from_toml(reference.to_toml().replace("microcode = 115", "microcode = 999"))
+    with pytest.raises(ManifestError, match=r"\[sev_snp\] table"):
+        ReferenceValues.from_toml(_reference("tdx").to_toml() + "\n[sev_snp]\nallow_migration_agent = true\n")
