@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from enclave.attestation import ReferenceValues, dcap, sev_snp, tpm, tpm_ak
+from enclave.attestation import ReferenceValues, dcap, policy, sev_snp, tpm, tpm_ak
 from enclave.attestation.dcap_quote import decode_quote_text, parse_quote
 from enclave.attestation.sev_snp_report import Product, parse_report
 from enclave.attestation.tpm_structures import parse_attest
@@ -174,7 +174,10 @@ def check_tpm(inputs: TpmInputs, *, now: datetime) -> EvidenceReport:
 
 
 def compare_registers(report: EvidenceReport, manifest: ReferenceValues) -> None:
-    """Add every mismatch between the manifest's platform and registers and the evidence."""
+    """Add every mismatch between the manifest (platform, registers, TCB status, debug, guest
+    policy) and the evidence. A manifest that accepts only some TCB statuses requires the TCB
+    info collateral: without it the status is not evaluated and that is a mismatch."""
+    report.mismatches += policy.tee_mismatches(report.platform, report.claims, manifest)
     registers = report.registers
     if manifest.platform != report.platform:
         report.mismatches.append(

@@ -53,10 +53,14 @@ def check(
 
 
 def _check_tee(platform: PlatformClaims, reference: ReferenceValues) -> list[str]:
-    """TCB status (tdx, sgx: DCAP) and debug mode (tdx, sgx, sev-snp) from the verifier's details."""
+    return tee_mismatches(platform.platform, platform.details, reference)
+
+
+def tee_mismatches(platform: str, details: Mapping[str, Any], reference: ReferenceValues) -> list[str]:
+    """TCB status (tdx, sgx: DCAP), debug mode (tdx, sgx, sev-snp) and SEV-SNP guest policy
+    and minimum TCB, from a verifier's details. Also used by custos-verify."""
     problems: list[str] = []
-    details = platform.details
-    if platform.platform in DCAP_PLATFORMS:
+    if platform in DCAP_PLATFORMS:
         status = details.get("tcb_status")
         if status is None:
             problems.append(
@@ -65,14 +69,14 @@ def _check_tee(platform: PlatformClaims, reference: ReferenceValues) -> list[str
         elif status not in reference.accepted_tcb_statuses:
             accepted = ", ".join(reference.accepted_tcb_statuses)
             problems.append(f"TCB status is {status}, manifest accepts {accepted}")
-    if platform.platform in TEE_PLATFORMS:
+    if platform in TEE_PLATFORMS:
         policy = details.get("policy")
         debug = policy.get("debug") if isinstance(policy, dict) else details.get("debug")
         if debug is not False and not reference.allow_debug:
             problems.append(
                 "the TEE runs in debug mode (or does not say), and the manifest does not allow debug"
             )
-    if platform.platform == "sev-snp":
+    if platform == "sev-snp":
         problems += _check_snp(details, reference)
     return problems
 

@@ -117,3 +117,31 @@ def test_tpm_needs_its_three_files() -> None:
     with pytest.raises(SystemExit) as info:
         main(["--platform", "tpm", "--quote", "q.bin"])
     assert info.value.code == 2
+
+
+def test_a_manifest_requires_the_tcb_collateral(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    manifest = tmp_path / "tdx.toml"
+    manifest.write_text(
+        ReferenceValues(
+            platform="tdx", allow_simulation=False, custodian_ca_sha256="00" * 32, code_sha384="00" * 48
+        ).to_toml()
+    )
+    quote = str(VECTORS / "tdx/dcapqvl_tdx_quote.bin")
+    code, doc = _run(
+        capsys, "--platform", "tdx", quote, "--at", "2025-07-01T00:00:00Z", "--manifest", str(manifest)
+    )
+    assert code == 3
+    assert any("not evaluated" in m for m in doc["mismatches"])  # type: ignore[union-attr]
+    code, doc = _run(
+        capsys,
+        "--platform",
+        "tdx",
+        quote,
+        "--at",
+        "2025-07-01T00:00:00Z",
+        "--manifest",
+        str(manifest),
+        "--collateral",
+        str(VECTORS / "tdx/dcapqvl_tdx_quote_collateral.json"),
+    )
+    assert code == 0, doc["mismatches"]
