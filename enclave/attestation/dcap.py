@@ -341,7 +341,7 @@ class DcapVerifier(Verifier):
     """
 
     platform: str
-    log_register: str
+    log_register: str | None
     log_hash: str
 
     def __init__(
@@ -393,7 +393,16 @@ class DcapVerifier(Verifier):
             report_data=quote.report_data,
             registers=result.registers,
             simulated=False,
-            log_register=self.log_register,
+            log_register=self._log_register(result.registers),
             log_hash=self.log_hash,
             details=details,
         )
+
+    def _log_register(self, registers: Mapping[str, bytes]) -> str | None:
+        """The register the measurement log must replay to, or None where the log is bound only
+        through the report data (a platform without an extendable register, or a TD whose
+        kernel offers no way to extend RTMR3, which then stays all zero)."""
+        if self.log_register is None:
+            return None
+        value = registers.get(self.log_register)
+        return None if value is not None and not any(value) else self.log_register

@@ -10,10 +10,8 @@ the report): ``mrenclave``, ``mrsigner``, ``attributes``, ``miscselect``,
 ``isv_ext_prod_id``, ``isv_family_id``, ``cpusvn``.
 
 SGX has no register that can be extended at run time: ``log_register`` is
-``mrenclave`` with SHA-256 only so that ``PlatformClaims`` is filled in. A
-measurement log replays to MRENCLAVE only if the enclave's build was
-measured that way, so an SGX deployment must bind its log through the report
-data rather than through log replay.
+None, and the measurement log is bound through the report data alone (the
+enclave's MRENCLAVE vouches for the code that wrote it).
 """
 
 from __future__ import annotations
@@ -32,5 +30,5 @@ class SgxVerifier(DcapVerifier):
     """
 
     platform = PLATFORM
-    log_register = "mrenclave"
-    log_hash = "sha256"
+    log_register = None
+    log_hash = "sha384"

@@ -12,7 +12,9 @@ Registers (raw bytes from the TD report): ``mrtd``, ``rtmr0`` .. ``rtmr3``,
 ``mrseam``, ``mrsignerseam``, ``mrconfigid``, ``mrowner``, ``mrownerconfig``,
 ``td_attributes``, ``seam_attributes``, ``xfam``, ``tee_tcb_svn`` and, for a
 TDX 1.5 body, ``tee_tcb_svn2`` and ``mrservicetd``. The measurement log is
-folded into ``rtmr3`` with SHA-384, the way a TD extends it at run time.
+folded into ``rtmr3`` with SHA-384, the way a TD extends it at run time; where
+the guest kernel offers no way to extend RTMR3 it stays all zero, and the log
+is then bound through the report data alone.
 """
 
 from __future__ import annotations
