@@ -2,36 +2,48 @@
 
 ``connect`` does, before any input can be sent:
 
-1. fetch the enclave's TLS certificate without trusting it;
-2. appraise the evidence and claims it carries against the manifest (platform,
-   code and configuration measurements, custodian CA, allowed model);
+1. fetch the enclave's TLS certificate from the handshake, without trusting it;
+2. check the certificate's validity period, then appraise the evidence and
+   claims it carries against the manifest (platform, registers, code and
+   configuration measurements, custodian CA, allowed model), bound to the
+   certificate's key;
 3. open a gRPC channel that trusts exactly that certificate (pinned);
-4. ask for fresh evidence over a nonce of our own on the pinned channel and
-   appraise it again, bound to the same key.
+4. ask for fresh evidence over a random nonce of our own on the pinned channel
+   and appraise it again, bound to the same key.
 
-Any failure raises ``VerificationRefusedError`` and nothing is sent.
+A failure in steps 2-4 raises ``VerificationRefusedError`` naming what did not
+check out; an enclave that cannot be reached at all raises
+``EnclaveUnavailableError``. Either way nothing was sent.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
+import operator
 import os
 import socket
 import ssl
+import stat
 from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
 
 import grpc
 import numpy as np
-from numpy.typing import NDArray
+from cryptography import x509
+from numpy.typing import ArrayLike
 
 from client import _status
-from client.errors import ClientError, EnclaveUnavailableError, InvalidInputError, VerificationRefusedError
+from client.errors import (
+    ClientError,
+    EnclaveUnavailableError,
+    InvalidInputError,
+    ModelChangedError,
+    VerificationRefusedError,
+)
 from enclave import identity
 from enclave.attestation import Appraisal, ReferenceValues, appraise
-from enclave.attestation.sim import SIMULATION_WARNING
+from enclave.attestation.manifest import MAX_MANIFEST_BYTES
 from enclave.errors import EnclaveError
 from protos import custos_pb2, custos_pb2_grpc
 
@@ -39,11 +51,17 @@ logger = logging.getLogger(__name__)
 
 MAX_INPUT_BYTES = 8 * 1024 * 1024
 MAX_MESSAGE_BYTES = 20 * 1024 * 1024
+# Room for the request's other fields; a larger tensor could not be sent in one message.
+MAX_TENSOR_BYTES = MAX_MESSAGE_BYTES - 64 * 1024
+MAX_TOP_K = 1000
 DEFAULT_TIMEOUT = 30.0
+NONCE_BYTES = 32
 
 
 @dataclass(frozen=True)
 class Prediction:
+    """One of the top classes: its index in the model's output, its label, its score."""
+
     index: int
     label: str
     score: float
@@ -52,22 +70,50 @@ class Prediction:
 @dataclass(frozen=True)
 class InferResult:
     top: tuple[Prediction, ...]
+    # Inferences left to the enclave's deployment, as far as the enclave knows.
     remaining_quota: int
     model_sha384: str
     simulated: bool
 
 
-def _split_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ClientError(f"enclave address {address!r} is not HOST:PORT")
-    return host.strip("[]"), int(port)
+def read_image(path: str | os.PathLike[str]) -> bytes:
+    """Read an input file for ``Connection.infer_image``: a regular file of 1 byte to 8 MiB."""
+    try:
+        with open(path, "rb") as file:
+            info = os.fstat(file.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise InvalidInputError(f"{path} is not a regular file")
+            data = file.read(MAX_INPUT_BYTES + 1)
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    _check_image(data, str(path))
+    return data
+
+
+def load_manifest(manifest: ReferenceValues | str | os.PathLike[str]) -> ReferenceValues:
+    """The reference values to verify against: given as is, or read from a TOML file."""
+    if isinstance(manifest, ReferenceValues):
+        return manifest
+    try:
+        with open(manifest, "rb") as file:
+            text = file.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as exc:
+        raise ClientError(f"cannot read manifest {manifest}: {exc.strerror or exc}") from exc
+    try:
+        return ReferenceValues.from_toml(text)
+    except EnclaveError as exc:
+        raise ClientError(f"manifest {manifest}: {exc}") from exc
 
 
 def fetch_certificate(address: str, *, timeout: float = DEFAULT_TIMEOUT) -> bytes:
-    """The enclave's TLS certificate (PEM), read from the handshake without verifying it."""
+    """The enclave's TLS certificate (PEM), read from a handshake without verifying it.
+
+    Only a TLS ClientHello is sent. The size of what the server may send is
+    bounded by OpenSSL's certificate-list limit, then by ``read_attested_certificate``.
+    """
     host, port = _split_address(address)
-    context = ssl.create_default_context()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE  # the certificate is appraised, then pinned
     context.set_alpn_protocols(["h2"])
@@ -77,6 +123,8 @@ def fetch_certificate(address: str, *, timeout: float = DEFAULT_TIMEOUT) -> byte
             context.wrap_socket(raw, server_hostname=identity.ENCLAVE_TLS_NAME) as tls,
         ):
             der = tls.getpeercert(binary_form=True)
+    except ssl.SSLError as exc:
+        raise EnclaveUnavailableError(f"TLS handshake with the enclave at {address} failed: {exc}") from exc
     except OSError as exc:
         raise EnclaveUnavailableError(f"cannot reach enclave at {address}: {exc}") from exc
     if not der:
@@ -84,28 +132,28 @@ def fetch_certificate(address: str, *, timeout: float = DEFAULT_TIMEOUT) -> byte
     return ssl.DER_cert_to_PEM_cert(der).encode()
 
 
-def load_manifest(manifest: ReferenceValues | str | Path) -> ReferenceValues:
-    if isinstance(manifest, ReferenceValues):
-        return manifest
-    try:
-        return ReferenceValues.from_toml(Path(manifest).read_bytes())
-    except OSError as exc:
-        raise ClientError(f"cannot read manifest {manifest}: {exc}") from exc
-    except EnclaveError as exc:
-        raise ClientError(f"manifest {manifest}: {exc}") from exc
-
-
 class Connection:
-    """A pinned, verified channel to one enclave. Use ``connect`` to make one."""
+    """A pinned, verified channel to one enclave. Use ``connect`` to make one.
+
+    Thread-safe: calls may be made from several threads at once.
+    """
 
     def __init__(
-        self, channel: grpc.Channel, appraisal: Appraisal, certificate_pem: bytes, timeout: float
+        self,
+        address: str,
+        channel: grpc.Channel,
+        appraisal: Appraisal,
+        certificate_pem: bytes,
+        timeout: float,
     ) -> None:
+        self.address = address
         self._channel = channel
         self._stub = custos_pb2_grpc.InferenceStub(channel)
         self._timeout = timeout
+        # The appraisal of the fresh evidence (purpose "attest", our nonce).
         self.appraisal = appraisal
         self.certificate_pem = certificate_pem
+        self._closed = False
 
     @property
     def simulated(self) -> bool:
@@ -116,17 +164,30 @@ class Connection:
         model = self.appraisal.model_sha384
         return model.hex() if model else ""
 
-    def infer_image(self, image: bytes, *, top_k: int = 5) -> InferResult:
-        if len(image) > MAX_INPUT_BYTES:
-            raise InvalidInputError(f"input is {len(image)} bytes, over the {MAX_INPUT_BYTES}-byte limit")
-        return self._infer(custos_pb2.InferRequest(image=image, top_k=top_k))
+    @property
+    def key_sha256(self) -> str:
+        """SHA-256 of the enclave's attested public key (SubjectPublicKeyInfo)."""
+        return identity.key_fingerprint(self.appraisal.claims.public_key)
 
-    def infer_tensor(self, tensor: NDArray[np.float32], *, top_k: int = 5) -> InferResult:
-        array = np.ascontiguousarray(tensor, dtype="<f4")
+    def infer_image(self, image: bytes, *, top_k: int = 5) -> InferResult:
+        """Classify an encoded image (PNG or JPEG), sent as is; the enclave decodes it."""
+        _check_image(image, "input")
+        return self._infer(custos_pb2.InferRequest(image=image, top_k=_check_top_k(top_k)))
+
+    def infer_tensor(self, tensor: ArrayLike, *, top_k: int = 5) -> InferResult:
+        """Classify a tensor already shaped for the model, sent as little-endian float32."""
+        try:
+            array = np.ascontiguousarray(tensor, dtype="<f4")
+        except (TypeError, ValueError) as exc:
+            raise InvalidInputError(f"input is not a float32 tensor: {exc}") from exc
+        if array.nbytes > MAX_TENSOR_BYTES:
+            raise InvalidInputError(f"tensor is {array.nbytes} bytes, over the {MAX_TENSOR_BYTES}-byte limit")
         wire = custos_pb2.Tensor(shape=list(array.shape), float32_data=array.tobytes())
-        return self._infer(custos_pb2.InferRequest(tensor=wire, top_k=top_k))
+        return self._infer(custos_pb2.InferRequest(tensor=wire, top_k=_check_top_k(top_k)))
 
     def status(self) -> custos_pb2.StatusResponse:
+        """The enclave's own account: model, lease, counters, whether its custodian is reachable."""
+        self._check_open()
         try:
             response: custos_pb2.StatusResponse = self._stub.Status(
                 custos_pb2.StatusRequest(), timeout=self._timeout
@@ -136,10 +197,16 @@ class Connection:
         return response
 
     def _infer(self, request: custos_pb2.InferRequest) -> InferResult:
+        self._check_open()
         try:
             response: custos_pb2.InferResponse = self._stub.Infer(request, timeout=self._timeout)
         except grpc.RpcError as exc:
             raise _status.from_rpc_error(exc) from None
+        if response.model_sha384 != self.model_sha384:
+            raise ModelChangedError(
+                f"enclave answered with model {response.model_sha384 or '(none)'}, but attested model "
+                f"{self.model_sha384}; connect again to verify the model it serves now"
+            )
         return InferResult(
             top=tuple(Prediction(p.index, p.label, p.score) for p in response.top),
             remaining_quota=response.remaining_quota,
@@ -147,7 +214,12 @@ class Connection:
             simulated=self.simulated,
         )
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClientError(f"the connection to {self.address} is closed")
+
     def close(self) -> None:
+        self._closed = True
         self._channel.close()
 
     def __enter__(self) -> Connection:
@@ -161,17 +233,24 @@ class Connection:
 
 def connect(
     address: str,
-    manifest: ReferenceValues | str | Path,
+    manifest: ReferenceValues | str | os.PathLike[str],
     *,
     timeout: float = DEFAULT_TIMEOUT,
     now: datetime.datetime | None = None,
 ) -> Connection:
-    """Verify the enclave at ``address`` against ``manifest`` and return a pinned connection."""
+    """Verify the enclave at ``address`` (HOST:PORT) against ``manifest`` and return a pinned connection.
+
+    ``now`` (timezone-aware) is the time the certificate and evidence are checked
+    at; the current time by default.
+    """
+    if not timeout > 0:
+        raise ClientError("timeout must be positive")
     reference = load_manifest(manifest)
     when = now or datetime.datetime.now(datetime.UTC)
     pem = fetch_certificate(address, timeout=timeout)
     try:
-        _, public_key, evidence, claims = identity.read_attested_certificate(pem)
+        certificate, public_key, evidence, claims = identity.read_attested_certificate(pem)
+        _check_validity(certificate, when)
         appraise(
             evidence,
             claims,
@@ -186,7 +265,7 @@ def connect(
         raise VerificationRefusedError(f"enclave certificate refused: {exc}") from exc
 
     channel = grpc.secure_channel(
-        address,
+        _grpc_target(address),
         grpc.ssl_channel_credentials(root_certificates=pem),
         options=[
             ("grpc.ssl_target_name_override", identity.ENCLAVE_TLS_NAME),
@@ -200,8 +279,15 @@ def connect(
         channel.close()
         raise
     if appraisal.simulated:
-        logger.warning(SIMULATION_WARNING)
-    return Connection(channel, appraisal, pem, timeout)
+        logger.warning("enclave at %s runs on a SIMULATED platform: its evidence proves nothing", address)
+    logger.info(
+        "verified enclave at %s: platform %s, key sha256 %s, model %s",
+        address,
+        appraisal.platform.platform,
+        identity.key_fingerprint(public_key),
+        appraisal.model_sha384.hex() if appraisal.model_sha384 else "(none)",
+    )
+    return Connection(address, channel, appraisal, pem, timeout)
 
 
 def _challenge(
@@ -211,7 +297,8 @@ def _challenge(
     now: datetime.datetime,
     timeout: float,
 ) -> Appraisal:
-    nonce = os.urandom(32)
+    """Fresh evidence over our nonce, on the pinned channel, for the certificate's key."""
+    nonce = os.urandom(NONCE_BYTES)
     try:
         response: custos_pb2.AttestResponse = custos_pb2_grpc.InferenceStub(channel).Attest(
             custos_pb2.AttestRequest(nonce=nonce), timeout=timeout
@@ -231,3 +318,50 @@ def _challenge(
         )
     except EnclaveError as exc:
         raise VerificationRefusedError(f"fresh evidence refused: {exc}") from exc
+
+
+def _check_validity(certificate: x509.Certificate, now: datetime.datetime) -> None:
+    if now < certificate.not_valid_before_utc:
+        raise VerificationRefusedError(
+            f"enclave certificate refused: not valid before {certificate.not_valid_before_utc.isoformat()}"
+        )
+    if now > certificate.not_valid_after_utc:
+        raise VerificationRefusedError(
+            f"enclave certificate refused: expired at {certificate.not_valid_after_utc.isoformat()}"
+        )
+
+
+def _check_image(data: bytes, what: str) -> None:
+    if not data:
+        raise InvalidInputError(f"{what} is empty")
+    if len(data) > MAX_INPUT_BYTES:
+        raise InvalidInputError(f"{what} is over the {MAX_INPUT_BYTES}-byte limit")
+
+
+def _check_top_k(top_k: int) -> int:
+    try:
+        k = operator.index(top_k)
+    except TypeError:
+        k = 0
+    if not 1 <= k <= MAX_TOP_K:
+        raise InvalidInputError(f"top_k must be an integer from 1 to {MAX_TOP_K}, got {top_k!r}")
+    return k
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    """HOST:PORT, [IPv6]:PORT -> (host, port)."""
+    host, sep, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        host = ""  # an IPv6 address needs brackets: [::1]:8443
+    if not sep or not host:
+        raise ClientError(f"enclave address {address!r} is not HOST:PORT")
+    if not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ClientError(f"enclave address {address!r} has no valid port")
+    return host, int(port)
+
+
+def _grpc_target(address: str) -> str:
+    host, port = _split_address(address)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -14,83 +14,181 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from client.api import MAX_INPUT_BYTES, Connection, InferResult, connect
-from client.errors import ClientError, InvalidInputError
+from client.api import (
+    DEFAULT_TIMEOUT,
+    MAX_TOP_K,
+    Connection,
+    InferResult,
+    connect,
+    load_manifest,
+    read_image,
+)
+from client.errors import ClientError, VerificationRefusedError
+from enclave.attestation import ReferenceValues
 from enclave.attestation.sim import SIMULATION_WARNING
 
+SIMULATED_LINE = "SIMULATED platform — no security: anyone can forge this evidence (development only)"
 EPILOG = """\
-The enclave is checked before INPUT leaves this machine: its certificate's
-evidence against the manifest (platform, code and configuration measurements,
-custodian CA, allowed models), then fresh evidence over a nonce of ours on the
-pinned channel.
+Nothing leaves this machine until the enclave is verified: the evidence in its
+TLS certificate is checked against the manifest (platform, code and
+configuration measurements, custodian CA, allowed models), that certificate is
+pinned, and fresh evidence over a nonce of ours is checked on the pinned channel.
 
-exit codes: 0 success, 3 verification refused (nothing sent), 4 quota exhausted,
-5 suspended or revoked, 1 other errors, 2 misuse
+exit codes:
+  0  success
+  1  other errors (unreadable input or manifest, enclave unreachable, input refused)
+  2  misuse of the command line
+  3  verification refused (nothing was sent)
+  4  quota exhausted
+  5  deployment suspended or revoked
+
+examples:
+  custos-query --enclave enclave.example:8443 --manifest end-user.toml digit.png
+  CUSTOS_ENCLAVE=127.0.0.1:8443 CUSTOS_MANIFEST=end-user.toml custos-query --json --top 3 digit.png
 """
+
+
+def _top_k(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 1 <= value <= MAX_TOP_K:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_TOP_K}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError("must be more than 0 and at most 3600 seconds")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="custos-query",
-        description="Verify a Custos enclave, then classify an image with the model it serves.",
+        description="Verify a Custos enclave against a manifest, then classify an image with its model.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--enclave",
+        metavar="HOST:PORT",
         default=os.environ.get("CUSTOS_ENCLAVE"),
-        help="enclave inference address HOST:PORT (env CUSTOS_ENCLAVE)",
+        help="the enclave's inference address (default: $CUSTOS_ENCLAVE)",
     )
     parser.add_argument(
         "--manifest",
+        metavar="FILE",
         type=Path,
         default=os.environ.get("CUSTOS_MANIFEST"),
-        help="manifest (TOML) of expected measurements, from the custodian (env CUSTOS_MANIFEST)",
+        help="the manifest (TOML reference values) from the custodian (default: $CUSTOS_MANIFEST)",
     )
-    parser.add_argument("input", type=Path, metavar="INPUT", help="image file (PNG or JPEG)")
-    parser.add_argument("--top", type=int, default=3, help="how many classes to print (default 3)")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default 30)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log details and tracebacks")
+    parser.add_argument("input", type=Path, metavar="INPUT", help="the image to classify (PNG or JPEG)")
+    parser.add_argument(
+        "--top", metavar="K", type=_top_k, default=3, help="how many classes to show (default 3)"
+    )
+    parser.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        type=_seconds,
+        default=DEFAULT_TIMEOUT,
+        help=f"limit for each network step (default {DEFAULT_TIMEOUT:g})",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object (also on failure)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each step; tracebacks on failure")
     return parser
 
 
-def _read_input(path: Path) -> bytes:
-    try:
-        size = path.stat().st_size
-        if size > MAX_INPUT_BYTES:
-            raise InvalidInputError(f"{path} is {size} bytes, over the {MAX_INPUT_BYTES}-byte limit")
-        return path.read_bytes()
-    except OSError as exc:
-        raise InvalidInputError(f"cannot read {path}: {exc.strerror}") from exc
+def _verification_doc(connection: Connection, manifest: ReferenceValues) -> dict[str, Any]:
+    claims = connection.appraisal.claims
+    code = claims.events("code")[0].sha384.hex()
+    return {
+        "platform": connection.appraisal.platform.platform,
+        "simulated": connection.simulated,
+        "code_sha384": code,
+        "custodian_ca_sha256": manifest.custodian_ca_sha256,
+        "model_sha384": connection.model_sha384,
+        "deployment": claims.deployment,
+        "key_sha256": connection.key_sha256,
+    }
 
 
-def _verified_text(connection: Connection) -> str:
-    platform = connection.appraisal.platform.platform
-    lines = []
-    if connection.simulated:
-        lines.append(f"WARNING: {SIMULATION_WARNING}")
-    lines.append(
-        f"verified enclave: platform {platform}, code and configuration match the manifest, "
-        f"model {connection.model_sha384[:16]}… allowed"
-    )
+def _verification_text(address: str, doc: dict[str, Any]) -> str:
+    lines = [
+        f"enclave {address} verified against the manifest (no input was sent before this)",
+        f"  platform    {doc['platform']}",
+    ]
+    if doc["simulated"]:
+        lines.append(f"  !!! {SIMULATED_LINE} !!!")
+    lines += [
+        f"  code        sha384 {doc['code_sha384'][:32]}… matches",
+        f"  custodian   CA sha256 {doc['custodian_ca_sha256'][:32]}… pinned by the enclave, matches",
+        f"  model       sha384 {doc['model_sha384'][:32]}… allowed",
+        f"  freshness   evidence over our nonce, key sha256 {doc['key_sha256'][:32]}…",
+    ]
     return "\n".join(lines)
 
 
-def _result_doc(connection: Connection, result: InferResult) -> dict[str, Any]:
+def _result_doc(result: InferResult) -> dict[str, Any]:
     return {
-        "verified": True,
-        "platform": connection.appraisal.platform.platform,
-        "simulated": connection.simulated,
-        "model_sha384": result.model_sha384,
         "top": [{"index": p.index, "label": p.label, "score": p.score} for p in result.top],
         "remaining_quota": result.remaining_quota,
+        "model_sha384": result.model_sha384,
     }
 
 
 def _result_text(result: InferResult) -> str:
-    lines = [f"  {p.label:>10}  {p.score:6.1%}" for p in result.top]
-    return "\n".join(["prediction:", *lines, f"remaining quota: {result.remaining_quota}"])
+    width = max((len(p.label) for p in result.top), default=0)
+    lines = [f"top {len(result.top)}:"]
+    lines += [
+        f"  {rank}. {p.label or '(no label)':<{width}}  {p.score:7.2%}  (class {p.index})"
+        for rank, p in enumerate(result.top, start=1)
+    ]
+    lines.append(f"remaining quota: {result.remaining_quota}")
+    return "\n".join(lines)
+
+
+def _failure(error: ClientError, *, as_json: bool, verbose: bool) -> int:
+    reason = str(error)
+    if isinstance(error, VerificationRefusedError):
+        reason = f"verification refused, nothing was sent: {reason}"
+    if as_json:
+        doc = {"error": type(error).__name__, "reason": reason, "exit_code": error.exit_code}
+        print(json.dumps(doc, indent=2))
+    else:
+        print(f"custos-query: {reason}", file=sys.stderr)
+    if verbose:
+        logging.getLogger(__name__).error("%s", error.diagnostics(), exc_info=error)
+    return error.exit_code
+
+
+def _run(args: argparse.Namespace) -> int:
+    image = read_image(args.input)
+    manifest = load_manifest(args.manifest)
+    with connect(args.enclave, manifest, timeout=args.timeout) as connection:
+        verification = _verification_doc(connection, manifest)
+        if not args.json:
+            print(_verification_text(args.enclave, verification), flush=True)
+        result = connection.infer_image(image, top_k=args.top)
+    if args.json:
+        doc = {
+            "enclave": args.enclave,
+            "verified": True,
+            "verification": verification,
+            "simulated": result.simulated,
+            **_result_doc(result),
+        }
+        if result.simulated:
+            doc["warning"] = SIMULATION_WARNING
+        print(json.dumps(doc, indent=2))
+    else:
+        print(_result_text(result))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,31 +198,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--enclave is required (or set CUSTOS_ENCLAVE)")
     if args.manifest is None:
         parser.error("--manifest is required (or set CUSTOS_MANIFEST)")
-    if args.top < 1:
-        parser.error("--top must be at least 1")
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.ERROR, format="%(levelname)s %(message)s"
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    previous_level = root.level
+    root.addHandler(handler)
+    # The summary shows a simulated platform itself; the log repeats it with --verbose.
+    root.setLevel(logging.DEBUG if args.verbose else logging.ERROR)
     try:
-        data = _read_input(args.input)
-        with connect(args.enclave, args.manifest, timeout=args.timeout) as connection:
-            if not args.json:
-                print(_verified_text(connection), flush=True)
-            result = connection.infer_image(data, top_k=args.top)
-            if args.json:
-                print(json.dumps(_result_doc(connection, result), indent=2))
-            else:
-                print(_result_text(result))
+        return _run(args)
     except ClientError as exc:
-        if args.verbose:
-            logging.exception("query failed")
-        if args.json:
-            doc = {"error": type(exc).__name__, "reason": str(exc), "exit_code": exc.exit_code}
-            print(json.dumps(doc, indent=2))
-        else:
-            print(f"custos-query: {exc}", file=sys.stderr)
-        return exc.exit_code
-    return 0
+        return _failure(exc, as_json=args.json, verbose=args.verbose)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous_level)
 
 
 if __name__ == "__main__":

@@ -1,107 +1,168 @@
-"""The client against a fake enclave on a real loopback TLS server with genuine sim evidence."""
+"""connect(): verification before anything is sent, against a fake enclave on real loopback TLS."""
 
 from __future__ import annotations
 
 import datetime
-import os
+import socket
+import threading
 from collections.abc import Callable, Iterator
-from concurrent import futures
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
-import grpc
 import pytest
-from cryptography.hazmat.primitives import serialization
 
 from client import connect
-from client.cli import main as query_main
-from client.errors import (
-    ClientError,
-    EnclaveUnavailableError,
-    InvalidInputError,
-    NotReadyError,
-    QuotaExhaustedError,
-    SuspendedError,
-    VerificationRefusedError,
-)
+from client.errors import ClientError, EnclaveUnavailableError, VerificationRefusedError
 from enclave import identity
-from protos import custos_pb2, custos_pb2_grpc
-from tests.unit.enclave._sim_evidence import SimEnclave, reference, sim_enclave
+from enclave.attestation import ReferenceValues
+from enclave.attestation.manifest import MAX_MANIFEST_BYTES
+from protos import custos_pb2
+from tests.unit.client.fake_enclave import (
+    Certificate,
+    FakeEnclave,
+    attested_certificate,
+    honest,
+    plain_certificate,
+    serving,
+)
+from tests.unit.enclave._sim_evidence import MODEL_SHA384, reference, sim_enclave
 
-Answer = Callable[["FakeEnclave", bytes], custos_pb2.AttestResponse]
-
-
-def _honest(fake: FakeEnclave, nonce: bytes) -> custos_pb2.AttestResponse:
-    claims = replace(fake.enc.claims, purpose="attest", nonce=nonce)
-    return custos_pb2.AttestResponse(
-        evidence=fake.enc.attester.collect(claims.report_data()).to_bytes(), claims=claims.to_bytes()
-    )
-
-
-@dataclass
-class FakeEnclave(custos_pb2_grpc.InferenceServicer):
-    enc: SimEnclave
-    answer: Answer = _honest
-    infer_status: grpc.StatusCode | None = None
-    infer_calls: int = 0
-    seen_nonces: list[bytes] = field(default_factory=list)
-
-    def Attest(self, request: custos_pb2.AttestRequest, context: Any) -> custos_pb2.AttestResponse:  # noqa: N802
-        self.seen_nonces.append(request.nonce)
-        return self.answer(self, request.nonce)
-
-    def Infer(self, request: custos_pb2.InferRequest, context: Any) -> custos_pb2.InferResponse:  # noqa: N802
-        self.infer_calls += 1
-        if self.infer_status is not None:
-            context.abort(self.infer_status, "refused by the fake")
-        return custos_pb2.InferResponse(
-            top=[custos_pb2.ClassScore(index=3, label="three", score=0.9)], remaining_quota=7
-        )
-
-
-def _serve(fake: FakeEnclave, cert_key: Any = None) -> Iterator[str]:
-    tls = replace(fake.enc.claims, purpose="tls")
-    evidence = fake.enc.attester.collect(tls.report_data()).to_bytes()
-    key = cert_key or fake.enc.key
-    cert = identity.attested_certificate(
-        key, evidence, tls.to_bytes(), now=datetime.datetime.now(datetime.UTC)
-    )
-    server = grpc.server(futures.ThreadPoolExecutor(4))
-    custos_pb2_grpc.add_InferenceServicer_to_server(fake, server)
-    creds = grpc.ssl_server_credentials(
-        [(identity.private_key_pem(key), cert.public_bytes(serialization.Encoding.PEM))]
-    )
-    port = server.add_secure_port("127.0.0.1:0", creds)
-    server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.stop(None)
+SAMPLE = Path(__file__).resolve().parents[3] / "bench" / "models" / "digits" / "samples" / "digit-3.png"
 
 
 @pytest.fixture
 def fake() -> FakeEnclave:
-    return FakeEnclave(sim_enclave(with_model=True))
+    return FakeEnclave()
 
 
 @pytest.fixture
 def address(fake: FakeEnclave) -> Iterator[str]:
-    yield from _serve(fake)
+    with serving(fake) as addr:
+        yield addr
 
 
-def test_verified_query(fake: FakeEnclave, address: str) -> None:
+def test_verified_query_sends_the_image_as_is(fake: FakeEnclave, address: str) -> None:
+    image = SAMPLE.read_bytes()
     with connect(address, reference()) as conn:
         assert conn.simulated
-        result = conn.infer_image(b"png bytes")
-    assert result.top[0].label == "three"
+        assert conn.model_sha384 == MODEL_SHA384.hex()
+        assert conn.key_sha256 == identity.key_fingerprint(identity.public_key_der(fake.enclave.key))
+        result = conn.infer_image(image, top_k=2)
+    assert [(p.index, p.label) for p in result.top] == [(3, "three"), (8, "eight")]
+    assert result.top[0].score == pytest.approx(0.9)
     assert result.remaining_quota == 7
-    assert fake.infer_calls == 1
-    assert len(fake.seen_nonces[0]) == 32
+    assert result.model_sha384 == MODEL_SHA384.hex()
+    assert result.simulated
+    assert len(fake.nonces) == 1
+    assert len(fake.nonces[0]) == 32
+    (request,) = fake.requests
+    assert request.image == image
+    assert request.top_k == 2
+
+
+def test_each_connection_asks_with_a_new_nonce(fake: FakeEnclave, address: str) -> None:
+    for _ in range(2):
+        connect(address, reference()).close()
+    assert len(set(fake.nonces)) == 2
+
+
+def test_manifest_can_be_a_file(fake: FakeEnclave, address: str, tmp_path: Path) -> None:
+    manifest = tmp_path / "end-user.toml"
+    manifest.write_text(reference().to_toml())
+    with connect(address, manifest) as conn:
+        conn.infer_image(b"png")
+    assert len(fake.requests) == 1
+
+
+# ------------------------------------------------------- refused on the certificate
+
+Setup = Callable[[FakeEnclave], tuple[ReferenceValues, Certificate | None]]
+
+
+def _manifest(**changes: object) -> Setup:
+    return lambda fake: (reference(**changes), None)
+
+
+def _certificate(make: Callable[[FakeEnclave], Certificate]) -> Setup:
+    return lambda fake: (reference(), make(fake))
+
+
+def _no_model_loaded(fake: FakeEnclave) -> Certificate:
+    fake.enclave = sim_enclave(with_model=False)
+    return attested_certificate(fake)
+
+
+def _tampered_claims(fake: FakeEnclave) -> Certificate:
+    honest_tls = replace(fake.enclave.claims, purpose="tls", nonce=b"")
+    return attested_certificate(fake, claims=replace(honest_tls, deployment="other"), evidence_for=honest_tls)
+
+
+CERTIFICATE_REFUSALS = [
+    ("code-measurement", _manifest(code_sha384="00" * 48), "code measurement"),
+    ("boot-register", _manifest(registers={"sim.boot": "33" * 48}), "register sim.boot"),
+    ("custodian-ca", _manifest(custodian_ca_sha256="11" * 32), "custodian CA"),
+    ("no-simulation", _manifest(allow_simulation=False), "does not allow simulation"),
+    ("model-not-allowed", _manifest(allowed_model_sha384=("22" * 48,)), "not among the manifest's allowed"),
+    ("no-model-allowed", _manifest(allowed_model_sha384=()), "allows no model"),
+    ("other-platform", _manifest(platform="tdx"), "manifest expects 'tdx'"),
+    (
+        "evidence-for-another-key",
+        _certificate(lambda fake: attested_certificate(fake, key=identity.generate_identity_key())),
+        "another public key",
+    ),
+    ("no-evidence", _certificate(plain_certificate), "no attestation extension"),
+    ("no-model-loaded", _certificate(_no_model_loaded), "no model loaded"),
+    (
+        "enrolment-claims",
+        _certificate(lambda fake: attested_certificate(fake, claims=fake.enclave.claims)),
+        "expected 'tls'",
+    ),
+    ("tampered-claims", _certificate(_tampered_claims), "report data"),
+]
+
+
+@pytest.mark.parametrize(
+    ("setup", "reason"),
+    [pytest.param(setup, reason, id=name) for name, setup, reason in CERTIFICATE_REFUSALS],
+)
+def test_certificate_refused_before_anything_is_sent(fake: FakeEnclave, setup: Setup, reason: str) -> None:
+    manifest, certificate = setup(fake)
+    with serving(fake, certificate) as addr, pytest.raises(VerificationRefusedError, match=reason):
+        connect(addr, manifest)
+    assert fake.nonces == []
+    assert fake.requests == []
+
+
+@pytest.mark.parametrize(
+    ("days", "reason"), [(8, "expired"), (-1, "not valid before")], ids=["expired", "not-yet-valid"]
+)
+def test_certificate_outside_its_validity_is_refused(
+    fake: FakeEnclave, address: str, days: int, reason: str
+) -> None:
+    when = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=days)
+    with pytest.raises(VerificationRefusedError, match=reason):
+        connect(address, reference(), now=when)
+    assert fake.nonces == []
+
+
+def test_refusal_keeps_every_mismatch(address: str) -> None:
+    manifest = reference(code_sha384="00" * 48, custodian_ca_sha256="11" * 32)
+    with pytest.raises(VerificationRefusedError) as info:
+        connect(address, manifest)
+    lines = info.value.diagnostics().splitlines()
+    assert any("code measurement" in line for line in lines)
+    assert any("custodian CA" in line for line in lines)
+
+
+# ------------------------------------------------------ refused on the fresh evidence
 
 
 def _stale(fake: FakeEnclave, nonce: bytes) -> custos_pb2.AttestResponse:
-    return _honest(fake, os.urandom(32))  # a replayed answer to some earlier challenge
+    return honest(fake, bytes(32))  # an answer to some other challenge
+
+
+def _replayed_certificate(fake: FakeEnclave, nonce: bytes) -> custos_pb2.AttestResponse:
+    return fake.attest(replace(fake.enclave.claims, purpose="tls", nonce=b""))
 
 
 def _other_key(fake: FakeEnclave, nonce: bytes) -> custos_pb2.AttestResponse:
@@ -109,96 +170,124 @@ def _other_key(fake: FakeEnclave, nonce: bytes) -> custos_pb2.AttestResponse:
     return custos_pb2.AttestResponse(evidence=other.evidence(), claims=other.claims.to_bytes())
 
 
+def _model_gone(fake: FakeEnclave, nonce: bytes) -> custos_pb2.AttestResponse:
+    claims = replace(fake.enclave.claims, purpose="attest", nonce=nonce)
+    unloaded = replace(claims, log=tuple(e for e in claims.log if e.kind != "model"))
+    return fake.attest(unloaded)  # claims that no longer replay to the attester's register
+
+
 def _garbage(fake: FakeEnclave, nonce: bytes) -> custos_pb2.AttestResponse:
     return custos_pb2.AttestResponse(evidence=b"{}", claims=b"{}")
 
 
-@pytest.mark.parametrize(
-    ("answer", "reason"),
-    [(_stale, "nonce"), (_other_key, "another public key"), (_garbage, "refused")],
-    ids=["replayed-nonce", "evidence-for-another-key", "garbage"],
-)
-def test_bad_fresh_evidence_is_refused_before_any_input(
-    fake: FakeEnclave, answer: Answer, reason: str
-) -> None:
-    fake.answer = answer
-    for addr in _serve(fake):
-        with pytest.raises(VerificationRefusedError, match=reason):
-            connect(addr, reference())
-    assert fake.infer_calls == 0
+def _refuses(fake: FakeEnclave, nonce: bytes) -> custos_pb2.AttestResponse:
+    raise RuntimeError("the fake will not attest")  # grpc answers UNKNOWN
 
 
-def test_certificate_key_must_be_the_attested_key(fake: FakeEnclave) -> None:
-    for addr in _serve(fake, cert_key=identity.generate_identity_key()):
-        with pytest.raises(VerificationRefusedError, match="another public key"):
-            connect(addr, reference())
-    assert fake.infer_calls == 0
-
-
-@pytest.mark.parametrize(
-    ("manifest", "reason"),
-    [
-        (reference(allow_simulation=False), "simulat"),
-        (reference(code_sha384="00" * 48), "code measurement"),
-        (reference(custodian_ca_sha256="11" * 32), "custodian CA"),
-        (reference(allowed_model_sha384=()), "allows no model"),
-    ],
-    ids=["no-simulation", "code", "custodian-ca", "no-model-allowed"],
-)
-def test_manifest_mismatch_is_refused(fake: FakeEnclave, address: str, manifest: Any, reason: str) -> None:
-    with pytest.raises(VerificationRefusedError, match=reason):
-        connect(address, manifest)
-    assert fake.seen_nonces == []  # refused on the certificate, before even the challenge
-
-
-STATUS_ERRORS = [
-    (grpc.StatusCode.INVALID_ARGUMENT, InvalidInputError, 1),
-    (grpc.StatusCode.RESOURCE_EXHAUSTED, QuotaExhaustedError, 4),
-    (grpc.StatusCode.PERMISSION_DENIED, SuspendedError, 5),
-    (grpc.StatusCode.UNAVAILABLE, EnclaveUnavailableError, 1),
-    (grpc.StatusCode.FAILED_PRECONDITION, NotReadyError, 1),
-    (grpc.StatusCode.INTERNAL, ClientError, 1),
+ATTEST_REFUSALS = [
+    ("stale-nonce", _stale, "expected nonce"),
+    ("certificate-evidence-replayed", _replayed_certificate, "expected 'attest'"),
+    ("evidence-for-another-key", _other_key, "another public key"),
+    ("log-does-not-replay", _model_gone, "does not replay"),
+    ("garbage", _garbage, "fresh evidence refused"),
+    ("attest-fails", _refuses, "fresh attestation failed: enclave answered UNKNOWN"),
 ]
 
 
 @pytest.mark.parametrize(
-    ("code", "error", "exit_code"), STATUS_ERRORS, ids=[c[0].name for c in STATUS_ERRORS]
+    ("answer", "reason"),
+    [pytest.param(answer, reason, id=name) for name, answer, reason in ATTEST_REFUSALS],
 )
-def test_enclave_status_codes_map_to_errors_and_exit_codes(
+def test_fresh_evidence_refused_before_any_input(
     fake: FakeEnclave,
     address: str,
-    tmp_path: Path,
-    code: grpc.StatusCode,
-    error: type[ClientError],
-    exit_code: int,
+    answer: Callable[[FakeEnclave, bytes], custos_pb2.AttestResponse],
+    reason: str,
 ) -> None:
-    fake.infer_status = code
-    with connect(address, reference()) as conn, pytest.raises(error, match="refused by the fake") as info:
-        conn.infer_image(b"x")
-    assert type(info.value) is error
-    manifest = tmp_path / "m.toml"
-    manifest.write_text(reference().to_toml())
-    image = tmp_path / "in.png"
-    image.write_bytes(b"x")
-    assert query_main(["--enclave", address, "--manifest", str(manifest), "--json", str(image)]) == exit_code
+    fake.answer = answer
+    with pytest.raises(VerificationRefusedError, match=reason):
+        connect(address, reference())
+    assert len(fake.nonces) == 1
+    assert fake.requests == []
 
 
-def test_cli_refusal_exits_3(fake: FakeEnclave, address: str, tmp_path: Path) -> None:
-    manifest = tmp_path / "m.toml"
-    manifest.write_text(reference(allow_simulation=False).to_toml())
-    image = tmp_path / "in.png"
-    image.write_bytes(b"x")
-    assert query_main(["--enclave", address, "--manifest", str(manifest), str(image)]) == 3
-    assert fake.infer_calls == 0
+# ----------------------------------------------------------- unreachable, bad arguments
 
 
-def test_cli_misuse_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as info:
-        query_main(["--manifest", "m.toml", "x.png"])
-    assert info.value.code == 2
-    assert "--enclave" in capsys.readouterr().err
+def test_nobody_listening_is_unavailable() -> None:
+    with socket.socket() as bound:  # bound, never listening: connections are refused
+        bound.bind(("127.0.0.1", 0))
+        port = bound.getsockname()[1]
+        with pytest.raises(EnclaveUnavailableError, match="cannot reach"):
+            connect(f"127.0.0.1:{port}", reference(), timeout=5)
 
 
-def test_unreachable_enclave_is_a_clear_error() -> None:
-    with pytest.raises(EnclaveUnavailableError, match="cannot reach"):
-        connect("127.0.0.1:1", reference(), timeout=2)
+def test_a_server_that_does_not_speak_tls_is_unavailable() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+
+        def answer_in_plain_text() -> None:
+            peer, _ = listener.accept()
+            with peer:
+                peer.recv(4096)
+                peer.sendall(b"HTTP/1.0 400 Bad Request\r\n\r\n")
+
+        thread = threading.Thread(target=answer_in_plain_text)
+        thread.start()
+        try:
+            with pytest.raises(EnclaveUnavailableError, match="TLS handshake"):
+                connect(f"127.0.0.1:{listener.getsockname()[1]}", reference(), timeout=5)
+        finally:
+            thread.join()
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["localhost", "localhost:", ":8443", "localhost:https", "localhost:0", "localhost:65536", "::1:8443"],
+    ids=["no-port", "empty-port", "no-host", "named-port", "port-zero", "port-too-big", "bare-ipv6"],
+)
+def test_malformed_address_is_refused_before_dialling(address: str) -> None:
+    with pytest.raises(ClientError, match=r"HOST:PORT|valid port"):
+        connect(address, reference())
+
+
+def _write(tmp_path: Path, content: bytes) -> Path:
+    path = tmp_path / "manifest.toml"
+    path.write_bytes(content)
+    return path
+
+
+MANIFEST_FILES = [
+    ("missing", lambda tmp: tmp / "absent.toml", "cannot read manifest"),
+    ("directory", lambda tmp: tmp, "cannot read manifest"),
+    ("not-toml", lambda tmp: _write(tmp, b"platform = "), "not valid TOML"),
+    ("wrong-format", lambda tmp: _write(tmp, b'format = "x"\n'), "format must be"),
+    ("too-large", lambda tmp: _write(tmp, b"#" * (MAX_MANIFEST_BYTES + 1)), "limit"),
+    ("not-utf8", lambda tmp: _write(tmp, b"\xff\xfe"), "not valid TOML"),
+]
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"), [pytest.param(make, reason, id=name) for name, make, reason in MANIFEST_FILES]
+)
+def test_unusable_manifest_file(
+    fake: FakeEnclave, address: str, tmp_path: Path, make: Callable[[Path], Path], reason: str
+) -> None:
+    with pytest.raises(ClientError, match=reason):
+        connect(address, make(tmp_path))
+    assert fake.nonces == []
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0], ids=["zero", "negative"])
+def test_timeout_must_be_positive(timeout: float) -> None:
+    with pytest.raises(ClientError, match="timeout"):
+        connect("127.0.0.1:1", reference(), timeout=timeout)
+
+
+def test_a_closed_connection_sends_nothing(fake: FakeEnclave, address: str) -> None:
+    with connect(address, reference()) as conn:
+        pass
+    with pytest.raises(ClientError, match="closed"):
+        conn.infer_image(b"png")
+    with pytest.raises(ClientError, match="closed"):
+        conn.status()
+    assert fake.requests == []
