@@ -21,13 +21,14 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from enclave.attestation import tpm_chain
 from enclave.attestation.tpm_structures import (
     TPMA_OBJECT_DECRYPT,
     TPMA_OBJECT_FIXED_TPM,
@@ -186,85 +187,9 @@ def verify_ak_certificate(
         raise EvidenceError(f"AK certificate public key does not parse: {exc}") from None
     if leaf_key != ak.spki():
         raise EvidenceError("AK certificate is for another key than the AK that signed the quote")
-    if _is_ca(certificate):
+    if tpm_chain.is_ca(certificate):
         raise EvidenceError("AK certificate is a CA certificate")
-    _check_validity(certificate, when, "AK certificate")
-    root_ders = {root.public_bytes(serialization.Encoding.DER) for root in roots}
-    candidates = [*roots, *intermediates]
-    chain = [certificate]
-    current = certificate
-    for depth in range(MAX_CHAIN_DEPTH + 1):
-        issuer = _find_issuer(current, candidates)
-        if issuer is None:
-            raise EvidenceError(
-                f"AK certificate chain stops at {_label(current)}: "
-                "no trusted root or supplied intermediate issued it"
-            )
-        _check_validity(issuer, when, f"AK chain certificate {_label(issuer)}")
-        chain.append(issuer)
-        if issuer.public_bytes(serialization.Encoding.DER) in root_ders:
-            return chain
-        _check_intermediate(issuer, depth)
-        current = issuer
-    raise EvidenceError(f"AK certificate chain is longer than {MAX_CHAIN_DEPTH} intermediates")
-
-
-def _label(certificate: x509.Certificate) -> str:
-    """Names a certificate by its SHA-256 fingerprint.
-
-    Not by its subject: reading a Name makes ``cryptography`` warn about the
-    over-long common names that Google's TPM CAs use.
-    """
-    return f"sha256:{certificate.fingerprint(hashes.SHA256()).hex()[:16]}"
-
-
-def _find_issuer(
-    certificate: x509.Certificate, candidates: Sequence[x509.Certificate]
-) -> x509.Certificate | None:
-    for candidate in candidates:
-        try:  # also checks that the issuer name matches the candidate's subject
-            certificate.verify_directly_issued_by(candidate)
-        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
-            continue
-        return candidate
-    return None
-
-
-_E = TypeVar("_E", x509.BasicConstraints, x509.KeyUsage)
-
-
-def _extension(certificate: x509.Certificate, kind: type[_E]) -> _E | None:
-    try:
-        return certificate.extensions.get_extension_for_class(kind).value
-    except x509.ExtensionNotFound:
-        return None
-    except ValueError as exc:
-        raise EvidenceError(f"certificate {_label(certificate)} has malformed extensions: {exc}") from None
-
-
-def _is_ca(certificate: x509.Certificate) -> bool:
-    constraints = _extension(certificate, x509.BasicConstraints)
-    return constraints is not None and constraints.ca
-
-
-def _check_validity(certificate: x509.Certificate, when: datetime, what: str) -> None:
-    if not certificate.not_valid_before_utc <= when <= certificate.not_valid_after_utc:
-        raise EvidenceError(
-            f"{what} is not valid at {when.isoformat()} (valid {certificate.not_valid_before_utc.isoformat()}"
-            f" to {certificate.not_valid_after_utc.isoformat()})"
-        )
-
-
-def _check_intermediate(certificate: x509.Certificate, below: int) -> None:
-    """An intermediate ``below`` other intermediates from the leaf: a CA that may sign certificates."""
-    name = _label(certificate)
-    constraints = _extension(certificate, x509.BasicConstraints)
-    if constraints is None:
-        raise EvidenceError(f"AK chain certificate {name} has no basicConstraints")
-    if not constraints.ca:
-        raise EvidenceError(f"AK chain certificate {name} is not a CA")
-    if constraints.path_length is not None and constraints.path_length < below:
-        raise EvidenceError(f"AK chain certificate {name} exceeds its path length constraint")
-    usage = _extension(certificate, x509.KeyUsage)
-    if usage is not None and not usage.key_cert_sign:
-        raise EvidenceError(f"AK chain certificate {name} may not sign certificates")
+    tpm_chain.check_validity(certificate, when, "AK certificate")
+    return tpm_chain.walk_chain(
+        certificate, roots=roots, intermediates=intermediates, when=when, role="AK", max_depth=MAX_CHAIN_DEPTH
+    )

@@ -38,10 +38,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TypeVar
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
@@ -51,6 +50,7 @@ try:  # newer cryptography moved CFB to its "decrepit" modes (and warns on the o
 except ImportError:  # pragma: no cover - older cryptography
     from cryptography.hazmat.primitives.ciphers.modes import CFB
 
+from enclave.attestation import tpm_chain
 from enclave.attestation.tpm_structures import (
     HASH_NAMES,
     TPMA_OBJECT_DECRYPT,
@@ -329,84 +329,24 @@ def verify_ek_certificate(
         raise EvidenceError(f"EK certificate public key does not parse: {exc}") from None
     if _spki(certified) != _spki(expected):
         raise EvidenceError("EK certificate is for another key than this EK")
-    constraints = _extension(certificate, x509.BasicConstraints)
+    constraints = tpm_chain.extension(certificate, x509.BasicConstraints)
     if constraints is not None and constraints.ca:
         raise EvidenceError("EK certificate is a CA certificate")
-    usage = _extension(certificate, x509.ExtendedKeyUsage)
+    usage = tpm_chain.extension(certificate, x509.ExtendedKeyUsage)
     if usage is not None and EK_CERTIFICATE_EKU not in usage:
         raise EvidenceError("EK certificate's extendedKeyUsage does not include tcg-kp-EKCertificate")
-    _check_validity(certificate, when, "EK certificate")
-    root_ders = {root.public_bytes(serialization.Encoding.DER) for root in roots}
-    candidates = [*roots, *intermediates]
-    chain = [certificate]
-    current = certificate
-    for depth in range(MAX_EK_CHAIN_DEPTH + 1):
-        issuer = _find_issuer(current, candidates)
-        if issuer is None:
-            raise EvidenceError(
-                f"EK certificate chain stops at {_label(current)}: "
-                "no trusted root or supplied intermediate issued it"
-            )
-        _check_validity(issuer, when, f"EK chain certificate {_label(issuer)}")
-        chain.append(issuer)
-        if issuer.public_bytes(serialization.Encoding.DER) in root_ders:
-            return chain
-        _check_intermediate(issuer, depth)
-        current = issuer
-    raise EvidenceError(f"EK certificate chain is longer than {MAX_EK_CHAIN_DEPTH} intermediates")
+    tpm_chain.check_validity(certificate, when, "EK certificate")
+    return tpm_chain.walk_chain(
+        certificate,
+        roots=roots,
+        intermediates=intermediates,
+        when=when,
+        role="EK",
+        max_depth=MAX_EK_CHAIN_DEPTH,
+    )
 
 
 def _spki(key: object) -> bytes:
     if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
         raise EvidenceError(f"EK certificate key is a {type(key).__name__}, not an RSA or EC key")
     return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
-def _label(certificate: x509.Certificate) -> str:
-    """Names a certificate by its SHA-256 fingerprint (EK certificates often have an empty subject)."""
-    return f"sha256:{certificate.fingerprint(hashes.SHA256()).hex()[:16]}"
-
-
-def _find_issuer(
-    certificate: x509.Certificate, candidates: Sequence[x509.Certificate]
-) -> x509.Certificate | None:
-    for candidate in candidates:
-        try:  # also checks that the issuer name matches the candidate's subject
-            certificate.verify_directly_issued_by(candidate)
-        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
-            continue
-        return candidate
-    return None
-
-
-_E = TypeVar("_E", x509.BasicConstraints, x509.KeyUsage, x509.ExtendedKeyUsage)
-
-
-def _extension(certificate: x509.Certificate, kind: type[_E]) -> _E | None:
-    try:
-        return certificate.extensions.get_extension_for_class(kind).value
-    except x509.ExtensionNotFound:
-        return None
-    except ValueError as exc:
-        raise EvidenceError(f"certificate {_label(certificate)} has malformed extensions: {exc}") from None
-
-
-def _check_validity(certificate: x509.Certificate, when: datetime, what: str) -> None:
-    if not certificate.not_valid_before_utc <= when <= certificate.not_valid_after_utc:
-        raise EvidenceError(
-            f"{what} is not valid at {when.isoformat()} (valid {certificate.not_valid_before_utc.isoformat()}"
-            f" to {certificate.not_valid_after_utc.isoformat()})"
-        )
-
-
-def _check_intermediate(certificate: x509.Certificate, below: int) -> None:
-    """An intermediate ``below`` other intermediates from the leaf: a CA that may sign certificates."""
-    name = _label(certificate)
-    constraints = _extension(certificate, x509.BasicConstraints)
-    if constraints is None or not constraints.ca:
-        raise EvidenceError(f"EK chain certificate {name} is not a CA")
-    if constraints.path_length is not None and constraints.path_length < below:
-        raise EvidenceError(f"EK chain certificate {name} exceeds its path length constraint")
-    usage = _extension(certificate, x509.KeyUsage)
-    if usage is not None and not usage.key_cert_sign:
-        raise EvidenceError(f"EK chain certificate {name} may not sign certificates")
