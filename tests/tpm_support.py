@@ -49,7 +49,7 @@ def require(available: bool, what: str, install: str) -> None:
         return
     if os.environ.get(REQUIRE_ENV) == "1":
         pytest.fail(f"{what} is required ({REQUIRE_ENV}=1) but not installed: {install}")
-    pytest.skip(f"{what} is not installed")
+    pytest.skip(f"{what} is not installed ({install}); {REQUIRE_ENV}=1, as in CI, makes this a failure")
 
 
 def require_swtpm() -> None:
