@@ -37,10 +37,15 @@ CONSOLE_HOST = "custos-console-host"
 _MAX_CLAIM = 64
 
 
+def over_unix_socket(context: Context) -> bool:
+    """The call came through the admin unix socket (grpc reports no peer address for some)."""
+    peer = context.peer() or ""
+    return peer.startswith("unix:") or not peer
+
+
 def origin(context: Context, socket: str) -> str:
     """Where an admin call came from, for the audit log."""
-    peer = context.peer() or ""
-    where = f"unix:{socket}" if peer.startswith("unix:") or not peer else peer
+    where = f"unix:{socket}" if over_unix_socket(context) else context.peer()
     names = list(context.auth_context().get("x509_common_name", ()))
     if names:
         where += f" certificate CN={names[0].decode(errors='replace')}"
@@ -145,9 +150,9 @@ class Admin(pb_grpc.AdminServicer):
     async def IssueAdminCertificate(
         self, request: pb.AdminCertificateRequest, context: Context
     ) -> pb.AdminCertificate:
-        where = self._origin(context)
-        if not where.startswith("unix:"):
+        if not over_unix_socket(context):
             raise RefusedError("admin certificates are issued over the unix socket only")
+        where = self._origin(context)
         issued = await self._access.issue(request.name, request.csr, days=request.validity_days, origin=where)
         return pb.AdminCertificate(
             certificate=issued.certificate_pem,

@@ -293,6 +293,10 @@ class Enrolment:
             now = tx.now
         if record is None:
             raise NotFoundError(f"no deployment {deployment!r}")
+        # Checked again here, not only at the challenge: a nonce issued (or a TPM credential
+        # activated) before a suspension must not admit an instance after it.
+        if record.suspended:
+            raise SuspendedError(f"deployment {deployment!r} is suspended; enrol again once it resumes")
         instance_id = uuid.uuid4().hex
         validity = datetime.timedelta(hours=self._config.client_cert_hours)
         certificate = self._ca.issue_client(public_key, instance_id, now=now, validity=validity)

@@ -439,7 +439,8 @@ class Ledger:
             try:
                 yield Transaction(self._conn, self._now())
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                if self._conn.in_transaction:  # SQLite may have rolled back already (I/O error, full disk)
+                    self._conn.execute("ROLLBACK")
                 raise
             try:
                 self._conn.execute("COMMIT")

@@ -300,14 +300,19 @@ async def _sweep(
     interval: float, leases: Leases, enrolment: Enrolment, deployments: Deployments, metrics: CustodianMetrics
 ) -> None:
     """Expire unrefreshed leases, purge stale challenges and refresh the deployment gauges, forever."""
+
+    async def refresh_gauges() -> None:
+        metrics.observe_deployments(await deployments.usage())
+
+    jobs = (
+        ("expiring leases", leases.expire_due),
+        ("purging challenges", enrolment.purge_challenges),
+        ("refreshing deployment gauges", refresh_gauges),
+    )
     while True:
         await asyncio.sleep(interval)
-        try:
-            expired = await leases.expire_due()
-            await enrolment.purge_challenges()
-            metrics.observe_deployments(await deployments.usage())
-        except Exception:
-            logger.exception("sweeping leases failed; retrying")
-            continue
-        if expired:
-            logger.info("%d lease(s) expired", expired)
+        for what, job in jobs:  # independent: one failing job must not starve the others
+            try:
+                await job()
+            except Exception:
+                logger.exception("%s failed; retrying at the next sweep", what)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -14,10 +13,9 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from custodian.errors import BusyError, InvalidRequestError, NotFoundError, RefusedError
+from custodian.errors import BusyError, InvalidRequestError, NotFoundError, RefusedError, SuspendedError
 from enclave.errors import BindingError, EvidenceError, FormatError, PolicyError
 from enclave.identity import generate_identity_key, public_key_der
-from protos import custos_pb2 as pb
 from tests.unit.custodian.fake_enclave import FakeEnclave, csr_der, sim_manifest
 from tests.unit.custodian.harness import Custody, custody, sample
 
@@ -237,16 +235,26 @@ def test_outstanding_challenges_are_bounded_and_purged_when_stale(tmp_path: Path
     asyncio.run(scenario())
 
 
-def test_enrol_request_fields_match_the_wire_contract() -> None:
-    # The fake builds exactly the fields the gateway reads (the tpm_* ones only on platform tpm).
-    assert {f.name for f in pb.EnrolRequest.DESCRIPTOR.fields} == {
-        "deployment",
-        "join_token",
-        "evidence",
-        "claims",
-        "csr",
-        "tpm_ek_public",
-        "tpm_ek_certificate",
-        "tpm_ek_chain",
-    }
-    assert dataclasses.is_dataclass(FakeEnclave)
+def test_enrol_request_fields_match_the_wire_contract(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with custody(tmp_path) as c:
+            # The fake sets exactly the fields the gateway reads on a non-TPM platform.
+            request = FakeEnclave(c.tls_ca.pem, "d").enrol_request(bytes(32), "token")
+            fields = {f.name for f, _ in request.ListFields()}
+            assert fields == {"deployment", "join_token", "evidence", "claims", "csr"}
+
+    asyncio.run(scenario())
+
+
+def test_a_nonce_issued_before_a_suspension_admits_nobody_after_it(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with custody(tmp_path) as c:
+            token = await c.lend("d")
+            nonce, _ = await c.enrolment.challenge("d")
+            await c.deployments.suspend("d")
+            with pytest.raises(SuspendedError, match="suspended"):
+                await c.enrolment.enrol("d", **_request(FakeEnclave(c.tls_ca.pem, "d"), nonce, token))
+            async with c.ledger.transaction() as tx:
+                assert await tx.instances("d") == []
+
+    asyncio.run(scenario())
