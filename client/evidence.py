@@ -19,8 +19,6 @@ from enclave.attestation.sev_snp_report import Product, parse_report
 from enclave.attestation.tpm_structures import parse_attest
 from enclave.errors import EnclaveError, EvidenceError
 
-HARDWARE_PLATFORMS = ("tdx", "sgx", "sev-snp")
-
 
 @dataclass
 class EvidenceReport:

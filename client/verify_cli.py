@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from client.api import load_manifest
+from client.errors import ClientError
 from client.evidence import (
     EvidenceReport,
     TpmInputs,
@@ -24,7 +26,6 @@ from client.evidence import (
     dcap_collateral,
     refused,
 )
-from enclave.attestation import ReferenceValues
 from enclave.errors import EnclaveError
 
 EPILOG = """\
@@ -147,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = _check(args, parser, now)
         if args.manifest is not None and report.verified:
-            compare_registers(report, ReferenceValues.from_toml(args.manifest.read_bytes()))
-    except (OSError, EnclaveError) as exc:
+            compare_registers(report, load_manifest(args.manifest))
+    except (OSError, EnclaveError, ClientError) as exc:
         print(f"custos-verify: {exc}", file=sys.stderr)
         return 1
     doc: dict[str, Any] = report.to_json()

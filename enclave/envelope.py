@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from enclave.errors import EnvelopeError, FormatError
+from enclave.identity import public_key_der
 
 KEY_SIZE = 32
 MODEL_ID_SIZE = 16
@@ -62,14 +63,6 @@ def _chunk_nonce_aad(model_id: bytes, index: int, final: bool) -> tuple[bytes, b
 def seal_chunk(key: bytes, model_id: bytes, index: int, final: bool, plaintext: bytes) -> bytes:
     nonce, aad = _chunk_nonce_aad(model_id, index, final)
     return AESGCM(key).encrypt(nonce, plaintext, aad)
-
-
-def open_chunk(key: bytes, model_id: bytes, index: int, final: bool, ciphertext: bytes) -> bytes:
-    nonce, aad = _chunk_nonce_aad(model_id, index, final)
-    try:
-        return AESGCM(key).decrypt(nonce, ciphertext, aad)
-    except (InvalidTag, ValueError):
-        raise EnvelopeError() from None
 
 
 @dataclass(frozen=True)
@@ -207,10 +200,6 @@ def open_at_rest(kek: bytes, wrapped: bytes, model_id: bytes) -> bytes:
         raise EnvelopeError() from None
 
 
-def _public_der(key: ec.EllipticCurvePublicKey) -> bytes:
-    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
 def _wrap_key(shared: bytes, ephemeral: bytes, recipient: bytes, context: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=KEY_SIZE, salt=None, info=_WRAP_LABEL + context).derive(
         shared + ephemeral + recipient
@@ -228,7 +217,9 @@ def wrap_key(data_key: bytes, recipient: ec.EllipticCurvePublicKey, context: byt
     eph_point = ephemeral.public_key().public_bytes(
         serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
     )
-    wrapping = _wrap_key(ephemeral.exchange(ec.ECDH(), recipient), eph_point, _public_der(recipient), context)
+    wrapping = _wrap_key(
+        ephemeral.exchange(ec.ECDH(), recipient), eph_point, public_key_der(recipient), context
+    )
     return eph_point + AESGCM(wrapping).encrypt(bytes(12), data_key, context)
 
 
@@ -237,7 +228,7 @@ def unwrap_key(wrapped: bytes, recipient: ec.EllipticCurvePrivateKey, context: b
         eph_point, sealed = wrapped[:_P256_POINT_SIZE], wrapped[_P256_POINT_SIZE:]
         ephemeral = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), eph_point)
         shared = recipient.exchange(ec.ECDH(), ephemeral)
-        wrapping = _wrap_key(shared, eph_point, _public_der(recipient.public_key()), context)
+        wrapping = _wrap_key(shared, eph_point, public_key_der(recipient), context)
         return AESGCM(wrapping).decrypt(bytes(12), sealed, context)
     except (InvalidTag, ValueError):
         raise EnvelopeError() from None

@@ -38,7 +38,6 @@ from its template and must come out identical. Calls are serialised by a lock.
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import re
 import threading
@@ -51,6 +50,7 @@ from typing import Any
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from enclave._daemon.errors import DaemonError
+from enclave.attestation.claims import canonical_json
 from enclave.attestation.interface import REPORT_DATA_SIZE, Attester, Evidence
 from enclave.attestation.tpm import DEFAULT_APP_PCR, PLATFORM, qualifying_data, verify_quote
 from enclave.attestation.tpm_ak import load_ak, load_certificates
@@ -548,5 +548,6 @@ class TpmAttester(Attester):
 
 def _pcr_json(pcrs: Mapping[str, Mapping[int, bytes]]) -> bytes:
     """The evidence's ``pcrs`` part, as :func:`enclave.attestation.tpm.parse_pcr_values` reads it."""
-    doc = {bank: {str(i): v.hex() for i, v in sorted(values.items())} for bank, values in pcrs.items()}
-    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    return canonical_json(
+        {bank: {str(i): v.hex() for i, v in values.items()} for bank, values in pcrs.items()}
+    )
