@@ -121,8 +121,11 @@ def test_the_books_always_balance(operations: list[tuple[str, int, int]]) -> Non
             account, allotment = quota.open_allotment(account, n)
             allotments.append(allotment)
         elif op == "revoke" or op == "revoke_all":
+            revocable = account.balance + quota.held(allotments)
             account, allotments, changed = quota.revoke(account, allotments, n if op == "revoke" else None)
-            assert changed <= (n if op == "revoke" else changed)
+            assert changed == (min(n, revocable) if op == "revoke" else revocable)
+            if op == "revoke_all":
+                assert account.balance == quota.held(allotments) == 0
         elif allotments:
             index = which % len(allotments)
             a = allotments[index]

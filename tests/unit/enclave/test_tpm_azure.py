@@ -212,8 +212,14 @@ def test_snp_hcl_report_is_anchored_to_the_amd_root() -> None:
     at = datetime.datetime(2025, 6, 1, tzinfo=datetime.UTC)
     vcek = vector("az-vtpm/trustee_az-snp-vtpm_vcek.pem")
     assert complete_hardware_chain(claims, now=at, snp_vcek=vcek).hardware_report_verified
-    with pytest.raises(EvidenceError):
-        complete_hardware_chain(claims, now=at, snp_vcek=vector("sev-snp/trustee_test-vcek.der"))
+    # A genuine Milan VCEK with its chain, but for another chip: the binding, not the chain, refuses it.
+    with pytest.raises(EvidenceError, match="CHIP_ID"):
+        complete_hardware_chain(
+            claims,
+            now=at,
+            snp_vcek=vector("sev-snp/trustee_test-vcek.der"),
+            snp_chain=vector("sev-snp/trustee_milan_ask_ark_asvk.pem"),
+        )
 
 
 def test_tdx_hcl_report_is_anchored_through_the_td_quote() -> None:
