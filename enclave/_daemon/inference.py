@@ -106,7 +106,7 @@ class InferenceService(custos_pb2_grpc.InferenceServicer):
         return custos_pb2.InferResponse(
             top=[custos_pb2.ClassScore(index=s.index, label=s.label, score=s.score) for s in scores],
             remaining_quota=self._lease.remaining + self._lease.deployment_balance,
-            model_sha384=model.sha384.hex(),
+            model_sha384=model.sha384_hex,
         )
 
     def _prepare(self, model: ModelRuntime, request: custos_pb2.InferRequest) -> FloatArray:
@@ -141,7 +141,7 @@ class InferenceService(custos_pb2_grpc.InferenceServicer):
             deployment=self._config.deployment,
             platform=self._identity.platform,
             model_loaded=model is not None,
-            model_sha384=model.sha384.hex() if model is not None else "",
+            model_sha384=model.sha384_hex if model is not None else "",
             suspended=self._lease.suspended,
             lease_limit=self._lease.limit,
             lease_used=self._lease.committed,

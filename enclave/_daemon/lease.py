@@ -62,9 +62,8 @@ class Lease:
         self.reserved = 0
         self.suspended = False
         self.deployment_balance = 0
+        # Offline until the custodian first speaks (valid for 0 s from creation).
         self.valid_for = 0.0
-        # Offline until the custodian first speaks.
-        self._deadline = clock()
         # Set when a caller found the lease exhausted; the usage reporter asks for a top-up.
         self.topup_wanted = asyncio.Event()
         self._changed = asyncio.Event()
@@ -87,7 +86,7 @@ class Lease:
 
     @property
     def offline(self) -> bool:
-        return self._clock() >= self._deadline
+        return self.silent_for >= self.valid_for
 
     @property
     def silent_for(self) -> float:
@@ -129,7 +128,6 @@ class Lease:
         """Contact from the custodian: the lease stays valid ``valid_for`` seconds from now."""
         self.valid_for = valid_for
         self._last_contact = self._clock()
-        self._deadline = self._last_contact + valid_for
         self._notify()
 
     def topup_requested(self) -> None:

@@ -142,7 +142,7 @@ def tensor_from_wire(shape: Sequence[int], data: bytes, model_shape: Dims, limit
     needed = 4 * math.prod(shape)
     if len(data) != needed:
         raise InvalidInputError(f"tensor data is {len(data)} bytes, shape {_show(shape)} needs {needed}")
-    array = np.frombuffer(data, dtype="<f4").reshape(shape).astype(np.float32)
+    array = np.frombuffer(data, dtype="<f4").reshape(shape).astype(np.float32, copy=False)  # no copy on LE
     if not np.isfinite(array).all():
         raise InvalidInputError("tensor contains NaN or infinite values")
     return array

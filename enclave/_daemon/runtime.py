@@ -56,6 +56,7 @@ class ModelRuntime:
         if inputs[0].type != "tensor(float)":
             raise ModelRefusedError(f"model input must be a float tensor, is {inputs[0].type}")
         self.sha384 = sha384
+        self.sha384_hex = sha384.hex()  # sent with every answer: computed once
         self.input_name: str = inputs[0].name
         self.input_shape: Dims = tuple(d if isinstance(d, int) and d > 0 else None for d in inputs[0].shape)
         self._output_name: str = outputs[0].name
