@@ -1,7 +1,8 @@
 """Leases: the blocks of inferences an enrolled instance may serve, and their usage reports.
 
 The arithmetic is ``custodian.quota``, the receipt checks ``custodian.metering``;
-this module applies them to the ledger, one transaction per call, following
+this module applies them to the ledger, one transaction per call (usage reports
+share theirs with concurrent reports, ``Ledger.grouped``), following
 ``docs/protocol.md`` (Quota) and the lease rules in the README:
 
 - ``acquire`` returns the instance's active lease with its expiry refreshed,
@@ -27,13 +28,24 @@ from datetime import datetime, timedelta
 from custodian import quota
 from custodian.errors import InvalidRequestError, NotFoundError
 from custodian.ledger import DeploymentRecord, InstanceRecord, LeaseRecord, Ledger, Transaction
-from custodian.metering import ReceiptRefusedError, UsageClaim, check_claim, receipt_detail, refusal_detail
+from custodian.metering import (
+    ReceiptRefusedError,
+    UsageClaim,
+    check_claim,
+    receipt_detail,
+    refusal_detail,
+    verify_claim,
+)
 from custodian.metrics import CustodianMetrics
+from custodian.offload import OffLoop
+from enclave.receipts import Receipt
 
 logger = logging.getLogger(__name__)
 
 # Sequence numbers are stored as SQLite integers (signed 64-bit).
 MAX_SEQ = 1 << 63
+# Instance keys kept in memory (an enrolled instance's key never changes); the cache starts over when full.
+_MAX_KEYS = 4096
 
 
 @dataclass(frozen=True)
@@ -61,6 +73,9 @@ class Leases:
     def __init__(self, ledger: Ledger, metrics: CustodianMetrics) -> None:
         self._ledger = ledger
         self._metrics = metrics
+        self._keys: dict[str, bytes] = {}
+        # Receipt signatures are checked in a worker thread (OpenSSL releases the GIL meanwhile).
+        self._verify: OffLoop[tuple[UsageClaim, bytes], Receipt] = OffLoop(lambda job: verify_claim(*job))
 
     async def acquire(self, instance_id: str) -> LeaseView:
         """The instance's active lease (refreshed), or a new one."""
@@ -80,7 +95,9 @@ class Leases:
         """Act on one usage report; its reply carries the instance's current lease (empty if none)."""
         _check_seq(claim.seq)
         try:
-            return await self._report(instance_id, claim)
+            receipt = await self._verify((claim, await self._public_key(instance_id)))
+            # Reports arrive concurrently from every instance: they share commits.
+            return await self._ledger.grouped(lambda tx: self._report(tx, instance_id, claim, receipt))
         except ReceiptRefusedError as exc:
             self._metrics.receipt_refusals.labels(exc.reason).inc()
             async with self._ledger.transaction() as tx:
@@ -92,32 +109,42 @@ class Leases:
             logger.warning("usage report %d of instance %s refused: %s", claim.seq, instance_id, exc)
             raise
 
-    async def _report(self, instance_id: str, claim: UsageClaim) -> LeaseView:
-        async with self._ledger.transaction() as tx:
-            instance, deployment = await _load(tx, instance_id)
-            checked = await check_claim(tx, instance, deployment, claim)
-            lease = checked.lease
-            if checked.receipt is not None:
-                await tx.add_receipt(checked.receipt)
-                await tx.audit(
-                    _actor(instance_id), "receipt", deployment.name, receipt_detail(checked.receipt)
-                )
-                self._metrics.receipts.inc()
-                instance = replace(instance, last_seq=checked.receipt.seq)
-                if lease.active:
-                    deployment, lease = await self._record(tx, deployment, lease, claim.used)
-                    if claim.final:
-                        deployment, lease = await self._close(tx, deployment, lease)
-                    elif claim.want_more and not deployment.suspended:
-                        deployment, lease = await self._top_up(tx, deployment, lease)
-                else:
-                    deployment, lease = await self._settle(tx, deployment, lease, claim.used)
+    async def _public_key(self, instance_id: str) -> bytes:
+        key = self._keys.get(instance_id)
+        if key is None:
+            async with self._ledger.transaction() as tx:
+                instance, _ = await _load(tx, instance_id)
+            if len(self._keys) >= _MAX_KEYS:
+                self._keys.clear()
+            key = self._keys[instance_id] = instance.public_key
+        return key
+
+    async def _report(
+        self, tx: Transaction, instance_id: str, claim: UsageClaim, receipt: Receipt
+    ) -> LeaseView:
+        instance, deployment = await _load(tx, instance_id)
+        checked = await check_claim(tx, instance, deployment, claim, receipt)
+        lease = checked.lease
+        if checked.receipt is not None:
+            await tx.add_receipt(checked.receipt)
+            await tx.audit(_actor(instance_id), "receipt", deployment.name, receipt_detail(checked.receipt))
+            instance = replace(instance, last_seq=checked.receipt.seq)
             if lease.active:
-                lease = replace(lease, expires_at=_expiry(tx, deployment))
-                await tx.update_lease(lease)
-            await tx.update_deployment(deployment)
-            await tx.update_instance(replace(instance, last_seen=tx.now))
-            return lease_view(deployment, lease if lease.active else await tx.active_lease(instance_id))
+                deployment, lease = await self._record(tx, deployment, lease, claim.used)
+                if claim.final:
+                    deployment, lease = await self._close(tx, deployment, lease)
+                elif claim.want_more and not deployment.suspended:
+                    deployment, lease = await self._top_up(tx, deployment, lease)
+            else:
+                deployment, lease = await self._settle(tx, deployment, lease, claim.used)
+        if lease.active:
+            lease = replace(lease, expires_at=_expiry(tx, deployment))
+        await tx.update_lease(lease)  # the helpers above change the record; it is written once, here
+        await tx.update_deployment(deployment)
+        await tx.update_instance(replace(instance, last_seen=tx.now))
+        if checked.receipt is not None:
+            self._metrics.receipts.inc()
+        return lease_view(deployment, lease if lease.active else await tx.active_lease(instance_id))
 
     async def touch(self, instance_id: str) -> LeaseView:
         """Keep-alive from the control stream: refresh the lease's expiry and the instance's last contact."""
@@ -230,9 +257,7 @@ class Leases:
                 },
             )
         self._metrics.units_used.inc(units.used - lease.units.used)
-        lease = replace(lease, units=units)
-        await tx.update_lease(lease)
-        return replace(deployment, account=account), lease
+        return replace(deployment, account=account), replace(lease, units=units)
 
     async def _settle(
         self, tx: Transaction, deployment: DeploymentRecord, lease: LeaseRecord, used: int
@@ -264,16 +289,13 @@ class Leases:
                 deployment.name,
                 {"lease": lease.lease_id, "limit": units.limit, "used": units.used},
             )
-        lease = replace(lease, units=units)
-        await tx.update_lease(lease)
-        return replace(deployment, account=account), lease
+        return replace(deployment, account=account), replace(lease, units=units)
 
     async def _close(
         self, tx: Transaction, deployment: DeploymentRecord, lease: LeaseRecord
     ) -> tuple[DeploymentRecord, LeaseRecord]:
         account, units = quota.release(deployment.account, lease.units)
         lease = replace(lease, units=units, state="closed")
-        await tx.update_lease(lease)
         await tx.audit(
             _actor(lease.instance_id),
             "lease.close",

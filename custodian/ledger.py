@@ -7,7 +7,10 @@ interface is small on purpose: ``Ledger.transaction()`` yields a
 replicas) can take its place.
 
 Every change happens in one ``BEGIN IMMEDIATE`` transaction together with its
-audit entry.
+audit entry. Frequent small changes (usage reports) may share a commit:
+``Ledger.grouped(work)`` queues ``work`` and runs everything queued meanwhile in
+one transaction, each piece inside its own savepoint, so a piece that raises
+undoes only its own writes; nobody hears back before the commit.
 
 How it runs. A transaction's statements are short (a usage report is some
 thirty statements on indexed rows, a few microseconds each), so they run
@@ -43,11 +46,12 @@ import asyncio
 import json
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import aiosqlite
 
@@ -94,6 +98,10 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 # Commits between two WAL checkpoints (run on aiosqlite's thread, off the event loop).
 CHECKPOINT_EVERY = 500
+# Most pieces of work one grouped commit carries (``Ledger.grouped``).
+GROUP_LIMIT = 256
+
+T = TypeVar("T")
 
 
 class Transaction:
@@ -106,6 +114,12 @@ class Transaction:
     def __init__(self, db: sqlite3.Connection, now: datetime) -> None:
         self._db = db
         self.now = now
+        # The audit log's last (seq, hash) as this transaction left it; None: read it from the table.
+        self._audit_head: tuple[int, bytes] | None = None
+
+    def _undone(self) -> None:
+        """Some of this transaction's writes were rolled back: forget what was kept of them."""
+        self._audit_head = None
 
     async def _one(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Row | None:
         cursor = self._db.execute(sql, params)
@@ -345,14 +359,17 @@ class Transaction:
 
     async def audit(self, actor: str, action: str, subject: str, detail: Mapping[str, AuditValue]) -> None:
         """Append one entry to the hash-chained audit log."""
-        last = await self._one("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
-        seq, previous = (last["seq"] + 1, bytes(last["hash"])) if last else (1, GENESIS)
+        if self._audit_head is None:
+            last = await self._one("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+            self._audit_head = (last["seq"], bytes(last["hash"])) if last else (0, GENESIS)
+        seq, previous = self._audit_head[0] + 1, self._audit_head[1]
         entry = AuditEntry(seq, self.now.isoformat(), actor, action, subject, dict(detail), b"")
         digest = entry.chained_to(previous)
         self._db.execute(
             "INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?)",
             (seq, entry.at, actor, action, subject, json.dumps(dict(detail), sort_keys=True), digest),
         )
+        self._audit_head = (seq, digest)
 
     async def audit_entries(self, *, last: int | None = None, since: int = 1) -> list[AuditEntry]:
         """The audit log in order from entry ``since``, or only its ``last`` entries."""
@@ -395,6 +412,8 @@ class Ledger:
         # A read-only connection cannot take the write lock that BEGIN IMMEDIATE asks for.
         self._begin = "BEGIN" if readonly else "BEGIN IMMEDIATE"
         self._commits = 0
+        self._queued: list[_Queued[Any]] = []
+        self._grouping: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(
@@ -423,6 +442,8 @@ class Ledger:
         return cls(db, now, readonly=readonly)
 
     async def close(self) -> None:
+        if self._grouping is not None:
+            await asyncio.shield(self._grouping)
         async with self._lock:
             if not self._readonly:
                 await self._checkpoint()
@@ -452,6 +473,47 @@ class Ledger:
             if self._commits % CHECKPOINT_EVERY == 0 and not self._readonly:
                 await self._checkpoint()
 
+    async def grouped(self, work: Callable[[Transaction], Awaitable[T]]) -> T:
+        """``work``'s result once its writes are committed, sharing the commit with concurrent work.
+
+        ``work`` runs in a transaction with the other work queued meanwhile, in
+        queue order, inside a savepoint of its own: if it raises, its writes are
+        undone and the exception comes back here, the others are unaffected.
+        Work queued by a caller that is then cancelled still runs.
+        """
+        queued: _Queued[T] = _Queued(work, asyncio.get_running_loop().create_future())
+        self._queued.append(queued)
+        if self._grouping is None:
+            self._grouping = asyncio.create_task(self._run_groups())
+        return await queued.outcome
+
+    async def _run_groups(self) -> None:
+        try:
+            while self._queued:
+                group, self._queued = self._queued[:GROUP_LIMIT], self._queued[GROUP_LIMIT:]
+                try:
+                    async with self.transaction() as tx:
+                        done = [
+                            (queued, await _in_savepoint(self._conn, queued.work, tx)) for queued in group
+                        ]
+                # BEGIN or COMMIT failed, or we are cancelled: none of the group happened.
+                except BaseException as exc:
+                    for queued in group:
+                        if not queued.outcome.done():
+                            queued.outcome.set_exception(exc if isinstance(exc, Exception) else _closed())
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for queued, (result, error) in done:
+                    if queued.outcome.done():  # its caller was cancelled; the work is done all the same
+                        continue
+                    if error is None:
+                        queued.outcome.set_result(result)
+                    else:
+                        queued.outcome.set_exception(error)
+        finally:
+            self._grouping = None
+
     async def _checkpoint(self) -> None:
         """Copy the WAL into the database and fsync, on aiosqlite's thread (the lock is held)."""
         try:
@@ -459,6 +521,32 @@ class Ledger:
             await self._db.execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)")
         except sqlite3.Error as exc:
             logger.warning("WAL checkpoint failed (retried later): %s", exc)
+
+
+def _closed() -> LedgerError:
+    return LedgerError("the ledger is closing")
+
+
+@dataclass(frozen=True)
+class _Queued(Generic[T]):
+    work: Callable[[Transaction], Awaitable[T]]
+    outcome: asyncio.Future[T]
+
+
+async def _in_savepoint(
+    db: sqlite3.Connection, work: Callable[[Transaction], Awaitable[T]], tx: Transaction
+) -> tuple[T | None, Exception | None]:
+    """Run ``work`` in a savepoint; on an exception undo its writes and return the exception."""
+    db.execute("SAVEPOINT work")
+    try:
+        result = await work(tx)
+    except Exception as exc:
+        db.execute("ROLLBACK TO work")
+        db.execute("RELEASE work")
+        tx._undone()
+        return None, exc
+    db.execute("RELEASE work")
+    return result, None
 
 
 def _uri(path: Path, *, readonly: bool) -> str:

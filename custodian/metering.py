@@ -21,9 +21,24 @@ from custodian.errors import RefusedError
 from custodian.ledger import DeploymentRecord, InstanceRecord, LeaseRecord, ReceiptRecord, Transaction
 from custodian.metrics import RECEIPT_REFUSAL_REASONS
 from enclave.errors import ReceiptError
-from enclave.receipts import GENESIS, MAX_BODY_BYTES, SignedReceipt, check_successor, verify_receipt
+from enclave.receipts import (
+    GENESIS,
+    MAX_BODY_BYTES,
+    Receipt,
+    SignedReceipt,
+    body_digest,
+    check_successor,
+    verify_receipt,
+)
 
-__all__ = ["RECEIPT_REFUSAL_REASONS", "Checked", "ReceiptRefusedError", "UsageClaim", "check_claim"]
+__all__ = [
+    "RECEIPT_REFUSAL_REASONS",
+    "Checked",
+    "ReceiptRefusedError",
+    "UsageClaim",
+    "check_claim",
+    "verify_claim",
+]
 
 
 class ReceiptRefusedError(RefusedError):
@@ -53,16 +68,32 @@ class Checked:
     receipt: ReceiptRecord | None
 
 
-async def check_claim(
-    tx: Transaction, instance: InstanceRecord, deployment: DeploymentRecord, claim: UsageClaim
-) -> Checked:
-    """The lease the claim's receipt is for, and the receipt to store; raise ``ReceiptRefusedError``."""
+def verify_claim(claim: UsageClaim, public_key: bytes) -> Receipt:
+    """The receipt the claim carries, parsed and its signature checked against the instance's key.
+
+    Pure and thread-safe: the custodian runs it off the event loop (``custodian.offload``).
+    """
     if claim.receipt is None:
         raise ReceiptRefusedError("format", "the usage report carries no receipt")
     try:
-        receipt = verify_receipt(claim.receipt.body, claim.receipt.signature, instance.public_key)
+        return verify_receipt(claim.receipt.body, claim.receipt.signature, public_key)
     except ReceiptError as exc:
         raise ReceiptRefusedError(exc.reason, str(exc)) from None
+
+
+async def check_claim(
+    tx: Transaction,
+    instance: InstanceRecord,
+    deployment: DeploymentRecord,
+    claim: UsageClaim,
+    receipt: Receipt,
+) -> Checked:
+    """The lease the claim's ``receipt`` (from ``verify_claim``) is for, and the receipt to store.
+
+    Raises ``ReceiptRefusedError`` when the receipt is not for this instance, its lease and its
+    deployment's model, or is not the next link of the instance's chain.
+    """
+    assert claim.receipt is not None
     model = await tx.model_by_id(deployment.model_id)
     lease = await tx.lease(receipt.lease)
     mismatches = [
@@ -95,7 +126,7 @@ async def check_claim(
             used=receipt.used,
             body=claim.receipt.body,
             signature=claim.receipt.signature,
-            digest=receipt.digest(),
+            digest=body_digest(claim.receipt.body),  # verify_receipt checked it is canonical
             received_at=tx.now,
         ),
     )

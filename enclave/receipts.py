@@ -20,6 +20,7 @@ own fields is refused, so one receipt has one byte representation.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -68,7 +69,12 @@ class Receipt:
 
     def digest(self) -> bytes:
         """SHA-256 of the body: what the next receipt's ``prev`` holds."""
-        return hashlib.sha256(self.body()).digest()
+        return body_digest(self.body())
+
+
+def body_digest(body: bytes) -> bytes:
+    """``Receipt.digest`` from the body bytes, for a body already checked to be canonical."""
+    return hashlib.sha256(body).digest()
 
 
 @dataclass(frozen=True)
@@ -115,17 +121,27 @@ def verify_receipt(body: bytes, signature: bytes, public_key_der: bytes) -> Rece
     receipt = parse_receipt(body)
     if len(signature) > MAX_SIGNATURE_BYTES:
         raise ReceiptError("signature", "receipt signature is too long")
+    key = _instance_key(public_key_der)
+    try:
+        key.verify(signature, body, _ECDSA_SHA256)
+    except InvalidSignature:
+        raise ReceiptError("signature", "receipt signature does not verify with the instance's key") from None
+    return receipt
+
+
+# Every report of an instance is checked against the same key: parse each key once.
+@functools.lru_cache(maxsize=4096)
+def _instance_key(public_key_der: bytes) -> ec.EllipticCurvePublicKey:
     try:
         key = serialization.load_der_public_key(public_key_der)
     except ValueError:
         raise ReceiptError("signature", "the instance key does not parse") from None
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         raise ReceiptError("signature", "the instance key is not a P-256 key")
-    try:
-        key.verify(signature, body, ec.ECDSA(hashes.SHA256()))
-    except InvalidSignature:
-        raise ReceiptError("signature", "receipt signature does not verify with the instance's key") from None
-    return receipt
+    return key
+
+
+_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 
 
 def check_successor(receipt: Receipt, *, last_seq: int, last_digest: bytes) -> None:

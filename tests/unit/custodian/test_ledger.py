@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from custodian.errors import ConflictError, LedgerError
-from custodian.ledger import SCHEMA_VERSION, DeploymentRecord, Ledger, ModelRecord
+from custodian.ledger import SCHEMA_VERSION, DeploymentRecord, Ledger, ModelRecord, Transaction
 from custodian.quota import Account
 from tests.unit.custodian.harness import Clock
 
@@ -192,6 +192,67 @@ def test_reopening_keeps_everything(tmp_path: Path) -> None:
         try:
             async with ledger.transaction() as tx:
                 assert [m.name for m in await tx.models()] == ["m"]
+        finally:
+            await ledger.close()
+
+    asyncio.run(scenario())
+
+
+def test_grouped_work_shares_one_commit_and_a_failing_piece_undoes_only_its_own_writes(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        ledger = await Ledger.open(tmp_path / "l.db", now=Clock())
+        try:
+            models = [_model(f"m{i}") for i in range(6)]
+
+            async def add(tx: Transaction, model: ModelRecord) -> str:
+                await tx.add_model(model)
+                await tx.audit("test", "model.add", model.name, {})
+                if model.name == "m3":
+                    raise ConflictError("m3 refused after writing")
+                return model.name
+
+            commits = ledger._commits
+            outcomes = await asyncio.gather(
+                *(ledger.grouped(lambda tx, m=m: add(tx, m)) for m in models), return_exceptions=True
+            )
+            assert ledger._commits == commits + 1
+            assert outcomes[:3] == ["m0", "m1", "m2"]
+            assert outcomes[4:] == ["m4", "m5"]
+            assert isinstance(outcomes[3], ConflictError)
+            async with ledger.transaction() as tx:
+                assert [m.name for m in await tx.models()] == ["m0", "m1", "m2", "m4", "m5"]
+                entries = await tx.audit_entries()
+                assert await tx.verify_audit() == 5
+            # The refused piece's audit entry went with it, and the chain has no gap.
+            assert [e.subject for e in entries] == ["m0", "m1", "m2", "m4", "m5"]
+        finally:
+            await ledger.close()
+
+    asyncio.run(scenario())
+
+
+def test_grouped_work_hears_of_a_failed_commit(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        ledger = await Ledger.open(tmp_path / "l.db", now=Clock())
+        try:
+
+            async def deferred_violation(tx: Transaction) -> None:
+                # A deferred foreign key is checked at COMMIT: the whole group fails there.
+                tx._db.execute("PRAGMA defer_foreign_keys = ON")
+                await tx.add_deployment(_deployment(_model("missing")))
+
+            async def fine(tx: Transaction) -> str:
+                await tx.add_model(_model("ok"))
+                return "ok"
+
+            outcomes = await asyncio.gather(
+                ledger.grouped(fine), ledger.grouped(deferred_violation), return_exceptions=True
+            )
+            assert all(isinstance(o, LedgerError) for o in outcomes), outcomes
+            async with ledger.transaction() as tx:
+                assert await tx.models() == []
         finally:
             await ledger.close()
 
