@@ -13,7 +13,7 @@ serving the Custos wire messages (``protos/custos.proto``) without any DRM:
   messages, read from disk as the custodian reads its sealed file.
 - ``EnclaveGateway.GetChallenge`` / ``Enrol``: answers of the real sizes with
   no checks (the enrolment round-trip floor).
-- ``EnclaveGateway.AcquireLease`` / ``ReportUsage`` on a second, mutual-TLS
+- ``EnclaveGateway.AcquireLease`` / ``ReportUsage`` / ``ReportStream`` on a second, mutual-TLS
   port (``--client-ca``): a lease echoed from the request, no ledger.
 
 It writes ``--ready-file`` (JSON: ``tls``, ``mtls`` addresses) once it serves
@@ -106,6 +106,12 @@ class PlainGateway(pb_grpc.EnclaveGatewayServicer):
 
     async def ReportUsage(self, request: pb.UsageReport, context: Context) -> pb.Lease:  # noqa: N802
         return _lease(request.lease_id, request.used)
+
+    async def ReportStream(  # noqa: N802
+        self, requests: AsyncIterator[pb.UsageReport], context: Context
+    ) -> AsyncIterator[pb.ReportReply]:
+        async for request in requests:
+            yield pb.ReportReply(lease=_lease(request.lease_id, request.used))
 
     async def Watch(  # noqa: N802
         self, request: pb.WatchRequest, context: Context

@@ -16,14 +16,16 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 import grpc.aio
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from custodian._status import status_of
 from custodian.control import ControlBus, heartbeat_interval
 from custodian.deployments import Deployments
 from custodian.enrolment import CredentialChallenge, Enrolled, Enrolment
-from custodian.errors import RefusedError
+from custodian.errors import CustodianError, RefusedError
 from custodian.leases import Leases, LeaseView
 from custodian.ledger import InstanceRecord
 from custodian.metering import UsageClaim
@@ -38,6 +40,18 @@ from protos import custos_pb2_grpc as pb_grpc
 logger = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _usage_claim(request: pb.UsageReport) -> UsageClaim:
+    receipt = request.receipt if request.HasField("receipt") else None
+    return UsageClaim(
+        lease_id=request.lease_id,
+        seq=request.seq,
+        used=request.used,
+        want_more=request.want_more,
+        final=request.final,
+        receipt=SignedReceipt(receipt.body, receipt.signature) if receipt else None,
+    )
 
 
 def lease_message(view: LeaseView) -> pb.Lease:
@@ -150,20 +164,23 @@ class Gateway(pb_grpc.EnclaveGatewayServicer):
 
     async def ReportUsage(self, request: pb.UsageReport, context: Context) -> pb.Lease:
         instance = await self._caller(context)
-        receipt = (
-            SignedReceipt(request.receipt.body, request.receipt.signature)
-            if request.HasField("receipt")
-            else None
-        )
-        claim = UsageClaim(
-            lease_id=request.lease_id,
-            seq=request.seq,
-            used=request.used,
-            want_more=request.want_more,
-            final=request.final,
-            receipt=receipt,
-        )
-        return lease_message(await self._leases.report(instance.instance_id, claim))
+        return lease_message(await self._leases.report(instance.instance_id, _usage_claim(request)))
+
+    async def ReportStream(
+        self, requests: AsyncIterator[pb.UsageReport], context: Context
+    ) -> AsyncIterator[pb.ReportReply]:
+        """``ReportUsage`` for every report on the stream, in order; refusals are answered in-band."""
+        instance = await self._caller(context)
+        async for request in requests:
+            try:
+                view = await self._leases.report(instance.instance_id, _usage_claim(request))
+            except CustodianError as exc:
+                code, details = status_of(exc)
+                if code is grpc.StatusCode.INTERNAL:
+                    raise  # not the report's fault: the stream ends, the report is sent again
+                yield pb.ReportReply(refusal=pb.Refusal(code=code.name, message=details))
+            else:
+                yield pb.ReportReply(lease=lease_message(view))
 
     async def Watch(self, request: pb.WatchRequest, context: Context) -> AsyncIterator[pb.ControlEvent]:
         instance = await self._caller(context)

@@ -43,6 +43,11 @@ class EnclaveGatewayStub:
     """The calls below require the client certificate issued by Enrol."""
     AcquireLease: _grpc.UnaryUnaryMultiCallable[_custos_pb2.LeaseRequest, _custos_pb2.Lease]
     ReportUsage: _grpc.UnaryUnaryMultiCallable[_custos_pb2.UsageReport, _custos_pb2.Lease]
+    ReportStream: _grpc.StreamStreamMultiCallable[_custos_pb2.UsageReport, _custos_pb2.ReportReply]
+    """ReportUsage on one long-lived stream, as the enclave daemon reports: each report is answered,
+    in order, by one ReportReply; a refused report is answered in-band and the stream goes on.
+    Same rules as ReportUsage, at a fraction of a call's cost per report.
+    """
     Watch: _grpc.UnaryStreamMultiCallable[_custos_pb2.WatchRequest, _custos_pb2.ControlEvent]
 
 @_typing.type_check_only
@@ -56,6 +61,11 @@ class EnclaveGatewayAsyncStub(EnclaveGatewayStub):
     """The calls below require the client certificate issued by Enrol."""
     AcquireLease: _aio.UnaryUnaryMultiCallable[_custos_pb2.LeaseRequest, _custos_pb2.Lease]  # type: ignore[assignment]
     ReportUsage: _aio.UnaryUnaryMultiCallable[_custos_pb2.UsageReport, _custos_pb2.Lease]  # type: ignore[assignment]
+    ReportStream: _aio.StreamStreamMultiCallable[_custos_pb2.UsageReport, _custos_pb2.ReportReply]  # type: ignore[assignment]
+    """ReportUsage on one long-lived stream, as the enclave daemon reports: each report is answered,
+    in order, by one ReportReply; a refused report is answered in-band and the stream goes on.
+    Same rules as ReportUsage, at a fraction of a call's cost per report.
+    """
     Watch: _aio.UnaryStreamMultiCallable[_custos_pb2.WatchRequest, _custos_pb2.ControlEvent]  # type: ignore[assignment]
 
 class EnclaveGatewayServicer(metaclass=_abc_1.ABCMeta):
@@ -102,6 +112,17 @@ class EnclaveGatewayServicer(metaclass=_abc_1.ABCMeta):
         request: _custos_pb2.UsageReport,
         context: _ServicerContext,
     ) -> _typing.Union[_custos_pb2.Lease, _abc.Awaitable[_custos_pb2.Lease]]: ...
+
+    @_abc_1.abstractmethod
+    def ReportStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_custos_pb2.UsageReport],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_custos_pb2.ReportReply], _abc.AsyncIterator[_custos_pb2.ReportReply]]:
+        """ReportUsage on one long-lived stream, as the enclave daemon reports: each report is answered,
+        in order, by one ReportReply; a refused report is answered in-band and the stream goes on.
+        Same rules as ReportUsage, at a fraction of a call's cost per report.
+        """
 
     @_abc_1.abstractmethod
     def Watch(

@@ -4,8 +4,9 @@ Many simulated enclave instances (``bench._sim_enclave``) enrol for real with
 sim evidence, then talk to the custodian's gateway over mutual TLS, one
 connection each, as separate enclave processes would. Every usage report
 carries a receipt signed by the instance's key, the next link of its chain,
-exactly as the daemon sends it. Three loads, each against the same calls on
-the plain gRPC baseline (mutual TLS, same messages, no ledger), alternating:
+exactly as the daemon sends it, on one long-lived ``ReportStream`` per
+instance. Three loads, each against the same calls on the plain gRPC baseline
+(mutual TLS, same messages, no ledger), alternating:
 
 - saturation: every instance reports back to back (one report in flight per
   instance); reports per second, and the latencies at that load;
@@ -57,6 +58,8 @@ class Reporter:
     seq: int = 0
     prev: bytes = GENESIS
     stub: pb_grpc.EnclaveGatewayAsyncStub = field(init=False)
+    # Reports go on one long-lived ReportStream, as the enclave daemon sends them.
+    stream: grpc.aio.StreamStreamCall[pb.UsageReport, pb.ReportReply] | None = None
 
     def __post_init__(self) -> None:
         self.stub = pb_grpc.EnclaveGatewayStub(self.channel)
@@ -83,16 +86,20 @@ class Reporter:
         )
         signed = sign_receipt(receipt, self.key)
         self.prev = receipt.digest()
-        await self.stub.ReportUsage(
+        if self.stream is None:
+            self.stream = self.stub.ReportStream(None)
+        await self.stream.write(
             pb.UsageReport(
                 lease_id=self.lease_id,
                 seq=self.seq,
                 used=self.used,
                 final=final,
                 receipt=pb.Receipt(body=signed.body, signature=signed.signature),
-            ),
-            timeout=TIMEOUT,
+            )
         )
+        reply = await asyncio.wait_for(self.stream.read(), TIMEOUT)
+        if not isinstance(reply, pb.ReportReply) or reply.WhichOneof("outcome") != "lease":
+            raise RuntimeError(f"usage report {self.seq} not taken: {reply}")
 
     async def cycle_lease(self) -> None:
         """Close the lease with a final report and open a new one: one lease grant."""

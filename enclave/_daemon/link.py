@@ -4,7 +4,8 @@ After enrolment it fetches the model, acquires the lease, reports usage and
 keeps the control stream open:
 
 - usage reports every ``report_interval`` when ``used`` changed, and at once
-  when the lease runs low (``want_more``; ``enclave._daemon.lease``). The
+  when the lease runs low (``want_more``; ``enclave._daemon.lease``), on one
+  long-lived ``ReportStream`` (reopened after a failure). The
   reporter pauses only after a report that failed; an answered top-up, with
   or without new units, lets it go on at once. Each report carries
   a receipt signed with the identity key (``enclave.receipts``): ``seq`` 1, 2,
@@ -39,15 +40,12 @@ from protos import custos_pb2, custos_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
-# Codes with which the custodian refuses a report for good; retrying it cannot help.
-_REPORT_REFUSALS = frozenset(
-    {
-        grpc.StatusCode.INVALID_ARGUMENT,
-        grpc.StatusCode.NOT_FOUND,
-        grpc.StatusCode.FAILED_PRECONDITION,
-        grpc.StatusCode.PERMISSION_DENIED,
-    }
-)
+# Codes (``Refusal.code``) with which the custodian refuses a report for good; retrying cannot help.
+_REPORT_REFUSALS = frozenset({"INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "PERMISSION_DENIED"})
+
+
+class _ReportStreamError(Exception):
+    """The report stream failed or went silent: the report may or may not have arrived."""
 
 
 class Backoff:
@@ -119,6 +117,10 @@ class CustodianLink:
         self._acked: dict[str, int] = {}
         # Whether the last report was refused (as opposed to not reaching the custodian).
         self._refused = False
+        # Reports travel on one long-lived stream (ReportStream), reopened after a failure.
+        self._report_stream: (
+            grpc.aio.StreamStreamCall[custos_pb2.UsageReport, custos_pb2.ReportReply] | None
+        ) = None
         self.connected = False
         self._closed = False
 
@@ -213,28 +215,52 @@ class CustodianLink:
         """One report; True when the custodian took it. A refusal is final: the report is dropped."""
         self._refused = False
         try:
-            reply = await self._stub.ReportUsage(report, timeout=self._config.call_timeout)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() not in _REPORT_REFUSALS:
-                logger.warning("usage report %d failed (%s); it will be retried", report.seq, exc.code().name)
+            reply = await self._exchange(report)
+        except _ReportStreamError as exc:
+            self._drop_report_stream()
+            logger.warning("usage report %d failed (%s); it will be retried", report.seq, exc)
+            return False
+        if reply.WhichOneof("outcome") != "lease":
+            code, message = reply.refusal.code, reply.refusal.message
+            if code not in _REPORT_REFUSALS:
+                logger.warning("usage report %d failed (%s); it will be retried", report.seq, code)
                 return False
             logger.error(
-                "custodian refused usage report %d (used %d): %s: %s",
-                report.seq,
-                report.used,
-                exc.code().name,
-                exc.details(),
+                "custodian refused usage report %d (used %d): %s: %s", report.seq, report.used, code, message
             )
             self._settle(report)
             self._refused = True
             return False
         self._settle(report)
         self.receipt_seq, self._receipt_head = receipt.seq, receipt.digest()
-        self.lease.apply(lease_terms(reply))
+        self.lease.apply(lease_terms(reply.lease))
         if report.want_more:
             self.lease.topup_answered()
         self._set_connected(True)
         return True
+
+    async def _exchange(self, report: custos_pb2.UsageReport) -> custos_pb2.ReportReply:
+        """Send one report on the report stream (opened when needed) and read its answer."""
+        if self._report_stream is None:
+            self._report_stream = self._stub.ReportStream(None)  # None: reports are written one by one
+        try:
+            async with asyncio.timeout(self._config.call_timeout):
+                await self._report_stream.write(report)
+                reply = await self._report_stream.read()
+        except grpc.aio.AioRpcError as exc:
+            raise _ReportStreamError(exc.code().name) from None
+        except TimeoutError:
+            raise _ReportStreamError(f"no answer within {self._config.call_timeout:g} s") from None
+        except asyncio.InvalidStateError:  # written after the custodian ended the stream
+            raise _ReportStreamError("report stream closed") from None
+        if not isinstance(reply, custos_pb2.ReportReply):  # grpc.aio.EOF
+            raise _ReportStreamError("report stream closed")
+        return reply
+
+    def _drop_report_stream(self) -> None:
+        if self._report_stream is not None:
+            self._report_stream.cancel()
+            self._report_stream = None
 
     def _settle(self, report: custos_pb2.UsageReport) -> None:
         self._pending = None

@@ -23,6 +23,7 @@ from custodian.config import Address, CustodianConfig
 from custodian.errors import ConfigError
 from custodian.server import CustodianServer
 from enclave.envelope import ModelOpener, unwrap_key
+from enclave.identity import generate_identity_key
 from protos import custos_pb2 as pb
 from tests.integration.custodian.harness import running
 from tests.unit.custodian.fake_enclave import FakeEnclave
@@ -81,6 +82,57 @@ def test_an_enclave_enrols_fetches_the_model_and_meters_its_lease(tmp_path: Path
             assert await gateway.ReportUsage(report) == topped
             usage = (await r.admin.Usage(pb.UsageRequest(deployment="d"))).deployments[0]
             assert (usage.used, usage.leased, usage.balance, usage.instances) == (60, 90, 0, 1)
+
+    asyncio.run(scenario())
+
+
+def test_the_report_stream_answers_each_report_in_order_and_refusals_in_band(tmp_path: Path) -> None:
+    model = os.urandom(1000)
+
+    async def scenario() -> None:
+        async with running(tmp_path) as r:
+            token = await r.lend("d", model=model, units=150, lease_size=100)
+            enrolled, enclave, gateway = await r.enrol("d", token)
+            enclave.instance_id, enclave.model_sha384 = enrolled.instance_id, hashlib.sha384(model).digest()
+            lease = await gateway.AcquireLease(pb.LeaseRequest())
+
+            def report(used: int, **changes: object) -> tuple[pb.UsageReport, Any]:
+                receipt, signed = enclave.receipt(lease.lease_id, used, **changes)
+                message = pb.UsageReport(
+                    lease_id=lease.lease_id,
+                    seq=receipt.seq,
+                    used=used,
+                    want_more=used == 60,
+                    receipt=pb.Receipt(body=signed.body, signature=signed.signature),
+                )
+                return message, receipt
+
+            stream = gateway.ReportStream(None)
+            first, receipt = report(10)
+            await stream.write(first)
+            assert (await stream.read()).lease.limit == 100
+            enclave.accepted(receipt)
+            # A receipt signed by another key is refused in-band; the stream goes on.
+            forged, _ = report(20, key=generate_identity_key())
+            await stream.write(forged)
+            refused = (await stream.read()).refusal
+            assert refused.code == "PERMISSION_DENIED"
+            assert "signature" in refused.message
+            # The same report again is an idempotent retry; then the chain goes on.
+            await stream.write(first)
+            assert (await stream.read()).lease.limit == 100
+            topping, receipt = report(60)
+            await stream.write(topping)
+            topped = (await stream.read()).lease
+            assert (topped.limit, topped.deployment_balance) == (150, 0)
+            await stream.done_writing()
+            assert await stream.read() is grpc.aio.EOF
+            usage = (await r.admin.Usage(pb.UsageRequest(deployment="d"))).deployments[0]
+            assert (usage.used, usage.leased) == (60, 90)
+            # Without the enrolment certificate the stream is refused as a whole.
+            plain = r.enrolment().ReportStream(None)
+            await plain.write(first)
+            assert await _status(plain.read()) == grpc.StatusCode.PERMISSION_DENIED
 
     asyncio.run(scenario())
 

@@ -109,6 +109,24 @@ class FakeLease:
     closed: bool = False
 
 
+class _Refused(Exception):  # noqa: N818 -- a control-flow signal, not an error
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self.code, self.details = code, details
+
+
+class _InBand:
+    """A servicer context whose ``abort`` raises ``_Refused`` instead of ending the call."""
+
+    def __init__(self, context) -> None:
+        self._context = context
+
+    def auth_context(self):
+        return self._context.auth_context()
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise _Refused(code, details)
+
+
 @dataclass
 class FakeGateway(custos_pb2_grpc.EnclaveGatewayServicer):
     model: bytes
@@ -122,7 +140,7 @@ class FakeGateway(custos_pb2_grpc.EnclaveGatewayServicer):
     # "flip" a ciphertext byte, "reorder" two chunks, "truncate" the final chunk, "wrong-key" context.
     tamper: str | None = None
     chunk_size: int = 64
-    # ReportUsage calls to fail with UNAVAILABLE before answering.
+    # Reports (ReportUsage calls, ReportStream messages) to fail with UNAVAILABLE before answering.
     fail_reports: int = 0
     custodian_ca: CertAuthority = field(default_factory=lambda: CertAuthority("custodian test CA"))
     enclave_ca: CertAuthority = field(default_factory=lambda: CertAuthority("enclave test CA"))
@@ -335,6 +353,21 @@ class FakeGateway(custos_pb2_grpc.EnclaveGatewayServicer):
             self.balance += lease.limit - lease.used
             lease.closed = True
         return self.lease_message()
+
+    async def ReportStream(self, requests, context):  # noqa: N802
+        """ReportUsage for each report on the stream; its refusals answered in-band, as the custodian does."""
+        in_band = _InBand(context)
+        async for request in requests:
+            try:
+                lease = await self.ReportUsage(request, in_band)
+            except _Refused as refused:
+                if refused.code is grpc.StatusCode.UNAVAILABLE:
+                    await context.abort(refused.code, refused.details)
+                yield custos_pb2.ReportReply(
+                    refusal=custos_pb2.Refusal(code=refused.code.name, message=refused.details)
+                )
+            else:
+                yield custos_pb2.ReportReply(lease=lease)
 
     async def Watch(self, request, context) -> AsyncIterator[custos_pb2.ControlEvent]:  # noqa: N802
         self._instance(context)
