@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -185,6 +186,9 @@ class Timeline:
     model_received: float | None  # fetched, decrypted and its SHA-384 checked
     model_loaded: float | None  # onnxruntime session built
     serving: float | None
+    # Seconds the enclave's ModelOpener spent decrypting and hashing, from the "received" line.
+    decrypt_seconds: float | None = None
+    hash_seconds: float | None = None
 
 
 _EVENTS = {
@@ -195,6 +199,9 @@ _EVENTS = {
     "model_loaded": "model loaded:",
     "serving": "serving on ",
 }
+
+
+_OPENING = re.compile(r"received: .*\(decrypt ([0-9.]+) s, SHA-384 ([0-9.]+) s\)")
 
 
 def _log_time(line: str) -> float | None:
@@ -262,11 +269,14 @@ class Enclave:
 
     def timeline(self) -> Timeline:
         found: dict[str, float | None] = dict.fromkeys(_EVENTS)
+        stages: dict[str, float] = {}
         for line in self.log.read_text().splitlines():
             for name, marker in _EVENTS.items():
                 if found[name] is None and marker in line:
                     found[name] = _log_time(line)
-        return Timeline(spawned=self.spawned, **found)
+            if not stages and (match := _OPENING.search(line)):
+                stages = {"decrypt_seconds": float(match[1]), "hash_seconds": float(match[2])}
+        return Timeline(spawned=self.spawned, **found, **stages)
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -20,6 +20,7 @@ import ctypes
 import hashlib
 import hmac
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -128,9 +129,10 @@ class ModelOpener:
     The plaintext lives only in this object's memory; nothing is written to disk.
     Each chunk is decrypted in place (``AESGCM.decrypt_into``) and hashed as it
     opens, so ``finish`` only compares the SHA-384: the plaintext is read once.
-    ``add`` holds no lock and releases the GIL in its two long steps, so a
-    caller may run it in a worker thread while the next chunk arrives (one
-    call at a time, in order).
+    ``add`` does both; a caller that wants them to overlap calls ``decrypt``
+    for each chunk and ``measure`` for each chunk decrypted, in order, one call
+    of each at a time (``measure`` may run in a worker thread: hashing releases
+    the GIL). A chunk left unmeasured fails ``finish``.
     """
 
     def __init__(
@@ -148,30 +150,53 @@ class ModelOpener:
         self._buffer = bytearray(size)
         self._view = memoryview(self._buffer)
         self._hash = hashlib.sha384()
-        self._next = 0
+        self._next = 0  # the next chunk to decrypt
+        self._measured = 0  # chunks hashed so far
         self._done = False
+        # Seconds spent in each stage so far, for the log and the benchmarks.
+        self.decrypt_seconds = 0.0
+        self.hash_seconds = 0.0
 
     def add(self, index: int, final: bool, ciphertext: bytes) -> None:
+        self.measure(self.decrypt(index, final, ciphertext))
+
+    def decrypt(self, index: int, final: bool, ciphertext: bytes) -> int:
+        """Decrypt chunk ``index`` into its place; returns ``index`` for ``measure``."""
         if self._done or index != self._next or final != (index == self._chunk_count - 1):
             raise EnvelopeError()
         nonce, aad = _chunk_nonce_aad(self._model_id, index, final)
-        start = index * self._chunk_size
-        expected = min(self._chunk_size, len(self._buffer) - start)
+        expected = len(self._chunk(index))
         if len(ciphertext) != expected + TAG_SIZE:
             raise EnvelopeError()
-        target = self._view[start : start + expected]
+        target = self._chunk(index)
+        began = time.perf_counter()
         try:
             self._aead.decrypt_into(nonce, ciphertext, aad, target)
         except (InvalidTag, ValueError):
             zeroize(target)
             raise EnvelopeError() from None
-        self._hash.update(target)
+        self.decrypt_seconds += time.perf_counter() - began
         self._next += 1
         self._done = final
+        return index
+
+    def measure(self, index: int) -> None:
+        """Hash decrypted chunk ``index`` into the model's SHA-384 (chunks in order)."""
+        if index != self._measured or index >= self._next:
+            raise EnvelopeError()
+        began = time.perf_counter()
+        self._hash.update(self._chunk(index))
+        self.hash_seconds += time.perf_counter() - began
+        self._measured += 1
+
+    def _chunk(self, index: int) -> memoryview:
+        start = index * self._chunk_size
+        return self._view[start : start + min(self._chunk_size, len(self._buffer) - start)]
 
     def finish(self) -> bytearray:
         """The whole plaintext, after checking that every chunk came and the SHA-384 matches."""
-        if not self._done or not hmac.compare_digest(self._hash.digest(), self._sha384):
+        complete = self._done and self._measured == self._chunk_count
+        if not complete or not hmac.compare_digest(self._hash.digest(), self._sha384):
             self.wipe()
             raise EnvelopeError()
         return self._buffer

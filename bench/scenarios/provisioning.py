@@ -2,24 +2,33 @@
 
 Custos (subject): the model is added with ``custodian model add``; each round
 starts a fresh ``enclave serve``, which enrols, is pushed the sealed model over
-mutual TLS, opens it in memory (AES-256-GCM chunk by chunk, then SHA-384 of the
-whole), loads it into onnxruntime and serves; the benchmark connects (verified)
-and runs one inference. The enclave's log timestamps split the time into
-phases: enrolment, transfer (fetch + decrypt + hash), load, ready.
+mutual TLS, opens it in memory (AES-256-GCM ``decrypt_into`` one preallocated
+buffer chunk by chunk, SHA-384 over the plaintext as it opens), loads it into
+onnxruntime and serves; the benchmark connects (verified) and runs one
+inference. The enclave's log timestamps split the time into phases:
+enrolment, transfer (fetch + decrypt + hash), load, ready; its log also gives
+the seconds its opener spent decrypting and hashing.
 
 Baselines, alternating with it round by round:
 
 - a plain gRPC stream of the same bytes over TLS (``bench._baseline``,
   ``FetchModel``, 1 MiB messages read from disk) into memory, on a fresh
-  channel; also followed by an onnxruntime load and one inference, for a
-  like-for-like end-to-end figure;
-- AES-256-GCM decryption of the same sealed chunks in memory (the floor),
-  against ``enclave.envelope.ModelOpener``, the code the enclave opens the
-  model with (decrypt into one buffer, then SHA-384), run in this process.
+  channel, followed by an onnxruntime load and one inference. The target
+  compares like with like, both ending at the first inference; the ratio
+  against the stream alone is shown beside it (an onnxruntime load, the same
+  cost for both, is then counted against Custos only);
+- the floors, in memory in this process: AES-256-GCM ``decrypt_into`` of the
+  same sealed chunks into a preallocated buffer, and one SHA-384 over the
+  plaintext; the enclave's decrypt and hash times are compared with them, and
+  ``enclave.envelope.ModelOpener`` (decrypt and hash together) is run here too.
+  SHA-384, which the design requires of the whole plaintext, runs at about a
+  tenth of AES-GCM's speed on CPUs with AES instructions: opening as a whole
+  is bound by it, not by decryption.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 
@@ -34,7 +43,7 @@ from bench._stats import Row, Target, alternate
 from bench._tls import SERVER_NAME
 from bench.models.blob import build as blob_build
 from client import connect
-from enclave.envelope import ModelOpener, ModelSealer, SealedChunk, new_data_key, new_model_id
+from enclave.envelope import TAG_SIZE, ModelOpener, ModelSealer, SealedChunk, new_data_key, new_model_id
 from protos import custos_pb2, custos_pb2_grpc
 
 NAME = "provisioning"
@@ -53,6 +62,13 @@ class Provisioned:
         if start is None or end is None:
             raise RuntimeError(f"the enclave log lacks a start-up event: {self.timeline}")
         return end - start
+
+    def stage(self, name: str) -> float:
+        """Seconds the enclave's model opener spent in ``name`` (``decrypt_seconds``, ``hash_seconds``)."""
+        seconds = getattr(self.timeline, name)
+        if not seconds:
+            raise RuntimeError(f"the enclave log lacks its model opening times: {self.timeline}")
+        return float(seconds)
 
 
 @dataclass(frozen=True)
@@ -101,8 +117,8 @@ def _run_size(bench: Bench, size_mib: int) -> list[Row]:
         bench.say(f"provisioning/{size_mib} MiB: {rounds} rounds of plain stream and Custos enrolment")
         alternate(rounds, [("plain", plain_round), ("custos", custos_round)])
 
-    bench.say(f"provisioning/{size_mib} MiB: decrypting in memory, floor and ModelOpener")
-    decrypt = _decrypt_rounds(path.read_bytes(), rounds)
+    bench.say(f"provisioning/{size_mib} MiB: decrypting and hashing in memory (floors), ModelOpener")
+    memory = _in_memory_rounds(path.read_bytes(), rounds)
 
     def rate(seconds: float) -> float:
         return model_bytes / MiB / seconds
@@ -122,18 +138,28 @@ def _run_size(bench: Bench, size_mib: int) -> list[Row]:
     }
     label = f"{size_mib} MiB"
     return [
-        Row(NAME, f"{label}: enrolment → first served inference", "MiB/s", True, "plain gRPC stream",
-            "Custos", [rate(p.stream) for p in plain], [rate(s) for s in e2e], Target("ratio_at_least", 0.6),
-            note="model size / time", extra={"phases": phases, "model_bytes": model_bytes,
-                                             "custodian_model_add_s": add_seconds}),
+        Row(NAME, f"{label}: enrolment → first served inference", "MiB/s", True,
+            "plain stream → load → first inference", "Custos", [rate(p.total) for p in plain],
+            [rate(s) for s in e2e], Target("ratio_at_least", 0.6),
+            note="model size / time; both end at the first inference",
+            extra={"phases": phases, "model_bytes": model_bytes, "custodian_model_add_s": add_seconds}),
+        Row(NAME, f"{label}: enrolment → first served inference, against the stream alone", "MiB/s",
+            True, "plain gRPC stream", "Custos", [rate(p.stream) for p in plain], [rate(s) for s in e2e],
+            note="the baseline stops when the bytes are in; Custos also loads the model and serves"),
         Row(NAME, f"{label}: transfer only (fetch + decrypt + SHA-384)", "MiB/s", True, "plain gRPC stream",
             "Custos", [rate(p.stream) for p in plain], [rate(s) for s in transfer],
             note="enclave log: enrolled → model received"),
-        Row(NAME, f"{label}: end to end including onnxruntime load", "s", False,
-            "plain stream + load + inference", "Custos", [p.total for p in plain], e2e),
-        Row(NAME, f"{label}: decrypt in memory", "MiB/s", True, "AES-256-GCM (floor)",
-            "ModelOpener", [rate(s) for s in decrypt["floor"]], [rate(s) for s in decrypt["opener"]],
-            Target("ratio_at_least", 0.8), note="the enclave's ModelOpener (decrypt, SHA-384), run here"),
+        Row(NAME, f"{label}: decrypt in the enclave (decrypt_into, preallocated)", "MiB/s", True,
+            "AES-256-GCM in memory (floor)", "Custos", [rate(s) for s in memory["aes_gcm"]],
+            [rate(p.stage("decrypt_seconds")) for p in custos], Target("ratio_at_least", 0.8),
+            note="the enclave's own timing of its AES-GCM calls during provisioning"),
+        Row(NAME, f"{label}: SHA-384 in the enclave", "MiB/s", True, "SHA-384 in memory (floor)", "Custos",
+            [rate(s) for s in memory["sha384"]], [rate(p.stage("hash_seconds")) for p in custos],
+            note="the model measurement, over the plaintext as it opens"),
+        Row(NAME, f"{label}: open in memory (decrypt + SHA-384)", "MiB/s", True,
+            "AES-256-GCM in memory (floor)", "ModelOpener", [rate(s) for s in memory["aes_gcm"]],
+            [rate(s) for s in memory["opener"]],
+            note="the enclave's ModelOpener run here; bounded by SHA-384 (see its floor)"),
     ]  # fmt: skip
 
 
@@ -171,18 +197,29 @@ def _nonce_aad(model_id: bytes, chunk: SealedChunk) -> tuple[bytes, bytes]:
     ) + flag
 
 
-def _decrypt_rounds(plaintext: bytes, rounds: int) -> dict[str, list[float]]:
+def _in_memory_rounds(plaintext: bytes, rounds: int) -> dict[str, list[float]]:
+    """Seconds for the floors (AES-256-GCM ``decrypt_into`` a preallocated buffer; one SHA-384 over
+    the plaintext) and for the enclave's ``ModelOpener``, over the same sealed chunks."""
     key, model_id = new_data_key(), new_model_id()
     sealer = ModelSealer(key, model_id)
     chunks = [*sealer.update(plaintext), sealer.finish()]
     sha384 = sealer.sha384
     inputs = [(*_nonce_aad(model_id, c), c.ciphertext) for c in chunks]
+    buffer = memoryview(bytearray(len(plaintext)))
 
-    def floor() -> float:
+    def aes_gcm() -> float:
         aead = AESGCM(key)
         start = time.perf_counter()
+        offset = 0
         for nonce, aad, ciphertext in inputs:
-            aead.decrypt(nonce, ciphertext, aad)
+            size = len(ciphertext) - TAG_SIZE
+            aead.decrypt_into(nonce, ciphertext, aad, buffer[offset : offset + size])
+            offset += size
+        return time.perf_counter() - start
+
+    def sha() -> float:
+        start = time.perf_counter()
+        hashlib.sha384(plaintext).digest()
         return time.perf_counter() - start
 
     def opener() -> float:
@@ -200,5 +237,5 @@ def _decrypt_rounds(plaintext: bytes, rounds: int) -> dict[str, list[float]]:
         opened.finish()
         return time.perf_counter() - start
 
-    floor(), opener()  # warm-up
-    return alternate(max(rounds, 5), [("floor", floor), ("opener", opener)])
+    aes_gcm(), sha(), opener()  # warm-up
+    return alternate(max(rounds, 5), [("aes_gcm", aes_gcm), ("sha384", sha), ("opener", opener)])

@@ -5,9 +5,10 @@ key comes wrapped to this instance's attested key; the chunks open in order
 into one buffer, and the whole plaintext must match the header's SHA-384.
 Any failure refuses the model; nothing is written to disk.
 
-Opening a chunk (decrypt and hash) runs in a worker thread while the next one
-is received: one chunk in flight, in order, so the stream and the
-cryptography overlap and the event loop stays free.
+Each chunk is decrypted as it arrives (AES-GCM with AES instructions is fast
+enough to run on the event loop) and hashed in a worker thread while the next
+one is received: one chunk's hash in flight, in order, so the stream and the
+SHA-384 (the slow part) overlap.
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ async def receive_model(
     call = stub.FetchModel(custos_pb2.FetchModelRequest())
     opener: ModelOpener | None = None
     header: custos_pb2.ModelHeader | None = None
-    # The chunk being opened in a worker thread while the next one arrives.
-    opening: asyncio.Future[None] | None = None
+    # The chunk being hashed in a worker thread while the next one arrives.
+    hashing: asyncio.Future[None] | None = None
     try:
         try:
             # read() gives grpc.aio.EOF, not a ModelPart, when the stream ends.
@@ -66,17 +67,17 @@ async def receive_model(
                     header = part.header
                     opener = _opener(header, identity, instance_id, max_model_bytes)
                 elif kind == "chunk" and opener is not None:
-                    if opening is not None:
-                        await opening
                     chunk = part.chunk
-                    opening = asyncio.ensure_future(
-                        asyncio.to_thread(opener.add, chunk.index, chunk.final, chunk.ciphertext)
-                    )
+                    # Decrypting a chunk takes about 0.1 ms a MiB here; hashing it ten times that.
+                    index = opener.decrypt(chunk.index, chunk.final, chunk.ciphertext)
+                    if hashing is not None:
+                        await hashing
+                    hashing = asyncio.ensure_future(asyncio.to_thread(opener.measure, index))
                 else:
                     raise ModelRefusedError("model stream carries a second header")
-            if opening is not None:
-                await opening
-                opening = None
+            if hashing is not None:
+                await hashing
+                hashing = None
             if header is None or opener is None:
                 raise ModelRefusedError("model stream is empty")
             plaintext = opener.finish()
@@ -87,16 +88,21 @@ async def receive_model(
         except TimeoutError:
             raise ModelRefusedError(f"model push stalled for {read_timeout:g} s") from None
     except BaseException:
-        if opening is not None:
+        if hashing is not None:
             # The worker thread cannot be interrupted: let it finish before wiping under it.
-            await asyncio.gather(opening, return_exceptions=True)
+            await asyncio.gather(hashing, return_exceptions=True)
         if opener is not None:
             opener.wipe()
         raise
     finally:
         call.cancel()
     logger.info(
-        "model %r received: %d bytes, SHA-384 %s", header.name, len(plaintext), header.plaintext_sha384.hex()
+        "model %r received: %d bytes, SHA-384 %s (decrypt %.4f s, SHA-384 %.4f s)",
+        header.name,
+        len(plaintext),
+        header.plaintext_sha384.hex(),
+        opener.decrypt_seconds,
+        opener.hash_seconds,
     )
     return PushedModel(name=header.name, sha384=bytes(header.plaintext_sha384), plaintext=plaintext)
 

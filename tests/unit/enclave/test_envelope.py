@@ -142,3 +142,43 @@ def test_at_rest_wrap_is_bound_to_model_id() -> None:
     assert envelope.open_at_rest(kek, wrapped, KAT_MODEL_ID) == data_key
     with pytest.raises(EnvelopeError):
         envelope.open_at_rest(kek, wrapped, bytes(16))
+
+
+def test_decrypt_and_measure_split_must_hash_every_chunk_in_order() -> None:
+    data = bytes(range(256)) * 10
+    _, chunks = _seal(data, 512)
+
+    def opener() -> ModelOpener:
+        return ModelOpener(
+            KAT_KEY,
+            KAT_MODEL_ID,
+            size=len(data),
+            chunk_size=512,
+            chunk_count=len(chunks),
+            sha384=hashlib.sha384(data).digest(),
+        )
+
+    whole = opener()
+    for chunk in chunks:
+        whole.measure(whole.decrypt(chunk.index, chunk.final, chunk.ciphertext))
+    assert bytes(whole.finish()) == data
+    assert whole.decrypt_seconds > 0
+    assert whole.hash_seconds > 0
+
+    out_of_order = opener()
+    first = out_of_order.decrypt(chunks[0].index, chunks[0].final, chunks[0].ciphertext)
+    second = out_of_order.decrypt(chunks[1].index, chunks[1].final, chunks[1].ciphertext)
+    with pytest.raises(EnvelopeError):
+        out_of_order.measure(second)
+    out_of_order.measure(first)
+    with pytest.raises(EnvelopeError):
+        out_of_order.measure(second + 1)  # not decrypted yet
+
+    # Every chunk decrypted, the last one never hashed: the model is refused.
+    unmeasured = opener()
+    for chunk in chunks:
+        index = unmeasured.decrypt(chunk.index, chunk.final, chunk.ciphertext)
+        if not chunk.final:
+            unmeasured.measure(index)
+    with pytest.raises(EnvelopeError):
+        unmeasured.finish()
