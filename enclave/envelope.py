@@ -52,7 +52,8 @@ def new_model_id() -> bytes:
     return os.urandom(MODEL_ID_SIZE)
 
 
-def _chunk_nonce_aad(model_id: bytes, index: int, final: bool) -> tuple[bytes, bytes]:
+def chunk_nonce_aad(model_id: bytes, index: int, final: bool) -> tuple[bytes, bytes]:
+    """The AES-GCM nonce and associated data of chunk ``index`` (module notes)."""
     if len(model_id) != MODEL_ID_SIZE:
         raise FormatError("model id must be 16 bytes")
     if not 0 <= index < 1 << 64:
@@ -62,7 +63,7 @@ def _chunk_nonce_aad(model_id: bytes, index: int, final: bool) -> tuple[bytes, b
 
 
 def seal_chunk(key: bytes, model_id: bytes, index: int, final: bool, plaintext: bytes) -> bytes:
-    nonce, aad = _chunk_nonce_aad(model_id, index, final)
+    nonce, aad = chunk_nonce_aad(model_id, index, final)
     return AESGCM(key).encrypt(nonce, plaintext, aad)
 
 
@@ -164,11 +165,10 @@ class ModelOpener:
         """Decrypt chunk ``index`` into its place; returns ``index`` for ``measure``."""
         if self._done or index != self._next or final != (index == self._chunk_count - 1):
             raise EnvelopeError()
-        nonce, aad = _chunk_nonce_aad(self._model_id, index, final)
-        expected = len(self._chunk(index))
-        if len(ciphertext) != expected + TAG_SIZE:
-            raise EnvelopeError()
+        nonce, aad = chunk_nonce_aad(self._model_id, index, final)
         target = self._chunk(index)
+        if len(ciphertext) != len(target) + TAG_SIZE:
+            raise EnvelopeError()
         began = time.perf_counter()
         try:
             self._aead.decrypt_into(nonce, ciphertext, aad, target)

@@ -43,12 +43,18 @@ from bench._stats import Row, Target, alternate
 from bench._tls import SERVER_NAME
 from bench.models.blob import build as blob_build
 from client import connect
-from enclave.envelope import TAG_SIZE, ModelOpener, ModelSealer, SealedChunk, new_data_key, new_model_id
+from enclave.envelope import (
+    TAG_SIZE,
+    ModelOpener,
+    ModelSealer,
+    chunk_nonce_aad,
+    new_data_key,
+    new_model_id,
+)
 from protos import custos_pb2, custos_pb2_grpc
 
 NAME = "provisioning"
 MiB = 1 << 20
-_CHUNK_LABEL = b"custos-model/1"  # enclave.envelope's chunk AAD label (see its docstring)
 
 
 @dataclass(frozen=True)
@@ -190,13 +196,6 @@ def _plain_round(bench: Bench, address: str) -> Plain:
     return Plain(stream=streamed - start, total=time.perf_counter() - start)
 
 
-def _nonce_aad(model_id: bytes, chunk: SealedChunk) -> tuple[bytes, bytes]:
-    flag = b"\x01" if chunk.final else b"\x00"
-    return chunk.index.to_bytes(11, "big") + flag, _CHUNK_LABEL + model_id + chunk.index.to_bytes(
-        8, "big"
-    ) + flag
-
-
 def _in_memory_rounds(plaintext: bytes, rounds: int) -> dict[str, list[float]]:
     """Seconds for the floors (AES-256-GCM ``decrypt_into`` a preallocated buffer; one SHA-384 over
     the plaintext) and for the enclave's ``ModelOpener``, over the same sealed chunks."""
@@ -204,7 +203,7 @@ def _in_memory_rounds(plaintext: bytes, rounds: int) -> dict[str, list[float]]:
     sealer = ModelSealer(key, model_id)
     chunks = [*sealer.update(plaintext), sealer.finish()]
     sha384 = sealer.sha384
-    inputs = [(*_nonce_aad(model_id, c), c.ciphertext) for c in chunks]
+    inputs = [(*chunk_nonce_aad(model_id, c.index, c.final), c.ciphertext) for c in chunks]
     buffer = memoryview(bytearray(len(plaintext)))
 
     def aes_gcm() -> float:
