@@ -164,7 +164,7 @@ class Gateway(pb_grpc.EnclaveGatewayServicer):
 
     async def ReportUsage(self, request: pb.UsageReport, context: Context) -> pb.Lease:
         instance = await self._caller(context)
-        return lease_message(await self._leases.report(instance.instance_id, _usage_claim(request)))
+        return lease_message(await self._leases.report(instance, _usage_claim(request)))
 
     async def ReportStream(
         self, requests: AsyncIterator[pb.UsageReport], context: Context
@@ -173,7 +173,7 @@ class Gateway(pb_grpc.EnclaveGatewayServicer):
         instance = await self._caller(context)
         async for request in requests:
             try:
-                view = await self._leases.report(instance.instance_id, _usage_claim(request))
+                view = await self._leases.report(instance, _usage_claim(request))
             except CustodianError as exc:
                 code, details = status_of(exc)
                 if code is grpc.StatusCode.INTERNAL:

@@ -44,8 +44,6 @@ logger = logging.getLogger(__name__)
 
 # Sequence numbers are stored as SQLite integers (signed 64-bit).
 MAX_SEQ = 1 << 63
-# Instance keys kept in memory (an enrolled instance's key never changes); the cache starts over when full.
-_MAX_KEYS = 4096
 
 
 @dataclass(frozen=True)
@@ -73,7 +71,6 @@ class Leases:
     def __init__(self, ledger: Ledger, metrics: CustodianMetrics) -> None:
         self._ledger = ledger
         self._metrics = metrics
-        self._keys: dict[str, bytes] = {}
         # Receipt signatures are checked in a worker thread (OpenSSL releases the GIL meanwhile).
         self._verify: OffLoop[tuple[UsageClaim, bytes], Receipt] = OffLoop(lambda job: verify_claim(*job))
 
@@ -91,33 +88,26 @@ class Leases:
             await tx.update_instance(replace(instance, last_seen=tx.now))
             return lease_view(deployment, lease)
 
-    async def report(self, instance_id: str, claim: UsageClaim) -> LeaseView:
-        """Act on one usage report; its reply carries the instance's current lease (empty if none)."""
+    async def report(self, instance: InstanceRecord, claim: UsageClaim) -> LeaseView:
+        """Act on one usage report of ``instance`` (the authenticated caller: its id, deployment and
+        key never change; the rest is read afresh); the reply carries its current lease (empty if none)."""
         _check_seq(claim.seq)
+        instance_id = instance.instance_id
         try:
-            receipt = await self._verify((claim, await self._public_key(instance_id)))
+            receipt = await self._verify((claim, instance.public_key))
             # Reports arrive concurrently from every instance: they share commits.
             return await self._ledger.grouped(lambda tx: self._report(tx, instance_id, claim, receipt))
         except ReceiptRefusedError as exc:
             self._metrics.receipt_refusals.labels(exc.reason).inc()
             async with self._ledger.transaction() as tx:
-                instance = await tx.instance(instance_id)
-                subject = instance.deployment if instance else ""
                 await tx.audit(
-                    _actor(instance_id), "receipt.refuse", subject, refusal_detail(instance_id, claim, exc)
+                    _actor(instance_id),
+                    "receipt.refuse",
+                    instance.deployment,
+                    refusal_detail(instance_id, claim, exc),
                 )
             logger.warning("usage report %d of instance %s refused: %s", claim.seq, instance_id, exc)
             raise
-
-    async def _public_key(self, instance_id: str) -> bytes:
-        key = self._keys.get(instance_id)
-        if key is None:
-            async with self._ledger.transaction() as tx:
-                instance, _ = await _load(tx, instance_id)
-            if len(self._keys) >= _MAX_KEYS:
-                self._keys.clear()
-            key = self._keys[instance_id] = instance.public_key
-        return key
 
     async def _report(
         self, tx: Transaction, instance_id: str, claim: UsageClaim, receipt: Receipt

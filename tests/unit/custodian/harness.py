@@ -16,7 +16,7 @@ from custodian.control import ControlBus
 from custodian.deployments import Deployments
 from custodian.enrolment import Enrolment
 from custodian.leases import Leases, LeaseView
-from custodian.ledger import Ledger
+from custodian.ledger import InstanceRecord, Ledger
 from custodian.metering import UsageClaim
 from custodian.metrics import CustodianMetrics
 from custodian.model_store import ModelStore
@@ -91,6 +91,13 @@ class Custody:
         enclave.model_sha384 = model.sha384
         return enrolled.instance_id, enclave
 
+    async def caller(self, instance_id: str) -> InstanceRecord:
+        """The enrolled instance, as the gateway hands it to ``Leases.report``."""
+        async with self.ledger.transaction() as tx:
+            instance = await tx.instance(instance_id)
+        assert instance is not None
+        return instance
+
     async def report(
         self,
         enclave: FakeEnclave,
@@ -111,7 +118,7 @@ class Custody:
             final=final,
             receipt=signed,
         )
-        view = await self.leases.report(enclave.instance_id, claim)
+        view = await self.leases.report(await self.caller(enclave.instance_id), claim)
         enclave.accepted(receipt)
         return view
 

@@ -60,10 +60,10 @@ def test_reports_are_cumulative_and_a_retried_receipt_counts_once(tmp_path: Path
             lease = await c.leases.acquire(instance)
             receipt, signed = enclave.receipt(lease.lease_id, 40)
             claim = UsageClaim(lease.lease_id, receipt.seq, 40, want_more=False, final=False, receipt=signed)
-            await c.leases.report(instance, claim)
+            await c.leases.report(await c.caller(instance), claim)
             enclave.accepted(receipt)
             # The same receipt again (a retry after a lost reply) changes nothing.
-            await c.leases.report(instance, claim)
+            await c.leases.report(await c.caller(instance), claim)
             [usage] = await c.deployments.usage("d")
             assert (usage.used, usage.leased, usage.balance) == (40, 60, 400)
             # want_more: unused units back up to the lease size.
@@ -120,7 +120,9 @@ def test_an_unknown_instance_or_sequence_out_of_range_is_refused(tmp_path: Path)
                 await c.leases.acquire("not-enrolled")
             _, signed = enclave.receipt(lease.lease_id, 1)
             with pytest.raises(InvalidRequestError, match="sequence"):
-                await c.leases.report(instance, UsageClaim(lease.lease_id, 2**63, 1, False, False, signed))
+                await c.leases.report(
+                    await c.caller(instance), UsageClaim(lease.lease_id, 2**63, 1, False, False, signed)
+                )
 
     asyncio.run(scenario())
 

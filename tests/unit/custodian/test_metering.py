@@ -22,7 +22,7 @@ Attack = Callable[[Custody, FakeEnclave, FakeEnclave, str, str], Awaitable[objec
 
 
 async def _send(c: Custody, enclave: FakeEnclave, claim: UsageClaim) -> object:
-    return await c.leases.report(enclave.instance_id, claim)
+    return await c.leases.report(await c.caller(enclave.instance_id), claim)
 
 
 async def _replay(c: Custody, me: FakeEnclave, other: FakeEnclave, lease: str, other_lease: str) -> object:
