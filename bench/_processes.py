@@ -186,9 +186,12 @@ class Timeline:
     model_received: float | None  # fetched, decrypted and its SHA-384 checked
     model_loaded: float | None  # onnxruntime session built
     serving: float | None
-    # Seconds the enclave's ModelOpener spent decrypting and hashing, from the "received" line.
+    # Seconds the enclave's ModelOpener spent decrypting and hashing (wall clock, and CPU time
+    # of the threads doing it), from the "received" line.
     decrypt_seconds: float | None = None
+    decrypt_cpu_seconds: float | None = None
     hash_seconds: float | None = None
+    hash_cpu_seconds: float | None = None
 
 
 _EVENTS = {
@@ -201,7 +204,9 @@ _EVENTS = {
 }
 
 
-_OPENING = re.compile(r"received: .*\(decrypt ([0-9.]+) s, SHA-384 ([0-9.]+) s\)")
+_OPENING = re.compile(
+    r"received: .*\(decrypt ([0-9.]+) s, ([0-9.]+) s CPU; SHA-384 ([0-9.]+) s, ([0-9.]+) s CPU\)"
+)
 
 
 def _log_time(line: str) -> float | None:
@@ -275,7 +280,12 @@ class Enclave:
                 if found[name] is None and marker in line:
                     found[name] = _log_time(line)
             if not stages and (match := _OPENING.search(line)):
-                stages = {"decrypt_seconds": float(match[1]), "hash_seconds": float(match[2])}
+                stages = {
+                    name: float(match[group])
+                    for group, name in enumerate(
+                        ("decrypt_seconds", "decrypt_cpu_seconds", "hash_seconds", "hash_cpu_seconds"), 1
+                    )
+                }
         return Timeline(spawned=self.spawned, **found, **stages)
 
     def stop(self) -> None:

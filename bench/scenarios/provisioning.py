@@ -21,6 +21,10 @@ Baselines, alternating with it round by round:
   same sealed chunks into a preallocated buffer, and one SHA-384 over the
   plaintext; the enclave's decrypt and hash times are compared with them, and
   ``enclave.envelope.ModelOpener`` (decrypt and hash together) is run here too.
+  The decrypt target is per core: the CPU time of the thread in its AES-GCM
+  calls. Wall clock is shown beside it; on this benchmark's two cores it also
+  counts the time the enclave's thread waits for a core while the custodian
+  (colocated here, remote in a deployment) sends and the hash worker runs.
   SHA-384, which the design requires of the whole plaintext, runs at about a
   tenth of AES-GCM's speed on CPUs with AES instructions: opening as a whole
   is bound by it, not by decryption.
@@ -47,6 +51,7 @@ from enclave.envelope import (
     TAG_SIZE,
     ModelOpener,
     ModelSealer,
+    StageClock,
     chunk_nonce_aad,
     new_data_key,
     new_model_id,
@@ -70,7 +75,8 @@ class Provisioned:
         return end - start
 
     def stage(self, name: str) -> float:
-        """Seconds the enclave's model opener spent in ``name`` (``decrypt_seconds``, ``hash_seconds``)."""
+        """Seconds the enclave's model opener spent in ``name`` (``decrypt_seconds``,
+        ``decrypt_cpu_seconds``, ``hash_seconds``, ``hash_cpu_seconds``)."""
         seconds = getattr(self.timeline, name)
         if not seconds:
             raise RuntimeError(f"the enclave log lacks its model opening times: {self.timeline}")
@@ -124,7 +130,7 @@ def _run_size(bench: Bench, size_mib: int) -> list[Row]:
         alternate(rounds, [("plain", plain_round), ("custos", custos_round)])
 
     bench.say(f"provisioning/{size_mib} MiB: decrypting and hashing in memory (floors), ModelOpener")
-    memory = _in_memory_rounds(path.read_bytes(), rounds)
+    floor, sha384, opener = _in_memory_rounds(path.read_bytes(), rounds)
 
     def rate(seconds: float) -> float:
         return model_bytes / MiB / seconds
@@ -155,16 +161,21 @@ def _run_size(bench: Bench, size_mib: int) -> list[Row]:
         Row(NAME, f"{label}: transfer only (fetch + decrypt + SHA-384)", "MiB/s", True, "plain gRPC stream",
             "Custos", [rate(p.stream) for p in plain], [rate(s) for s in transfer],
             note="enclave log: enrolled → model received"),
-        Row(NAME, f"{label}: decrypt in the enclave (decrypt_into, preallocated)", "MiB/s", True,
-            "AES-256-GCM in memory (floor)", "Custos", [rate(s) for s in memory["aes_gcm"]],
-            [rate(p.stage("decrypt_seconds")) for p in custos], Target("ratio_at_least", 0.8),
-            note="the enclave's own timing of its AES-GCM calls during provisioning"),
+        Row(NAME, f"{label}: decrypt in the enclave, per core (decrypt_into, preallocated)", "MiB/s", True,
+            "AES-256-GCM in memory (floor)", "Custos", [rate(c.cpu_seconds) for c in floor],
+            [rate(p.stage("decrypt_cpu_seconds")) for p in custos], Target("ratio_at_least", 0.8),
+            note="CPU time of the thread in the enclave's AES-GCM calls during provisioning"),
+        Row(NAME, f"{label}: decrypt in the enclave, wall clock", "MiB/s", True,
+            "AES-256-GCM in memory (floor)", "Custos", [rate(c.wall_seconds) for c in floor],
+            [rate(p.stage("decrypt_seconds")) for p in custos],
+            note="also counts time the thread waited for a core while the custodian sent and the "
+            "hash worker ran (2 cores here)"),
         Row(NAME, f"{label}: SHA-384 in the enclave", "MiB/s", True, "SHA-384 in memory (floor)", "Custos",
-            [rate(s) for s in memory["sha384"]], [rate(p.stage("hash_seconds")) for p in custos],
+            [rate(s) for s in sha384], [rate(p.stage("hash_seconds")) for p in custos],
             note="the model measurement, over the plaintext as it opens"),
         Row(NAME, f"{label}: open in memory (decrypt + SHA-384)", "MiB/s", True,
-            "AES-256-GCM in memory (floor)", "ModelOpener", [rate(s) for s in memory["aes_gcm"]],
-            [rate(s) for s in memory["opener"]],
+            "AES-256-GCM in memory (floor)", "ModelOpener", [rate(c.wall_seconds) for c in floor],
+            [rate(s) for s in opener],
             note="the enclave's ModelOpener run here; bounded by SHA-384 (see its floor)"),
     ]  # fmt: skip
 
@@ -196,9 +207,10 @@ def _plain_round(bench: Bench, address: str) -> Plain:
     return Plain(stream=streamed - start, total=time.perf_counter() - start)
 
 
-def _in_memory_rounds(plaintext: bytes, rounds: int) -> dict[str, list[float]]:
-    """Seconds for the floors (AES-256-GCM ``decrypt_into`` a preallocated buffer; one SHA-384 over
-    the plaintext) and for the enclave's ``ModelOpener``, over the same sealed chunks."""
+def _in_memory_rounds(plaintext: bytes, rounds: int) -> tuple[list[StageClock], list[float], list[float]]:
+    """The floors (AES-256-GCM ``decrypt_into`` a preallocated buffer, wall and CPU time; seconds
+    for one SHA-384 over the plaintext) and seconds for the enclave's ``ModelOpener``, over the same
+    sealed chunks."""
     key, model_id = new_data_key(), new_model_id()
     sealer = ModelSealer(key, model_id)
     chunks = [*sealer.update(plaintext), sealer.finish()]
@@ -206,15 +218,19 @@ def _in_memory_rounds(plaintext: bytes, rounds: int) -> dict[str, list[float]]:
     inputs = [(*chunk_nonce_aad(model_id, c.index, c.final), c.ciphertext) for c in chunks]
     buffer = memoryview(bytearray(len(plaintext)))
 
+    floors: list[StageClock] = []
+
     def aes_gcm() -> float:
         aead = AESGCM(key)
-        start = time.perf_counter()
-        offset = 0
-        for nonce, aad, ciphertext in inputs:
-            size = len(ciphertext) - TAG_SIZE
-            aead.decrypt_into(nonce, ciphertext, aad, buffer[offset : offset + size])
-            offset += size
-        return time.perf_counter() - start
+        clock = StageClock()
+        with clock.timing():
+            offset = 0
+            for nonce, aad, ciphertext in inputs:
+                size = len(ciphertext) - TAG_SIZE
+                aead.decrypt_into(nonce, ciphertext, aad, buffer[offset : offset + size])
+                offset += size
+        floors.append(clock)
+        return clock.wall_seconds
 
     def sha() -> float:
         start = time.perf_counter()
@@ -237,4 +253,6 @@ def _in_memory_rounds(plaintext: bytes, rounds: int) -> dict[str, list[float]]:
         return time.perf_counter() - start
 
     aes_gcm(), sha(), opener()  # warm-up
-    return alternate(max(rounds, 5), [("aes_gcm", aes_gcm), ("sha384", sha), ("opener", opener)])
+    floors.clear()
+    times = alternate(max(rounds, 5), [("aes_gcm", aes_gcm), ("sha384", sha), ("opener", opener)])
+    return floors, times["sha384"], times["opener"]

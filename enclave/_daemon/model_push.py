@@ -97,12 +97,14 @@ async def receive_model(
     finally:
         call.cancel()
     logger.info(
-        "model %r received: %d bytes, SHA-384 %s (decrypt %.4f s, SHA-384 %.4f s)",
+        "model %r received: %d bytes, SHA-384 %s (decrypt %.4f s, %.4f s CPU; SHA-384 %.4f s, %.4f s CPU)",
         header.name,
         len(plaintext),
         header.plaintext_sha384.hex(),
-        opener.decrypt_seconds,
-        opener.hash_seconds,
+        opener.decrypting.wall_seconds,
+        opener.decrypting.cpu_seconds,
+        opener.hashing.wall_seconds,
+        opener.hashing.cpu_seconds,
     )
     return PushedModel(name=header.name, sha384=bytes(header.plaintext_sha384), plaintext=plaintext)
 
