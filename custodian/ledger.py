@@ -21,9 +21,14 @@ serialised anyway. Nothing else awaits between ``BEGIN`` and ``COMMIT`` but
 the caller's own code; the lock keeps one transaction at a time on the
 connection, which is why it may be used from both threads
 (``check_same_thread=False``). What can block on the disk stays off the
-loop: opening, migrating, closing, and the WAL checkpoints, which run on
-aiosqlite's thread every ``CHECKPOINT_EVERY`` commits
-(``wal_autocheckpoint`` is off).
+loop: opening, migrating, closing, and the WAL checkpoints
+(``wal_autocheckpoint`` is off). A checkpoint starts every
+``CHECKPOINT_EVERY`` commits on a connection of its own in a worker thread
+(``_Checkpointer``), and transactions go on meanwhile: a ``PASSIVE``
+checkpoint never waits for a writer, and copying the WAL and fsyncing takes
+10-100 ms here, which a writer waiting for it would add to the latency of
+every report queued behind it. Only what was committed during that copy is
+then copied holding the lock, so that the WAL can start over.
 
 Durability: WAL with ``synchronous = NORMAL``. Each commit is in the WAL file
 before the transaction returns, so an acknowledged report survives the
@@ -401,7 +406,7 @@ class Ledger:
     """One SQLite database; transactions are serialised on one connection."""
 
     def __init__(
-        self, db: aiosqlite.Connection, now: Callable[[], datetime], *, readonly: bool = False
+        self, db: aiosqlite.Connection, uri: str, now: Callable[[], datetime], *, readonly: bool = False
     ) -> None:
         self._db = db
         # The same connection, for the statements run on the event loop's thread (see the module notes).
@@ -412,6 +417,7 @@ class Ledger:
         # A read-only connection cannot take the write lock that BEGIN IMMEDIATE asks for.
         self._begin = "BEGIN" if readonly else "BEGIN IMMEDIATE"
         self._commits = 0
+        self._checkpointer = None if readonly else _Checkpointer(uri, self._lock)
         self._queued: list[_Queued[Any]] = []
         self._grouping: asyncio.Task[None] | None = None
 
@@ -439,14 +445,14 @@ class Ledger:
         except BaseException:
             await db.close()
             raise
-        return cls(db, now, readonly=readonly)
+        return cls(db, uri, now, readonly=readonly)
 
     async def close(self) -> None:
         if self._grouping is not None:
             await asyncio.shield(self._grouping)
+        if self._checkpointer is not None:
+            await self._checkpointer.close()
         async with self._lock:
-            if not self._readonly:
-                await self._checkpoint()
             await self._db.close()
 
     @asynccontextmanager
@@ -470,8 +476,8 @@ class Ledger:
                     self._conn.execute("ROLLBACK")
                 raise LedgerError(f"ledger commit failed: {exc}") from exc
             self._commits += 1
-            if self._commits % CHECKPOINT_EVERY == 0 and not self._readonly:
-                await self._checkpoint()
+            if self._commits % CHECKPOINT_EVERY == 0 and self._checkpointer is not None:
+                self._checkpointer.start()
 
     async def grouped(self, work: Callable[[Transaction], Awaitable[T]]) -> T:
         """``work``'s result once its writes are committed, sharing the commit with concurrent work.
@@ -514,11 +520,51 @@ class Ledger:
         finally:
             self._grouping = None
 
+
+class _Checkpointer:
+    """Copies the WAL into the database and fsyncs, in a worker thread, on a connection of its own.
+
+    A checkpoint copies most of the WAL while transactions go on, then what they wrote meanwhile
+    holding the ledger's lock: a WAL that is wholly copied with no writer busy starts over at the
+    next commit, where one always copied beside writers would grow without end (measured: 320 MB
+    in half a minute at 2,000 reports/s, and every page lookup slower for it).
+    """
+
+    def __init__(self, uri: str, lock: asyncio.Lock) -> None:
+        self._uri = uri
+        self._lock = lock
+        self._conn: sqlite3.Connection | None = None
+        self._running: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def start(self) -> None:
+        """Start a checkpoint unless one is still running (that one will do) or the ledger is closing."""
+        if not self._closing and (self._running is None or self._running.done()):
+            self._running = asyncio.create_task(self._checkpoint())
+
     async def _checkpoint(self) -> None:
-        """Copy the WAL into the database and fsync, on aiosqlite's thread (the lock is held)."""
+        await asyncio.to_thread(self._copy)
+        async with self._lock:
+            await asyncio.to_thread(self._copy)
+
+    async def close(self) -> None:
+        """Finish: the last checkpoint runs with no writer. Call before taking the ledger's lock."""
+        self._closing = True
+        if self._running is not None:
+            await asyncio.wait([self._running])
+        async with self._lock:
+            await asyncio.to_thread(self._copy)
+            if self._conn is not None:
+                self._conn.close()
+
+    def _copy(self) -> None:
         try:
-            # Fetched to the end: a statement left open would block the next COMMIT.
-            await self._db.execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)")
+            if self._conn is None:
+                self._conn = sqlite3.connect(
+                    self._uri, uri=True, isolation_level=None, check_same_thread=False
+                )
+            # Fetched to the end: a statement left open would keep a read transaction on the WAL.
+            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
         except sqlite3.Error as exc:
             logger.warning("WAL checkpoint failed (retried later): %s", exc)
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
 
+from custodian import ledger as ledger_module
 from custodian.errors import ConflictError, LedgerError
 from custodian.ledger import SCHEMA_VERSION, DeploymentRecord, Ledger, ModelRecord, Transaction
 from custodian.quota import Account
@@ -255,5 +258,73 @@ def test_grouped_work_hears_of_a_failed_commit(tmp_path: Path) -> None:
                 assert await tx.models() == []
         finally:
             await ledger.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_checkpoint_runs_beside_transactions_then_catches_up_so_the_wal_starts_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ledger_module, "CHECKPOINT_EVERY", 2)
+    path = tmp_path / "l.db"
+    wal = tmp_path / "l.db-wal"
+    release = threading.Event()
+    started = [threading.Event(), threading.Event()]  # the first and the second copy
+    copies: list[tuple[int, bool]] = []  # (thread, whether the ledger's lock was held)
+    ledger: Ledger | None = None
+    copy = ledger_module._Checkpointer._copy
+
+    def observed_copy(self: ledger_module._Checkpointer) -> None:
+        assert ledger is not None
+        copies.append((threading.get_ident(), ledger._lock.locked()))
+        started[min(len(copies), 2) - 1].set()
+        if len(copies) == 1:
+            release.wait(10)
+        copy(self)
+
+    monkeypatch.setattr(ledger_module._Checkpointer, "_copy", observed_copy)
+
+    def names_in_the_database_file() -> set[str]:
+        # immutable=1 reads the main file only, not the WAL.
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?immutable=1", uri=True)) as db:
+            return {row[0] for row in db.execute("SELECT name FROM models")}
+
+    def frames_in_the_wal() -> int:
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            _busy, frames, _copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            return int(frames)
+
+    async def add(name: str) -> None:
+        assert ledger is not None
+        async with ledger.transaction() as tx:
+            await tx.add_model(_model(name))
+
+    async def scenario() -> None:
+        nonlocal ledger
+        ledger = await Ledger.open(path, now=Clock())
+        try:
+            await add("m0")
+            await add("m1")  # the second commit starts a checkpoint
+            assert await asyncio.to_thread(started[0].wait, 10)
+            frames_before = (wal.stat().st_size - 32) // (4096 + 24)
+            # The first copy is held in its thread, without the lock: transactions still commit.
+            for name in ("m2", "m3", "m4"):
+                await asyncio.wait_for(add(name), 10)
+            assert copies == [(copies[0][0], False)]
+            assert copies[0][0] != threading.get_ident()
+            release.set()
+            assert await asyncio.to_thread(started[1].wait, 10)
+            # Then what was written meanwhile is copied holding the lock: the file has everything ...
+            async with ledger.transaction():
+                pass
+            assert copies[1][1], "the catch-up copy ran without the ledger's lock"
+            assert names_in_the_database_file() == {"m0", "m1", "m2", "m3", "m4"}
+            # ... and the WAL starts over at the next commit instead of growing.
+            await add("m5")
+            assert 0 < frames_in_the_wal() < frames_before
+        finally:
+            release.set()
+            await ledger.close()
+        assert names_in_the_database_file() == {"m0", "m1", "m2", "m3", "m4", "m5"}
 
     asyncio.run(scenario())
