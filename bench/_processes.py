@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._tls import TlsFiles
-from testkit.processes import Enclave, spawn, started, wait_for_json
+from testkit.processes import Enclave, Process, spawn, wait_for_json
 
 
 def cpu_seconds(pid: int | None = None) -> float:
@@ -93,7 +93,7 @@ def timeline(enclave: Enclave) -> Timeline:
 
 
 @dataclass
-class Baseline:
+class Baseline(Process):
     """The plain gRPC baseline server (``bench._baseline``) as a process."""
 
     workdir: Path
@@ -106,10 +106,6 @@ class Baseline:
     @property
     def log(self) -> Path:
         return self.workdir / "baseline.log"
-
-    @property
-    def pid(self) -> int:
-        return started(self.proc).pid
 
     def start(
         self, *, model: Path | None = None, stream_file: Path | None = None, mtls: bool = False

@@ -20,7 +20,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_MODEL = ROOT / "bench" / "models" / "digits" / "digits.onnx"
@@ -155,8 +155,21 @@ def enclave_manifest(
     return out
 
 
+class Process:
+    """What the harness's process classes share: the process they may have started (``proc``)."""
+
+    proc: subprocess.Popen[str] | None
+
+    @property
+    def pid(self) -> int:
+        return started(self.proc).pid
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        return stop(started(self.proc), sig)
+
+
 @dataclass
-class Custodian:
+class Custodian(Process):
     """``custodian serve`` on loopback ports chosen once: a restarted custodian keeps its address."""
 
     data: Path
@@ -170,10 +183,6 @@ class Custodian:
     @property
     def log(self) -> Path:
         return self.data.parent / f"{self.data.name}-custodian.log"
-
-    @property
-    def pid(self) -> int:
-        return started(self.proc).pid
 
     def start(self) -> Custodian:
         (self.data / "endpoints.json").unlink(missing_ok=True)
@@ -194,9 +203,6 @@ class Custodian:
     @property
     def gateway(self) -> str:
         return str(self.endpoints["gateway"])
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        return stop(started(self.proc), sig)
 
     def metric(self, name: str, **labels: str) -> float:
         return scrape(str(self.endpoints["metrics"]), name, **labels)
@@ -223,7 +229,7 @@ class Custodian:
 
 
 @dataclass
-class Enclave:
+class Enclave(Process):
     """``enclave serve`` in ``workdir``, enrolling with a custodian."""
 
     workdir: Path
@@ -240,10 +246,6 @@ class Enclave:
     @property
     def ready_file(self) -> Path:
         return self.workdir / "enclave-ready.json"
-
-    @property
-    def pid(self) -> int:
-        return started(self.proc).pid
 
     def start(
         self,
@@ -286,15 +288,6 @@ class Enclave:
     def metric(self, name: str, **labels: str) -> float:
         return scrape(str(self.ready["metrics"]), name, **labels)
 
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        return stop(started(self.proc), sig)
-
-
-class Process(Protocol):
-    """Anything holding a process it may have started."""
-
-    proc: subprocess.Popen[str] | None
-
 
 @contextlib.contextmanager
 def stopping(*procs: Process, sig: int = signal.SIGTERM) -> Iterator[None]:
@@ -304,7 +297,7 @@ def stopping(*procs: Process, sig: int = signal.SIGTERM) -> Iterator[None]:
     finally:
         for p in reversed(procs):
             if p.proc is not None:
-                stop(p.proc, sig)
+                p.stop(sig)
 
 
 def running(*procs: Process) -> contextlib.AbstractContextManager[None]:
