@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Self
 
 from testkit.processes import DIGITS_MODEL, Custodian, Enclave, isolated_env, running
 
@@ -52,3 +53,9 @@ class Loopback:
     def close(self) -> None:
         with running(self.custodian, *self.enclaves):
             pass
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -58,11 +58,8 @@ class System(Loopback):
 
 @pytest.fixture(scope="module")
 def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
-    sys_ = System(tmp_path_factory.mktemp("e2e"))
-    try:
-        yield sys_
-    finally:
-        sys_.close()
+    with System(tmp_path_factory.mktemp("e2e")) as system:
+        yield system
 
 
 def _image(name: str) -> bytes:
@@ -238,8 +235,7 @@ def test_sigterm_reports_final_usage_and_returns_the_rest(system: System) -> Non
 
 
 def test_offline_grace_restart_and_durable_ledger(tmp_path: Path) -> None:
-    system = System(tmp_path)
-    try:
+    with System(tmp_path) as system:
         name, token = system.deployment(grant=20, grace=3)
         enclave = system.enclave(name, token)
         manifest = system.end_user_manifest(name)
@@ -276,8 +272,6 @@ def test_offline_grace_restart_and_durable_ledger(tmp_path: Path) -> None:
         usage = poll(lambda: (u := system.custodian.usage(name))["used"] == served and u)
         assert usage["granted_total"] == 20
         assert usage["balance"] + usage["leased"] + usage["used"] == 20
-    finally:
-        system.close()
     _assert_no_plaintext(DIGITS_MODEL.read_bytes(), [tmp_path])
 
 

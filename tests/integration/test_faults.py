@@ -79,11 +79,8 @@ class Lab(Loopback):
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    lab = Lab(tmp_path_factory.mktemp("faults"))
-    try:
+    with Lab(tmp_path_factory.mktemp("faults")) as lab:
         yield lab
-    finally:
-        lab.close()
 
 
 class Tally:
@@ -179,8 +176,7 @@ def test_custodian_killed_mid_reports_loses_and_duplicates_nothing(tmp_path: Pat
     audit chain; nothing is counted twice: once the enclave has reported its
     last unit, the ledger's usage equals the successes the clients saw.
     """
-    lab = Lab(tmp_path)
-    try:
+    with Lab(tmp_path) as lab:
         name, token = lab.deployment(grant=100, grace=10, lease_size=10)
         enclave = lab.enclave(name, token)
         tally, stop = Tally(), threading.Event()
@@ -234,8 +230,6 @@ def test_custodian_killed_mid_reports_loses_and_duplicates_nothing(tmp_path: Pat
         opened = [e["detail"]["lease"] for e in entries if e["action"] == "lease.open"]
         assert len(opened) == len(set(opened))
         assert verdict["deployments"][name] == {"proven": served, "unreported": 0}
-    finally:
-        lab.close()
 
 
 # ---------------------------------------------------------------------------- network cuts

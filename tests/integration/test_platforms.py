@@ -48,11 +48,8 @@ class Platforms(Loopback):
 
 @pytest.fixture
 def platforms(tmp_path: Path) -> Iterator[Platforms]:
-    system = Platforms(tmp_path)
-    try:
+    with Platforms(tmp_path) as system:
         yield system
-    finally:
-        system.close()
 
 
 def test_tpm_enclave_serves_a_verified_query(
