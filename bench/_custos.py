@@ -7,13 +7,12 @@ deployment approving the manifest ``enclave manifest`` wrote, a grant, and an
 
 from __future__ import annotations
 
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench._processes import Custodian, Enclave, isolated_env, script
 from enclave.attestation import MeasurementEvent
 from enclave.attestation.measurement import code_event
+from testkit.processes import Custodian, Enclave, enclave_manifest, isolated_env
 
 # Enough units that no benchmark ever runs a deployment dry.
 GRANT = 10**11
@@ -37,8 +36,7 @@ class CustosSystem:
         self._profiles = profiles
         custodian_profile = profiles / "custodian.prof" if profiles else None
         self.custodian = Custodian(work / "custodian", self.env, profile=custodian_profile).start()
-        self.ca = work / "custodian-ca.pem"
-        self.ca.write_bytes(self.custodian.ca_pem())
+        self.ca = self.custodian.ca_file()
         self.enclave_manifest = work / "enclave.toml"
         self._models: dict[str, str] = {}
         self._enclaves = 0
@@ -47,23 +45,7 @@ class CustosSystem:
     def _write_enclave_manifest(self) -> Path:
         """``enclave manifest`` for this build, written afresh: the code measurement covers the sources
         as they are now (they may change while a long benchmark runs, for instance in a shared checkout)."""
-        subprocess.run(
-            [
-                script("enclave"),
-                "manifest",
-                "--platform",
-                "sim",
-                "--custodian-ca",
-                str(self.ca),
-                "--out",
-                str(self.enclave_manifest),
-            ],
-            env=self.env,
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
-        return self.enclave_manifest
+        return enclave_manifest(self.enclave_manifest, self.ca, self.env)
 
     def add_model(self, path: Path, name: str) -> str:
         """``custodian model add``; returns the model's SHA-384 (hex). Adds a name once."""
@@ -97,7 +79,7 @@ class CustosSystem:
         workdir = self.work / f"enclave-{self._enclaves}-{deployment.name}"
         profile = self._profiles / f"{workdir.name}.prof" if self._profiles else None
         enclave = Enclave(workdir, self.env, profile=profile)
-        return enclave.start(self.custodian, self.ca, deployment.name, deployment.token)
+        return enclave.start(self.custodian, self.ca, deployment.name, deployment.token, wait=False)
 
     def serving_enclave(
         self, prefix: str, model: str, *, lease_size: int = 0, deployment: Deployment | None = None

@@ -36,7 +36,6 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.utils import CryptographyDeprecationWarning
 
 from bench._context import Bench
-from bench._processes import ROOT, stopping
 from bench._sim_enclave import SimInstance, stale_code
 from bench._stats import Row, alternate, flatten
 from bench._tls import SERVER_NAME
@@ -49,6 +48,7 @@ from enclave.attestation.tpm_ak import load_ak
 from enclave.attestation.tpm_structures import parse_attest, parse_signature
 from protos import custos_pb2 as pb
 from protos import custos_pb2_grpc as pb_grpc
+from testkit.processes import DIGITS_MODEL, ROOT, stopping
 
 NAME = "attestation"
 VECTORS = ROOT.parent / "shared" / "vectors"
@@ -359,7 +359,7 @@ def _each(call: Callable[[], object], times: int) -> list[float]:
 
 def _enrolment_row(bench: Bench) -> Row:
     system = bench.system
-    system.add_model(ROOT / "bench" / "models" / "digits" / "digits.onnx", "digits")
+    system.add_model(DIGITS_MODEL, "digits")
     deployment = system.deployment("attest", "digits")
     ca_pem = system.ca.read_bytes()
     baseline = bench.baseline("enrol").start()

@@ -16,12 +16,13 @@ import time
 import grpc
 
 from bench._context import Bench
-from bench._processes import DIGITS_MODEL, DIGITS_SAMPLES, Timeline, stopping
+from bench._processes import Timeline, timeline
 from bench._stats import Row, alternate
 from bench._tls import SERVER_NAME
 from client import connect
 from enclave.attestation import measurement
 from protos import custos_pb2, custos_pb2_grpc
+from testkit.processes import DIGITS_MODEL, DIGITS_SAMPLES, stopping
 
 NAME = "cold-start"
 
@@ -40,7 +41,7 @@ def run(bench: Bench) -> list[Row]:
         with stopping(enclave), connect(enclave.address, deployment.end_user_manifest) as connection:
             connection.infer_image(image)
             done = time.time()
-        timelines.append((enclave.timeline(), done))
+        timelines.append((timeline(enclave), done))
         return done - enclave.spawned
 
     def plain() -> float:

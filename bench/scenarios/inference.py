@@ -29,12 +29,12 @@ import numpy as np
 from bench import _load
 from bench._context import Bench
 from bench._plain_model import INFERENCE_WORKERS, PlainModel
-from bench._processes import DIGITS_MODEL, DIGITS_SAMPLES, stopping
 from bench._stats import Row, Target, alternate, flatten, percentile
 from bench._tls import SERVER_NAME
 from bench.models.resnet import build as resnet_build
 from client import Connection, connect
 from protos import custos_pb2, custos_pb2_grpc
+from testkit.processes import DIGITS_MODEL, DIGITS_SAMPLES, stopping
 
 NAME = "inference"
 MAX_MESSAGE_BYTES = 20 << 20  # client.api.MAX_MESSAGE_BYTES, the same on the plain client

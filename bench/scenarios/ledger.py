@@ -30,13 +30,14 @@ import grpc.aio
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from bench._context import Bench
-from bench._processes import DIGITS_MODEL, cpu_seconds, stopping
+from bench._processes import cpu_seconds
 from bench._sim_enclave import CHANNEL_OPTIONS, SimInstance, stale_code
 from bench._stats import Row, Target, percentile
 from bench._tls import SERVER_NAME
 from enclave.receipts import GENESIS, Receipt, sign_receipt
 from protos import custos_pb2 as pb
 from protos import custos_pb2_grpc as pb_grpc
+from testkit.processes import DIGITS_MODEL, stopping
 
 NAME = "ledger"
 LEASE_SIZE = 1_000_000

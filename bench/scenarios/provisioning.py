@@ -42,7 +42,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from bench._context import Bench
 from bench._plain_model import PlainModel
-from bench._processes import Timeline, stopping
+from bench._processes import Timeline, timeline
 from bench._stats import Row, Target, alternate
 from bench._tls import SERVER_NAME
 from bench.models.blob import build as blob_build
@@ -57,6 +57,7 @@ from enclave.envelope import (
     new_model_id,
 )
 from protos import custos_pb2, custos_pb2_grpc
+from testkit.processes import stopping
 
 NAME = "provisioning"
 MiB = 1 << 20
@@ -121,7 +122,7 @@ def _run_size(bench: Bench, size_mib: int) -> list[Row]:
                 with connect(enclave.address, deployment.end_user_manifest) as connection:
                     connection.infer_tensor(np.zeros((1, blob_build.FEATURES), dtype=np.float32))
                     done = time.time()
-                custos.append(Provisioned(enclave.timeline(), done))
+                custos.append(Provisioned(timeline(enclave), done))
 
         def plain_round() -> None:
             plain.append(_plain_round(bench, baseline.address))

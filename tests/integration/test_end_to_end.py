@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,40 +23,20 @@ from client.errors import (
     SuspendedError,
 )
 from enclave.attestation import ReferenceValues
+from testkit.processes import DIGITS_MODEL, DIGITS_SAMPLES, enclave_manifest, poll
 
-from ._processes import MODEL, SAMPLES, Custodian, Enclave, isolated_env, poll, running, script
+from ._loopback import Loopback
 
 pytestmark = pytest.mark.integration
 _names = (f"d{i}" for i in itertools.count())
 
 
-class System:
+class System(Loopback):
     """One custodian with the demo model; deployments and enclaves made per test."""
 
     def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.env = isolated_env(tmp)
-        self.custodian = Custodian(tmp / "data", self.env).start()
-        self.ca = self.custodian.ca_file()
-        self.custodian.console("model", "add", str(MODEL), "--name", "digits")
-        self.enclave_manifest = tmp / "enclave.toml"
-        subprocess.run(
-            [
-                script("enclave"),
-                "manifest",
-                "--platform",
-                "sim",
-                "--custodian-ca",
-                str(self.ca),
-                "--out",
-                str(self.enclave_manifest),
-            ],
-            env=self.env,
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
-        self.enclaves: list[Enclave] = []
+        super().__init__(tmp)
+        self.enclave_manifest = enclave_manifest(tmp / "enclave.toml", self.ca, self.env)
 
     def deployment(self, *, grant: int = 0, grace: int = 30, manifest: Path | None = None) -> tuple[str, str]:
         name = next(_names)
@@ -76,34 +55,15 @@ class System:
             self.custodian.console("grant", name, str(grant))
         return name, created["join_token"]
 
-    def end_user_manifest(self, name: str) -> Path:
-        path = self.tmp / f"{name}-end-user.toml"
-        self.custodian.console("deployment", "manifest", name, "--out", str(path))
-        return path
-
-    def enclave(self, name: str, token: str, *, wait: bool = True, ca: Path | None = None) -> Enclave:
-        workdir = self.tmp / f"enclave-{len(self.enclaves)}"
-        workdir.mkdir()
-        enclave = Enclave(workdir, self.env).start(self.custodian, ca or self.ca, name, token, wait=wait)
-        self.enclaves.append(enclave)
-        return enclave
-
-    def close(self) -> None:
-        with running(self.custodian, *self.enclaves):
-            pass
-
 
 @pytest.fixture(scope="module")
 def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
-    sys_ = System(tmp_path_factory.mktemp("e2e"))
-    try:
-        yield sys_
-    finally:
-        sys_.close()
+    with System(tmp_path_factory.mktemp("e2e")) as system:
+        yield system
 
 
 def _image(name: str) -> bytes:
-    return (SAMPLES / name).read_bytes()
+    return (DIGITS_SAMPLES / name).read_bytes()
 
 
 def test_quota_is_exact_under_concurrency(system: System) -> None:
@@ -176,17 +136,14 @@ def test_query_refused_on_manifest_mismatch_sends_nothing(
     name, token = system.deployment(grant=5)
     enclave = system.enclave(name, token)
     good = system.end_user_manifest(name)
+    image = str(DIGITS_SAMPLES / "digit-2.png")
     for label, changes, reason in TAMPERINGS:
         manifest = _tampered(good, system.tmp, label, **changes)
-        code = query_main(
-            ["--enclave", enclave.address, "--manifest", str(manifest), str(SAMPLES / "digit-2.png")]
-        )
+        code = query_main(["--enclave", enclave.address, "--manifest", str(manifest), image])
         assert code == 3, label
         assert reason in capsys.readouterr().err, label
     assert enclave.metric("custos_enclave_inferences_total") == 0
-    assert (
-        query_main(["--enclave", enclave.address, "--manifest", str(good), str(SAMPLES / "digit-2.png")]) == 0
-    )
+    assert query_main(["--enclave", enclave.address, "--manifest", str(good), image]) == 0
     assert enclave.metric("custos_enclave_inferences_total") == 1
 
 
@@ -194,7 +151,8 @@ def test_query_cli_exit_codes_for_quota_and_suspension(system: System) -> None:
     name, token = system.deployment(grant=1)
     enclave = system.enclave(name, token)
     manifest = str(system.end_user_manifest(name))
-    argv = ["--enclave", enclave.address, "--manifest", manifest, "--json", str(SAMPLES / "digit-4.png")]
+    image = str(DIGITS_SAMPLES / "digit-4.png")
+    argv = ["--enclave", enclave.address, "--manifest", manifest, "--json", image]
     assert query_main(argv) == 0
     assert query_main(argv) == 4
     system.custodian.console("grant", name, "1")
@@ -221,26 +179,18 @@ def test_suspend_reaches_a_connected_enclave_within_one_second(system: System) -
     assert poll(lambda: system.custodian.usage(name)["used"] == 2)
 
 
-def _refused_enrolment(enclave: Enclave) -> str:
-    assert enclave.proc is not None
-    enclave.proc.wait(timeout=60)
-    log = enclave.log.read_text()
-    assert enclave.proc.returncode == 1, log
-    return log
-
-
 def test_enrolment_refusals_name_the_reason(system: System) -> None:
     name, _ = system.deployment(grant=1)
-    err = _refused_enrolment(system.enclave(name, "not-the-token", wait=False))
+    err = system.refused(system.enclave(name, "not-the-token", wait=False))
     assert "join token is not valid" in err
     bad_manifest = _tampered(system.enclave_manifest, system.tmp, "enrol-code", code_sha384="44" * 48)
     other, token = system.deployment(grant=1, manifest=bad_manifest)
-    err = _refused_enrolment(system.enclave(other, token, wait=False))
+    err = system.refused(system.enclave(other, token, wait=False))
     assert "code measurement" in err
     wrong_ca = system.tmp / "wrong-ca.pem"
     wrong_ca.write_text(_other_ca_pem())
     third, token = system.deployment(grant=1)
-    err = _refused_enrolment(system.enclave(third, token, wait=False, ca=wrong_ca))
+    err = system.refused(system.enclave(third, token, wait=False, ca=wrong_ca))
     assert "cannot reach the custodian" in err  # the TLS handshake fails: the enclave pins another CA
     enclaves = system.custodian.console("enclaves")
     rows = enclaves["enclaves"] if isinstance(enclaves, dict) else enclaves
@@ -285,8 +235,7 @@ def test_sigterm_reports_final_usage_and_returns_the_rest(system: System) -> Non
 
 
 def test_offline_grace_restart_and_durable_ledger(tmp_path: Path) -> None:
-    system = System(tmp_path)
-    try:
+    with System(tmp_path) as system:
         name, token = system.deployment(grant=20, grace=3)
         enclave = system.enclave(name, token)
         manifest = system.end_user_manifest(name)
@@ -323,9 +272,7 @@ def test_offline_grace_restart_and_durable_ledger(tmp_path: Path) -> None:
         usage = poll(lambda: (u := system.custodian.usage(name))["used"] == served and u)
         assert usage["granted_total"] == 20
         assert usage["balance"] + usage["leased"] + usage["used"] == 20
-    finally:
-        system.close()
-    _assert_no_plaintext(MODEL.read_bytes(), [tmp_path])
+    _assert_no_plaintext(DIGITS_MODEL.read_bytes(), [tmp_path])
 
 
 def _assert_no_plaintext(model: bytes, roots: list[Path]) -> None:
@@ -344,4 +291,4 @@ def test_no_plaintext_model_in_data_or_temp_dirs(system: System) -> None:
         conn.infer_image(_image("digit-0.png"))
     # The custodian's data dir, both processes' TMPDIR and the enclave's working dirs.
     roots = [system.custodian.data, Path(system.env["TMPDIR"]), *(e.workdir for e in system.enclaves)]
-    _assert_no_plaintext(MODEL.read_bytes(), roots)
+    _assert_no_plaintext(DIGITS_MODEL.read_bytes(), roots)

@@ -30,25 +30,18 @@ from enclave._daemon.config import custodian_ca_der
 from enclave._daemon.measured import reference_values
 from protos import custos_pb2 as pb
 from protos import custos_pb2_grpc as pb_grpc
+from testkit.processes import DIGITS_MODEL, DIGITS_SAMPLES, Enclave, poll, script
 from tests.unit.custodian.fake_enclave import FakeEnclave, sim_manifest
 
-from ._processes import MODEL, SAMPLES, Custodian, Enclave, isolated_env, poll, running, script
+from ._loopback import Loopback
 
 pytestmark = pytest.mark.integration
 _names = (f"f{i}" for i in itertools.count())
-IMAGE = (SAMPLES / "digit-7.png").read_bytes()
+IMAGE = (DIGITS_SAMPLES / "digit-7.png").read_bytes()
 
 
-class Lab:
+class Lab(Loopback):
     """One custodian process with the demo model; deployments and enclave processes made per test."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.env = isolated_env(tmp)
-        self.custodian = Custodian(tmp / "data", self.env).start()
-        self.ca = self.custodian.ca_file()
-        self.custodian.console("model", "add", str(MODEL), "--name", "digits")
-        self.enclaves: list[Enclave] = []
 
     def deployment(
         self,
@@ -72,18 +65,6 @@ class Lab:
         self.custodian.console("grant", name, str(grant))
         return name, created["join_token"]
 
-    def end_user_manifest(self, name: str) -> Path:
-        path = self.tmp / f"{name}-end-user.toml"
-        self.custodian.console("deployment", "manifest", name, "--out", str(path))
-        return path
-
-    def enclave(self, name: str, token: str) -> Enclave:
-        workdir = self.tmp / f"enclave-{len(self.enclaves)}"
-        workdir.mkdir()
-        enclave = Enclave(workdir, self.env).start(self.custodian, self.ca, name, token)
-        self.enclaves.append(enclave)
-        return enclave
-
     def enclaves_of(self, name: str) -> dict[str, dict[str, Any]]:
         return {e["instance_id"]: e for e in self.custodian.console("enclaves", "--deployment", name)}
 
@@ -95,18 +76,11 @@ class Lab:
         entries = [json.loads(line) for line in out.read_text().splitlines()]
         return verdict, [e for e in entries if e["type"] == "entry"]
 
-    def close(self) -> None:
-        with running(self.custodian, *self.enclaves):
-            pass
-
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    lab = Lab(tmp_path_factory.mktemp("faults"))
-    try:
+    with Lab(tmp_path_factory.mktemp("faults")) as lab:
         yield lab
-    finally:
-        lab.close()
 
 
 class Tally:
@@ -140,7 +114,7 @@ def _charged(usage: dict[str, Any]) -> int:
 
 
 def _instance_id(enclave: Enclave) -> str:
-    ready: dict[str, Any] = json.loads((enclave.workdir / "enclave-ready.json").read_text())
+    ready: dict[str, Any] = json.loads(enclave.ready_file.read_text())
     return str(ready["instance_id"])
 
 
@@ -202,8 +176,7 @@ def test_custodian_killed_mid_reports_loses_and_duplicates_nothing(tmp_path: Pat
     audit chain; nothing is counted twice: once the enclave has reported its
     last unit, the ledger's usage equals the successes the clients saw.
     """
-    lab = Lab(tmp_path)
-    try:
+    with Lab(tmp_path) as lab:
         name, token = lab.deployment(grant=100, grace=10, lease_size=10)
         enclave = lab.enclave(name, token)
         tally, stop = Tally(), threading.Event()
@@ -257,8 +230,6 @@ def test_custodian_killed_mid_reports_loses_and_duplicates_nothing(tmp_path: Pat
         opened = [e["detail"]["lease"] for e in entries if e["action"] == "lease.open"]
         assert len(opened) == len(set(opened))
         assert verdict["deployments"][name] == {"proven": served, "unreported": 0}
-    finally:
-        lab.close()
 
 
 # ---------------------------------------------------------------------------- network cuts
@@ -340,7 +311,7 @@ def test_replayed_reordered_and_foreign_receipts_are_refused_and_recorded(lab: L
     # The fake borrower measures the code as the test process loaded it.
     name, token = lab.deployment(grant=50, lease_size=20, reference=sim_manifest(ca_pem))
     endpoints = lab.custodian.endpoints
-    model_sha384 = hashlib.sha384(MODEL.read_bytes()).digest()
+    model_sha384 = hashlib.sha384(DIGITS_MODEL.read_bytes()).digest()
 
     async def attacks() -> dict[str, str]:
         tls = grpc.ssl_channel_credentials(root_certificates=ca_pem)

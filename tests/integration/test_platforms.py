@@ -15,36 +15,23 @@ import pytest
 
 from client import connect
 from enclave.attestation import ReferenceValues
+from testkit.processes import DIGITS_SAMPLES, ROOT, enclave_manifest, script
 from tests import tpm_support
 
-from ._processes import MODEL, ROOT, SAMPLES, Custodian, Enclave, isolated_env, running, script
+from ._loopback import Loopback
 
 pytestmark = pytest.mark.integration
 start_swtpm = tpm_support.swtpm_fixture()
 TDX_QUOTE = ROOT.parent / "shared" / "vectors" / "tdx" / "dcapqvl_tdx_quote.bin"
 
 
-class Platforms:
+class Platforms(Loopback):
     """One custodian with the demo model; enclaves on the platform a test picks."""
 
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.env = isolated_env(tmp)
-        self.custodian = Custodian(tmp / "data", self.env).start()
-        self.ca = self.custodian.ca_file()
-        self.custodian.console("model", "add", str(MODEL), "--name", "digits")
-        self.enclaves: list[Enclave] = []
-
-    def manifest(self, name: str, *args: str) -> Path:
-        path = self.tmp / f"{name}.toml"
-        subprocess.run(
-            [script("enclave"), "manifest", *args, "--custodian-ca", str(self.ca), "--out", str(path)],
-            env=self.env,
-            check=True,
-            capture_output=True,
-            timeout=60,
+    def manifest(self, name: str, *args: str, platform: str) -> Path:
+        return enclave_manifest(
+            self.tmp / f"{name}.toml", self.ca, self.env, platform=platform, extra_args=args
         )
-        return path
 
     def deployment(self, name: str, manifest: Path) -> str:
         created = self.custodian.console(
@@ -52,22 +39,6 @@ class Platforms:
         )
         self.custodian.console("grant", name, "3")
         return str(created["join_token"])
-
-    def enclave(self, name: str, token: str, platform: str, *args: str, wait: bool = True) -> Enclave:
-        workdir = self.tmp / f"enclave-{len(self.enclaves)}"
-        workdir.mkdir()
-        enclave = Enclave(workdir, self.env)
-        self.enclaves.append(enclave)
-        return enclave.start(
-            self.custodian, self.ca, name, token, wait=wait, platform=platform, extra_args=args
-        )
-
-    def refused(self, enclave: Enclave) -> str:
-        assert enclave.proc is not None
-        enclave.proc.wait(timeout=60)
-        log = enclave.log.read_text()
-        assert enclave.proc.returncode == 1, log
-        return log
 
     def enrolled(self, name: str) -> list[dict[str, object]]:
         doc = self.custodian.console("enclaves")
@@ -77,12 +48,8 @@ class Platforms:
 
 @pytest.fixture
 def platforms(tmp_path: Path) -> Iterator[Platforms]:
-    system = Platforms(tmp_path)
-    try:
+    with Platforms(tmp_path) as system:
         yield system
-    finally:
-        with running(system.custodian, *system.enclaves):
-            pass
 
 
 def test_tpm_enclave_serves_a_verified_query(
@@ -93,27 +60,20 @@ def test_tpm_enclave_serves_a_verified_query(
     ek_roots = platforms.tmp / "ek-roots.pem"
     ek_roots.write_bytes(start_swtpm.ca.root_pem + start_swtpm.ca.intermediate_pem)
     manifest = platforms.manifest(
-        "tpm",
-        "--platform",
-        "tpm",
-        "--tpm",
-        tpm.tcti,
-        "--tpm-quote-pcrs",
-        "0-7",
-        "--tpm-ek-roots",
-        str(ek_roots),
+        "tpm", "--tpm", tpm.tcti, "--tpm-quote-pcrs", "0-7", "--tpm-ek-roots", str(ek_roots), platform="tpm"
     )
     reference = ReferenceValues.from_toml(manifest.read_text())
     assert not reference.allow_simulation
     assert sorted(reference.registers) == [f"pcr.sha384.{i}" for i in range(8)]
     token = platforms.deployment("tpm", manifest)
-    enclave = platforms.enclave("tpm", token, "tpm", "--tpm", tpm.tcti, "--tpm-quote-pcrs", "0-7")
-    end_user = platforms.tmp / "tpm-end-user.toml"
-    platforms.custodian.console("deployment", "manifest", "tpm", "--out", str(end_user))
+    enclave = platforms.enclave(
+        "tpm", token, platform="tpm", extra_args=("--tpm", tpm.tcti, "--tpm-quote-pcrs", "0-7")
+    )
+    end_user = platforms.end_user_manifest("tpm")
     # The custodian certified the AK after its credential activation, and end users trust that.
     assert ReferenceValues.from_toml(end_user.read_text()).tpm_ak_roots
     with connect(enclave.address, end_user) as conn:
-        result = conn.infer_image((SAMPLES / "digit-3.png").read_bytes())
+        result = conn.infer_image((DIGITS_SAMPLES / "digit-3.png").read_bytes())
     assert result.top[0].label == "three"
     assert [row["platform"] for row in platforms.enrolled("tpm")] == ["tpm"]
 
@@ -125,10 +85,12 @@ def test_tpm_enrolment_refused_when_the_ek_certificate_is_not_trusted(
     tpm = start_swtpm()
     # Roots that did not issue the swtpm's EK certificate: the custodian's own CA.
     manifest = platforms.manifest(
-        "untrusted", "--platform", "tpm", "--tpm", tpm.tcti, "--tpm-ek-roots", str(platforms.ca)
+        "untrusted", "--tpm", tpm.tcti, "--tpm-ek-roots", str(platforms.ca), platform="tpm"
     )
     token = platforms.deployment("untrusted", manifest)
-    log = platforms.refused(platforms.enclave("untrusted", token, "tpm", "--tpm", tpm.tcti, wait=False))
+    log = platforms.refused(
+        platforms.enclave("untrusted", token, wait=False, platform="tpm", extra_args=("--tpm", tpm.tcti))
+    )
     assert "EK certificate is not trusted" in log
     assert "EK certificate is not trusted" in json.dumps(platforms.custodian.console("audit", "--last", "20"))
     assert not platforms.enrolled("untrusted")
@@ -136,7 +98,7 @@ def test_tpm_enrolment_refused_when_the_ek_certificate_is_not_trusted(
 
 def test_tpm_manifest_pins_operator_pcrs_and_never_the_application_pcr(platforms: Platforms) -> None:
     value = "ab" * 32
-    manifest = platforms.manifest("pcrs", "--platform", "tpm", "--pcr-value", f"pcr.sha256.0={value}")
+    manifest = platforms.manifest("pcrs", "--pcr-value", f"pcr.sha256.0={value}", platform="tpm")
     assert ReferenceValues.from_toml(manifest.read_text()).registers == {"pcr.sha256.0": value}
     result = subprocess.run(
         [
@@ -166,10 +128,12 @@ def test_replayed_tdx_quote_is_refused_at_enrolment(platforms: Platforms) -> Non
     entry.mkdir(parents=True)
     shutil.copy(TDX_QUOTE, entry / "outblob")
     (entry / "provider").write_text("tdx_guest\n")
-    manifest = platforms.manifest("tdx", "--platform", "tdx", "--register", f"mrtd={'00' * 48}")
+    manifest = platforms.manifest("tdx", "--register", f"mrtd={'00' * 48}", platform="tdx")
     assert not ReferenceValues.from_toml(manifest.read_text()).allow_simulation
     token = platforms.deployment("tdx", manifest)
-    log = platforms.refused(platforms.enclave("tdx", token, "tdx", "--tsm-entry", str(entry), wait=False))
+    log = platforms.refused(
+        platforms.enclave("tdx", token, wait=False, platform="tdx", extra_args=("--tsm-entry", str(entry)))
+    )
     assert "report data" in log
     assert "report data" in json.dumps(platforms.custodian.console("audit", "--last", "20"))
     assert not platforms.enrolled("tdx")
