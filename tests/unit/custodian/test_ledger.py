@@ -266,21 +266,26 @@ def test_a_checkpoint_runs_beside_transactions_then_catches_up_so_the_wal_starts
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(ledger_module, "CHECKPOINT_EVERY", 2)
+    # Passes go on while a pass finds any new frame: here the first (held until m2-m4 are committed)
+    # copies them all, the second finds none; then one pass holding the lock.
+    monkeypatch.setattr(ledger_module, "CATCH_UP_FRAMES", 1)
     path = tmp_path / "l.db"
     wal = tmp_path / "l.db-wal"
-    release = threading.Event()
-    started = [threading.Event(), threading.Event()]  # the first and the second copy
+    release, first, locked = threading.Event(), threading.Event(), threading.Event()
     copies: list[tuple[int, bool]] = []  # (thread, whether the ledger's lock was held)
     ledger: Ledger | None = None
     copy = ledger_module._Checkpointer._copy
 
-    def observed_copy(self: ledger_module._Checkpointer) -> None:
+    def observed_copy(self: ledger_module._Checkpointer) -> int | None:
         assert ledger is not None
         copies.append((threading.get_ident(), ledger._lock.locked()))
-        started[min(len(copies), 2) - 1].set()
         if len(copies) == 1:
+            first.set()
             release.wait(10)
-        copy(self)
+        frames = copy(self)
+        if copies[-1][1]:
+            locked.set()
+        return frames
 
     monkeypatch.setattr(ledger_module._Checkpointer, "_copy", observed_copy)
 
@@ -305,7 +310,7 @@ def test_a_checkpoint_runs_beside_transactions_then_catches_up_so_the_wal_starts
         try:
             await add("m0")
             await add("m1")  # the second commit starts a checkpoint
-            assert await asyncio.to_thread(started[0].wait, 10)
+            assert await asyncio.to_thread(first.wait, 10)
             frames_before = (wal.stat().st_size - 32) // (4096 + 24)
             # The first copy is held in its thread, without the lock: transactions still commit.
             for name in ("m2", "m3", "m4"):
@@ -313,11 +318,12 @@ def test_a_checkpoint_runs_beside_transactions_then_catches_up_so_the_wal_starts
             assert copies == [(copies[0][0], False)]
             assert copies[0][0] != threading.get_ident()
             release.set()
-            assert await asyncio.to_thread(started[1].wait, 10)
-            # Then what was written meanwhile is copied holding the lock: the file has everything ...
+            # Then what was written meanwhile (little) is copied holding the lock: the file has
+            # everything ...
+            assert await asyncio.to_thread(locked.wait, 10)
             async with ledger.transaction():
                 pass
-            assert copies[1][1], "the catch-up copy ran without the ledger's lock"
+            assert [held for _thread, held in copies] == [False, False, True]
             assert names_in_the_database_file() == {"m0", "m1", "m2", "m3", "m4"}
             # ... and the WAL starts over at the next commit instead of growing.
             await add("m5")
