@@ -309,7 +309,23 @@ class Transaction:
         )
 
     async def update_lease(self, lease: LeaseRecord) -> None:
+        """Write the mutable fields: the units, the expiry and, when it leaves ``active``, the state.
+
+        A lease never becomes active again, so an active lease's state is left alone: writing
+        the column would rewrite both indexes on it at every usage report.
+        """
         u = lease.units
+        if lease.active:
+            cursor = self._db.execute(
+                "UPDATE leases SET lim = ?, peak = ?, used = ?, unreported = ?, expires_at = ?"
+                " WHERE lease_id = ? AND state = 'active'",
+                (u.limit, u.peak, u.used, u.unreported, ts(lease.expires_at), lease.lease_id),
+            )
+            if cursor.rowcount != 1:
+                raise LedgerError(
+                    f"lease {lease.lease_id} is not active in the ledger; a lease never becomes active again"
+                )
+            return
         self._db.execute(
             "UPDATE leases SET lim = ?, peak = ?, used = ?, unreported = ?, state = ?, expires_at = ?"
             " WHERE lease_id = ?",

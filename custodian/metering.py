@@ -69,10 +69,7 @@ class Checked:
 
 
 def verify_claim(claim: UsageClaim, public_key: bytes) -> Receipt:
-    """The receipt the claim carries, parsed and its signature checked against the instance's key.
-
-    Pure and thread-safe: the custodian runs it off the event loop (``custodian.offload``).
-    """
+    """The receipt the claim carries, parsed and its signature checked against the instance's key."""
     if claim.receipt is None:
         raise ReceiptRefusedError("format", "the usage report carries no receipt")
     try:

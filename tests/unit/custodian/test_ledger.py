@@ -6,14 +6,24 @@ import asyncio
 import contextlib
 import sqlite3
 import threading
+from dataclasses import replace
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from custodian import ledger as ledger_module
 from custodian.errors import ConflictError, LedgerError
-from custodian.ledger import SCHEMA_VERSION, DeploymentRecord, Ledger, ModelRecord, Transaction
-from custodian.quota import Account
+from custodian.ledger import (
+    SCHEMA_VERSION,
+    DeploymentRecord,
+    InstanceRecord,
+    LeaseRecord,
+    Ledger,
+    ModelRecord,
+    Transaction,
+)
+from custodian.quota import Account, Allotment
 from tests.unit.custodian.harness import Clock
 
 
@@ -59,6 +69,36 @@ def test_records_round_trip_and_names_are_unique(tmp_path: Path) -> None:
             with pytest.raises(ConflictError):
                 async with ledger.transaction() as tx:
                     await tx.add_model(_model())
+        finally:
+            await ledger.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_lease_is_written_whole_and_never_becomes_active_again(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        ledger = await Ledger.open(tmp_path / "l.db", now=Clock())
+        try:
+            model, now = _model(), Clock().now
+            lease = LeaseRecord("l1", "i1", "d", Allotment(limit=5, peak=5, used=0), "active", now)
+            async with ledger.transaction() as tx:
+                await tx.add_model(model)
+                await tx.add_deployment(_deployment(model))
+                await tx.add_instance(InstanceRecord("i1", "d", "sim", b"key", now, now, 0))
+                await tx.add_lease(lease)
+            used = replace(lease, units=Allotment(limit=5, peak=5, used=2), expires_at=now + timedelta(1))
+            closed = replace(used, units=Allotment(limit=2, peak=5, used=2), state="closed")
+            async with ledger.transaction() as tx:
+                await tx.update_lease(used)
+                assert await tx.lease("l1") == used
+                await tx.update_lease(closed)
+                assert await tx.lease("l1") == closed
+                assert await tx.active_lease("i1") is None
+            with pytest.raises(LedgerError, match="never becomes active again"):
+                async with ledger.transaction() as tx:
+                    await tx.update_lease(used)
+            async with ledger.transaction() as tx:
+                assert await tx.lease("l1") == closed
         finally:
             await ledger.close()
 
