@@ -92,4 +92,10 @@ MIGRATIONS = (
     ALTER TABLE deployments ADD COLUMN zeroize_after INTEGER NOT NULL DEFAULT 0;
     UPDATE deployments SET zeroize_after = 4 * offline_grace;
     """,
+    # The sweep, the gauges and the roster read instances by deployment and leases by instance;
+    # without these indexes each read scanned every instance or lease the ledger ever held.
+    """
+    CREATE INDEX instances_by_deployment ON instances(deployment);
+    CREATE INDEX leases_by_instance ON leases(instance_id);
+    """,
 )

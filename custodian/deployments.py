@@ -259,7 +259,7 @@ async def _usage(tx: Transaction, deployment: DeploymentRecord) -> DeploymentUsa
         granted_total=deployment.account.granted,
         offline_grace_seconds=deployment.offline_grace_seconds,
         lease_size=deployment.lease_size,
-        instances=len(await tx.instances(deployment.name)),
+        instances=await tx.instance_count(deployment.name),
         unreported=deployment.account.unreported,
         zeroize_after_seconds=deployment.zeroize_after_seconds,
     )

@@ -278,6 +278,10 @@ class Transaction:
         row = await self._one("SELECT * FROM instances WHERE instance_id = ?", (instance_id,))
         return instance_row(row) if row else None
 
+    async def instance_count(self, deployment: str) -> int:
+        row = await self._one("SELECT count(*) AS n FROM instances WHERE deployment = ?", (deployment,))
+        return int(row["n"]) if row else 0
+
     async def instances(self, deployment: str | None = None) -> list[InstanceRecord]:
         if deployment is None:
             rows = await self._all("SELECT * FROM instances ORDER BY enrolled_at, instance_id")
@@ -349,22 +353,34 @@ class Transaction:
         return [lease_row(r) for r in rows]
 
     async def due_leases(self) -> list[LeaseRecord]:
-        """Active leases whose expiry has passed."""
+        """Active leases whose expiry has passed.
+
+        Read through the partial index of active leases (one per instance), not the table of every
+        lease ever held: SQLite's planner scans the table unless told (``INDEXED BY``).
+        """
         rows = await self._all(
-            "SELECT * FROM leases WHERE state = 'active' AND expires_at < ? ORDER BY rowid", (ts(self.now),)
+            "SELECT * FROM leases INDEXED BY one_active_lease"
+            " WHERE state = 'active' AND expires_at < ? ORDER BY rowid",
+            (ts(self.now),),
         )
         return [lease_row(r) for r in rows]
 
     async def latest_lease(self, instance_id: str) -> LeaseRecord | None:
         """The instance's active lease, else the one it held last."""
+        active = await self.active_lease(instance_id)
+        if active is not None:
+            return active
+        # Walks the instance's index entries backwards from the newest: no sort of all its leases.
         row = await self._one(
-            "SELECT * FROM leases WHERE instance_id = ? ORDER BY state = 'active' DESC, rowid DESC LIMIT 1",
-            (instance_id,),
+            "SELECT * FROM leases WHERE instance_id = ? ORDER BY rowid DESC LIMIT 1", (instance_id,)
         )
         return lease_row(row) if row else None
 
     async def active_leases_all(self) -> list[LeaseRecord]:
-        rows = await self._all("SELECT * FROM leases WHERE state = 'active' ORDER BY rowid")
+        """Every active lease, through the partial index of them (see ``due_leases``)."""
+        rows = await self._all(
+            "SELECT * FROM leases INDEXED BY one_active_lease WHERE state = 'active' ORDER BY rowid"
+        )
         return [lease_row(r) for r in rows]
 
     # ---------------------------------------------------------------- receipts

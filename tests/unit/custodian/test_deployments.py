@@ -199,6 +199,13 @@ def test_enclaves_listing_shows_leases_and_open_streams(tmp_path: Path) -> None:
             await c.report(enclave, lease.lease_id, 4, final=True)
             [one] = [e for e in await c.roster.enclaves("d") if e.instance_id == first]
             assert (one.state, one.lease_state, one.lease_used) == ("stopped", "closed", 4)
+            # An active lease is shown before any closed one, and of the closed ones the newest.
+            again = await c.leases.acquire(first)
+            [one] = [e for e in await c.roster.enclaves("d") if e.instance_id == first]
+            assert (one.lease_id, one.lease_state) == (again.lease_id, "active")
+            await c.report(enclave, again.lease_id, 1, final=True)
+            [one] = [e for e in await c.roster.enclaves("d") if e.instance_id == first]
+            assert (one.lease_id, one.lease_state, one.lease_used) == (again.lease_id, "closed", 1)
             [usage] = await c.deployments.usage("d")
             assert usage.instances == 2
 

@@ -225,6 +225,37 @@ def test_readonly_needs_an_existing_migrated_ledger(tmp_path: Path) -> None:
         asyncio.run(Ledger.open(tmp_path / "old.db", readonly=True))
 
 
+def test_an_older_ledger_migrates_forward_and_keeps_its_records(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        ledger = await Ledger.open(tmp_path / "l.db", now=Clock())
+        model, now = _model(), Clock().now
+        lease = LeaseRecord("l1", "i1", "d", Allotment(limit=5, peak=5, used=1), "active", now)
+        async with ledger.transaction() as tx:
+            await tx.add_model(model)
+            await tx.add_deployment(_deployment(model))
+            await tx.add_instance(InstanceRecord("i1", "d", "sim", b"key", now, now, 0))
+            await tx.add_lease(lease)
+        await ledger.close()
+        # Back to schema v2, as a custodian of that version left it.
+        with contextlib.closing(sqlite3.connect(tmp_path / "l.db")) as db:
+            db.executescript(
+                "DROP INDEX instances_by_deployment; DROP INDEX leases_by_instance; PRAGMA user_version = 2;"
+            )
+        ledger = await Ledger.open(tmp_path / "l.db", now=Clock())
+        try:
+            async with ledger.transaction() as tx:
+                assert await tx.lease("l1") == lease
+                assert await tx.instance_count("d") == 1
+        finally:
+            await ledger.close()
+        with contextlib.closing(sqlite3.connect(tmp_path / "l.db")) as db:
+            assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+            indexes = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+            assert {"instances_by_deployment", "leases_by_instance"} <= indexes
+
+    asyncio.run(scenario())
+
+
 def test_reopening_keeps_everything(tmp_path: Path) -> None:
     async def scenario() -> None:
         ledger = await Ledger.open(tmp_path / "l.db", now=Clock())
