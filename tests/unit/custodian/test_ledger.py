@@ -54,6 +54,16 @@ def _deployment(model: ModelRecord, name: str = "d") -> DeploymentRecord:
     )
 
 
+async def _add_instance_with_lease(ledger: Ledger, lease: LeaseRecord) -> None:
+    """A model, deployment ``d`` of it, instance ``i1`` and ``lease`` of that instance."""
+    model, now = _model(), Clock().now
+    async with ledger.transaction() as tx:
+        await tx.add_model(model)
+        await tx.add_deployment(_deployment(model))
+        await tx.add_instance(InstanceRecord("i1", "d", "sim", b"key", now, now, 0))
+        await tx.add_lease(lease)
+
+
 def test_records_round_trip_and_names_are_unique(tmp_path: Path) -> None:
     async def scenario() -> None:
         ledger = await Ledger.open(tmp_path / "l.db", now=Clock())
@@ -79,13 +89,9 @@ def test_a_lease_is_written_whole_and_never_becomes_active_again(tmp_path: Path)
     async def scenario() -> None:
         ledger = await Ledger.open(tmp_path / "l.db", now=Clock())
         try:
-            model, now = _model(), Clock().now
+            now = Clock().now
             lease = LeaseRecord("l1", "i1", "d", Allotment(limit=5, peak=5, used=0), "active", now)
-            async with ledger.transaction() as tx:
-                await tx.add_model(model)
-                await tx.add_deployment(_deployment(model))
-                await tx.add_instance(InstanceRecord("i1", "d", "sim", b"key", now, now, 0))
-                await tx.add_lease(lease)
+            await _add_instance_with_lease(ledger, lease)
             used = replace(lease, units=Allotment(limit=5, peak=5, used=2), expires_at=now + timedelta(1))
             closed = replace(used, units=Allotment(limit=2, peak=5, used=2), state="closed")
             async with ledger.transaction() as tx:
@@ -228,13 +234,8 @@ def test_readonly_needs_an_existing_migrated_ledger(tmp_path: Path) -> None:
 def test_an_older_ledger_migrates_forward_and_keeps_its_records(tmp_path: Path) -> None:
     async def scenario() -> None:
         ledger = await Ledger.open(tmp_path / "l.db", now=Clock())
-        model, now = _model(), Clock().now
-        lease = LeaseRecord("l1", "i1", "d", Allotment(limit=5, peak=5, used=1), "active", now)
-        async with ledger.transaction() as tx:
-            await tx.add_model(model)
-            await tx.add_deployment(_deployment(model))
-            await tx.add_instance(InstanceRecord("i1", "d", "sim", b"key", now, now, 0))
-            await tx.add_lease(lease)
+        lease = LeaseRecord("l1", "i1", "d", Allotment(limit=5, peak=5, used=1), "active", Clock().now)
+        await _add_instance_with_lease(ledger, lease)
         await ledger.close()
         # Back to schema v2, as a custodian of that version left it.
         with contextlib.closing(sqlite3.connect(tmp_path / "l.db")) as db:
