@@ -85,6 +85,11 @@ class PlainGateway(pb_grpc.EnclaveGatewayServicer):
             mtls_port=1,
         )
 
+    async def ActivateCredential(  # noqa: N802
+        self, request: pb.ActivateCredentialRequest, context: Context
+    ) -> pb.Enrolment:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the plain baseline enrols without a TPM")
+
     async def FetchModel(  # noqa: N802
         self, request: pb.FetchModelRequest, context: Context
     ) -> AsyncIterator[pb.ModelPart]:

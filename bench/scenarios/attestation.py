@@ -318,7 +318,7 @@ def _verify_row(bench: Bench, platform: str) -> Row | None:
 @contextlib.contextmanager
 def _raw_qualifying_data() -> Iterator[None]:
     original = tpm.qualifying_data
-    tpm.qualifying_data = lambda data: data
+    tpm.qualifying_data = lambda report_data: report_data
     try:
         yield
     finally:
