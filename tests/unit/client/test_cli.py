@@ -4,29 +4,18 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import pytest
 
 from client.cli import main
-from tests.unit.client.fake_enclave import FakeEnclave, serving
+from testkit.processes import DIGITS_SAMPLES
+from tests.unit.client.fake_enclave import FakeEnclave
 from tests.unit.enclave._sim_evidence import MODEL_SHA384, reference
 
-SAMPLES = Path(__file__).resolve().parents[3] / "bench" / "models" / "digits" / "samples"
-IMAGE = SAMPLES / "digit-3.png"
-
-
-@pytest.fixture
-def fake() -> FakeEnclave:
-    return FakeEnclave()
-
-
-@pytest.fixture
-def address(fake: FakeEnclave) -> Iterator[str]:
-    with serving(fake) as addr:
-        yield addr
+IMAGE = DIGITS_SAMPLES / "digit-3.png"
 
 
 @pytest.fixture
@@ -96,7 +85,7 @@ def _enclave_says(code: grpc.StatusCode) -> Setup:
 
 def _not_an_image(fake: FakeEnclave, manifest: Path, tmp: Path) -> list[str]:
     fake.infer_status, fake.infer_details = grpc.StatusCode.INVALID_ARGUMENT, "input is not an image"
-    return [str(SAMPLES / "not-an-image.txt")]
+    return [str(DIGITS_SAMPLES / "not-an-image.txt")]
 
 
 FAILURES = [

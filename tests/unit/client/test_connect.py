@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +17,7 @@ from enclave import identity
 from enclave.attestation import ReferenceValues
 from enclave.attestation.manifest import MAX_MANIFEST_BYTES
 from protos import custos_pb2
+from testkit.processes import DIGITS_SAMPLES
 from tests.unit.client.fake_enclave import (
     Certificate,
     FakeEnclave,
@@ -27,18 +28,7 @@ from tests.unit.client.fake_enclave import (
 )
 from tests.unit.enclave._sim_evidence import MODEL_SHA384, reference, sim_enclave
 
-SAMPLE = Path(__file__).resolve().parents[3] / "bench" / "models" / "digits" / "samples" / "digit-3.png"
-
-
-@pytest.fixture
-def fake() -> FakeEnclave:
-    return FakeEnclave()
-
-
-@pytest.fixture
-def address(fake: FakeEnclave) -> Iterator[str]:
-    with serving(fake) as addr:
-        yield addr
+SAMPLE = DIGITS_SAMPLES / "digit-3.png"
 
 
 def test_verified_query_sends_the_image_as_is(fake: FakeEnclave, address: str) -> None:

@@ -22,13 +22,9 @@ from client.errors import (
     QuotaExhaustedError,
     SuspendedError,
 )
+from testkit.processes import DIGITS_SAMPLES
 from tests.unit.client.fake_enclave import FakeEnclave, serving
 from tests.unit.enclave._sim_evidence import reference
-
-
-@pytest.fixture
-def fake() -> FakeEnclave:
-    return FakeEnclave()
 
 
 @pytest.fixture
@@ -114,7 +110,7 @@ def test_status_is_the_enclaves_account(fake: FakeEnclave, conn: Connection) -> 
 
 
 def test_read_image_reads_a_sample() -> None:
-    sample = Path(__file__).resolve().parents[3] / "bench" / "models" / "digits" / "samples" / "digit-7.jpg"
+    sample = DIGITS_SAMPLES / "digit-7.jpg"
     assert read_image(sample) == sample.read_bytes()
 
 
