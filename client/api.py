@@ -30,7 +30,6 @@ from types import TracebackType
 
 import grpc
 import numpy as np
-from cryptography import x509
 from numpy.typing import ArrayLike
 
 from client import _status
@@ -43,6 +42,7 @@ from client.errors import (
 )
 from enclave import identity
 from enclave.attestation import Appraisal, ReferenceValues, appraise
+from enclave.attestation.certificates import check_validity
 from enclave.attestation.manifest import MAX_MANIFEST_BYTES
 from enclave.errors import EnclaveError
 from protos import custos_pb2, custos_pb2_grpc
@@ -250,7 +250,7 @@ def connect(
     pem = fetch_certificate(address, timeout=timeout)
     try:
         certificate, public_key, evidence, claims = identity.read_attested_certificate(pem)
-        _check_validity(certificate, when)
+        check_validity(certificate, when, "enclave certificate")
         appraise(
             evidence,
             claims,
@@ -318,17 +318,6 @@ def _challenge(
         )
     except EnclaveError as exc:
         raise VerificationRefusedError(f"fresh evidence refused: {exc}") from exc
-
-
-def _check_validity(certificate: x509.Certificate, now: datetime.datetime) -> None:
-    if now < certificate.not_valid_before_utc:
-        raise VerificationRefusedError(
-            f"enclave certificate refused: not valid before {certificate.not_valid_before_utc.isoformat()}"
-        )
-    if now > certificate.not_valid_after_utc:
-        raise VerificationRefusedError(
-            f"enclave certificate refused: expired at {certificate.not_valid_after_utc.isoformat()}"
-        )
 
 
 def _check_image(data: bytes, what: str) -> None:

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import NameOID
 
+from enclave.attestation.certificates import check_validity
 from enclave.errors import EvidenceError
 
 # Intel SGX Root CA (CN=Intel SGX Root CA, valid 2018-05-21 .. 2049-12-31), DER.
@@ -168,7 +169,7 @@ def verify_chain(
             raise EvidenceError(f"{what} CA is {common_name(ca)!r}, expected one of {list(ca_names)}")
     full = [*certs, root]
     for index, cert in enumerate(full):
-        _check_validity(cert, now, f"{what} certificate {common_name(cert)!r}")
+        check_validity(cert, now, f"{what} certificate {common_name(cert)!r}")
         if index == 0:
             continue
         _check_ca(cert, cas_below=index - 1, what=f"{what} certificate {common_name(cert)!r}")
@@ -179,13 +180,6 @@ def verify_chain(
 
 def _der(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.DER)
-
-
-def _check_validity(cert: x509.Certificate, now: datetime, what: str) -> None:
-    if now < cert.not_valid_before_utc:
-        raise EvidenceError(f"{what} is not valid before {cert.not_valid_before_utc.isoformat()}")
-    if now > cert.not_valid_after_utc:
-        raise EvidenceError(f"{what} expired at {cert.not_valid_after_utc.isoformat()}")
 
 
 def _check_ca(cert: x509.Certificate, *, cas_below: int, what: str) -> None:

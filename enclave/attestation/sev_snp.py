@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
 
+from enclave.attestation.certificates import check_validity
 from enclave.attestation.interface import Evidence, PlatformClaims, Verifier
 from enclave.attestation.sev_snp_report import Product, SigningKey, SnpReport, TcbVersion, parse_report
 from enclave.errors import BindingError, EvidenceError
@@ -391,11 +392,7 @@ def _verify_chain(
         if not is_ca:
             raise EvidenceError(f"{label} is not a CA certificate (basicConstraints cA)")
     for cert, label in ((ark, f"ARK-{product.value}"), (middle, middle_cn), (leaf, kind.name)):
-        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-            raise EvidenceError(
-                f"{label} certificate is not valid at {now.isoformat()} "
-                f"(valid {cert.not_valid_before_utc.isoformat()} to {cert.not_valid_after_utc.isoformat()})"
-            )
+        check_validity(cert, now, f"{label} certificate")
     checks.append(f"ARK, {middle_cn} and {kind.name} certificates valid at {now.isoformat()}")
     key = leaf.public_key()
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP384R1):

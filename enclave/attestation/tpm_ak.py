@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from enclave.attestation import tpm_chain
+from enclave.attestation.certificates import check_validity
 from enclave.attestation.tpm_structures import (
     TPMA_OBJECT_DECRYPT,
     TPMA_OBJECT_FIXED_TPM,
@@ -189,7 +190,7 @@ def verify_ak_certificate(
         raise EvidenceError("AK certificate is for another key than the AK that signed the quote")
     if tpm_chain.is_ca(certificate):
         raise EvidenceError("AK certificate is a CA certificate")
-    tpm_chain.check_validity(certificate, when, "AK certificate")
+    check_validity(certificate, when, "AK certificate")
     return tpm_chain.walk_chain(
         certificate, roots=roots, intermediates=intermediates, when=when, role="AK", max_depth=MAX_CHAIN_DEPTH
     )

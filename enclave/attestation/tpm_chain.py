@@ -15,6 +15,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 
+from enclave.attestation.certificates import check_validity
 from enclave.errors import EvidenceError
 
 MAX_CHAIN_DEPTH = 4
@@ -38,14 +39,6 @@ def extension(certificate: x509.Certificate, kind: type[_E]) -> _E | None:
 def is_ca(certificate: x509.Certificate) -> bool:
     constraints = extension(certificate, x509.BasicConstraints)
     return constraints is not None and constraints.ca
-
-
-def check_validity(certificate: x509.Certificate, when: datetime, what: str) -> None:
-    if not certificate.not_valid_before_utc <= when <= certificate.not_valid_after_utc:
-        raise EvidenceError(
-            f"{what} is not valid at {when.isoformat()} (valid {certificate.not_valid_before_utc.isoformat()}"
-            f" to {certificate.not_valid_after_utc.isoformat()})"
-        )
 
 
 def walk_chain(

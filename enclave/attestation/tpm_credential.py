@@ -51,6 +51,7 @@ except ImportError:  # pragma: no cover - older cryptography
     from cryptography.hazmat.primitives.ciphers.modes import CFB
 
 from enclave.attestation import tpm_chain
+from enclave.attestation.certificates import check_validity
 from enclave.attestation.tpm_structures import (
     HASH_NAMES,
     TPMA_OBJECT_DECRYPT,
@@ -335,7 +336,7 @@ def verify_ek_certificate(
     usage = tpm_chain.extension(certificate, x509.ExtendedKeyUsage)
     if usage is not None and EK_CERTIFICATE_EKU not in usage:
         raise EvidenceError("EK certificate's extendedKeyUsage does not include tcg-kp-EKCertificate")
-    tpm_chain.check_validity(certificate, when, "EK certificate")
+    check_validity(certificate, when, "EK certificate")
     return tpm_chain.walk_chain(
         certificate,
         roots=roots,
