@@ -171,6 +171,10 @@ class Enrolment:
             stage = "attestation"
             reference = ReferenceValues.from_toml(record.manifest)
             tpm = reference.platform == "tpm"
+            if tpm:
+                stage = "busy"  # before any appraisal work: a full table of challenges refuses at once
+                self._make_room(now)
+                stage = "attestation"
             appraisal = appraise(
                 evidence,
                 claims,
@@ -198,13 +202,9 @@ class Enrolment:
     async def activate(self, challenge_id: str, secret: bytes) -> Enrolled:
         """Platform tpm: admit the enclave whose TPM recovered the credential's secret."""
         pending = self._pending.pop(challenge_id, None)
-        async with self._ledger.transaction() as tx:
-            now = tx.now
         try:
             if pending is None:
                 raise RefusedError("credential challenge is unknown or was already used")
-            if now > pending.expires_at:
-                raise RefusedError("credential challenge has expired")
             if not hmac.compare_digest(secret, pending.secret):
                 raise RefusedError(
                     "credential activation failed: the AK is not in the same TPM as the certified EK"
@@ -213,7 +213,12 @@ class Enrolment:
             await self._refuse(pending.deployment if pending else "", "credential", exc)
             raise
         return await self._admit(
-            pending.deployment, pending.public_key, platform="tpm", simulated=False, ak=pending.ak_public
+            pending.deployment,
+            pending.public_key,
+            platform="tpm",
+            simulated=False,
+            ak=pending.ak_public,
+            expires_at=pending.expires_at,
         )
 
     def _check_ek(
@@ -257,10 +262,6 @@ class Enrolment:
         ak_public = Evidence.from_bytes(evidence).part("ak")
         secret = os.urandom(CREDENTIAL_SECRET_SIZE)
         blob, encrypted = make_credential(ek_public, object_name(ak_public), secret)
-        for key in [k for k, p in self._pending.items() if now > p.expires_at]:
-            del self._pending[key]
-        if len(self._pending) >= self._config.max_pending_challenges:
-            raise BusyError("too many outstanding credential challenges; try again shortly")
         challenge_id = uuid.uuid4().hex
         self._pending[challenge_id] = _Pending(
             deployment=deployment,
@@ -271,6 +272,13 @@ class Enrolment:
         )
         logger.info("enrolment to %s: credential challenge %s for the TPM's AK", deployment, challenge_id)
         return CredentialChallenge(challenge_id, blob, encrypted)
+
+    def _make_room(self, now: datetime.datetime) -> None:
+        """Forget expired credential challenges; refuse (busy) while too many are still open."""
+        for key in [k for k, p in self._pending.items() if now > p.expires_at]:
+            del self._pending[key]
+        if len(self._pending) >= self._config.max_pending_challenges:
+            raise BusyError("too many outstanding credential challenges; try again shortly")
 
     async def _refuse(self, deployment: str, reason: str, exc: Exception) -> None:
         self._metrics.enrol_refusals.labels(reason).inc()
@@ -286,50 +294,55 @@ class Enrolment:
         platform: str,
         simulated: bool,
         ak: bytes = b"",
+        expires_at: datetime.datetime | None = None,
     ) -> Enrolled:
+        """Add the instance, in the transaction that checks its deployment is there and not suspended.
+
+        Checked here, not only at the challenge: a nonce issued (or a TPM credential activated)
+        before a suspension must not admit an instance after it. Every refusal is audited.
+        """
         key = public_key_der(public_key)
-        async with self._ledger.transaction() as tx:
-            record = await tx.deployment(deployment)
-            now = tx.now
-        if record is None:
-            raise NotFoundError(f"no deployment {deployment!r}")
-        # Checked again here, not only at the challenge: a nonce issued (or a TPM credential
-        # activated) before a suspension must not admit an instance after it.
-        if record.suspended:
-            raise SuspendedError(f"deployment {deployment!r} is suspended; enrol again once it resumes")
-        instance_id = uuid.uuid4().hex
         validity = datetime.timedelta(hours=self._config.client_cert_hours)
-        certificate = self._ca.issue_client(public_key, instance_id, now=now, validity=validity)
-        ak_certificate = b""
-        if ak:
-            ak_key = load_ak(ak).key
-            if not isinstance(ak_key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
-                raise RefusedError("the AK is neither an RSA nor an EC key")
-            issued = self._ca.issue_ak(ak_key, instance_id, now=now, validity=validity)
-            ak_certificate = issued.public_bytes(serialization.Encoding.PEM)
-        async with self._ledger.transaction() as tx:
-            instance = InstanceRecord(
-                instance_id=instance_id,
-                deployment=deployment,
-                platform=platform,
-                public_key=key,
-                enrolled_at=tx.now,
-                last_seen=tx.now,
-                last_seq=0,
-            )
-            await tx.add_instance(instance)
-            await tx.audit(
-                "enclave",
-                "enrol",
-                deployment,
-                {
-                    "instance": instance_id,
-                    "key_sha256": instance.key_sha256,
-                    "public_key": base64.b64encode(key).decode(),
-                    "platform": instance.platform,
-                    "simulated": simulated,
-                },
-            )
+        try:
+            async with self._ledger.transaction() as tx:
+                if expires_at is not None and tx.now > expires_at:
+                    raise RefusedError("credential challenge has expired")
+                record = await tx.deployment(deployment)
+                if record is None:
+                    raise NotFoundError(f"no deployment {deployment!r}")
+                if record.suspended:
+                    raise SuspendedError(
+                        f"deployment {deployment!r} is suspended; enrol again once it resumes"
+                    )
+                instance_id = uuid.uuid4().hex
+                certificate = self._ca.issue_client(public_key, instance_id, now=tx.now, validity=validity)
+                ak_certificate = self._ak_certificate(ak, instance_id, tx.now, validity) if ak else b""
+                instance = InstanceRecord(
+                    instance_id=instance_id,
+                    deployment=deployment,
+                    platform=platform,
+                    public_key=key,
+                    enrolled_at=tx.now,
+                    last_seen=tx.now,
+                    last_seq=0,
+                )
+                await tx.add_instance(instance)
+                await tx.audit(
+                    "enclave",
+                    "enrol",
+                    deployment,
+                    {
+                        "instance": instance_id,
+                        "key_sha256": instance.key_sha256,
+                        "public_key": base64.b64encode(key).decode(),
+                        "platform": instance.platform,
+                        "simulated": simulated,
+                    },
+                )
+        except (RefusedError, NotFoundError, SuspendedError) as exc:
+            reason = "credential" if isinstance(exc, RefusedError) else "deployment"
+            await self._refuse(deployment, reason, exc)
+            raise
         self._metrics.enrolments.inc()
         logger.info("instance %s enrolled in %s (%s)", instance_id, deployment, instance.platform)
         return Enrolled(
@@ -340,6 +353,16 @@ class Enrolment:
             lease_size=record.lease_size,
             zeroize_after_seconds=record.zeroize_after_seconds,
             ak_certificate_pem=ak_certificate,
+        )
+
+    def _ak_certificate(
+        self, ak: bytes, instance_id: str, now: datetime.datetime, validity: datetime.timedelta
+    ) -> bytes:
+        ak_key = load_ak(ak).key
+        if not isinstance(ak_key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+            raise RefusedError("the AK is neither an RSA nor an EC key")
+        return self._ca.issue_ak(ak_key, instance_id, now=now, validity=validity).public_bytes(
+            serialization.Encoding.PEM
         )
 
     async def authenticate(self, instance_id: str, public_key: bytes) -> InstanceRecord:

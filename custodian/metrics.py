@@ -12,7 +12,19 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-ENROL_REFUSAL_REASONS = ("token", "nonce", "csr", "evidence", "binding", "policy", "format")
+ENROL_REFUSAL_REASONS = (
+    "token",
+    "nonce",
+    "csr",
+    "evidence",
+    "binding",
+    "policy",
+    "format",
+    "deployment",
+    "ek",
+    "credential",
+    "busy",
+)
 # The same as custodian.metering.RECEIPT_REFUSAL_REASONS (metrics imports nothing of the domain).
 RECEIPT_REFUSAL_REASONS = ("format", "signature", "binding", "replay", "sequence", "chain", "usage")
 

@@ -256,5 +256,8 @@ def test_a_nonce_issued_before_a_suspension_admits_nobody_after_it(tmp_path: Pat
                 await c.enrolment.enrol("d", **_request(FakeEnclave(c.tls_ca.pem, "d"), nonce, token))
             async with c.ledger.transaction() as tx:
                 assert await tx.instances("d") == []
+                [refusal] = await tx.audit_entries(last=1)
+            assert (refusal.action, refusal.detail["reason"]) == ("enrol.refuse", "deployment")
+            assert sample(c.metrics, "custos_custodian_enrol_refusals_total", reason="deployment") == 1
 
     asyncio.run(scenario())

@@ -14,7 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from custodian.enrolment import CredentialChallenge, Enrolled
-from custodian.errors import RefusedError
+from custodian.errors import BusyError, RefusedError
 from enclave._daemon.config import custodian_ca_der
 from enclave._daemon.enrolment import certificate_request
 from enclave._daemon.measured import MeasuredIdentity
@@ -22,7 +22,7 @@ from enclave._daemon.tpm_device import TpmAttester, TpmDeviceError
 from enclave.attestation import ReferenceValues, measurement
 from enclave.attestation.tpm_ak import load_ak
 from tests import tpm_support
-from tests.unit.custodian.harness import Custody, custody
+from tests.unit.custodian.harness import Custody, custody, sample
 
 start_swtpm = tpm_support.swtpm_fixture()
 open_attester = tpm_support.attester_fixture()
@@ -137,5 +137,26 @@ def test_an_ek_certificate_outside_the_manifest_roots_is_refused(
             with pytest.raises(RefusedError, match="EK certificate is not trusted"):
                 await _enrol(c, token, _measured(c, attester), attester)
             assert (await _last_refusal(c)).startswith("ek")
+
+    asyncio.run(scenario())
+
+
+def test_a_full_table_of_credential_challenges_refuses_before_appraising(
+    tmp_path: Path, start_swtpm: tpm_support.StartSwtpm, open_attester: OpenAttester
+) -> None:
+    attester = open_attester()
+
+    async def scenario() -> None:
+        async with custody(tmp_path, max_pending_challenges=1) as c:
+            token = await _lend(c, start_swtpm.ca.root_pem + start_swtpm.ca.intermediate_pem)
+            identity = _measured(c, attester)
+            await _enrol(c, token, identity, attester)
+            with pytest.raises(BusyError, match="too many outstanding"):
+                await _enrol(c, token, identity, attester)
+            assert (await _last_refusal(c)).startswith("busy")
+            assert sample(c.metrics, "custos_custodian_enrol_refusals_total", reason="busy") == 1
+            assert sample(c.metrics, "custos_custodian_enrol_refusals_total", reason="ek") == 0
+            c.clock.advance(c.config.nonce_ttl_seconds + 1)  # the open challenge expires: room again
+            assert isinstance(await _enrol(c, token, identity, attester), CredentialChallenge)
 
     asyncio.run(scenario())
