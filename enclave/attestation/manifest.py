@@ -25,6 +25,16 @@ DEFAULT_TCB_STATUSES = ("UpToDate",)
 DCAP_PLATFORMS = ("sgx", "tdx")
 TEE_PLATFORMS = ("sev-snp", "sgx", "tdx")
 
+# The registers that pin what runs in a hardware TEE, by platform: each entry names registers of
+# which the manifest must pin at least one. Without them, what the claims say about the code is
+# the enclave's own word: the measurement log replays into no register on sgx and sev-snp, nor on
+# a TD that leaves RTMR3 alone, and is then trusted because the pinned image is.
+IDENTITY_REGISTERS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "tdx": (("mrtd",), ("rtmr0",), ("rtmr1",), ("rtmr2",)),
+    "sgx": (("mrenclave", "mrsigner"),),
+    "sev-snp": (("measurement",),),
+}
+
 
 @dataclass(frozen=True)
 class ReferenceValues:
@@ -53,6 +63,19 @@ class ReferenceValues:
     # may be bound to the guest (guest policy bit MIGRATE_MA).
     snp_min_tcb: Mapping[str, int] = field(default_factory=dict)
     snp_allow_migration_agent: bool = False
+
+    def __post_init__(self) -> None:
+        missing = [
+            " or ".join(names)
+            for names in IDENTITY_REGISTERS.get(self.platform, ())
+            if not any(name in self.registers for name in names)
+        ]
+        if missing:
+            raise ManifestError(
+                f"a {self.platform} manifest must pin the registers that identify the build"
+                f" (missing: {', '.join(missing)}): without them the enclave's claims about its"
+                " code are its own word"
+            )
 
     def with_models(self, *sha384: str) -> ReferenceValues:
         merged = tuple(dict.fromkeys((*self.allowed_model_sha384, *sha384)))

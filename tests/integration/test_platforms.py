@@ -128,7 +128,10 @@ def test_replayed_tdx_quote_is_refused_at_enrolment(platforms: Platforms) -> Non
     entry.mkdir(parents=True)
     shutil.copy(TDX_QUOTE, entry / "outblob")
     (entry / "provider").write_text("tdx_guest\n")
-    manifest = platforms.manifest("tdx", "--register", f"mrtd={'00' * 48}", platform="tdx")
+    pinned = [
+        arg for name in ("mrtd", "rtmr0", "rtmr1", "rtmr2") for arg in ("--register", f"{name}={'00' * 48}")
+    ]
+    manifest = platforms.manifest("tdx", *pinned, platform="tdx")
     assert not ReferenceValues.from_toml(manifest.read_text()).allow_simulation
     token = platforms.deployment("tdx", manifest)
     log = platforms.refused(

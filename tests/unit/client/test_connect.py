@@ -26,7 +26,7 @@ from tests.unit.client.fake_enclave import (
     plain_certificate,
     serving,
 )
-from tests.unit.enclave._sim_evidence import MODEL_SHA384, reference, sim_enclave
+from tests.unit.enclave._sim_evidence import MODEL_SHA384, pinned_registers, reference, sim_enclave
 
 SAMPLE = DIGITS_SAMPLES / "digit-3.png"
 
@@ -94,7 +94,11 @@ CERTIFICATE_REFUSALS = [
     ("no-simulation", _manifest(allow_simulation=False), "does not allow simulation"),
     ("model-not-allowed", _manifest(allowed_model_sha384=("22" * 48,)), "not among the manifest's allowed"),
     ("no-model-allowed", _manifest(allowed_model_sha384=()), "allows no model"),
-    ("other-platform", _manifest(platform="tdx"), "manifest expects 'tdx'"),
+    (
+        "other-platform",
+        _manifest(platform="tdx", registers=pinned_registers("tdx")),
+        "manifest expects 'tdx'",
+    ),
     (
         "evidence-for-another-key",
         _certificate(lambda fake: attested_certificate(fake, key=identity.generate_identity_key())),

@@ -9,6 +9,7 @@ import pytest
 
 from client.verify_cli import main
 from enclave.attestation import ReferenceValues
+from enclave.attestation.dcap_quote import parse_quote
 
 VECTORS = Path(__file__).resolve().parents[3].parent / "shared" / "vectors"
 
@@ -121,12 +122,18 @@ def test_tpm_needs_its_three_files() -> None:
 
 def test_a_manifest_requires_the_tcb_collateral(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     manifest = tmp_path / "tdx.toml"
+    quote = str(VECTORS / "tdx/dcapqvl_tdx_quote.bin")
+    # The build this quote came from: its boot registers, as `enclave manifest --register` pins them.
+    registers = parse_quote(Path(quote).read_bytes()).body.registers()
     manifest.write_text(
         ReferenceValues(
-            platform="tdx", allow_simulation=False, custodian_ca_sha256="00" * 32, code_sha384="00" * 48
+            platform="tdx",
+            allow_simulation=False,
+            custodian_ca_sha256="00" * 32,
+            code_sha384="00" * 48,
+            registers={name: registers[name].hex() for name in ("mrtd", "rtmr0", "rtmr1", "rtmr2")},
         ).to_toml()
     )
-    quote = str(VECTORS / "tdx/dcapqvl_tdx_quote.bin")
     code, doc = _run(
         capsys, "--platform", "tdx", quote, "--at", "2025-07-01T00:00:00Z", "--manifest", str(manifest)
     )

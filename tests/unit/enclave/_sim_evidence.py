@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from enclave import identity
 from enclave.attestation import AttestedClaims, ReferenceValues
+from enclave.attestation.manifest import IDENTITY_REGISTERS
 from enclave.attestation.measurement import code_event, code_sha384, config_event, model_event
 from enclave.attestation.sim import BOOT_MEASUREMENT, SimAttester
 
@@ -25,6 +26,11 @@ class SimEnclave:
 
     def evidence(self) -> bytes:
         return self.attester.collect(self.claims.report_data()).to_bytes()
+
+
+def pinned_registers(platform: str) -> dict[str, str]:
+    """Zero values for the registers a ``platform`` manifest must pin (``IDENTITY_REGISTERS``)."""
+    return {names[0]: "00" * 48 for names in IDENTITY_REGISTERS.get(platform, ())}
 
 
 def reference(**changes: object) -> ReferenceValues:

@@ -14,7 +14,7 @@ from enclave.attestation.claims import replay
 from enclave.attestation.measurement import model_event
 from enclave.errors import AttestationError, BindingError, EvidenceError, FormatError, PolicyError
 
-from ._sim_evidence import SimEnclave, reference, sim_enclave
+from ._sim_evidence import SimEnclave, pinned_registers, reference, sim_enclave
 
 NOW = datetime.datetime(2026, 11, 21, tzinfo=datetime.UTC)
 
@@ -93,7 +93,12 @@ REFUSALS: list[
         PolicyError,
         "sim.boot",
     ),
-    ("other-platform", lambda e: {"reference": reference(platform="tdx")}, PolicyError, "platform"),
+    (
+        "other-platform",
+        lambda e: {"reference": reference(platform="tdx", registers=pinned_registers("tdx"))},
+        PolicyError,
+        "platform",
+    ),
     ("model-required", lambda e: {"require_model": True}, PolicyError, "no model"),
     ("garbage-evidence", lambda e: {"evidence": b"\x00garbage"}, EvidenceError, "parse"),
     ("oversized-evidence", lambda e: {"evidence": b" " * (300 * 1024)}, EvidenceError, "limit"),

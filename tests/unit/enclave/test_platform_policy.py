@@ -8,6 +8,7 @@ import pytest
 
 from enclave.attestation import AttestedClaims, PlatformClaims, ReferenceValues, policy
 from enclave.errors import ManifestError, PolicyError
+from tests.unit.enclave._sim_evidence import pinned_registers
 
 
 def _reference(platform: str, **changes: Any) -> ReferenceValues:
@@ -16,7 +17,7 @@ def _reference(platform: str, **changes: Any) -> ReferenceValues:
         allow_simulation=False,
         custodian_ca_sha256="00" * 32,
         code_sha384="00" * 48,
-        **changes,
+        **{"registers": pinned_registers(platform), **changes},
     )
 
 
@@ -179,3 +180,31 @@ def test_snp_manifest_table_round_trips_and_is_checked() -> None:
         ReferenceValues.from_toml(reference.to_toml().replace("microcode = 115", "microcode = 999"))
     with pytest.raises(ManifestError, match=r"\[sev_snp\] table"):
         ReferenceValues.from_toml(_reference("tdx").to_toml() + "\n[sev_snp]\nallow_migration_agent = true\n")
+
+
+@pytest.mark.parametrize(
+    ("platform", "registers", "missing"),
+    [
+        ("tdx", {}, "mrtd, rtmr0, rtmr1, rtmr2"),
+        ("tdx", {"mrtd": "00" * 48, "rtmr0": "00" * 48, "rtmr1": "00" * 48}, "missing: rtmr2"),
+        ("sgx", {"attributes": "00" * 16}, "mrenclave or mrsigner"),
+        ("sev-snp", {"host_data": "00" * 32}, "missing: measurement"),
+    ],
+)
+def test_a_hardware_manifest_must_pin_the_build(
+    platform: str, registers: dict[str, str], missing: str
+) -> None:
+    with pytest.raises(ManifestError, match=missing):
+        _reference(platform, registers=registers)
+    pinned = _reference(platform).to_toml()
+    unpinned = (
+        pinned[: pinned.index("[registers]")]
+        + "[registers]\n"
+        + "".join(f'"{name}" = "{value}"\n' for name, value in registers.items())
+    )
+    with pytest.raises(ManifestError, match=missing):
+        ReferenceValues.from_toml(unpinned)
+
+
+def test_an_sgx_manifest_may_pin_the_signer_alone() -> None:
+    assert _reference("sgx", registers={"mrsigner": "00" * 32}).registers == {"mrsigner": "00" * 32}
