@@ -37,6 +37,7 @@ from enclave._daemon.errors import (
 )
 from enclave._daemon.measured import MeasuredIdentity
 from enclave._daemon.tpm_device import TpmAttester, TpmDeviceError
+from enclave.errors import EvidenceError
 from enclave.identity import ENCLAVE_TLS_NAME, private_key_pem, public_key_der
 from protos import custos_pb2, custos_pb2_grpc
 
@@ -128,7 +129,7 @@ async def enrol(config: DaemonConfig, identity: MeasuredIdentity) -> Enrolment:
             raise ProtocolError("custodian sent an AK certificate to an enclave without a TPM")
         try:
             tpm.use_ak_certificate(reply.ak_certificate)
-        except ValueError as exc:
+        except (ValueError, EvidenceError) as exc:  # a malformed certificate raises EvidenceError
             raise ProtocolError(f"custodian issued an unusable AK certificate: {exc}") from None
     logger.info("enrolled as instance %s (gateway %s)", enrolment.instance_id, enrolment.gateway)
     return enrolment

@@ -261,6 +261,9 @@ def test_ak_certificate_makes_the_ak_trusted(open_attester: OpenAttester) -> Non
         enclave.attester.use_ak_certificate(
             _certificate(ca_key.public_key(), ca_key, ca=False).public_bytes(serialization.Encoding.DER)
         )
+    # What enclave._daemon.enrolment turns into a ProtocolError: both kinds of unusable certificate.
+    with pytest.raises(EvidenceError):
+        enclave.attester.use_ak_certificate(b"not a certificate")
 
     enclave.attester.use_ak_certificate(ak_cert)
     evidence = enclave.evidence()
