@@ -12,9 +12,8 @@ from enclave.attestation import policy
 from enclave.attestation.claims import AttestedClaims, replay
 from enclave.attestation.interface import Evidence, PlatformClaims
 from enclave.attestation.manifest import ReferenceValues
-from enclave.attestation.platforms import verifier_for
+from enclave.attestation.platforms import manifest_verifier
 from enclave.attestation.sim import SIMULATION_WARNING
-from enclave.attestation.tpm import TpmVerifier
 from enclave.errors import BindingError, EvidenceError, PolicyError
 
 logger = logging.getLogger(__name__)
@@ -81,11 +80,7 @@ def appraise(
     if deployment is not None and parsed_claims.deployment != deployment:
         raise BindingError(f"claims are for deployment {parsed_claims.deployment!r}, expected {deployment!r}")
 
-    verifier = verifier_for(parsed_evidence.platform)
-    if isinstance(verifier, TpmVerifier):
-        verifier = TpmVerifier(app_pcr=reference.tpm_app_pcr)
-        if reference.tpm_ak_roots and not tpm_credential:
-            collateral = {**(collateral or {}), "ak_roots": reference.tpm_ak_roots.encode()}
+    verifier = manifest_verifier(reference, trust_ak=tpm_credential)
     platform_claims = verifier.verify(
         parsed_evidence, report_data=parsed_claims.report_data(), now=now, collateral=collateral
     )

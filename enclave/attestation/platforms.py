@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from enclave.attestation.interface import Verifier
+from enclave.attestation.manifest import ReferenceValues
 from enclave.attestation.sev_snp import SevSnpVerifier
 from enclave.attestation.sgx import SgxVerifier
 from enclave.attestation.sim import SimVerifier
 from enclave.attestation.tdx import TdxVerifier
 from enclave.attestation.tpm import TpmVerifier
+from enclave.attestation.tpm_ak import load_certificates
 from enclave.errors import EvidenceError
 
 _VERIFIERS: dict[str, type[Verifier]] = {
@@ -28,3 +30,21 @@ def verifier_for(platform: str) -> Verifier:
         raise EvidenceError(
             f"no verifier for platform {platform!r} (known: {', '.join(PLATFORMS)})"
         ) from None
+
+
+def manifest_verifier(reference: ReferenceValues, *, trust_ak: bool = False) -> Verifier:
+    """The verifier for the manifest's platform, set as the manifest says: debug TDs and
+    enclaves as ``allow_debug`` allows, the TPM's application PCR, and its AK roots unless
+    ``trust_ak`` (the caller trusts the AK by other means: credential activation)."""
+    platform = reference.platform
+    if platform == "tdx":
+        return TdxVerifier(allow_debug=reference.allow_debug)
+    if platform == "sgx":
+        return SgxVerifier(allow_debug=reference.allow_debug)
+    if platform == "tpm":
+        roots = () if trust_ak or not reference.tpm_ak_roots else reference.tpm_ak_roots.encode()
+        return TpmVerifier(
+            app_pcr=reference.tpm_app_pcr,
+            ak_roots=load_certificates(roots, "manifest [tpm] ak_roots") if roots else (),
+        )
+    return verifier_for(platform)

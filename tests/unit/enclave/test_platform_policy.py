@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import datetime
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from enclave.attestation import AttestedClaims, PlatformClaims, ReferenceValues, policy
+from enclave.attestation.dcap import DcapVerifier
+from enclave.attestation.platforms import manifest_verifier
+from enclave.attestation.tpm import TpmVerifier
 from enclave.errors import ManifestError, PolicyError
 from tests.unit.enclave._sim_evidence import pinned_registers
 
@@ -208,3 +216,36 @@ def test_a_hardware_manifest_must_pin_the_build(
 
 def test_an_sgx_manifest_may_pin_the_signer_alone() -> None:
     assert _reference("sgx", registers={"mrsigner": "00" * 32}).registers == {"mrsigner": "00" * 32}
+
+
+@pytest.mark.parametrize("platform", ["tdx", "sgx"])
+@pytest.mark.parametrize("allow_debug", [False, True])
+def test_appraisal_verifies_with_the_manifests_debug_setting(platform: str, allow_debug: bool) -> None:
+    # The verifier refuses a debug quote itself: with its default, allow_debug = true did nothing.
+    verifier = manifest_verifier(_reference(platform, allow_debug=allow_debug))
+    assert isinstance(verifier, DcapVerifier)
+    assert verifier.allow_debug is allow_debug
+
+
+def test_appraisal_verifies_tpm_evidence_with_the_manifests_pcr_and_ak_roots() -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "AK root")])
+    root = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC))
+        .not_valid_after(datetime.datetime(2040, 1, 1, tzinfo=datetime.UTC))
+        .sign(key, hashes.SHA256())
+    )
+    reference = _reference(
+        "tpm", tpm_app_pcr=16, tpm_ak_roots=root.public_bytes(serialization.Encoding.PEM).decode()
+    )
+    verifier = manifest_verifier(reference)
+    assert isinstance(verifier, TpmVerifier)
+    assert (verifier.app_pcr, verifier._ak_roots) == (16, (root,))
+    trusting = manifest_verifier(reference, trust_ak=True)
+    assert isinstance(trusting, TpmVerifier)
+    assert trusting._ak_roots == ()

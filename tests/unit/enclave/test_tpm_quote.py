@@ -16,12 +16,10 @@ from enclave.attestation import (
     AttestedClaims,
     MeasurementEvent,
     ReferenceValues,
-    appraisal,
     appraise,
-    platforms,
 )
 from enclave.attestation.claims import replay
-from enclave.attestation.interface import Evidence, Verifier
+from enclave.attestation.interface import Evidence
 from enclave.attestation.measurement import config_event, custodian_ca_sha256
 from enclave.attestation.tpm import TpmVerifier, parse_pcr_values, qualifying_data, verify_quote
 from enclave.attestation.tpm_structures import parse_attest
@@ -148,17 +146,6 @@ def _appraise_tpm(evidence: Evidence, claims: AttestedClaims, code: MeasurementE
     )
 
 
-@pytest.fixture
-def tpm_platform(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Route appraise() to TpmVerifier until platforms.py registers the tpm platform."""
-
-    def verifier_for(platform: str) -> Verifier:
-        return TpmVerifier() if platform == "tpm" else platforms.verifier_for(platform)
-
-    monkeypatch.setattr(appraisal, "verifier_for", verifier_for)
-
-
-@pytest.mark.usefixtures("tpm_platform")
 @pytest.mark.parametrize("banks", [["sha256", "sha384"], ["sha256"]])
 def test_measurement_log_replays_into_application_pcr(banks: list[str]) -> None:
     tpm = tpm_for("rsapss-sha256")
