@@ -152,17 +152,15 @@ class Connection:
         self._timeout = timeout
         # The appraisal of the fresh evidence (purpose "attest", our nonce).
         self.appraisal = appraisal
+        # Checked against every answer; the appraisal is frozen, so found in its log once.
+        model = appraisal.model_sha384
+        self.model_sha384 = model.hex() if model else ""
         self.certificate_pem = certificate_pem
         self._closed = False
 
     @property
     def simulated(self) -> bool:
         return self.appraisal.simulated
-
-    @property
-    def model_sha384(self) -> str:
-        model = self.appraisal.model_sha384
-        return model.hex() if model else ""
 
     @property
     def key_sha256(self) -> str:
@@ -278,12 +276,12 @@ def connect(
     except BaseException:
         channel.close()
         raise
-    if appraisal.simulated:
-        logger.warning("enclave at %s runs on a SIMULATED platform: its evidence proves nothing", address)
+    # appraise() has warned already when the platform is simulated.
     logger.info(
-        "verified enclave at %s: platform %s, key sha256 %s, model %s",
+        "verified enclave at %s: platform %s%s, key sha256 %s, model %s",
         address,
         appraisal.platform.platform,
+        " (SIMULATED)" if appraisal.simulated else "",
         identity.key_fingerprint(public_key),
         appraisal.model_sha384.hex() if appraisal.model_sha384 else "(none)",
     )

@@ -27,7 +27,6 @@ from client.errors import ClientError, VerificationRefusedError
 from enclave.attestation import ReferenceValues
 from enclave.attestation.sim import SIMULATION_WARNING
 
-SIMULATED_LINE = "SIMULATED platform — no security: anyone can forge this evidence (development only)"
 EPILOG = """\
 Nothing leaves this machine until the enclave is verified: the evidence in its
 TLS certificate is checked against the manifest (platform, code and
@@ -124,7 +123,7 @@ def _verification_text(address: str, doc: dict[str, Any]) -> str:
         f"  platform    {doc['platform']}",
     ]
     if doc["simulated"]:
-        lines.append(f"  !!! {SIMULATED_LINE} !!!")
+        lines.append(f"  !!! {SIMULATION_WARNING} !!!")
     lines += [
         f"  code        sha384 {doc['code_sha384'][:32]}… matches",
         f"  custodian   CA sha256 {doc['custodian_ca_sha256'][:32]}… pinned by the enclave, matches",

@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from client.cli import main
+from enclave.attestation.sim import SIMULATION_WARNING
 from testkit.processes import DIGITS_SAMPLES
 from tests.unit.client.fake_enclave import FakeEnclave
 from tests.unit.enclave._sim_evidence import MODEL_SHA384, reference
@@ -32,7 +33,7 @@ def test_query_prints_verification_then_classes(
     out = capsys.readouterr().out
     assert f"enclave {address} verified" in out
     assert "platform    sim" in out
-    assert "SIMULATED platform — no security" in out
+    assert f"!!! {SIMULATION_WARNING} !!!" in out
     assert "code        sha384" in out
     assert f"model       sha384 {MODEL_SHA384.hex()[:32]}" in out
     assert "1. three" in out
