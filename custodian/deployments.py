@@ -64,7 +64,7 @@ class Deployments:
         metrics: CustodianMetrics,
         *,
         custodian_ca_sha256: str,
-        enclave_ca_pem: bytes = b"",
+        enclave_ca_pem: bytes,
     ) -> None:
         self._ledger = ledger
         self._config = config

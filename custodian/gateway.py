@@ -178,6 +178,8 @@ class Gateway(pb_grpc.EnclaveGatewayServicer):
                 code, details = status_of(exc)
                 if code is grpc.StatusCode.INTERNAL:
                     raise  # not the report's fault: the stream ends, the report is sent again
+                # Answered in-band, past the interceptor's logging: said here, as it says the rest.
+                logger.info("ReportStream report refused: %s %s", code.name, details)
                 yield pb.ReportReply(refusal=pb.Refusal(code=code.name, message=details))
             else:
                 yield pb.ReportReply(lease=lease_message(view))

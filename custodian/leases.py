@@ -98,13 +98,11 @@ class Leases:
             return await self._ledger.grouped(lambda tx: self._report(tx, instance_id, claim, receipt))
         except ReceiptRefusedError as exc:
             self._metrics.receipt_refusals.labels(exc.reason).inc()
-            async with self._ledger.transaction() as tx:
-                await tx.audit(
-                    _actor(instance_id),
-                    "receipt.refuse",
-                    instance.deployment,
-                    refusal_detail(instance_id, claim, exc),
-                )
+            detail = refusal_detail(instance_id, claim, exc)
+            # Shares a commit with the reports around it, as they do with each other.
+            await self._ledger.grouped(
+                lambda tx: tx.audit(_actor(instance_id), "receipt.refuse", instance.deployment, detail)
+            )
             logger.warning("usage report %d of instance %s refused: %s", claim.seq, instance_id, exc)
             raise
 
@@ -128,7 +126,8 @@ class Leases:
                 deployment, lease = await self._settle(tx, deployment, lease, claim.used)
         if lease.active:
             lease = replace(lease, expires_at=_expiry(tx, deployment))
-        await tx.update_lease(lease)  # the helpers above change the record; it is written once, here
+        if lease.active or checked.receipt is not None:  # a retry for an ended lease changes nothing
+            await tx.update_lease(lease)  # the helpers above change the record; it is written once, here
         await tx.update_deployment(deployment)
         await tx.update_instance(replace(instance, last_seen=tx.now, last_seq=last_seq))
         if checked.receipt is not None:

@@ -449,7 +449,6 @@ class Ledger:
         self._conn: sqlite3.Connection = db._conn
         self._now = now
         self._lock = asyncio.Lock()
-        self._readonly = readonly
         # A read-only connection cannot take the write lock that BEGIN IMMEDIATE asks for.
         self._begin = "BEGIN" if readonly else "BEGIN IMMEDIATE"
         self._commits = 0

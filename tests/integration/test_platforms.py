@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 
 from client import connect
 from enclave.attestation import ReferenceValues
-from testkit.processes import DIGITS_SAMPLES, ROOT, enclave_manifest, script
+from testkit.processes import DIGITS_SAMPLES, ROOT, enclave_manifest, run, script
 from tests import tpm_support
 
 from ._loopback import Loopback
@@ -100,7 +99,7 @@ def test_tpm_manifest_pins_operator_pcrs_and_never_the_application_pcr(platforms
     value = "ab" * 32
     manifest = platforms.manifest("pcrs", "--pcr-value", f"pcr.sha256.0={value}", platform="tpm")
     assert ReferenceValues.from_toml(manifest.read_text()).registers == {"pcr.sha256.0": value}
-    result = subprocess.run(
+    result = run(
         [
             script("enclave"),
             "manifest",
@@ -113,10 +112,7 @@ def test_tpm_manifest_pins_operator_pcrs_and_never_the_application_pcr(platforms
             "--out",
             str(platforms.tmp / "app.toml"),
         ],
-        env=platforms.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
+        platforms.env,
         check=False,
     )
     assert result.returncode == 1

@@ -16,6 +16,7 @@ from cryptography.x509.oid import NameOID
 from custodian.errors import BusyError, InvalidRequestError, NotFoundError, RefusedError, SuspendedError
 from enclave.errors import BindingError, EvidenceError, FormatError, PolicyError
 from enclave.identity import generate_identity_key, public_key_der
+from protos import custos_pb2 as pb
 from tests.unit.custodian.fake_enclave import FakeEnclave, csr_der, sim_manifest
 from tests.unit.custodian.harness import Custody, custody, sample
 
@@ -238,10 +239,10 @@ def test_outstanding_challenges_are_bounded_and_purged_when_stale(tmp_path: Path
 def test_enrol_request_fields_match_the_wire_contract(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with custody(tmp_path) as c:
-            # The fake sets exactly the fields the gateway reads on a non-TPM platform.
+            # The fake sets every field of the wire's EnrolRequest but the TPM's, as a non-TPM enclave.
             request = FakeEnclave(c.tls_ca.pem, "d").enrol_request(bytes(32), "token")
-            fields = {f.name for f, _ in request.ListFields()}
-            assert fields == {"deployment", "join_token", "evidence", "claims", "csr"}
+            wire = {f.name for f in pb.EnrolRequest.DESCRIPTOR.fields if not f.name.startswith("tpm_")}
+            assert {f.name for f, _ in request.ListFields()} == wire
 
     asyncio.run(scenario())
 
