@@ -161,8 +161,7 @@ class Lease:
         return (
             self.topup_size > 0
             and self.deployment_balance > 0
-            and self.limit - self.committed <= self.topup_size // 2
-            and self._could_grow()
+            and self.limit - self.committed <= self.topup_size // 2  # then a top-up can bring units
         )
 
     def close(self) -> None:

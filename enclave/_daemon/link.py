@@ -229,6 +229,8 @@ class CustodianLink:
                 "custodian refused usage report %d (used %d): %s: %s", report.seq, report.used, code, message
             )
             self._settle(report)
+            if report.want_more:
+                self.lease.topup_dropped()  # refused for good: another top-up may be asked for
             self._refused = True
             return False
         self._settle(report)
@@ -264,8 +266,6 @@ class CustodianLink:
 
     def _settle(self, report: custos_pb2.UsageReport) -> None:
         self._pending = None
-        if report.want_more:
-            self.lease.topup_dropped()
         self._acked[report.lease_id] = report.used
 
     # --------------------------------------------------------------- loops

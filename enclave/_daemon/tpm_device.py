@@ -237,13 +237,14 @@ class TpmAttester(Attester):
     def collect(self, report_data: bytes) -> Evidence:
         if len(report_data) != REPORT_DATA_SIZE:
             raise ValueError(f"report data must be {REPORT_DATA_SIZE} bytes")
+        nonce = qualifying_data(report_data)
         with self._lock:
             failure: EvidenceError | None = None
             for _ in range(_QUOTE_ATTEMPTS):
-                quote, signature = self._quote(qualifying_data(report_data))
+                quote, signature = self._quote(nonce)
                 pcrs = {self.log_bank: self._read_pcrs(self.log_bank, self.quote_pcrs)}
                 try:
-                    verify_quote(quote, signature, self._ak.public, pcrs, nonce=qualifying_data(report_data))
+                    verify_quote(quote, signature, self._ak.public, pcrs, nonce=nonce)
                 except EvidenceError as exc:  # a PCR was extended between the quote and the read
                     logger.info("TPM quote does not match the PCRs read after it (%s); quoting again", exc)
                     failure = exc
