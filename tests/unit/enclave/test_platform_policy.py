@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from custodian.authority import CertificateAuthority
 from enclave.attestation import AttestedClaims, PlatformClaims, ReferenceValues, policy
 from enclave.attestation.dcap import DcapVerifier
 from enclave.attestation.platforms import manifest_verifier
@@ -227,25 +225,14 @@ def test_appraisal_verifies_with_the_manifests_debug_setting(platform: str, allo
     assert verifier.allow_debug is allow_debug
 
 
-def test_appraisal_verifies_tpm_evidence_with_the_manifests_pcr_and_ak_roots() -> None:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "AK root")])
-    root = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC))
-        .not_valid_after(datetime.datetime(2040, 1, 1, tzinfo=datetime.UTC))
-        .sign(key, hashes.SHA256())
+def test_appraisal_verifies_tpm_evidence_with_the_manifests_pcr_and_ak_roots(tmp_path: Path) -> None:
+    root = CertificateAuthority.load_or_create(
+        tmp_path, "ak-root", "AK root", now=datetime.datetime.now(datetime.UTC)
     )
-    reference = _reference(
-        "tpm", tpm_app_pcr=16, tpm_ak_roots=root.public_bytes(serialization.Encoding.PEM).decode()
-    )
+    reference = _reference("tpm", tpm_app_pcr=16, tpm_ak_roots=root.pem.decode())
     verifier = manifest_verifier(reference)
     assert isinstance(verifier, TpmVerifier)
-    assert (verifier.app_pcr, verifier._ak_roots) == (16, (root,))
+    assert (verifier.app_pcr, verifier._ak_roots) == (16, (root.certificate,))
     trusting = manifest_verifier(reference, trust_ak=True)
     assert isinstance(trusting, TpmVerifier)
     assert trusting._ak_roots == ()
