@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from client import _grpc_log  # noqa: F401  (before anything imports grpc)
 from client.api import (
     DEFAULT_TIMEOUT,
     MAX_TOP_K,

@@ -152,13 +152,17 @@ def test_failure_is_one_line_and_its_exit_code(
         assert fake.requests == []
 
 
-def test_unreachable_enclave_exits_1(manifest: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    with socket.socket() as bound:
+def test_an_enclave_not_listening_exits_1_saying_what_likely_happened(
+    manifest: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as bound:  # bound, never listening, as after a zeroization
         bound.bind(("127.0.0.1", 0))
         port = bound.getsockname()[1]
         code = main(["--enclave", f"127.0.0.1:{port}", "--manifest", str(manifest), str(IMAGE)])
     assert code == 1
-    assert "cannot reach enclave" in capsys.readouterr().err
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"custos-query: nothing is listening at 127.0.0.1:{port} (connection refused)")
+    assert "zeroized its model and keys after a suspension or a long custodian outage" in line
 
 
 def test_verbose_adds_every_mismatch_and_the_traceback(
