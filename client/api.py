@@ -264,8 +264,9 @@ def connect(
         raise
     # appraise() has warned already when the platform is simulated.
     logger.info(
-        "verified enclave at %s: platform %s%s, key sha256 %s, model %s",
+        "verified enclave at %s of deployment %r: platform %s%s, key sha256 %s, model %s",
         address,
+        appraisal.claims.deployment,
         appraisal.platform.platform,
         " (SIMULATED)" if appraisal.simulated else "",
         identity.key_fingerprint(public_key),

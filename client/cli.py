@@ -92,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
         "--enclave",
         metavar="HOST:PORT",
         type=_address,
-        default=os.environ.get("CUSTOS_ENCLAVE"),
+        default=os.environ.get("CUSTOS_ENCLAVE") or None,
         help="the enclave's inference address, HOST:PORT or [IPv6]:PORT (default: $CUSTOS_ENCLAVE)",
     )
     parser.add_argument(

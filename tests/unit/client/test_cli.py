@@ -209,14 +209,19 @@ def test_misuse_exits_2(
     assert mentions in capsys.readouterr().err
 
 
-def test_a_malformed_enclave_address_from_the_environment_is_misuse(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("value", "mentions"),
+    [("::1:8443", "argument --enclave: enclave address '::1:8443'"), ("", "--enclave is required")],
+    ids=["bare-ipv6", "empty"],
+)
+def test_a_bad_enclave_address_from_the_environment_is_misuse(
+    value: str, mentions: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("CUSTOS_ENCLAVE", "::1:8443")
+    monkeypatch.setenv("CUSTOS_ENCLAVE", value)
     with pytest.raises(SystemExit) as info:
         main(["--manifest", "m.toml", "x.png"])
     assert info.value.code == 2
-    assert "--enclave" in capsys.readouterr().err
+    assert mentions in capsys.readouterr().err
 
 
 def test_help_documents_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
