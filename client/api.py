@@ -36,7 +36,6 @@ from client import _status, _transport
 from client.errors import (
     ClientError,
     EnclaveChangedError,
-    EnclaveUnavailableError,
     InvalidInputError,
     ModelChangedError,
     VerificationRefusedError,
@@ -194,7 +193,7 @@ class Connection:
     def _explain(self, error: grpc.RpcError) -> ClientError:
         """The client error for a failed call; for UNAVAILABLE, whether the enclave itself said it."""
         mapped = _status.from_rpc_error(error)
-        if not isinstance(mapped, EnclaveUnavailableError):
+        if not _status.is_unavailable(error):
             return mapped
         return _transport.why_unavailable(self.address, self.certificate_pem, timeout=self._timeout) or mapped
 
@@ -293,7 +292,7 @@ def _challenge(
     except grpc.RpcError as exc:
         error = _status.from_rpc_error(exc)
         why = None
-        if isinstance(error, EnclaveUnavailableError):
+        if _status.is_unavailable(exc):
             why = _transport.why_unavailable(address, pinned_pem, timeout=timeout)
         if isinstance(why, EnclaveChangedError):
             raise VerificationRefusedError(str(why)) from None
