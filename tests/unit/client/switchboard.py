@@ -54,8 +54,9 @@ class Switchboard:
             route = self.routes[min(self.connections, len(self.routes) - 1)]
             self.connections += 1
             if route is None:
+                # Stop listening before the client can notice: any later connection is refused.
+                self._listener.close()
                 client.close()
-                self._listener.close()  # from now on, connections are refused
                 return
             host, port = route.rsplit(":", 1)
             try:
