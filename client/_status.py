@@ -28,3 +28,8 @@ def from_rpc_error(error: grpc.RpcError) -> ClientError:
     details = error.details() if isinstance(error, grpc.Call) else None
     kind = _ERRORS.get(code, ClientError)
     return kind(f"enclave answered {code.name}: {details or 'no reason given'}")
+
+
+def is_unavailable(error: grpc.RpcError) -> bool:
+    """UNAVAILABLE: the enclave said so, or gRPC could not reach it (``Connection`` tells which)."""
+    return isinstance(error, grpc.Call) and error.code() == grpc.StatusCode.UNAVAILABLE

@@ -12,8 +12,10 @@
    and appraise it again, bound to the same key.
 
 A failure in steps 2-4 raises ``VerificationRefusedError`` naming what did not
-check out; an enclave that cannot be reached at all raises
-``EnclaveUnavailableError``. Either way nothing was sent.
+check out (also when the pinned channel meets another certificate than the one
+appraised); an enclave that cannot be reached raises
+``EnclaveUnavailableError`` (``EnclaveNotListeningError`` when nothing listens
+at its address). Either way nothing was sent.
 """
 
 from __future__ import annotations
@@ -22,8 +24,6 @@ import datetime
 import logging
 import operator
 import os
-import socket
-import ssl
 import stat
 from dataclasses import dataclass
 from types import TracebackType
@@ -32,10 +32,10 @@ import grpc
 import numpy as np
 from numpy.typing import ArrayLike
 
-from client import _status
+from client import _status, _transport
 from client.errors import (
     ClientError,
-    EnclaveUnavailableError,
+    EnclaveChangedError,
     InvalidInputError,
     ModelChangedError,
     VerificationRefusedError,
@@ -105,33 +105,6 @@ def load_manifest(manifest: ReferenceValues | str | os.PathLike[str]) -> Referen
         raise ClientError(f"manifest {manifest}: {exc}") from exc
 
 
-def fetch_certificate(address: str, *, timeout: float = DEFAULT_TIMEOUT) -> bytes:
-    """The enclave's TLS certificate (PEM), read from a handshake without verifying it.
-
-    Only a TLS ClientHello is sent. The size of what the server may send is
-    bounded by OpenSSL's certificate-list limit, then by ``read_attested_certificate``.
-    """
-    host, port = _split_address(address)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE  # the certificate is appraised, then pinned
-    context.set_alpn_protocols(["h2"])
-    try:
-        with (
-            socket.create_connection((host, port), timeout=timeout) as raw,
-            context.wrap_socket(raw, server_hostname=identity.ENCLAVE_TLS_NAME) as tls,
-        ):
-            der = tls.getpeercert(binary_form=True)
-    except ssl.SSLError as exc:
-        raise EnclaveUnavailableError(f"TLS handshake with the enclave at {address} failed: {exc}") from exc
-    except OSError as exc:
-        raise EnclaveUnavailableError(f"cannot reach enclave at {address}: {exc}") from exc
-    if not der:
-        raise VerificationRefusedError("enclave presented no certificate")
-    return ssl.DER_cert_to_PEM_cert(der).encode()
-
-
 class Connection:
     """A pinned, verified channel to one enclave. Use ``connect`` to make one.
 
@@ -163,6 +136,11 @@ class Connection:
         return self.appraisal.simulated
 
     @property
+    def deployment(self) -> str:
+        """The deployment the enclave serves, as its verified claims say."""
+        return self.appraisal.claims.deployment
+
+    @property
     def key_sha256(self) -> str:
         """SHA-256 of the enclave's attested public key (SubjectPublicKeyInfo)."""
         return identity.key_fingerprint(self.appraisal.claims.public_key)
@@ -191,7 +169,7 @@ class Connection:
                 custos_pb2.StatusRequest(), timeout=self._timeout
             )
         except grpc.RpcError as exc:
-            raise _status.from_rpc_error(exc) from None
+            raise self._explain(exc) from None
         return response
 
     def _infer(self, request: custos_pb2.InferRequest) -> InferResult:
@@ -199,7 +177,7 @@ class Connection:
         try:
             response: custos_pb2.InferResponse = self._stub.Infer(request, timeout=self._timeout)
         except grpc.RpcError as exc:
-            raise _status.from_rpc_error(exc) from None
+            raise self._explain(exc) from None
         if response.model_sha384 != self.model_sha384:
             raise ModelChangedError(
                 f"enclave answered with model {response.model_sha384 or '(none)'}, but attested model "
@@ -211,6 +189,13 @@ class Connection:
             model_sha384=response.model_sha384,
             simulated=self.simulated,
         )
+
+    def _explain(self, error: grpc.RpcError) -> ClientError:
+        """The client error for a failed call; for UNAVAILABLE, whether the enclave itself said it."""
+        mapped = _status.from_rpc_error(error)
+        if not _status.is_unavailable(error):
+            return mapped
+        return _transport.why_unavailable(self.address, self.certificate_pem, timeout=self._timeout) or mapped
 
     def _check_open(self) -> None:
         if self._closed:
@@ -245,7 +230,7 @@ def connect(
         raise ClientError("timeout must be positive")
     reference = load_manifest(manifest)
     when = now or datetime.datetime.now(datetime.UTC)
-    pem = fetch_certificate(address, timeout=timeout)
+    pem = _transport.fetch_certificate(address, timeout=timeout)
     try:
         certificate, public_key, evidence, claims = identity.read_attested_certificate(pem)
         check_validity(certificate, when, "enclave certificate")
@@ -263,7 +248,7 @@ def connect(
         raise VerificationRefusedError(f"enclave certificate refused: {exc}") from exc
 
     channel = grpc.secure_channel(
-        _grpc_target(address),
+        _transport.grpc_target(address),
         grpc.ssl_channel_credentials(root_certificates=pem),
         options=[
             ("grpc.ssl_target_name_override", identity.ENCLAVE_TLS_NAME),
@@ -272,14 +257,15 @@ def connect(
         ],
     )
     try:
-        appraisal = _challenge(channel, reference, public_key, when, timeout)
+        appraisal = _challenge(channel, reference, public_key, when, timeout, address, pem)
     except BaseException:
         channel.close()
         raise
     # appraise() has warned already when the platform is simulated.
     logger.info(
-        "verified enclave at %s: platform %s%s, key sha256 %s, model %s",
+        "verified enclave at %s of deployment %r: platform %s%s, key sha256 %s, model %s",
         address,
+        appraisal.claims.deployment,
         appraisal.platform.platform,
         " (SIMULATED)" if appraisal.simulated else "",
         identity.key_fingerprint(public_key),
@@ -294,6 +280,8 @@ def _challenge(
     public_key: bytes,
     now: datetime.datetime,
     timeout: float,
+    address: str,
+    pinned_pem: bytes,
 ) -> Appraisal:
     """Fresh evidence over our nonce, on the pinned channel, for the certificate's key."""
     nonce = os.urandom(NONCE_BYTES)
@@ -302,7 +290,15 @@ def _challenge(
             custos_pb2.AttestRequest(nonce=nonce), timeout=timeout
         )
     except grpc.RpcError as exc:
-        raise VerificationRefusedError(f"fresh attestation failed: {_status.from_rpc_error(exc)}") from None
+        error = _status.from_rpc_error(exc)
+        why = None
+        if _status.is_unavailable(exc):
+            why = _transport.why_unavailable(address, pinned_pem, timeout=timeout)
+        if isinstance(why, EnclaveChangedError):
+            raise VerificationRefusedError(str(why)) from None
+        if why is not None:
+            raise why from None
+        raise VerificationRefusedError(f"fresh attestation failed: {error}") from None
     try:
         return appraise(
             response.evidence,
@@ -333,22 +329,3 @@ def _check_top_k(top_k: int) -> int:
     if not 1 <= k <= MAX_TOP_K:
         raise InvalidInputError(f"top_k must be an integer from 1 to {MAX_TOP_K}, got {top_k!r}")
     return k
-
-
-def _split_address(address: str) -> tuple[str, int]:
-    """HOST:PORT, [IPv6]:PORT -> (host, port)."""
-    host, sep, port = address.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        host = ""  # an IPv6 address needs brackets: [::1]:8443
-    if not sep or not host:
-        raise ClientError(f"enclave address {address!r} is not HOST:PORT")
-    if not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ClientError(f"enclave address {address!r} has no valid port")
-    return host, int(port)
-
-
-def _grpc_target(address: str) -> str:
-    host, port = _split_address(address)
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -14,8 +14,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from client import _grpc_log  # noqa: F401  (before anything imports grpc)
+from client._transport import split_address
 from client.api import (
     DEFAULT_TIMEOUT,
+    MAX_INPUT_BYTES,
     MAX_TOP_K,
     Connection,
     InferResult,
@@ -35,11 +38,14 @@ pinned, and fresh evidence over a nonce of ours is checked on the pinned channel
 
 exit codes:
   0  success
-  1  other errors (unreadable input or manifest, enclave unreachable, input refused)
+  1  other errors (unreadable input or manifest, enclave not listening or
+     unreachable, input refused, standard output closed early as by `| head`)
   2  misuse of the command line
   3  verification refused (nothing was sent)
   4  quota exhausted
   5  deployment suspended or revoked
+
+gRPC's own log is off below errors; GRPC_VERBOSITY=DEBUG turns it on.
 
 examples:
   custos-query --enclave enclave.example:8443 --manifest end-user.toml digit.png
@@ -55,6 +61,14 @@ def _top_k(text: str) -> int:
     if not 1 <= value <= MAX_TOP_K:
         raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_TOP_K}")
     return value
+
+
+def _address(text: str) -> str:
+    try:
+        split_address(text)
+    except ClientError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _seconds(text: str) -> float:
@@ -77,8 +91,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--enclave",
         metavar="HOST:PORT",
-        default=os.environ.get("CUSTOS_ENCLAVE"),
-        help="the enclave's inference address (default: $CUSTOS_ENCLAVE)",
+        type=_address,
+        default=os.environ.get("CUSTOS_ENCLAVE") or None,
+        help="the enclave's inference address, HOST:PORT or [IPv6]:PORT (default: $CUSTOS_ENCLAVE)",
     )
     parser.add_argument(
         "--manifest",
@@ -87,19 +102,33 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("CUSTOS_MANIFEST"),
         help="the manifest (TOML reference values) from the custodian (default: $CUSTOS_MANIFEST)",
     )
-    parser.add_argument("input", type=Path, metavar="INPUT", help="the image to classify (PNG or JPEG)")
     parser.add_argument(
-        "--top", metavar="K", type=_top_k, default=3, help="how many classes to show (default 3)"
+        "input",
+        type=Path,
+        metavar="INPUT",
+        help=f"the image to classify: a PNG or JPEG file of 1 byte to {MAX_INPUT_BYTES // 2**20} MiB, "
+        "sent as is once the enclave is verified",
+    )
+    parser.add_argument(
+        "--top",
+        metavar="K",
+        type=_top_k,
+        default=3,
+        help=f"how many classes to show, 1 to {MAX_TOP_K} (default 3)",
     )
     parser.add_argument(
         "--timeout",
         metavar="SECONDS",
         type=_seconds,
         default=DEFAULT_TIMEOUT,
-        help=f"limit for each network step (default {DEFAULT_TIMEOUT:g})",
+        help=f"limit for each network step, more than 0 and at most 3600 (default {DEFAULT_TIMEOUT:g})",
     )
-    parser.add_argument("--json", action="store_true", help="print one JSON object (also on failure)")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log each step; tracebacks on failure")
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object on stdout, also on failure (default: text)"
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log each step; tracebacks on failure (default: off)"
+    )
     return parser
 
 
@@ -120,6 +149,7 @@ def _verification_doc(connection: Connection, manifest: ReferenceValues) -> dict
 def _verification_text(address: str, doc: dict[str, Any]) -> str:
     lines = [
         f"enclave {address} verified against the manifest (no input was sent before this)",
+        f"  deployment  {_shown(doc['deployment'])}",
         f"  platform    {doc['platform']}",
     ]
     if doc["simulated"]:
@@ -142,34 +172,43 @@ def _result_doc(result: InferResult) -> dict[str, Any]:
 
 
 def _result_text(result: InferResult) -> str:
-    width = max((len(p.label) for p in result.top), default=0)
+    width = max((len(_shown(p.label)) for p in result.top), default=0)
     lines = [f"top {len(result.top)}:"]
     lines += [
-        f"  {rank}. {p.label or '(no label)':<{width}}  {p.score:7.2%}  (class {p.index})"
+        f"  {rank}. {_shown(p.label) or '(no label)':<{width}}  {p.score:7.2%}  (class {p.index})"
         for rank, p in enumerate(result.top, start=1)
     ]
     lines.append(f"remaining quota: {result.remaining_quota}")
     return "\n".join(lines)
 
 
-def _failure(error: ClientError, *, as_json: bool, verbose: bool) -> int:
+def _shown(text: str) -> str:
+    """Text from the enclave as a terminal may show it: control characters escaped."""
+    return text if text.isprintable() else ascii(text)[1:-1]
+
+
+def _failure(error: ClientError, *, as_json: bool, verbose: bool, talked_to: dict[str, str]) -> int:
     reason = str(error)
     if isinstance(error, VerificationRefusedError):
         reason = f"verification refused, nothing was sent: {reason}"
     if as_json:
-        doc = {"error": type(error).__name__, "reason": reason, "exit_code": error.exit_code}
-        print(json.dumps(doc, indent=2))
+        doc = {"error": type(error).__name__, "reason": reason, "exit_code": error.exit_code, **talked_to}
+        print(json.dumps(doc, indent=2), flush=True)
     else:
+        if "deployment" in talked_to:
+            reason = f"deployment {_shown(talked_to['deployment'])}: {reason}"
         print(f"custos-query: {reason}", file=sys.stderr)
     if verbose:
         logging.getLogger(__name__).error("%s", error.diagnostics(), exc_info=error)
     return error.exit_code
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, talked_to: dict[str, str]) -> int:
+    """Verify, then query; ``talked_to`` gets the enclave and its deployment once verified."""
     image = read_image(args.input)
     manifest = load_manifest(args.manifest)
     with connect(args.enclave, manifest, timeout=args.timeout) as connection:
+        talked_to.update(enclave=args.enclave, deployment=connection.deployment)
         verification = _verification_doc(connection, manifest)
         if not args.json:
             print(_verification_text(args.enclave, verification), flush=True)
@@ -177,6 +216,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         doc = {
             "enclave": args.enclave,
+            "deployment": connection.deployment,
             "verified": True,
             "verification": verification,
             "simulated": result.simulated,
@@ -187,7 +227,16 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2))
     else:
         print(_result_text(result))
+    sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
     return 0
+
+
+def _query(args: argparse.Namespace) -> int:
+    talked_to: dict[str, str] = {}
+    try:
+        return _run(args, talked_to)
+    except ClientError as exc:
+        return _failure(exc, as_json=args.json, verbose=args.verbose, talked_to=talked_to)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,9 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     # The summary shows a simulated platform itself; the log repeats it with --verbose.
     root.setLevel(logging.DEBUG if args.verbose else logging.ERROR)
     try:
-        return _run(args)
-    except ClientError as exc:
-        return _failure(exc, as_json=args.json, verbose=args.verbose)
+        return _query(args)
+    except BrokenPipeError:
+        # The reader left (`| head`): stop quietly, as the Python documentation advises; point
+        # stdout at /dev/null so that the interpreter's last flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     finally:
         root.removeHandler(handler)
         root.setLevel(previous_level)

@@ -50,6 +50,14 @@ class EnclaveUnavailableError(ClientError):
     """The enclave cannot be reached, or it cannot reach its custodian past the grace period."""
 
 
+class EnclaveNotListeningError(EnclaveUnavailableError):
+    """Nothing listens at the enclave's address: it is stopped, or it zeroized and closed its port."""
+
+
+class EnclaveChangedError(EnclaveUnavailableError):
+    """Another certificate than the verified one answers at the enclave's address; connect again."""
+
+
 class NotReadyError(ClientError):
     """The enclave has no model loaded yet (``FAILED_PRECONDITION``)."""
 

@@ -1,7 +1,7 @@
 """custos-verify: show and check a piece of TEE evidence, for people.
 
 Exit codes: 0 verified (and, with --manifest, every reference value met),
-3 refused, 1 other errors (unreadable file), 2 misuse. The claims are printed
+3 refused, 1 other errors (unreadable file; standard output closed early), 2 misuse. The claims are printed
 in both the verified and the refused case.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,16 @@ from client.evidence import (
     dcap_collateral,
     refused,
 )
+from enclave.attestation.dcap import COLLATERAL_NAMES
 from enclave.errors import EnclaveError
 
 EPILOG = """\
+exit codes:
+  0  verified (and, with --manifest, every reference value met)
+  1  other errors (unreadable file, standard output closed early as by `| head`)
+  2  misuse of the command line (also: an option the --platform does not take)
+  3  refused (the claims are printed all the same)
+
 examples:
   custos-verify --platform tdx quote.bin --collateral tdx_quote_collateral.json --at 2025-07-01T00:00:00Z
   custos-verify --platform sev-snp report.bin --certs vcek.der --certs ask_ark.pem
@@ -49,27 +57,105 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--platform", required=True, choices=("tdx", "sgx", "sev-snp", "tpm"))
-    parser.add_argument("evidence", nargs="?", type=Path, help="quote or report file (raw, hex or 0x-hex)")
-    parser.add_argument("--collateral", action="append", default=[], metavar="[NAME=]FILE")
+    parser.add_argument(
+        "--platform",
+        required=True,
+        choices=("tdx", "sgx", "sev-snp", "tpm"),
+        help="the kind of evidence (required); it decides which other options apply",
+    )
+    parser.add_argument(
+        "evidence",
+        nargs="?",
+        type=Path,
+        metavar="EVIDENCE",
+        help="tdx, sgx, sev-snp: the quote or attestation report file (raw bytes, hex or 0x-hex); "
+        "tpm takes --quote, --signature and --ak instead",
+    )
+    parser.add_argument(
+        "--collateral",
+        action="append",
+        default=[],
+        metavar="[NAME=]FILE",
+        help="tdx, sgx: DCAP collateral, repeatable (default: none; what it would check is reported "
+        "as not checked)",
+    )
     parser.add_argument(
         "--certs",
         action="append",
         type=Path,
         default=[],
         metavar="FILE",
-        help="certificates: the VCEK then its chain (SEV-SNP); CA certificates (TPM)",
+        help="sev-snp: the VCEK, then its chain (ASK, ARK); tpm: the CA certificates --ak-cert must "
+        "chain to; repeatable (default: none)",
     )
-    parser.add_argument("--at", help="verification time, ISO 8601 (default: now)")
-    parser.add_argument("--manifest", type=Path, help="manifest whose platform and registers must match")
-    parser.add_argument("--quote", type=Path, help="TPM: TPMS_ATTEST file")
-    parser.add_argument("--signature", type=Path, help="TPM: TPMT_SIGNATURE file")
-    parser.add_argument("--ak", type=Path, help="TPM: AK as PEM/DER SubjectPublicKeyInfo or TPMT_PUBLIC")
-    parser.add_argument("--pcrs", type=Path, help='TPM: PCR values JSON {"sha256": {"0": "hex", ...}}')
-    parser.add_argument("--nonce", help="TPM: expected qualifying data, hex")
-    parser.add_argument("--ak-cert", type=Path, help="TPM: AK certificate (chained to --certs roots)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--at", metavar="TIME", help="verification time, ISO 8601 (default: now)")
+    parser.add_argument(
+        "--manifest",
+        type=Path,
+        metavar="FILE",
+        help="a manifest whose platform and registers the evidence must also meet (default: none)",
+    )
+    parser.add_argument("--quote", type=Path, metavar="FILE", help="tpm (required): the TPMS_ATTEST file")
+    parser.add_argument(
+        "--signature", type=Path, metavar="FILE", help="tpm (required): the TPMT_SIGNATURE file"
+    )
+    parser.add_argument(
+        "--ak",
+        type=Path,
+        metavar="FILE",
+        help="tpm (required): the AK, PEM/DER SubjectPublicKeyInfo or TPMT_PUBLIC",
+    )
+    parser.add_argument(
+        "--pcrs",
+        type=Path,
+        metavar="FILE",
+        help='tpm: the values of the PCRs the quote selects, JSON {"sha256": {"0": "HEX", ...}} '
+        "(default: none, enough only for a quote that selects no PCR)",
+    )
+    parser.add_argument(
+        "--nonce",
+        metavar="HEX",
+        help="tpm: the expected qualifying data (default: none; freshness is reported as not checked)",
+    )
+    parser.add_argument(
+        "--ak-cert",
+        type=Path,
+        metavar="FILE",
+        help="tpm: the AK's certificate, chained to the --certs roots (default: none; that the AK lives "
+        "in a TPM is reported as not checked)",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object, also on failure (default: text)"
+    )
     return parser
+
+
+# The options each platform reads; any other given is a mistake, not something to ignore.
+_PLATFORM_INPUTS = {
+    "tdx": {"evidence", "collateral"},
+    "sgx": {"evidence", "collateral"},
+    "sev-snp": {"evidence", "certs"},
+    "tpm": {"quote", "signature", "ak", "pcrs", "nonce", "ak_cert", "certs"},
+}
+
+
+def _check_usage(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    inputs = set().union(*_PLATFORM_INPUTS.values())
+    given = sorted(dest for dest in inputs - _PLATFORM_INPUTS[args.platform] if getattr(args, dest))
+    if given:
+        flags = ", ".join(
+            "EVIDENCE" if dest == "evidence" else "--" + dest.replace("_", "-") for dest in given
+        )
+        parser.error(f"--platform {args.platform} does not take {flags}")
+    for spec in args.collateral:
+        name, sep, _ = spec.partition("=")
+        if sep and name not in COLLATERAL_NAMES:
+            parser.error(f"--collateral {name}=FILE: NAME must be one of {', '.join(COLLATERAL_NAMES)}")
+    if args.nonce is not None:
+        try:
+            bytes.fromhex(args.nonce)
+        except ValueError:
+            parser.error("--nonce must be hex")
 
 
 def _time(text: str | None, parser: argparse.ArgumentParser) -> datetime.datetime:
@@ -136,25 +222,44 @@ def _text(report: EvidenceReport) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.nonce is not None:
-        try:
-            bytes.fromhex(args.nonce)
-        except ValueError:
-            parser.error("--nonce must be hex")
+def _failure(error: Exception, *, as_json: bool) -> int:
+    if isinstance(error, OSError):
+        reason = f"cannot read {error.filename}: {error.strerror}" if error.filename else str(error)
+    else:
+        reason = str(error)
+    if as_json:
+        print(json.dumps({"error": type(error).__name__, "reason": reason, "exit_code": 1}, indent=2))
+    else:
+        print(f"custos-verify: {reason}", file=sys.stderr)
+    return 1
+
+
+def _verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     now = _time(args.at, parser)
     try:
         report = _check(args, parser, now)
         if args.manifest is not None and report.verified:
             compare_registers(report, load_manifest(args.manifest))
     except (OSError, EnclaveError, ClientError) as exc:
-        print(f"custos-verify: {exc}", file=sys.stderr)
-        return 1
+        return _failure(exc, as_json=args.json)
     doc: dict[str, Any] = report.to_json()
     print(json.dumps(doc, indent=2, sort_keys=True) if args.json else _text(report))
     return 0 if doc["verified"] else 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_usage(args, parser)
+    try:
+        code = _verify(args, parser)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+    except BrokenPipeError:
+        # The reader left (`| head`): stop quietly, as the Python documentation advises; point
+        # stdout at /dev/null so that the interpreter's last flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return code
 
 
 if __name__ == "__main__":

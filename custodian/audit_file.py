@@ -35,6 +35,7 @@ from typing import Any
 from custodian.audit import AuditEntry, verify_chain
 from custodian.errors import LedgerError
 from custodian.ledger import InstanceRecord
+from custodian.output_file import replacing
 from enclave.errors import ReceiptError
 from enclave.receipts import GENESIS, Receipt, check_successor, verify_receipt
 
@@ -123,11 +124,9 @@ def since_seq(entries: list[AuditEntry], since: str) -> int:
 
 
 def write_export(path: Path, lines: Iterable[str]) -> None:
-    partial = path.with_name(path.name + ".partial")
-    with partial.open("w", encoding="utf-8") as out:
+    with replacing(path) as out:
         for line in lines:
-            out.write(line + "\n")
-    partial.replace(path)
+            out.write((line + "\n").encode())
 
 
 def _line(doc: Mapping[str, Any]) -> str:

@@ -27,6 +27,7 @@ from custodian._cli_audit import add_audit_commands, count, emit
 from custodian.config import Address, CustodianConfig
 from custodian.console import Console
 from custodian.errors import ConfigError, CustodianError
+from custodian.output_file import write_replacing
 from custodian.server import CustodianServer
 from enclave.errors import EnclaveError
 
@@ -335,9 +336,7 @@ def _deployment_manifest(args: argparse.Namespace) -> None:
     if args.out is None:
         emit(args, {"manifest": text}, text.rstrip())
         return
-    partial = args.out.with_name(args.out.name + ".partial")
-    partial.write_text(text)
-    partial.replace(args.out)
+    write_replacing(args.out, text.encode())
     emit(args, {"manifest_file": str(args.out)}, f"wrote the end-user manifest of {args.name} to {args.out}")
 
 

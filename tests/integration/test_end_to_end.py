@@ -163,6 +163,26 @@ def test_query_cli_exit_codes_for_quota_and_suspension(system: System) -> None:
     assert poll(lambda: query_main(argv) == 0)
 
 
+def test_query_cli_says_what_happened_to_an_enclave_zeroized_by_a_suspension(
+    system: System, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Suspended past its grace, the enclave zeroizes and closes its port until it has enrolled again."""
+    name, token = system.deployment(grant=5, grace=3)
+    enclave = system.enclave(name, token)
+    image = str(DIGITS_SAMPLES / "digit-4.png")
+    argv = ["--enclave", enclave.address, "--manifest", str(system.end_user_manifest(name)), image]
+    assert query_main(argv) == 0
+    assert f"  deployment  {name}\n" in capsys.readouterr().out
+    system.custodian.console("suspend", name)
+    poll(lambda: enclave.metric("custos_enclave_zeroizations_total", reason="suspended") == 1, deadline=60)
+    assert query_main(argv) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"custos-query: nothing is listening at {enclave.address} (connection refused)")
+    assert "zeroized its model and keys after a suspension" in line
+    system.custodian.console("resume", name)
+    assert poll(lambda: query_main(argv) == 0, deadline=90, interval=0.5)
+
+
 def test_suspend_reaches_a_connected_enclave_within_one_second(system: System) -> None:
     name, token = system.deployment(grant=10)
     enclave = system.enclave(name, token)

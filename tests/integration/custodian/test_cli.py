@@ -77,6 +77,7 @@ def test_serve_and_administer_from_the_console(tmp_path: Path) -> None:
         assert len(created["join_token"]) >= 32
         approved = ReferenceValues.from_toml(_cli(data, "deployment", "manifest", "d").stdout)
         assert approved.allowed_model_sha384 == (added["sha384"],)
+        _manifest_out_follows_no_planted_symlink(data, tmp_path)
 
         assert _json(data, "grant", "d", "100")["changed"] == 100
         [usage] = _json(data, "usage")
@@ -137,3 +138,21 @@ def test_serve_and_administer_from_the_console(tmp_path: Path) -> None:
     assert "Traceback" not in err
     assert not (data / "admin.sock").exists()
     assert "audit log intact: 6 entries" in _cli(data, "audit").stdout
+
+
+def _manifest_out_follows_no_planted_symlink(data: Path, tmp_path: Path) -> None:
+    """`deployment manifest --out` refuses a symlink at `<out>.partial` and replaces one at `<out>`."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    out = tmp_path / "end-user.toml"
+    planted = tmp_path / "end-user.toml.partial"
+    planted.symlink_to(victim)
+    refused = _cli(data, "deployment", "manifest", "d", "--out", str(out), expect=1)
+    assert "end-user.toml.partial exists" in refused.stderr
+    assert victim.read_text() == "precious"
+    planted.unlink()
+    out.symlink_to(victim)
+    _cli(data, "deployment", "manifest", "d", "--out", str(out))
+    assert victim.read_text() == "precious"
+    assert ReferenceValues.from_toml(out.read_text()).platform == "sim"
+    assert out.stat().st_mode & 0o777 == 0o600

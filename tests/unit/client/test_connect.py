@@ -12,7 +12,12 @@ from pathlib import Path
 import pytest
 
 from client import connect
-from client.errors import ClientError, EnclaveUnavailableError, VerificationRefusedError
+from client.errors import (
+    ClientError,
+    EnclaveNotListeningError,
+    EnclaveUnavailableError,
+    VerificationRefusedError,
+)
 from enclave import identity
 from enclave.attestation import ReferenceValues
 from enclave.attestation.manifest import MAX_MANIFEST_BYTES
@@ -208,12 +213,19 @@ def test_fresh_evidence_refused_before_any_input(
 # ----------------------------------------------------------- unreachable, bad arguments
 
 
-def test_nobody_listening_is_unavailable() -> None:
+def test_nobody_listening_says_what_likely_happened() -> None:
     with socket.socket() as bound:  # bound, never listening: connections are refused
         bound.bind(("127.0.0.1", 0))
         port = bound.getsockname()[1]
-        with pytest.raises(EnclaveUnavailableError, match="cannot reach"):
+        with pytest.raises(EnclaveNotListeningError) as info:
             connect(f"127.0.0.1:{port}", reference(), timeout=5)
+    assert isinstance(info.value, EnclaveUnavailableError)
+    message = str(info.value)
+    assert message.startswith(f"nothing is listening at 127.0.0.1:{port} (connection refused)")
+    assert "stopped" in message
+    assert "zeroized" in message
+    assert "suspension" in message
+    assert "try again once it has enrolled again" in message
 
 
 def test_a_server_that_does_not_speak_tls_is_unavailable() -> None:

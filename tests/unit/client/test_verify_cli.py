@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from client.verify_cli import main
+from client.verify_cli import _parser, main
 from enclave.attestation import ReferenceValues
 from enclave.attestation.dcap_quote import parse_quote
 
@@ -152,3 +154,91 @@ def test_a_manifest_requires_the_tcb_collateral(capsys: pytest.CaptureFixture[st
         str(VECTORS / "tdx/dcapqvl_tdx_quote_collateral.json"),
     )
     assert code == 0, doc["mismatches"]
+
+
+TDX_QUOTE = str(VECTORS / "tdx/dcapqvl_tdx_quote.bin")
+TPM_FILES = ["--quote", "q.bin", "--signature", "s.bin", "--ak", "ak.pem"]
+
+MISUSE = [
+    ("tpm-with-evidence", ["--platform", "tpm", "quote.bin", *TPM_FILES], "does not take EVIDENCE"),
+    ("tdx-with-tpm-options", ["--platform", "tdx", TDX_QUOTE, "--quote", "q.bin"], "does not take --quote"),
+    ("sgx-with-certs", ["--platform", "sgx", TDX_QUOTE, "--certs", "c.pem"], "does not take --certs"),
+    ("sev-snp-with-collateral", ["--platform", "sev-snp", "r.bin", "--collateral", "c.json"], "--collateral"),
+    ("sev-snp-with-nonce", ["--platform", "sev-snp", "r.bin", "--nonce", "00"], "does not take --nonce"),
+    (
+        "unknown-collateral-name",
+        ["--platform", "tdx", TDX_QUOTE, "--collateral", "tcb=c.json"],
+        "NAME must be",
+    ),
+    ("tdx-without-evidence", ["--platform", "tdx"], "EVIDENCE"),
+    ("no-platform", [TDX_QUOTE], "--platform"),
+    ("nonce-not-hex", ["--platform", "tpm", *TPM_FILES, "--nonce", "xyz"], "--nonce"),
+    ("bad-time", ["--platform", "tdx", TDX_QUOTE, "--at", "yesterday"], "--at"),
+]
+
+
+@pytest.mark.parametrize(("argv", "mentions"), [pytest.param(a, m, id=n) for n, a, m in MISUSE])
+def test_misuse_exits_2_naming_the_option(
+    argv: list[str], mentions: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert mentions in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_an_unreadable_file_is_one_clear_line_or_one_json_object(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], as_json: bool
+) -> None:
+    absent = tmp_path / "absent.bin"
+    assert main(["--platform", "tdx", str(absent), *(["--json"] if as_json else [])]) == 1
+    captured = capsys.readouterr()
+    reason = f"cannot read {absent}: No such file or directory"
+    if as_json:
+        assert json.loads(captured.out) == {"error": "FileNotFoundError", "reason": reason, "exit_code": 1}
+        assert captured.err == ""
+    else:
+        assert captured.err == f"custos-verify: {reason}\n"
+
+
+def test_help_describes_every_argument_and_its_default() -> None:
+    actions = [action for action in _parser()._actions if action.dest != "help"]
+    for action in actions:
+        assert action.help, action.dest
+        if action.default not in (None, False) or action.dest in (
+            "at",
+            "manifest",
+            "nonce",
+            "pcrs",
+            "ak_cert",
+        ):
+            assert "default" in action.help, action.dest
+    evidence = next(action for action in actions if action.dest == "evidence")
+    assert "tdx, sgx, sev-snp" in str(evidence.help)
+
+
+def test_a_reader_that_leaves_early_ends_quietly() -> None:
+    """`custos-verify ... | head -1`: the pipe is closed before the report is written; no traceback."""
+    repo = Path(__file__).resolve().parents[3]
+    verify = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "client.verify_cli",
+            "--platform",
+            "tdx",
+            TDX_QUOTE,
+            "--at",
+            "2025-07-01T00:00:00Z",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=repo,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(repo)},
+    )
+    assert verify.stdout is not None
+    verify.stdout.close()
+    _, err = verify.communicate(timeout=120)
+    assert err == b""
+    assert verify.returncode == 1
