@@ -24,8 +24,8 @@ from cryptography.x509.oid import NameOID
 from custodian._cli_args import whole_number
 from custodian._cli_audit import emit
 from custodian.admin_access import DEFAULT_ADMIN_CERT_DAYS, MAX_ADMIN_CERT_DAYS
-from custodian.authority import write_private
 from custodian.console import Console, RemoteAdmin
+from custodian.data_dir import write_private
 from custodian.errors import ConsoleError
 from enclave.identity import private_key_pem
 

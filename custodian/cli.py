@@ -286,6 +286,9 @@ def _console(args: argparse.Namespace) -> Console:
 
 
 def _serve(args: argparse.Namespace) -> None:
+    # Whatever the custodian or a library under it creates is its user's alone (the admin socket
+    # included, between its bind and its chmod).
+    os.umask(0o077)
     config = CustodianConfig(
         data_dir=args.data,
         listen=args.listen,

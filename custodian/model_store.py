@@ -20,8 +20,8 @@ from typing import BinaryIO
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from custodian.authority import write_private
 from custodian.config import check_name
+from custodian.data_dir import PRIVATE_FILE, read_private, write_private
 from custodian.errors import ConfigError, ConflictError, InvalidRequestError, LedgerError
 from custodian.ledger import Ledger, ModelRecord
 from enclave.envelope import (
@@ -56,7 +56,7 @@ class ModelStore:
         if not kek_path.exists():
             write_private(kek_path, os.urandom(KEY_SIZE))
             logger.info("created the key-encryption key %s", kek_path)
-        kek = kek_path.read_bytes()
+        kek = read_private(kek_path)
         if len(kek) != KEY_SIZE:
             raise ConfigError(f"{kek_path} is not a {KEY_SIZE}-byte key")
         directory = data_dir / "models"
@@ -78,7 +78,7 @@ class ModelStore:
         sealer = ModelSealer(data_key, model_id, self._chunk_size)
         path = self._path(model_id)
         partial = path.with_suffix(".partial")
-        handle = await asyncio.to_thread(partial.open, "xb")
+        handle = await asyncio.to_thread(_create, partial)
         try:
             try:
                 async for part in data:
@@ -161,6 +161,11 @@ class ModelStore:
                 if path.suffix == ".partial" or bytes.fromhex(path.stem) not in known:
                     logger.info("removing orphaned model file %s", path.name)
                     path.unlink()
+
+
+def _create(path: Path) -> BinaryIO:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.fdopen(os.open(path, flags, PRIVATE_FILE), "wb")
 
 
 def _seal(sealer: ModelSealer, handle: BinaryIO, part: bytes | None) -> None:
