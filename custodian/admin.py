@@ -197,6 +197,8 @@ def _usage(u: DeploymentUsage) -> pb.DeploymentUsage:
         instances=u.instances,
         unreported=u.unreported,
         zeroize_after_seconds=u.zeroize_after_seconds,
+        revoked=u.revoked,
+        overdrawn=u.overdrawn,
     )
 
 

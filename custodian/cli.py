@@ -395,6 +395,8 @@ _USAGE_COLUMNS = (
     "leased",
     "used",
     "unreported",
+    "revoked",
+    "overdrawn",
     "granted_total",
     "instances",
 )
