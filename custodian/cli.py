@@ -321,14 +321,19 @@ def _ca(args: argparse.Namespace) -> None:
     emit(args, {"pem": pem.decode(), "sha256": hashlib.sha256(der).hexdigest()}, pem.decode().rstrip())
 
 
-_MODEL_COLUMNS = ("name", "size", "chunk_count", "sha384", "created_at")
+_MODEL_COLUMNS = ("name", "inputs", "size", "chunk_count", "sha384", "created_at")
 
 
 def _model_add(args: argparse.Namespace) -> None:
     name = args.name or args.file.stem
     with _console(args) as console:
         info = plain(console.add_model(name, args.file))
-    emit(args, info, f"model {info['name']} sealed: {info['size']} bytes, sha384 {info['sha384']}")
+    emit(
+        args,
+        info,
+        f"model {info['name']} loads (input {info['inputs']}) and is sealed: {info['size']} bytes,"
+        f" sha384 {info['sha384']}",
+    )
 
 
 def _model_list(args: argparse.Namespace) -> None:

@@ -611,12 +611,15 @@ class ModelInfo(_message.Message):
     SIZE_FIELD_NUMBER: _builtins.int
     CHUNK_COUNT_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     model_id: _builtins.str
     sha384: _builtins.str
     size: _builtins.int
     chunk_count: _builtins.int
     created_at: _builtins.str
+    inputs: _builtins.str
+    """What the model takes, as its load check at `model add` found it: "NAME float[?,1,8,8] image"."""
     def __init__(
         self,
         *,
@@ -626,10 +629,11 @@ class ModelInfo(_message.Message):
         size: _builtins.int = ...,
         chunk_count: _builtins.int = ...,
         created_at: _builtins.str = ...,
+        inputs: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_count", b"chunk_count", "created_at", b"created_at", "model_id", b"model_id", "name", b"name", "sha384", b"sha384", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_count", b"chunk_count", "created_at", b"created_at", "inputs", b"inputs", "model_id", b"model_id", "name", b"name", "sha384", b"sha384", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

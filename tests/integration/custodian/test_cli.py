@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from typing import Any
 import pytest
 
 from enclave.attestation import ReferenceValues
+from tests.integration.custodian.harness import onnx_model
 from tests.unit.custodian.fake_enclave import sim_manifest
 
 pytestmark = pytest.mark.integration
@@ -39,7 +39,7 @@ def _json(data: Path, *args: str) -> Any:
 def test_serve_and_administer_from_the_console(tmp_path: Path) -> None:
     data = tmp_path / "data"
     model = tmp_path / "net.onnx"
-    model.write_bytes(os.urandom(50_000))
+    model.write_bytes(onnx_model(50_000))
     serve = [
         "serve",
         "--json",
@@ -66,7 +66,8 @@ def test_serve_and_administer_from_the_console(tmp_path: Path) -> None:
         ca = _json(data, "ca")
         assert ca["sha256"] == ready["custodian_ca_sha256"]
         added = _json(data, "model", "add", str(model))
-        assert (added["name"], added["size"]) == ("net", 50_000)
+        assert (added["name"], added["size"]) == ("net", len(model.read_bytes()))
+        assert added["inputs"] == "input float[1,16] tensor"
         assert added["sha384"] == hashlib.sha384(model.read_bytes()).hexdigest()
         assert [m["name"] for m in _json(data, "model", "list")] == ["net"]
 
