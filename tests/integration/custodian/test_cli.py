@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -120,6 +121,42 @@ def test_serve_and_administer_from_the_console(tmp_path: Path) -> None:
         [usage] = _json(tmp_path / "elsewhere", *remote, "usage")
         assert usage["name"] == "d"
         assert _cli(data, "--admin", ready["admin"], "usage", expect=2).returncode == 2
+
+        # Output files that exist are found before anything is issued (the audit count below holds).
+        again = _cli(data, "admin-cert", "ops", "--out", str(creds), expect=1)
+        assert again.stderr == f"custodian: {creds / 'ops.pem'} exists; remove it or choose another --out\n"
+        swapped = [
+            *remote[:2],
+            "--admin-key",
+            issued["certificate"],
+            "--admin-cert",
+            issued["key"],
+            *remote[6:],
+        ]
+        said = _cli(tmp_path, *swapped, "usage", expect=1).stderr
+        assert "(are --admin-key and --admin-cert swapped?)" in said
+        stranger_ca = tmp_path / "stranger-ca.pem"
+        stranger_ca.write_bytes((data / "enclave-ca.pem").read_bytes())
+        wrong_ca = [*remote[:6], "--custodian-ca", str(stranger_ca)]
+        said = _cli(tmp_path, *wrong_ca, "usage", expect=1).stderr
+        assert said == (
+            f"custodian: the certificate of the custodian at {ready['admin']} does not chain to"
+            f" --custodian-ca {stranger_ca}\n"
+        )
+
+        # A reader that went away (`| head`): no error, the status a SIGPIPE gives.
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        with os.fdopen(write_end, "wb") as closed:
+            gone = subprocess.run(
+                [sys.executable, "-m", "custodian.cli", "--data", str(data), "usage"],
+                stdout=closed,
+                stderr=subprocess.PIPE,
+                text=True,
+                check=False,
+                timeout=60,
+            )
+        assert (gone.returncode, gone.stderr) == (141, "")
 
         export = tmp_path / "audit.jsonl"
         assert _json(data, "audit", "export", "--out", str(export))["entries"] == 6
