@@ -21,6 +21,6 @@ Modules, by job:
   ``roster`` (the enclave listing), ``control``: the domain services.
 - ``gateway``, ``admin``: the gRPC servicers; ``server``: the running process;
   ``metrics``: its Prometheus metrics.
-- ``console``: the admin API client; ``cli`` (with ``_cli_audit``, ``_cli_admin``,
+- ``console``: the admin API client; ``cli`` (with ``_cli_audit``, ``_cli_admin``, ``_cli_deployment``,
   ``_cli_args`` and ``_cli_output``): the ``custodian`` command.
 """
