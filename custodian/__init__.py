@@ -15,11 +15,12 @@ Modules, by job:
 - ``quota``: pure quota arithmetic; ``ledger`` (with ``_schema``, ``_rows`` and
   the records of ``records``): storage; ``audit``: the audit log's hash chain,
   ``audit_file``: its export and offline verification.
-- ``authority``: the TLS and enclave CAs; ``model_store``: models sealed at rest.
+- ``authority``: the TLS and enclave CAs; ``data_dir``: the data directory's ownership and
+  modes; ``model_store``: models sealed at rest, ``model_check``: their load check.
 - ``enrolment``, ``leases`` (with ``metering``: usage receipts), ``deployments``,
   ``roster`` (the enclave listing), ``control``: the domain services.
 - ``gateway``, ``admin``: the gRPC servicers; ``server``: the running process;
   ``metrics``: its Prometheus metrics.
-- ``console``: the admin API client; ``cli`` (with ``_cli_audit`` and
-  ``_cli_admin``): the ``custodian`` command.
+- ``console``: the admin API client; ``cli`` (with ``_cli_audit``, ``_cli_admin``, ``_cli_deployment``,
+  ``_cli_args`` and ``_cli_output``): the ``custodian`` command.
 """

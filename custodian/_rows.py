@@ -29,6 +29,7 @@ def model_row(r: sqlite3.Row) -> ModelRecord:
         chunk_count=r["chunk_count"],
         wrapped_key=bytes(r["wrapped_key"]),
         created_at=dt(r["created_at"]),
+        inputs=r["inputs"],
     )
 
 

@@ -98,4 +98,8 @@ MIGRATIONS = (
     CREATE INDEX instances_by_deployment ON instances(deployment);
     CREATE INDEX leases_by_instance ON leases(instance_id);
     """,
+    # What the model takes, as its load check at `model add` found it (JSON); '' for older models.
+    """
+    ALTER TABLE models ADD COLUMN inputs TEXT NOT NULL DEFAULT '';
+    """,
 )

@@ -22,6 +22,7 @@ from custodian.admin_access import AdminAccess
 from custodian.deployments import ADMIN, Deployments, DeploymentUsage
 from custodian.errors import InvalidRequestError, RefusedError
 from custodian.ledger import ModelRecord
+from custodian.model_check import inputs_from_json
 from custodian.model_store import ModelStore
 from custodian.roster import EnclaveStatus, Roster
 from protos import custos_pb2 as pb
@@ -180,6 +181,7 @@ def _model_info(m: ModelRecord) -> pb.ModelInfo:
         size=m.size,
         chunk_count=m.chunk_count,
         created_at=_iso(m.created_at),
+        inputs="; ".join(i.describe() for i in inputs_from_json(m.inputs)),
     )
 
 
@@ -197,6 +199,8 @@ def _usage(u: DeploymentUsage) -> pb.DeploymentUsage:
         instances=u.instances,
         unreported=u.unreported,
         zeroize_after_seconds=u.zeroize_after_seconds,
+        revoked=u.revoked,
+        overdrawn=u.overdrawn,
     )
 
 

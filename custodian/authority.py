@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from custodian.data_dir import read_private, write_private
 from custodian.errors import ConfigError, InvalidRequestError, RefusedError
 from enclave.identity import private_key_pem, public_key_der
 
@@ -37,15 +37,6 @@ MAX_CSR_BYTES = 16 * 1024
 _BACKDATE = datetime.timedelta(minutes=5)
 # TCG EK Credential Profile: the extended key usage of an AK (AIK) certificate.
 TCG_KP_AIK_CERTIFICATE = x509.ObjectIdentifier("2.23.133.8.3")
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Create ``path`` readable by its owner only; refuse to overwrite."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 @dataclass(frozen=True)
@@ -69,7 +60,7 @@ class CertificateAuthority:
         key_path, cert_path = directory / f"{stem}.key", directory / f"{stem}.pem"
         if key_path.exists() or cert_path.exists():
             try:
-                key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+                key = serialization.load_pem_private_key(read_private(key_path), password=None)
                 certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"cannot load the {stem} in {directory}: {exc}") from exc
@@ -97,7 +88,7 @@ class CertificateAuthority:
             .sign(key, hashes.SHA256())
         )
         write_private(key_path, private_key_pem(key))
-        cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+        write_private(cert_path, certificate.public_bytes(serialization.Encoding.PEM))
         logger.info("created %s (%s)", cert_path, common_name)
         return cls(key, certificate)
 

@@ -1,52 +1,56 @@
 """``custodian``: run the custodian server and administer it from the console.
 
 Exit status: 0 on success, 1 when the custodian refuses or fails (one line on
-stderr; the traceback with ``--verbose``), 2 when the arguments are wrong.
+stderr, or a JSON object on stdout with ``--json``; the traceback with
+``--verbose``), 2 when the arguments are wrong, 141 when stdout's reader went
+away (``| head``).
 """
 
 from __future__ import annotations
+
+import os
+
+# gRPC's C core reads this once, when grpc is first imported. Without it a refused TLS handshake
+# prints raw C-core lines beside the one line that says what went wrong; GRPC_VERBOSITY=ERROR
+# in the environment brings them back.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 import argparse
 import asyncio
 import hashlib
 import json
 import logging
-import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from google.protobuf.message import Message
 
-from custodian._cli_admin import add_admin_cert_command, add_remote_options, check_remote_options, console_for
-from custodian._cli_audit import add_audit_commands, count, emit
-from custodian.config import Address, CustodianConfig
+from custodian import _cli_args as arg
+from custodian._cli_admin import (
+    add_admin_cert_command,
+    add_remote_options,
+    check_remote_options,
+    console_for,
+)
+from custodian._cli_audit import add_audit_commands, emit
+from custodian._cli_deployment import add_deployment_commands
+from custodian._cli_output import ConsoleParser, failure, plain, reader_gone, table
+from custodian.config import (
+    MAX_GRANT_UNITS,
+    CustodianConfig,
+)
 from custodian.console import Console
-from custodian.errors import ConfigError, CustodianError
-from custodian.output_file import write_replacing
+from custodian.errors import CustodianError
 from custodian.server import CustodianServer
 from enclave.errors import EnclaveError
 
 logger = logging.getLogger("custodian")
 
 DEFAULT_DATA = "custodian-data"
-
-
-def _address(text: str) -> Address:
-    try:
-        return Address.parse(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
-    return int(text)
 
 
 def _global_options(parser: argparse.ArgumentParser, *, here: bool) -> None:
@@ -77,14 +81,25 @@ def _global_options(parser: argparse.ArgumentParser, *, here: bool) -> None:
     add_remote_options(parser, here=here)
 
 
+_USAGE_EPILOG = """\
+columns: BALANCE free units; LEASED held by active leases, not used yet; USED proven by
+receipts; UNREPORTED charged for leases that expired without a final receipt; REVOKED
+taken back; OVERDRAWN served past a cut lease beyond what the balance covered;
+GRANTED_TOTAL every unit ever granted, so that GRANTED_TOTAL + OVERDRAWN = BALANCE +
+LEASED + USED + UNREPORTED + REVOKED; INSTANCES enclaves holding an active lease (an
+instance that stopped, or whose lease expired, is not counted; `custodian enclaves`
+lists them all)."""
+
+
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = ConsoleParser(add_help=False)
     _global_options(common, here=False)
 
-    parser = argparse.ArgumentParser(
+    parser = ConsoleParser(
         prog="custodian",
         description="Lend an ONNX model to attested enclaves and meter every inference.",
-        epilog="Run `custodian serve` first; the other commands talk to it over DATA/admin.sock.",
+        epilog="Run `custodian serve` first; the other commands talk to it over DATA/admin.sock"
+        " (or over --admin HOST:PORT). Exit status: 0 done, 1 refused or failed, 2 misuse.",
     )
     _global_options(parser, here=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -92,25 +107,25 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", parents=[common], help="run the custodian server")
     serve.add_argument(
         "--listen",
-        type=_address,
+        type=arg.address,
         default=os.environ.get("CUSTODIAN_LISTEN", "127.0.0.1:7443"),
         help="enrolment listener, TLS (env CUSTODIAN_LISTEN; default %(default)s)",
     )
     serve.add_argument(
         "--mtls-listen",
-        type=_address,
+        type=arg.address,
         default=os.environ.get("CUSTODIAN_MTLS_LISTEN") or None,
         help="gateway listener, mutual TLS (env CUSTODIAN_MTLS_LISTEN; default: the --listen host, PORT+1)",
     )
     serve.add_argument(
         "--metrics",
-        type=_address,
+        type=arg.address,
         default=os.environ.get("CUSTODIAN_METRICS") or None,
         help="Prometheus metrics over HTTP, HOST:PORT (env CUSTODIAN_METRICS; default: off)",
     )
     serve.add_argument(
         "--admin-listen",
-        type=_address,
+        type=arg.address,
         default=os.environ.get("CUSTODIAN_ADMIN_LISTEN") or None,
         help="admin API over TCP, mutual TLS with `custodian admin-cert` certificates"
         " (env CUSTODIAN_ADMIN_LISTEN; default: the unix socket only)",
@@ -124,59 +139,34 @@ def _parser() -> argparse.ArgumentParser:
     model = commands.add_parser("model", help="models at rest").add_subparsers(
         dest="action", required=True, metavar="ACTION"
     )
-    add = model.add_parser("add", parents=[common], help="seal an ONNX model and keep it encrypted at rest")
-    add.add_argument("file", type=Path, help="the model file")
-    add.add_argument("--name", help="model name (default: the file name without its extension)")
-    add.set_defaults(run=_model_add)
-    model.add_parser("list", parents=[common], help="list the models").set_defaults(run=_model_list)
-
-    deployment = commands.add_parser("deployment", help="deployments of a model").add_subparsers(
-        dest="action", required=True, metavar="ACTION"
-    )
-    create = deployment.add_parser(
-        "create", parents=[common], help="lend a model under a manifest; prints the join token once"
-    )
-    create.add_argument("name", help="deployment name")
-    create.add_argument("--model", required=True, help="the model it lends")
-    create.add_argument(
-        "--manifest", type=Path, required=True, help="manifest (TOML) from `enclave manifest`"
-    )
-    create.add_argument(
-        "--offline-grace",
-        type=count,
-        default=0,
-        help="seconds an enclave serves without the custodian (0: default)",
-    )
-    create.add_argument("--lease-size", type=count, default=0, help="units per enclave lease (0: default)")
-    create.add_argument(
-        "--zeroize-after",
-        type=count,
-        default=0,
-        help="seconds without a renewed lease (or suspended) before an enclave drops the model and its"
-        " keys and must enrol again (0: default, four times the offline grace)",
-    )
-    create.set_defaults(run=_deployment_create)
-    rotate = deployment.add_parser("rotate-token", parents=[common], help="replace the join token")
-    rotate.add_argument("name")
-    rotate.set_defaults(run=_deployment_rotate)
-    manifest = deployment.add_parser(
-        "manifest",
+    add = model.add_parser(
+        "add",
         parents=[common],
-        help="print the approved manifest, for end users to check enclaves against",
+        help="check that an ONNX model loads, then seal it and keep it encrypted at rest",
     )
-    manifest.add_argument("name")
-    manifest.add_argument("--out", type=Path, help="write the manifest to this file instead of stdout")
-    manifest.set_defaults(run=_deployment_manifest)
+    add.add_argument("file", type=Path, help="the ONNX model file (refused unless onnxruntime loads it)")
+    add.add_argument(
+        "--name",
+        help="model name, 1-64 letters, digits, '.', '_' or '-'"
+        " (default: the file name without its extension)",
+    )
+    add.set_defaults(run=_model_add)
+    model.add_parser(
+        "list", parents=[common], help="list the models, with the input each one takes"
+    ).set_defaults(run=_model_list)
 
+    add_deployment_commands(commands, common)
+
+    units = f"1 to {MAX_GRANT_UNITS}"
     grant = commands.add_parser("grant", parents=[common], help="add inference units to a deployment")
-    grant.add_argument("deployment")
-    grant.add_argument("units", type=_positive)
+    grant.add_argument("deployment", help="the deployment")
+    grant.add_argument("units", type=arg.units, help=f"units to add to its balance, {units}")
     grant.set_defaults(run=_grant)
     revoke = commands.add_parser(
         "revoke", parents=[common], help="take units back: the free balance first, then the enclaves' leases"
     )
-    revoke.add_argument("deployment")
-    revoke.add_argument("units", type=_positive, nargs="?", help="how many (or --all)")
+    revoke.add_argument("deployment", help="the deployment")
+    revoke.add_argument("units", type=arg.units, nargs="?", help=f"how many, {units} (or --all)")
     revoke.add_argument("--all", action="store_true", help="take back every unit not used yet")
     revoke.set_defaults(run=_revoke)
     for name, run, text in (
@@ -184,14 +174,20 @@ def _parser() -> argparse.ArgumentParser:
         ("resume", _resume, "let a suspended deployment serve again"),
     ):
         sub = commands.add_parser(name, parents=[common], help=text)
-        sub.add_argument("deployment")
+        sub.add_argument("deployment", help="the deployment")
         sub.set_defaults(run=run)
 
-    usage = commands.add_parser("usage", parents=[common], help="quota and usage per deployment")
-    usage.add_argument("deployment", nargs="?", default="")
+    usage = commands.add_parser(
+        "usage",
+        parents=[common],
+        help="quota and usage per deployment",
+        epilog=_USAGE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    usage.add_argument("deployment", nargs="?", default="", help="only this deployment (default: all)")
     usage.set_defaults(run=_usage)
     enclaves = commands.add_parser("enclaves", parents=[common], help="enrolled enclave instances")
-    enclaves.add_argument("--deployment", default="", help="only this deployment's")
+    enclaves.add_argument("--deployment", default="", help="only this deployment's (default: all)")
     enclaves.set_defaults(run=_enclaves)
     add_audit_commands(commands, common)
     add_admin_cert_command(commands, common)
@@ -199,8 +195,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    words = sys.argv[1:] if argv is None else list(argv)
+    ConsoleParser.json_errors = "--json" in words
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(words)
     if args.command == "revoke" and (args.units is None) == (not args.all):
         parser.error("revoke takes either UNITS or --all")
     check_remote_options(parser, args)
@@ -211,43 +209,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     run: Callable[[argparse.Namespace], None] = args.run
     try:
         run(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return reader_gone()
     except (CustodianError, EnclaveError, OSError) as exc:
         if args.verbose:
             logger.exception("failed")
         text = exc.diagnostics() if isinstance(exc, (CustodianError, EnclaveError)) else str(exc)
-        print(f"custodian: {text}", file=sys.stderr)
-        return 1
+        try:
+            return failure(type(exc).__name__, text, 1, as_json=args.json)
+        except BrokenPipeError:
+            return reader_gone()
     except KeyboardInterrupt:
         return 130
     return 0
 
 
 # ------------------------------------------------------------------ output
-
-
-def _plain(message: Message) -> dict[str, Any]:
-    """A message's fields as plain JSON values (numbers stay numbers, bytes become text)."""
-    out: dict[str, Any] = {}
-    for field in message.DESCRIPTOR.fields:
-        value = getattr(message, field.name)
-        if isinstance(value, Message):
-            value = _plain(value)
-        elif isinstance(value, bytes):
-            value = value.decode()
-        out[field.name] = value
-    return out
-
-
-def _table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
-    if not rows:
-        return "(none)"
-    cells = [
-        [str(row[c]).lower() if isinstance(row[c], bool) else str(row[c]) for c in columns] for row in rows
-    ]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
-    return "\n".join(line.rstrip() for line in lines)
 
 
 def _console(args: argparse.Namespace) -> Console:
@@ -258,6 +236,9 @@ def _console(args: argparse.Namespace) -> Console:
 
 
 def _serve(args: argparse.Namespace) -> None:
+    # Whatever the custodian or a library under it creates is its user's alone (the admin socket
+    # included, between its bind and its chmod).
+    os.umask(0o077)
     config = CustodianConfig(
         data_dir=args.data,
         listen=args.listen,
@@ -290,54 +271,25 @@ def _ca(args: argparse.Namespace) -> None:
     emit(args, {"pem": pem.decode(), "sha256": hashlib.sha256(der).hexdigest()}, pem.decode().rstrip())
 
 
-_MODEL_COLUMNS = ("name", "size", "chunk_count", "sha384", "created_at")
+_MODEL_COLUMNS = ("name", "inputs", "size", "chunk_count", "sha384", "created_at")
 
 
 def _model_add(args: argparse.Namespace) -> None:
     name = args.name or args.file.stem
     with _console(args) as console:
-        info = _plain(console.add_model(name, args.file))
-    emit(args, info, f"model {info['name']} sealed: {info['size']} bytes, sha384 {info['sha384']}")
+        info = plain(console.add_model(name, args.file))
+    emit(
+        args,
+        info,
+        f"model {info['name']} loads (input {info['inputs']}) and is sealed: {info['size']} bytes,"
+        f" sha384 {info['sha384']}",
+    )
 
 
 def _model_list(args: argparse.Namespace) -> None:
     with _console(args) as console:
-        models = [_plain(m) for m in console.list_models()]
-    emit(args, models, _table(models, _MODEL_COLUMNS))
-
-
-def _deployment_create(args: argparse.Namespace) -> None:
-    manifest = args.manifest.read_text()
-    with _console(args) as console:
-        created = console.create_deployment(
-            args.name,
-            model=args.model,
-            manifest=manifest,
-            offline_grace_seconds=args.offline_grace,
-            lease_size=args.lease_size,
-            zeroize_after_seconds=args.zeroize_after,
-        )
-    emit(args, _plain(created), _token_text(created.name, created.join_token))
-
-
-def _deployment_rotate(args: argparse.Namespace) -> None:
-    with _console(args) as console:
-        rotated = console.rotate_token(args.name)
-    emit(args, _plain(rotated), _token_text(rotated.name, rotated.join_token))
-
-
-def _token_text(name: str, token: str) -> str:
-    return f"deployment {name}: join token (shown once, give it to the borrower):\n{token}"
-
-
-def _deployment_manifest(args: argparse.Namespace) -> None:
-    with _console(args) as console:
-        text = console.manifest(args.name)
-    if args.out is None:
-        emit(args, {"manifest": text}, text.rstrip())
-        return
-    write_replacing(args.out, text.encode())
-    emit(args, {"manifest_file": str(args.out)}, f"wrote the end-user manifest of {args.name} to {args.out}")
+        models = [plain(m) for m in console.list_models()]
+    emit(args, models, table(models, _MODEL_COLUMNS))
 
 
 _USAGE_COLUMNS = (
@@ -348,6 +300,8 @@ _USAGE_COLUMNS = (
     "leased",
     "used",
     "unreported",
+    "revoked",
+    "overdrawn",
     "granted_total",
     "instances",
 )
@@ -355,7 +309,7 @@ _USAGE_COLUMNS = (
 
 def _change(args: argparse.Namespace, verb: str, call: Callable[[Console], Message]) -> None:
     with _console(args) as console:
-        change = _plain(call(console))
+        change = plain(call(console))
     usage = change["usage"]
     emit(args, change, f"{verb} {change['changed']} units; {usage['name']} balance is now {usage['balance']}")
 
@@ -370,20 +324,20 @@ def _revoke(args: argparse.Namespace) -> None:
 
 def _suspend(args: argparse.Namespace) -> None:
     with _console(args) as console:
-        usage = _plain(console.suspend(args.deployment))
+        usage = plain(console.suspend(args.deployment))
     emit(args, usage, f"deployment {usage['name']} suspended")
 
 
 def _resume(args: argparse.Namespace) -> None:
     with _console(args) as console:
-        usage = _plain(console.resume(args.deployment))
+        usage = plain(console.resume(args.deployment))
     emit(args, usage, f"deployment {usage['name']} resumed")
 
 
 def _usage(args: argparse.Namespace) -> None:
     with _console(args) as console:
-        usages = [_plain(u) for u in console.usage(args.deployment)]
-    emit(args, usages, _table(usages, _USAGE_COLUMNS))
+        usages = [plain(u) for u in console.usage(args.deployment)]
+    emit(args, usages, table(usages, _USAGE_COLUMNS))
 
 
 _ENCLAVE_COLUMNS = (
@@ -401,8 +355,8 @@ _ENCLAVE_COLUMNS = (
 
 def _enclaves(args: argparse.Namespace) -> None:
     with _console(args) as console:
-        enclaves = [_plain(e) for e in console.enclaves(args.deployment)]
-    emit(args, enclaves, _table(enclaves, _ENCLAVE_COLUMNS))
+        enclaves = [plain(e) for e in console.enclaves(args.deployment)]
+    emit(args, enclaves, table(enclaves, _ENCLAVE_COLUMNS))
 
 
 if __name__ == "__main__":

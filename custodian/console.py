@@ -28,6 +28,9 @@ _TIMEOUT = 30.0
 _MAX_MESSAGE = 64 << 20
 
 _Response = TypeVar("_Response")
+# How gRPC reports a server that ended the TLS handshake: with TLS 1.3 the client finishes its
+# half first and sees the refusal of its certificate only as the socket closing.
+_REFUSED_HANDSHAKE = ("Socket closed", "Handshake", "handshake", "TLSV1_ALERT", "SSLV3_ALERT")
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,8 @@ class RemoteAdmin:
     key_pem: bytes = field(repr=False)
     certificate_pem: bytes
     custodian_ca_pem: bytes
+    # Where the CA came from, to name it when the custodian's certificate does not chain to it.
+    custodian_ca_file: str = "--custodian-ca"
 
 
 class Console:
@@ -83,9 +88,22 @@ class Console:
             code: grpc.StatusCode = exc.code()
             details: str = exc.details() or code.name
             if code is grpc.StatusCode.UNAVAILABLE:
-                where = self._remote.address if self._remote else f"unix:{self._socket}"
-                raise ConsoleError(f"the custodian at {where} is not answering: {details}") from None
+                raise ConsoleError(self._unavailable(details)) from None
             raise ConsoleError(details) from None
+
+    def _unavailable(self, details: str) -> str:
+        """One line for a call that reached no custodian: a refused TLS handshake is said as such."""
+        if self._remote is None:
+            return f"the custodian at unix:{self._socket} is not answering: {details}"
+        where, ca = self._remote.address, self._remote.custodian_ca_file
+        if "CERTIFICATE_VERIFY_FAILED" in details:
+            return f"the certificate of the custodian at {where} does not chain to --custodian-ca {ca}"
+        if any(sign in details for sign in _REFUSED_HANDSHAKE):
+            return (
+                f"the custodian at {where} refused the TLS connection: it accepts only an unexpired"
+                " certificate from its own `custodian admin-cert` (and --admin must be its --admin-listen)"
+            )
+        return f"the custodian at {where} is not answering: {_last_error(details)}"
 
     def add_model(self, name: str, path: Path) -> pb.ModelInfo:
         """Upload a model file in parts; the custodian seals it and keeps no plaintext."""
@@ -152,6 +170,11 @@ class Console:
 
     def custodian_ca(self) -> bytes:
         return self._call(self._stub.CustodianCa, pb.CaRequest()).pem
+
+
+def _last_error(details: str) -> str:
+    """gRPC's reason for an unreachable address, without its resolver prefix."""
+    return details.rpartition("last error: ")[2] or details
 
 
 def _about_console() -> tuple[tuple[str, str], ...]:

@@ -41,10 +41,13 @@ class DeploymentUsage:
     granted_total: int
     offline_grace_seconds: int
     lease_size: int
+    # Instances holding an active lease: an instance that stopped or whose lease expired is not live.
     instances: int
     # Units charged for expired leases beyond their receipts (``used`` counts only what receipts prove).
     unreported: int
     zeroize_after_seconds: int
+    revoked: int = 0
+    overdrawn: int = 0
 
 
 JOIN_TOKEN_PREFIX = "cjt_"  # noqa: S105 - a format prefix, not a secret
@@ -259,7 +262,9 @@ async def _usage(tx: Transaction, deployment: DeploymentRecord) -> DeploymentUsa
         granted_total=deployment.account.granted,
         offline_grace_seconds=deployment.offline_grace_seconds,
         lease_size=deployment.lease_size,
-        instances=await tx.instance_count(deployment.name),
+        instances=len({lease.instance_id for lease in leases}),
         unreported=deployment.account.unreported,
         zeroize_after_seconds=deployment.zeroize_after_seconds,
+        revoked=deployment.account.revoked,
+        overdrawn=deployment.account.overdrawn,
     )

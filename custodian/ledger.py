@@ -152,7 +152,7 @@ class Transaction:
     async def add_model(self, m: ModelRecord) -> None:
         await self._insert(
             f"model {m.name!r}",
-            "INSERT INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 m.model_id,
                 m.name,
@@ -162,6 +162,7 @@ class Transaction:
                 m.chunk_count,
                 m.wrapped_key,
                 ts(m.created_at),
+                m.inputs,
             ),
         )
 

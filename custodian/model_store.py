@@ -13,17 +13,18 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncGenerator, AsyncIterable
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from custodian.authority import write_private
 from custodian.config import check_name
+from custodian.data_dir import PRIVATE_FILE, read_private, write_private
 from custodian.errors import ConfigError, ConflictError, InvalidRequestError, LedgerError
 from custodian.ledger import Ledger, ModelRecord
+from custodian.model_check import ModelCheck, ModelInput, inputs_to_json
 from enclave.envelope import (
     KEY_SIZE,
     TAG_SIZE,
@@ -39,29 +40,58 @@ from enclave.envelope import (
 logger = logging.getLogger(__name__)
 
 
+class LoadCheck(Protocol):
+    """What ``ModelStore.add`` needs of a load check (``custodian.model_check.ModelCheck``)."""
+
+    async def feed(self, part: bytes) -> None: ...
+    async def result(self) -> tuple[ModelInput, ...]: ...
+    async def stop(self) -> None: ...
+
+
+StartCheck = Callable[[], Awaitable[LoadCheck]]
+
+
 class ModelStore:
     def __init__(
-        self, directory: Path, kek: bytes, ledger: Ledger, *, chunk_size: int, max_bytes: int
+        self,
+        directory: Path,
+        kek: bytes,
+        ledger: Ledger,
+        *,
+        chunk_size: int,
+        max_bytes: int,
+        start_check: StartCheck = ModelCheck.start,
     ) -> None:
         self._directory = directory
         self._kek = kek
         self._ledger = ledger
         self._chunk_size = chunk_size
         self._max_bytes = max_bytes
+        self._start_check = start_check
 
     @classmethod
-    def open(cls, data_dir: Path, ledger: Ledger, *, chunk_size: int, max_bytes: int) -> ModelStore:
+    def open(
+        cls,
+        data_dir: Path,
+        ledger: Ledger,
+        *,
+        chunk_size: int,
+        max_bytes: int,
+        start_check: StartCheck = ModelCheck.start,
+    ) -> ModelStore:
         """The store in ``data_dir``; creates the key-encryption key and ``models/`` on first use."""
         kek_path = data_dir / "kek"
         if not kek_path.exists():
             write_private(kek_path, os.urandom(KEY_SIZE))
             logger.info("created the key-encryption key %s", kek_path)
-        kek = kek_path.read_bytes()
+        kek = read_private(kek_path)
         if len(kek) != KEY_SIZE:
             raise ConfigError(f"{kek_path} is not a {KEY_SIZE}-byte key")
         directory = data_dir / "models"
         directory.mkdir(mode=0o700, exist_ok=True)
-        return cls(directory, kek, ledger, chunk_size=chunk_size, max_bytes=max_bytes)
+        return cls(
+            directory, kek, ledger, chunk_size=chunk_size, max_bytes=max_bytes, start_check=start_check
+        )
 
     def _path(self, model_id: bytes) -> Path:
         return self._directory / f"{model_id.hex()}.sealed"
@@ -69,7 +99,11 @@ class ModelStore:
     async def add(
         self, name: str, data: AsyncIterable[bytes], *, actor: str, origin: str = ""
     ) -> ModelRecord:
-        """Seal the streamed plaintext under a new data key and record the model."""
+        """Seal the streamed plaintext under a new data key and record the model, if it loads.
+
+        The plaintext also goes to the load check as it arrives; a model the check refuses leaves
+        nothing behind (its partial sealed file is removed, nothing is recorded or audited).
+        """
         check_name("model", name)
         async with self._ledger.transaction() as tx:
             if await tx.model(name) is not None:
@@ -78,19 +112,23 @@ class ModelStore:
         sealer = ModelSealer(data_key, model_id, self._chunk_size)
         path = self._path(model_id)
         partial = path.with_suffix(".partial")
-        handle = await asyncio.to_thread(partial.open, "xb")
+        handle = await asyncio.to_thread(_create, partial)
+        check = await self._start_check()
         try:
             try:
                 async for part in data:
                     if sealer.size + len(part) > self._max_bytes:
                         raise InvalidRequestError(f"model is larger than the {self._max_bytes}-byte limit")
+                    await check.feed(part)
                     await asyncio.to_thread(_seal, sealer, handle, part)
                 if sealer.size == 0:
                     raise InvalidRequestError("model is empty")
+                inputs = await check.result()
                 await asyncio.to_thread(_seal, sealer, handle, None)
                 await asyncio.to_thread(os.fsync, handle.fileno())
             finally:
                 handle.close()
+                await check.stop()
             await asyncio.to_thread(partial.rename, path)
         except BaseException:
             partial.unlink(missing_ok=True)
@@ -105,6 +143,7 @@ class ModelStore:
                 chunk_count=sealer.chunk_count,
                 wrapped_key=seal_at_rest(self._kek, data_key, model_id),
                 created_at=tx.now,
+                inputs=inputs_to_json(inputs),
             )
             try:
                 await tx.add_model(record)
@@ -119,6 +158,7 @@ class ModelStore:
                     "model_id": model_id.hex(),
                     "sha384": record.sha384.hex(),
                     "size": record.size,
+                    "inputs": "; ".join(i.describe() for i in inputs),
                     **({"origin": origin} if origin else {}),
                 },
             )
@@ -161,6 +201,11 @@ class ModelStore:
                 if path.suffix == ".partial" or bytes.fromhex(path.stem) not in known:
                     logger.info("removing orphaned model file %s", path.name)
                     path.unlink()
+
+
+def _create(path: Path) -> BinaryIO:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.fdopen(os.open(path, flags, PRIVATE_FILE), "wb")
 
 
 def _seal(sealer: ModelSealer, handle: BinaryIO, part: bytes | None) -> None:

@@ -22,6 +22,8 @@ class ModelRecord:
     # The data key, wrapped by the custodian's key-encryption key.
     wrapped_key: bytes
     created_at: datetime
+    # The model's inputs as its load check found them (``custodian.model_check``, JSON).
+    inputs: str = ""
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """The running custodian: the data directory, its listeners and the background sweeper.
 
-Data directory (0700), created on first start:
+Data directory (0700, files 0600, all owned by the custodian's user: ``data_dir``
+checks it before anything in it is used), created on first start:
 
     custodian.lock          held while a custodian serves this directory
     custodian-ca.key/.pem   TLS CA: the custodian's server certificates; enclaves pin it
@@ -21,7 +22,6 @@ import fcntl
 import json
 import logging
 import os
-import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -33,6 +33,7 @@ import grpc
 import grpc.aio
 from prometheus_client import start_http_server
 
+from custodian import data_dir
 from custodian._status import StatusInterceptor
 from custodian.admin import Admin
 from custodian.admin_access import AdminAccess
@@ -101,27 +102,35 @@ class CustodianServer:
         *,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
         collateral: Mapping[str, bytes] | None = None,
+        owner_uid: int | None = None,
     ) -> CustodianServer:
-        """Open the data directory and start every listener; stops again cleanly if any step fails."""
+        """Open the data directory and start every listener; stops again cleanly if any step fails.
+
+        ``owner_uid``: the user the data directory must belong to (default: the effective user).
+        """
         server = cls()
         try:
-            await server._start(config, now, collateral)
+            await server._start(config, now, collateral, owner_uid)
         except BaseException:
             await server.stop()
             raise
         return server
 
     async def _start(
-        self, config: CustodianConfig, now: Callable[[], datetime], collateral: Mapping[str, bytes] | None
+        self,
+        config: CustodianConfig,
+        now: Callable[[], datetime],
+        collateral: Mapping[str, bytes] | None,
+        owner_uid: int | None,
     ) -> None:
         data = config.data_dir
-        data.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if stat.S_IMODE(data.stat().st_mode) & 0o077:
-            raise ConfigError(f"data directory {data} is open to other users; chmod 700 it")
+        data_dir.prepare(data, uid=owner_uid)
         self._lock = _lock(data / "custodian.lock")
         tls_ca = CertificateAuthority.load_or_create(data, "custodian-ca", "Custos custodian CA", now=now())
         enclave_ca = CertificateAuthority.load_or_create(data, "enclave-ca", "Custos enclave CA", now=now())
         self.custodian_ca_pem = tls_ca.pem
+        # SQLite gives the -wal and -shm files the mode of the database file.
+        data_dir.create_private(data / "ledger.sqlite3")
         ledger = self._ledger = await Ledger.open(data / "ledger.sqlite3", now=now)
         store = ModelStore.open(
             data, ledger, chunk_size=config.model_chunk_size, max_bytes=config.max_model_bytes
@@ -272,7 +281,8 @@ class CustodianServer:
 
 def _lock(path: os.PathLike[str]) -> IO[bytes]:
     # Held open (and locked) for the server's lifetime.
-    handle = open(path, "ab")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+    handle = os.fdopen(os.open(path, flags, data_dir.PRIVATE_FILE), "ab")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -283,7 +293,8 @@ def _lock(path: os.PathLike[str]) -> IO[bytes]:
 
 def _write_atomically(path: Path, text: str) -> None:
     partial = path.with_suffix(".partial")
-    partial.write_text(text)
+    partial.unlink(missing_ok=True)
+    data_dir.write_private(partial, text.encode())
     os.replace(partial, path)
 
 

@@ -611,12 +611,15 @@ class ModelInfo(_message.Message):
     SIZE_FIELD_NUMBER: _builtins.int
     CHUNK_COUNT_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     model_id: _builtins.str
     sha384: _builtins.str
     size: _builtins.int
     chunk_count: _builtins.int
     created_at: _builtins.str
+    inputs: _builtins.str
+    """What the model takes, as its load check at `model add` found it: "NAME float[?,1,8,8] image"."""
     def __init__(
         self,
         *,
@@ -626,10 +629,11 @@ class ModelInfo(_message.Message):
         size: _builtins.int = ...,
         chunk_count: _builtins.int = ...,
         created_at: _builtins.str = ...,
+        inputs: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_count", b"chunk_count", "created_at", b"created_at", "model_id", b"model_id", "name", b"name", "sha384", b"sha384", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_count", b"chunk_count", "created_at", b"created_at", "inputs", b"inputs", "model_id", b"model_id", "name", b"name", "sha384", b"sha384", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -867,6 +871,8 @@ class DeploymentUsage(_message.Message):
     INSTANCES_FIELD_NUMBER: _builtins.int
     UNREPORTED_FIELD_NUMBER: _builtins.int
     ZEROIZE_AFTER_SECONDS_FIELD_NUMBER: _builtins.int
+    REVOKED_FIELD_NUMBER: _builtins.int
+    OVERDRAWN_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     model: _builtins.str
     suspended: _builtins.bool
@@ -877,9 +883,14 @@ class DeploymentUsage(_message.Message):
     offline_grace_seconds: _builtins.int
     lease_size: _builtins.int
     instances: _builtins.int
+    """Instances holding an active lease (not the stopped ones, nor those whose lease expired)."""
     unreported: _builtins.int
     """Units charged for leases that expired without a final receipt (their unreported remainder)."""
     zeroize_after_seconds: _builtins.int
+    revoked: _builtins.int
+    """Units taken back by revoke, in total."""
+    overdrawn: _builtins.int
+    """Units served past a cut lease beyond what the balance could cover."""
     def __init__(
         self,
         *,
@@ -895,10 +906,12 @@ class DeploymentUsage(_message.Message):
         instances: _builtins.int = ...,
         unreported: _builtins.int = ...,
         zeroize_after_seconds: _builtins.int = ...,
+        revoked: _builtins.int = ...,
+        overdrawn: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "granted_total", b"granted_total", "instances", b"instances", "lease_size", b"lease_size", "leased", b"leased", "model", b"model", "name", b"name", "offline_grace_seconds", b"offline_grace_seconds", "suspended", b"suspended", "unreported", b"unreported", "used", b"used", "zeroize_after_seconds", b"zeroize_after_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "granted_total", b"granted_total", "instances", b"instances", "lease_size", b"lease_size", "leased", b"leased", "model", b"model", "name", b"name", "offline_grace_seconds", b"offline_grace_seconds", "overdrawn", b"overdrawn", "revoked", b"revoked", "suspended", b"suspended", "unreported", b"unreported", "used", b"used", "zeroize_after_seconds", b"zeroize_after_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

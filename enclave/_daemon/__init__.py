@@ -1,7 +1,9 @@
 """The enclave daemon: attester, key holder, model runtime, quota lease, usage reporter.
 
 Private: nothing outside ``enclave._daemon`` imports it. The console script
-``enclave`` (``enclave._daemon.cli:main``) is its only entry point.
+``enclave`` (``enclave._daemon.cli:main``) is its entry point, and
+``python -m enclave._daemon.model_check``, which the custodian runs in a child
+process to check at ``model add`` that the runtime loads a model.
 
 Shape, from the bottom up: ``config`` (one frozen dataclass of bounds),
 ``errors``; ``measured`` (identity key, attester, measurement log), ``preprocess``

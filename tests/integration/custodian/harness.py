@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -11,6 +10,8 @@ from typing import Any
 
 import grpc
 import grpc.aio
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
 
 from custodian.authority import CUSTODIAN_TLS_NAME
 from custodian.config import Address, CustodianConfig
@@ -20,6 +21,24 @@ from protos import custos_pb2_grpc as pb_grpc
 from tests.unit.custodian.fake_enclave import FakeEnclave, sim_manifest
 
 _NAME = [("grpc.ssl_target_name_override", CUSTODIAN_TLS_NAME)]
+_FEATURES = 16
+
+
+def onnx_model(size: int, seed: int = 0) -> bytes:
+    """A valid classifier of about ``size`` bytes (one dense layer, random weights): the server
+    checks at `model add` that onnxruntime loads what it is given."""
+    classes = max(1, size // (_FEATURES * 4))
+    weights = np.random.default_rng(seed).random((_FEATURES, classes), dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["input", "weight"], ["scores"])],
+        "dense",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, _FEATURES])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, classes])],
+        [numpy_helper.from_array(weights, "weight")],
+    )
+    made = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    made.ir_version = 8
+    return bytes(made.SerializeToString())
 
 
 @dataclass
@@ -58,7 +77,7 @@ class Running:
     ) -> str:
         async def upload() -> AsyncIterator[pb.ModelUpload]:
             yield pb.ModelUpload(name=f"{name}-model")
-            data = model if model is not None else os.urandom(5000)
+            data = model if model is not None else onnx_model(5000)
             for i in range(0, len(data), 4096):
                 yield pb.ModelUpload(data=data[i : i + 4096])
 

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from enclave.attestation import ReferenceValues
+from tests.integration.custodian.harness import onnx_model
 from tests.unit.custodian.fake_enclave import sim_manifest
 
 pytestmark = pytest.mark.integration
@@ -39,7 +40,7 @@ def _json(data: Path, *args: str) -> Any:
 def test_serve_and_administer_from_the_console(tmp_path: Path) -> None:
     data = tmp_path / "data"
     model = tmp_path / "net.onnx"
-    model.write_bytes(os.urandom(50_000))
+    model.write_bytes(onnx_model(50_000))
     serve = [
         "serve",
         "--json",
@@ -66,7 +67,8 @@ def test_serve_and_administer_from_the_console(tmp_path: Path) -> None:
         ca = _json(data, "ca")
         assert ca["sha256"] == ready["custodian_ca_sha256"]
         added = _json(data, "model", "add", str(model))
-        assert (added["name"], added["size"]) == ("net", 50_000)
+        assert (added["name"], added["size"]) == ("net", len(model.read_bytes()))
+        assert added["inputs"] == "input float[1,16] tensor"
         assert added["sha384"] == hashlib.sha384(model.read_bytes()).hexdigest()
         assert [m["name"] for m in _json(data, "model", "list")] == ["net"]
 
@@ -120,6 +122,42 @@ def test_serve_and_administer_from_the_console(tmp_path: Path) -> None:
         [usage] = _json(tmp_path / "elsewhere", *remote, "usage")
         assert usage["name"] == "d"
         assert _cli(data, "--admin", ready["admin"], "usage", expect=2).returncode == 2
+
+        # Output files that exist are found before anything is issued (the audit count below holds).
+        again = _cli(data, "admin-cert", "ops", "--out", str(creds), expect=1)
+        assert again.stderr == f"custodian: {creds / 'ops.pem'} exists; remove it or choose another --out\n"
+        swapped = [
+            *remote[:2],
+            "--admin-key",
+            issued["certificate"],
+            "--admin-cert",
+            issued["key"],
+            *remote[6:],
+        ]
+        said = _cli(tmp_path, *swapped, "usage", expect=1).stderr
+        assert "(are --admin-key and --admin-cert swapped?)" in said
+        stranger_ca = tmp_path / "stranger-ca.pem"
+        stranger_ca.write_bytes((data / "enclave-ca.pem").read_bytes())
+        wrong_ca = [*remote[:6], "--custodian-ca", str(stranger_ca)]
+        said = _cli(tmp_path, *wrong_ca, "usage", expect=1).stderr
+        assert said == (
+            f"custodian: the certificate of the custodian at {ready['admin']} does not chain to"
+            f" --custodian-ca {stranger_ca}\n"
+        )
+
+        # A reader that went away (`| head`): no error, the status a SIGPIPE gives.
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        with os.fdopen(write_end, "wb") as closed:
+            gone = subprocess.run(
+                [sys.executable, "-m", "custodian.cli", "--data", str(data), "usage"],
+                stdout=closed,
+                stderr=subprocess.PIPE,
+                text=True,
+                check=False,
+                timeout=60,
+            )
+        assert (gone.returncode, gone.stderr) == (141, "")
 
         export = tmp_path / "audit.jsonl"
         assert _json(data, "audit", "export", "--out", str(export))["entries"] == 6

@@ -25,7 +25,7 @@ from custodian.server import CustodianServer
 from enclave.envelope import ModelOpener, unwrap_key
 from enclave.identity import generate_identity_key
 from protos import custos_pb2 as pb
-from tests.integration.custodian.harness import running
+from tests.integration.custodian.harness import onnx_model, running
 from tests.unit.custodian.fake_enclave import FakeEnclave
 from tests.unit.custodian.harness import Clock
 
@@ -41,7 +41,7 @@ async def _status(awaitable: Any) -> grpc.StatusCode:
 
 
 def test_an_enclave_enrols_fetches_the_model_and_meters_its_lease(tmp_path: Path) -> None:
-    model = os.urandom(300_000)
+    model = onnx_model(300_000)
 
     async def scenario() -> None:
         async with running(tmp_path, model_chunk_size=64 * 1024) as r:
@@ -87,7 +87,7 @@ def test_an_enclave_enrols_fetches_the_model_and_meters_its_lease(tmp_path: Path
 
 
 def test_the_report_stream_answers_each_report_in_order_and_refusals_in_band(tmp_path: Path) -> None:
-    model = os.urandom(1000)
+    model = onnx_model(1000)
 
     async def scenario() -> None:
         async with running(tmp_path) as r:

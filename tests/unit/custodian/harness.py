@@ -19,6 +19,7 @@ from custodian.leases import Leases, LeaseView
 from custodian.ledger import InstanceRecord, Ledger
 from custodian.metering import UsageClaim
 from custodian.metrics import CustodianMetrics
+from custodian.model_check import ModelInput
 from custodian.model_store import ModelStore
 from custodian.roster import Roster
 from tests.unit.custodian.fake_enclave import FakeEnclave, sim_manifest
@@ -123,6 +124,30 @@ class Custody:
         return view
 
 
+class AnyBytesLoad:
+    """A load check that takes any bytes for a model with one tensor input.
+
+    The unit tests of quota, leases and enrolment use random bytes as the model; the real
+    check (a child process loading the model in onnxruntime) is tested in test_model_check.py
+    and by every integration test, which runs the real server.
+    """
+
+    INPUT = ModelInput("input", "float", ("?", "4"), "tensor")
+
+    @classmethod
+    async def start(cls) -> AnyBytesLoad:
+        return cls()
+
+    async def feed(self, part: bytes) -> None:
+        pass
+
+    async def result(self) -> tuple[ModelInput, ...]:
+        return (self.INPUT,)
+
+    async def stop(self) -> None:
+        pass
+
+
 @asynccontextmanager
 async def custody(tmp_path: Path, *, clock: Clock | None = None, **config: Any) -> AsyncIterator[Custody]:
     clock = clock or Clock()
@@ -130,7 +155,11 @@ async def custody(tmp_path: Path, *, clock: Clock | None = None, **config: Any) 
     ledger = await Ledger.open(tmp_path / "ledger.sqlite3", now=clock)
     try:
         store = ModelStore.open(
-            tmp_path, ledger, chunk_size=settings.model_chunk_size, max_bytes=settings.max_model_bytes
+            tmp_path,
+            ledger,
+            chunk_size=settings.model_chunk_size,
+            max_bytes=settings.max_model_bytes,
+            start_check=AnyBytesLoad.start,
         )
         bus, metrics = ControlBus(), CustodianMetrics()
         tls_ca = CertificateAuthority.load_or_create(

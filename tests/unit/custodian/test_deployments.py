@@ -207,6 +207,31 @@ def test_enclaves_listing_shows_leases_and_open_streams(tmp_path: Path) -> None:
             [one] = [e for e in await c.roster.enclaves("d") if e.instance_id == first]
             assert (one.lease_id, one.lease_state, one.lease_used) == (again.lease_id, "closed", 1)
             [usage] = await c.deployments.usage("d")
-            assert usage.instances == 2
+            # Both enrolled, neither holds a lease now (one stopped, one never took one): none is live.
+            assert usage.instances == 0
+
+    asyncio.run(scenario())
+
+
+def test_usage_adds_up_and_counts_only_live_instances(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with custody(tmp_path) as c:
+            token = await c.lend("d", units=1000, lease_size=100)
+            stopping, stopping_enclave = await c.enrol("d", token)
+            vanishing, _ = await c.enrol("d", token)
+            live, live_enclave = await c.enrol("d", token)
+            stopped = await c.leases.acquire(stopping)
+            await c.report(stopping_enclave, stopped.lease_id, 30, final=True)
+            await c.leases.acquire(vanishing)
+            c.clock.advance(40)  # past the 30 s grace: the vanished instance's lease expires
+            assert await c.leases.expire_due() == 1
+            serving = await c.leases.acquire(live)
+            await c.report(live_enclave, serving.lease_id, 20)
+            await c.deployments.revoke("d", units=50, everything=False, origin="test")
+            [usage] = await c.deployments.usage("d")
+            assert (usage.revoked, usage.used, usage.unreported, usage.instances) == (50, 50, 100, 1)
+            assert usage.granted_total + usage.overdrawn == (
+                usage.balance + usage.leased + usage.used + usage.unreported + usage.revoked
+            )
 
     asyncio.run(scenario())

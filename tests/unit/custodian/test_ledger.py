@@ -240,7 +240,8 @@ def test_an_older_ledger_migrates_forward_and_keeps_its_records(tmp_path: Path) 
         # Back to schema v2, as a custodian of that version left it.
         with contextlib.closing(sqlite3.connect(tmp_path / "l.db")) as db:
             db.executescript(
-                "DROP INDEX instances_by_deployment; DROP INDEX leases_by_instance; PRAGMA user_version = 2;"
+                "DROP INDEX instances_by_deployment; DROP INDEX leases_by_instance;"
+                " ALTER TABLE models DROP COLUMN inputs; PRAGMA user_version = 2;"
             )
         ledger = await Ledger.open(tmp_path / "l.db", now=Clock())
         try:
@@ -253,6 +254,7 @@ def test_an_older_ledger_migrates_forward_and_keeps_its_records(tmp_path: Path) 
             assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
             indexes = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
             assert {"instances_by_deployment", "leases_by_instance"} <= indexes
+            assert "inputs" in {row[1] for row in db.execute("PRAGMA table_info(models)")}
 
     asyncio.run(scenario())
 
