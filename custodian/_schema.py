@@ -98,4 +98,14 @@ MIGRATIONS = (
     CREATE INDEX instances_by_deployment ON instances(deployment);
     CREATE INDEX leases_by_instance ON leases(instance_id);
     """,
+    # Challenges are stateless (custodian.challenges): only those spent by an enrolment are kept,
+    # by digest, until they expire.
+    """
+    DROP TABLE challenges;
+    CREATE TABLE spent_challenges (
+        key BLOB PRIMARY KEY,
+        expires_at REAL NOT NULL
+    );
+    CREATE INDEX spent_challenges_by_expiry ON spent_challenges(expires_at);
+    """,
 )

@@ -87,7 +87,7 @@ class Gateway(pb_grpc.EnclaveGatewayServicer):
         self._callers: dict[tuple[bytes, bytes], InstanceRecord] = {}
 
     async def GetChallenge(self, request: pb.ChallengeRequest, context: Context) -> pb.Challenge:
-        nonce, ttl = await self._enrolment.challenge(request.deployment)
+        nonce, ttl = await self._enrolment.challenge(request.deployment, source=_source(context))
         return pb.Challenge(nonce=nonce, expires_in_seconds=ttl)
 
     async def Enrol(self, request: pb.EnrolRequest, context: Context) -> pb.Enrolment:
@@ -100,6 +100,7 @@ class Gateway(pb_grpc.EnclaveGatewayServicer):
             tpm_ek_public=request.tpm_ek_public,
             tpm_ek_certificate=request.tpm_ek_certificate,
             tpm_ek_chain=request.tpm_ek_chain,
+            source=_source(context),
         )
         if isinstance(enrolled, CredentialChallenge):
             return pb.Enrolment(
@@ -114,7 +115,10 @@ class Gateway(pb_grpc.EnclaveGatewayServicer):
     async def ActivateCredential(
         self, request: pb.ActivateCredentialRequest, context: Context
     ) -> pb.Enrolment:
-        return self._enrolment_message(await self._enrolment.activate(request.challenge_id, request.secret))
+        enrolled = await self._enrolment.activate(
+            request.challenge_id, request.secret, source=_source(context)
+        )
+        return self._enrolment_message(enrolled)
 
     def _enrolment_message(self, enrolled: Enrolled) -> pb.Enrolment:
         return pb.Enrolment(
@@ -226,6 +230,13 @@ class Gateway(pb_grpc.EnclaveGatewayServicer):
 
 # Certificates whose instance is kept (about a kilobyte each); the cache starts over when full.
 _MAX_CALLERS = 4096
+
+
+def _source(context: Context) -> str:
+    """The caller's address without its port (``ipv4:10.0.0.1``): one key per host for rate limits."""
+    peer = context.peer() or "unknown"
+    host, sep, port = peer.rpartition(":")
+    return host if sep and port.isdigit() and host not in ("ipv4", "ipv6") else peer
 
 
 def _heartbeat(view: LeaseView) -> pb.ControlEvent:

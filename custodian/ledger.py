@@ -63,7 +63,6 @@ import aiosqlite
 from custodian._rows import (
     audit_row,
     deployment_row,
-    dt,
     instance_row,
     lease_row,
     model_row,
@@ -228,26 +227,20 @@ class Transaction:
     async def deployments(self) -> list[DeploymentRecord]:
         return [deployment_row(r) for r in await self._all("SELECT * FROM deployments ORDER BY name")]
 
-    # -------------------------------------------------------------- challenges
+    # -------------------------------------------------------- spent challenges
 
-    async def add_challenge(self, nonce: bytes, deployment: str, expires_at: datetime) -> None:
-        await self._insert(
-            "challenge", "INSERT INTO challenges VALUES (?, ?, ?)", (nonce, deployment, ts(expires_at))
+    async def spend(self, key: bytes, expires_at: datetime) -> bool:
+        """Record a nonce or credential challenge (by ``key``) as used; False if it already was.
+
+        Kept until the challenge expires: after that its own expiry refuses it.
+        """
+        cursor = self._db.execute(
+            "INSERT OR IGNORE INTO spent_challenges VALUES (?, ?)", (key, ts(expires_at))
         )
+        return cursor.rowcount == 1
 
-    async def take_challenge(self, nonce: bytes) -> tuple[str, datetime] | None:
-        """Remove the challenge and return its deployment and expiry, or None if there is none."""
-        row = await self._one(
-            "DELETE FROM challenges WHERE nonce = ? RETURNING deployment, expires_at", (nonce,)
-        )
-        return (row["deployment"], dt(row["expires_at"])) if row else None
-
-    async def pending_challenges(self) -> int:
-        row = await self._one("SELECT count(*) AS n FROM challenges")
-        return int(row["n"]) if row else 0
-
-    async def purge_challenges(self) -> int:
-        cursor = self._db.execute("DELETE FROM challenges WHERE expires_at < ?", (ts(self.now),))
+    async def purge_spent(self) -> int:
+        cursor = self._db.execute("DELETE FROM spent_challenges WHERE expires_at < ?", (ts(self.now),))
         return cursor.rowcount
 
     # --------------------------------------------------------------- instances

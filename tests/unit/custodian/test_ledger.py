@@ -240,7 +240,9 @@ def test_an_older_ledger_migrates_forward_and_keeps_its_records(tmp_path: Path) 
         # Back to schema v2, as a custodian of that version left it.
         with contextlib.closing(sqlite3.connect(tmp_path / "l.db")) as db:
             db.executescript(
-                "DROP INDEX instances_by_deployment; DROP INDEX leases_by_instance; PRAGMA user_version = 2;"
+                "DROP INDEX instances_by_deployment; DROP INDEX leases_by_instance;"
+                " DROP TABLE spent_challenges; CREATE TABLE challenges (nonce BLOB PRIMARY KEY,"
+                " deployment TEXT NOT NULL, expires_at REAL NOT NULL); PRAGMA user_version = 2;"
             )
         ledger = await Ledger.open(tmp_path / "l.db", now=Clock())
         try:
@@ -252,7 +254,9 @@ def test_an_older_ledger_migrates_forward_and_keeps_its_records(tmp_path: Path) 
         with contextlib.closing(sqlite3.connect(tmp_path / "l.db")) as db:
             assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
             indexes = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
-            assert {"instances_by_deployment", "leases_by_instance"} <= indexes
+            assert {"instances_by_deployment", "leases_by_instance", "spent_challenges_by_expiry"} <= indexes
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            assert "challenges" not in tables
 
     asyncio.run(scenario())
 
