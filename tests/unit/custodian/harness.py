@@ -157,7 +157,7 @@ async def custody(tmp_path: Path, *, clock: Clock | None = None, **config: Any) 
                 enclave_ca_pem=enclave_ca.pem,
             ),
             leases=Leases(ledger, metrics),
-            enrolment=Enrolment(ledger, enclave_ca, settings, metrics),
+            enrolment=Enrolment(ledger, enclave_ca, settings, metrics, monotonic=lambda: clock().timestamp()),
             roster=Roster(ledger, bus),
         )
     finally:
