@@ -1,7 +1,10 @@
 """The ``custodian audit`` commands: show and check the audit log, export it, verify an export offline.
 
-These read the ledger file directly (read-only), so they work with or without
-a running custodian; ``audit verify`` needs only the exported file.
+``audit`` and ``audit export`` read the ledger file directly (read-only), so
+they work with or without a running custodian, in bounded memory
+(``custodian.audit_stream``); ``audit verify`` needs only the exported file.
+Given ``--admin``, ``audit`` and ``audit export`` refuse: they read the
+ledger where the custodian runs, and never fall back silently to a local file.
 """
 
 from __future__ import annotations
@@ -9,13 +12,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from custodian.audit import verify_chain
-from custodian.audit_file import export_lines, since_seq, verify_file, write_export
-from custodian.ledger import AuditEntry, Ledger
+from custodian.audit_file import verify_file
+from custodian.audit_stream import AuditSource, Exported, LedgerAudit, Tail, check_tail, export
+from custodian.errors import ConsoleError
+from custodian.ledger import Ledger
+
+T = TypeVar("T")
 
 # Argument parsing and output shared with ``custodian.cli``.
 
@@ -61,7 +68,7 @@ def add_audit_commands(commands: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _audit(args: argparse.Namespace) -> None:
-    entries, length = asyncio.run(_read_audit(args.data / "ledger.sqlite3", args.last or None))
+    tail: Tail = _run(args, lambda source: check_tail(source, args.last or None))
     docs = [
         {
             "seq": e.seq,
@@ -71,47 +78,49 @@ def _audit(args: argparse.Namespace) -> None:
             "subject": e.subject,
             "detail": e.detail,
         }
-        for e in entries
+        for e in tail.shown
     ]
-    lines = [f"audit log intact: {length} entries"]
+    lines = [f"audit log intact: {tail.length} entries"]
     lines += [
         f"{d['seq']:>6} {d['at']} {d['actor']} {d['action']} {d['subject']} {json.dumps(d['detail'])}"
         for d in docs
     ]
-    emit(args, {"intact": True, "entries": length, "last": docs}, "\n".join(lines))
+    emit(args, {"intact": True, "entries": tail.length, "last": docs}, "\n".join(lines))
 
 
 def _audit_export(args: argparse.Namespace) -> None:
-    summary = asyncio.run(_export(args.data / "ledger.sqlite3", args.out, args.since))
+    done: Exported = _run(args, lambda source: export(source, args.out, args.since, now=datetime.now(UTC)))
+    summary = {
+        "file": str(args.out),
+        "entries": done.entries,
+        "first_seq": done.first_seq,
+        "last_seq": done.last_seq,
+        "instances": done.instances,
+    }
     emit(
         args,
         summary,
-        f"wrote {summary['entries']} audit entries ({summary['first_seq']}..{summary['last_seq']})"
-        f" and {summary['instances']} instance keys to {args.out}",
+        f"wrote {done.entries} audit entries ({done.first_seq}..{done.last_seq})"
+        f" and {done.instances} instance keys to {args.out}",
     )
 
 
-async def _export(path: Path, out: Path, since: str | None) -> dict[str, Any]:
-    ledger = await Ledger.open(path, readonly=True)
-    try:
-        async with ledger.transaction() as tx:
-            entries = await tx.audit_entries()
-            verify_chain(entries)
-            first = since_seq(entries, since) if since else 1
-            selected = [e for e in entries if e.seq >= first]
-            # The anchor a partial export is checked from: the hash of the entry before it.
-            previous = await tx.audit_hash(min(first, len(entries) + 1) - 1)
-            instances = await tx.instances()
-    finally:
-        await ledger.close()
-    write_export(out, export_lines(selected, previous, instances, now=datetime.now(UTC)))
-    return {
-        "file": str(out),
-        "entries": len(selected),
-        "first_seq": selected[0].seq if selected else 0,
-        "last_seq": selected[-1].seq if selected else 0,
-        "instances": len(instances),
-    }
+def _run(args: argparse.Namespace, work: Callable[[AuditSource], Awaitable[T]]) -> T:
+    """Run ``work`` on the audit log of the ledger in ``--data``; refuse ``--admin``."""
+    if args.admin is not None:
+        raise ConsoleError(
+            f"`custodian audit{' export' if args.action == 'export' else ''}` reads the ledger file and runs"
+            " only on the custodian's host (with --data), not over --admin"
+        )
+
+    async def run() -> T:
+        ledger = await Ledger.open(args.data / "ledger.sqlite3", readonly=True)
+        try:
+            return await work(LedgerAudit(ledger))
+        finally:
+            await ledger.close()
+
+    return asyncio.run(run())
 
 
 def _audit_verify(args: argparse.Namespace) -> None:
@@ -139,13 +148,3 @@ def _audit_verify(args: argparse.Namespace) -> None:
         for name, t in deployments.items()
     ]
     emit(args, doc, "\n".join(lines))
-
-
-async def _read_audit(path: Path, last: int | None) -> tuple[list[AuditEntry], int]:
-    ledger = await Ledger.open(path, readonly=True)
-    try:
-        async with ledger.transaction() as tx:
-            length = await tx.verify_audit()
-            return await tx.audit_entries(last=last), length
-    finally:
-        await ledger.close()
