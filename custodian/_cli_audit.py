@@ -3,8 +3,9 @@
 ``audit`` and ``audit export`` read the ledger file directly (read-only), so
 they work with or without a running custodian, in bounded memory
 (``custodian.audit_stream``); ``audit verify`` needs only the exported file.
-Given ``--admin``, ``audit`` and ``audit export`` refuse: they read the
-ledger where the custodian runs, and never fall back silently to a local file.
+Given ``--admin``, ``audit`` and ``audit export`` read the log from that
+custodian's admin listener instead (``custodian._audit_remote``) and check it
+here, the same way; they never fall back to a local file.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from custodian._audit_remote import RemoteAudit
 from custodian.audit_file import verify_file
 from custodian.audit_stream import AuditSource, Exported, LedgerAudit, Tail, check_tail, export
+from custodian.console import RemoteAdmin
 from custodian.errors import ConsoleError
 from custodian.ledger import Ledger
 
@@ -106,21 +109,35 @@ def _audit_export(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace, work: Callable[[AuditSource], Awaitable[T]]) -> T:
-    """Run ``work`` on the audit log of the ledger in ``--data``; refuse ``--admin``."""
-    if args.admin is not None:
-        raise ConsoleError(
-            f"`custodian audit{' export' if args.action == 'export' else ''}` reads the ledger file and runs"
-            " only on the custodian's host (with --data), not over --admin"
-        )
+    """Run ``work`` on the audit log: over ``--admin`` when given, else the ledger file in ``--data``."""
 
-    async def run() -> T:
+    async def local() -> T:
         ledger = await Ledger.open(args.data / "ledger.sqlite3", readonly=True)
         try:
             return await work(LedgerAudit(ledger))
         finally:
             await ledger.close()
 
-    return asyncio.run(run())
+    async def remote(admin: RemoteAdmin) -> T:
+        async with RemoteAudit(admin) as source:
+            return await work(source)
+
+    if args.admin is None:
+        return asyncio.run(local())
+    admin = RemoteAdmin(
+        address=args.admin,
+        key_pem=_read(args.admin_key),
+        certificate_pem=_read(args.admin_cert),
+        custodian_ca_pem=_read(args.custodian_ca),
+    )
+    return asyncio.run(remote(admin))
+
+
+def _read(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConsoleError(f"cannot read {path}: {exc.strerror}") from None
 
 
 def _audit_verify(args: argparse.Namespace) -> None:

@@ -7,11 +7,8 @@ import tracemalloc
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pytest
-
 from custodian.audit_file import verify_file
 from custodian.audit_stream import LedgerAudit, check_tail, export
-from custodian.cli import main
 from custodian.ledger import Ledger
 from tests.unit.custodian.harness import Clock
 
@@ -75,19 +72,3 @@ def test_an_export_streams_verifies_and_never_writes_through_a_planted_link(tmp_
     assert (verified.first_seq, verified.entries) == (100, 51)
     assert asyncio.run(run("2999-01-01T00:00:00")) == (0, 0)
     assert verify_file(out).entries == 0
-
-
-@pytest.mark.parametrize(
-    "command", [["audit"], ["audit", "export", "--out", "x.jsonl"]], ids=["audit", "export"]
-)
-def test_audit_over_admin_refuses_rather_than_read_a_local_file(
-    tmp_path: Path, command: list[str], capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Issue 13 item 15: `--admin` was ignored and the local ledger read instead."""
-    asyncio.run(_ledger_with(tmp_path / "ledger.sqlite3", 3, 10))
-    remote = ["--admin", "127.0.0.1:1", "--admin-key", "k", "--admin-cert", "c", "--custodian-ca", "ca"]
-    assert main(["--data", str(tmp_path), *remote, *command]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1
-    assert "--admin" in err[0]
-    assert not (tmp_path / "x.jsonl").exists()
