@@ -52,6 +52,9 @@ class PendingCredential:
     public_key: bytes  # DER SubjectPublicKeyInfo of the attested key
     ak_public: bytes
     expires_at: datetime.datetime
+    # What the ledger records once it is used: a digest of the sealed bytes, not of their text
+    # (base64 has more than one text for the same bytes).
+    spent_key: bytes
 
 
 class Challenges:
@@ -113,7 +116,7 @@ class Challenges:
         if not 0 < len(challenge_id) <= MAX_CHALLENGE_ID:
             raise unknown
         try:
-            sealed = base64.urlsafe_b64decode(challenge_id.encode("ascii"))
+            sealed = base64.b64decode(challenge_id.encode("ascii"), altchars=b"-_", validate=True)
             plain = self._seal.decrypt(
                 sealed[:_GCM_NONCE_SIZE], sealed[_GCM_NONCE_SIZE:], _CREDENTIAL_CONTEXT
             )
@@ -124,7 +127,9 @@ class Challenges:
         expires_at = datetime.datetime.fromtimestamp(expiry, datetime.UTC)
         if now > expires_at:
             raise RefusedError("credential challenge has expired")
-        return PendingCredential(deployment.decode(), secret, public_key, ak_public, expires_at)
+        return PendingCredential(
+            deployment.decode(), secret, public_key, ak_public, expires_at, spent_key("credential", sealed)
+        )
 
 
 def spent_key(kind: str, value: bytes) -> bytes:

@@ -112,7 +112,7 @@ class Enrolment:
         self._anonymous = AuditSampler(_rate(ANONYMOUS_SAMPLES, monotonic), skipped)
         self._known = AuditSampler(_rate(DEPLOYMENT_SAMPLES, monotonic), skipped)
 
-    async def challenge(self, deployment: str, *, source: str = "") -> tuple[bytes, int]:
+    async def challenge(self, deployment: str) -> tuple[bytes, int]:
         """A fresh single-use nonce for ``deployment`` and the seconds it stays valid.
 
         An unknown and a suspended deployment get the same answer: whether a deployment is
@@ -197,14 +197,12 @@ class Enrolment:
 
     async def activate(self, challenge_id: str, secret: bytes, *, source: str = "") -> Enrolled:
         """Platform tpm: admit the enclave whose TPM recovered the credential's secret."""
-        async with self._ledger.transaction() as tx:
-            now = tx.now
         try:
-            pending = self._challenges.open_credential(challenge_id, now)
+            pending = self._challenges.open_credential(challenge_id, self._ledger.now())
         except RefusedError as exc:
             await self._refuse("", "credential", exc, anonymous=source)
             raise
-        spent = (spent_key("credential", challenge_id.encode()), pending.expires_at)
+        spent = (pending.spent_key, pending.expires_at)
         if not hmac.compare_digest(secret, pending.secret):
             error = RefusedError(
                 "credential activation failed: the AK is not in the same TPM as the certified EK"

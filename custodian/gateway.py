@@ -106,7 +106,7 @@ class Gateway(pb_grpc.EnclaveGatewayServicer):
         self._report_streams = StreamSlots("ReportStream", MAX_STREAMS_PER_INSTANCE)
 
     async def GetChallenge(self, request: pb.ChallengeRequest, context: Context) -> pb.Challenge:
-        nonce, ttl = await self._enrolment.challenge(request.deployment, source=_source(context))
+        nonce, ttl = await self._enrolment.challenge(request.deployment)
         return pb.Challenge(nonce=nonce, expires_in_seconds=ttl)
 
     async def Enrol(self, request: pb.EnrolRequest, context: Context) -> pb.Enrolment:

@@ -482,6 +482,10 @@ class Ledger:
         async with self._lock:
             await self._db.close()
 
+    def now(self) -> datetime:
+        """The ledger's clock, without a transaction: for checks that need the time and no record."""
+        return self._now()
+
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:
         """One serialised transaction (``BEGIN IMMEDIATE``); commits on success, rolls back on any error."""

@@ -240,7 +240,7 @@ def test_a_flood_of_challenges_blocks_no_enclave_and_stores_nothing(tmp_path: Pa
             await c.lend("public")
             token = await c.lend("d")
             for _ in range(2000):
-                await c.enrolment.challenge("public", source="ipv4:203.0.113.9")
+                await c.enrolment.challenge("public")
             nonce, _ = await c.enrolment.challenge("d")
             enclave = FakeEnclave(c.tls_ca.pem, "d")
             await c.enrolment.enrol("d", **_request(enclave, nonce, token))

@@ -95,8 +95,13 @@ def test_activated_credential_admits_the_enclave_and_certifies_its_ak(
                 await c.enrolment.activate(challenge.challenge_id, _activate(attester, challenge))
 
             challenge = await _enrol(c, token, identity, attester)
-            enrolled = await c.enrolment.activate(challenge.challenge_id, _activate(attester, challenge))
+            secret = _activate(attester, challenge)
+            enrolled = await c.enrolment.activate(challenge.challenge_id, secret)
             assert isinstance(enrolled, Enrolled)
+            # Spent once, in any spelling of the same sealed bytes.
+            for spelling in (challenge.challenge_id + "\n", challenge.challenge_id.rstrip("=")):
+                with pytest.raises(RefusedError, match="unknown or was already used"):
+                    await c.enrolment.activate(spelling, secret)
             ak_certificate = x509.load_pem_x509_certificate(enrolled.ak_certificate_pem)
             ak_certificate.verify_directly_issued_by(c.enclave_ca.certificate)
             certified = ak_certificate.public_key().public_bytes(
