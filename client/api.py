@@ -162,7 +162,7 @@ class Connection:
         return self._infer(custos_pb2.InferRequest(tensor=wire, top_k=_check_top_k(top_k)))
 
     def status(self) -> custos_pb2.StatusResponse:
-        """The enclave's own account: model, lease, counters, whether its custodian is reachable."""
+        """What the enclave tells anyone: deployment, platform, model, suspended, custodian reachable."""
         self._check_open()
         try:
             response: custos_pb2.StatusResponse = self._stub.Status(

@@ -1,7 +1,11 @@
 """The ``custodian audit`` commands: show and check the audit log, export it, verify an export offline.
 
-These read the ledger file directly (read-only), so they work with or without
-a running custodian; ``audit verify`` needs only the exported file.
+``audit`` and ``audit export`` read the ledger file directly (read-only), so
+they work with or without a running custodian, in bounded memory
+(``custodian.audit_stream``); ``audit verify`` needs only the exported file.
+Given ``--admin``, ``audit`` and ``audit export`` read the log from that
+custodian's admin listener instead (``custodian._audit_remote``) and check it
+here, the same way; they never fall back to a local file.
 """
 
 from __future__ import annotations
@@ -9,13 +13,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from custodian.audit import verify_chain
-from custodian.audit_file import export_lines, since_seq, verify_file, write_export
-from custodian.ledger import AuditEntry, Ledger
+from custodian._audit_remote import RemoteAudit
+from custodian.audit_file import verify_file
+from custodian.audit_stream import AuditSource, Exported, LedgerAudit, Tail, check_tail, export
+from custodian.console import RemoteAdmin
+from custodian.errors import ConsoleError
+from custodian.ledger import Ledger
+
+T = TypeVar("T")
 
 # Argument parsing and output shared with ``custodian.cli``.
 
@@ -61,7 +71,7 @@ def add_audit_commands(commands: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _audit(args: argparse.Namespace) -> None:
-    entries, length = asyncio.run(_read_audit(args.data / "ledger.sqlite3", args.last or None))
+    tail: Tail = _run(args, lambda source: check_tail(source, args.last or None))
     docs = [
         {
             "seq": e.seq,
@@ -71,47 +81,63 @@ def _audit(args: argparse.Namespace) -> None:
             "subject": e.subject,
             "detail": e.detail,
         }
-        for e in entries
+        for e in tail.shown
     ]
-    lines = [f"audit log intact: {length} entries"]
+    lines = [f"audit log intact: {tail.length} entries"]
     lines += [
         f"{d['seq']:>6} {d['at']} {d['actor']} {d['action']} {d['subject']} {json.dumps(d['detail'])}"
         for d in docs
     ]
-    emit(args, {"intact": True, "entries": length, "last": docs}, "\n".join(lines))
+    emit(args, {"intact": True, "entries": tail.length, "last": docs}, "\n".join(lines))
 
 
 def _audit_export(args: argparse.Namespace) -> None:
-    summary = asyncio.run(_export(args.data / "ledger.sqlite3", args.out, args.since))
+    done: Exported = _run(args, lambda source: export(source, args.out, args.since, now=datetime.now(UTC)))
+    summary = {
+        "file": str(args.out),
+        "entries": done.entries,
+        "first_seq": done.first_seq,
+        "last_seq": done.last_seq,
+        "instances": done.instances,
+    }
     emit(
         args,
         summary,
-        f"wrote {summary['entries']} audit entries ({summary['first_seq']}..{summary['last_seq']})"
-        f" and {summary['instances']} instance keys to {args.out}",
+        f"wrote {done.entries} audit entries ({done.first_seq}..{done.last_seq})"
+        f" and {done.instances} instance keys to {args.out}",
     )
 
 
-async def _export(path: Path, out: Path, since: str | None) -> dict[str, Any]:
-    ledger = await Ledger.open(path, readonly=True)
+def _run(args: argparse.Namespace, work: Callable[[AuditSource], Awaitable[T]]) -> T:
+    """Run ``work`` on the audit log: over ``--admin`` when given, else the ledger file in ``--data``."""
+
+    async def local() -> T:
+        ledger = await Ledger.open(args.data / "ledger.sqlite3", readonly=True)
+        try:
+            return await work(LedgerAudit(ledger))
+        finally:
+            await ledger.close()
+
+    async def remote(admin: RemoteAdmin) -> T:
+        async with RemoteAudit(admin) as source:
+            return await work(source)
+
+    if args.admin is None:
+        return asyncio.run(local())
+    admin = RemoteAdmin(
+        address=args.admin,
+        key_pem=_read(args.admin_key),
+        certificate_pem=_read(args.admin_cert),
+        custodian_ca_pem=_read(args.custodian_ca),
+    )
+    return asyncio.run(remote(admin))
+
+
+def _read(path: str) -> bytes:
     try:
-        async with ledger.transaction() as tx:
-            entries = await tx.audit_entries()
-            verify_chain(entries)
-            first = since_seq(entries, since) if since else 1
-            selected = [e for e in entries if e.seq >= first]
-            # The anchor a partial export is checked from: the hash of the entry before it.
-            previous = await tx.audit_hash(min(first, len(entries) + 1) - 1)
-            instances = await tx.instances()
-    finally:
-        await ledger.close()
-    write_export(out, export_lines(selected, previous, instances, now=datetime.now(UTC)))
-    return {
-        "file": str(out),
-        "entries": len(selected),
-        "first_seq": selected[0].seq if selected else 0,
-        "last_seq": selected[-1].seq if selected else 0,
-        "instances": len(instances),
-    }
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConsoleError(f"cannot read {path}: {exc.strerror}") from None
 
 
 def _audit_verify(args: argparse.Namespace) -> None:
@@ -139,13 +165,3 @@ def _audit_verify(args: argparse.Namespace) -> None:
         for name, t in deployments.items()
     ]
     emit(args, doc, "\n".join(lines))
-
-
-async def _read_audit(path: Path, last: int | None) -> tuple[list[AuditEntry], int]:
-    ledger = await Ledger.open(path, readonly=True)
-    try:
-        async with ledger.transaction() as tx:
-            length = await tx.verify_audit()
-            return await tx.audit_entries(last=last), length
-    finally:
-        await ledger.close()

@@ -102,4 +102,14 @@ MIGRATIONS = (
     """
     ALTER TABLE models ADD COLUMN inputs TEXT NOT NULL DEFAULT '';
     """,
+    # Challenges are stateless (custodian.challenges): only those spent by an enrolment are kept,
+    # by digest, until they expire.
+    """
+    DROP TABLE challenges;
+    CREATE TABLE spent_challenges (
+        key BLOB PRIMARY KEY,
+        expires_at REAL NOT NULL
+    );
+    CREATE INDEX spent_challenges_by_expiry ON spent_challenges(expires_at);
+    """,
 )

@@ -45,14 +45,23 @@ _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
 )
 
 
+# Longest details a status carries (and the log repeats): a caller's input in an error's text
+# must not make every reply and log line as large as the message it sent.
+MAX_DETAILS = 512
+
+
 def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
     """The status and details a failed call answers with."""
     for kind, code in _CODES:
         if isinstance(exc, kind):
-            return code, str(exc)
+            return code, _cut(str(exc))
     if isinstance(exc, (CustodianError, EnclaveError)):
-        return grpc.StatusCode.INTERNAL, str(exc)
+        return grpc.StatusCode.INTERNAL, _cut(str(exc))
     return grpc.StatusCode.INTERNAL, "internal error"
+
+
+def _cut(details: str) -> str:
+    return details if len(details) <= MAX_DETAILS else details[:MAX_DETAILS] + "..."
 
 
 class StatusInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]

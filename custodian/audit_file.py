@@ -32,12 +32,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from custodian.audit import AuditEntry, verify_chain
+from custodian.audit import GENESIS, AuditEntry, verify_chain
 from custodian.errors import LedgerError
 from custodian.ledger import InstanceRecord
-from custodian.output_file import replacing
 from enclave.errors import ReceiptError
-from enclave.receipts import GENESIS, Receipt, check_successor, verify_receipt
+from enclave.receipts import GENESIS as RECEIPT_GENESIS
+from enclave.receipts import Receipt, check_successor, verify_receipt
 
 EXPORT_FORMAT = "custos.audit-export/1"
 # Bounds on what verify reads: a line and the whole file.
@@ -67,66 +67,64 @@ class Verified:
 # ------------------------------------------------------------------ export
 
 
-def export_lines(
-    entries: list[AuditEntry], previous_hash: bytes, instances: Iterable[InstanceRecord], *, now: datetime
-) -> Iterator[str]:
-    """The export, line by line (each without its newline)."""
-    yield _line(
+def header_line(
+    *, first_seq: int, last_seq: int, previous_hash: bytes, last_hash: bytes, now: datetime
+) -> str:
+    """The export's first line (``first_seq`` and ``last_seq`` are 0 when it holds no entry)."""
+    return _line(
         {
             "type": EXPORT_FORMAT,
             "exported_at": now.isoformat(),
-            "first_seq": entries[0].seq if entries else 0,
-            "last_seq": entries[-1].seq if entries else 0,
+            "first_seq": first_seq,
+            "last_seq": last_seq,
             "previous_hash": previous_hash.hex(),
-            "last_hash": (entries[-1].hash if entries else previous_hash).hex(),
+            "last_hash": last_hash.hex(),
         }
     )
-    for i in instances:
-        yield _line(
-            {
-                "type": "instance",
-                "instance": i.instance_id,
-                "deployment": i.deployment,
-                "platform": i.platform,
-                "public_key": base64.b64encode(i.public_key).decode(),
-                "key_sha256": i.key_sha256,
-                "enrolled_at": i.enrolled_at.isoformat(),
-            }
-        )
-    for e in entries:
-        yield _line(
-            {
-                "type": "entry",
-                "seq": e.seq,
-                "at": e.at,
-                "actor": e.actor,
-                "action": e.action,
-                "subject": e.subject,
-                "detail": dict(e.detail),
-                "hash": e.hash.hex(),
-            }
-        )
 
 
-def since_seq(entries: list[AuditEntry], since: str) -> int:
-    """The first entry ``--since`` selects: a sequence number, or an ISO 8601 time (UTC if no zone)."""
+def instance_line(i: InstanceRecord) -> str:
+    return _line(
+        {
+            "type": "instance",
+            "instance": i.instance_id,
+            "deployment": i.deployment,
+            "platform": i.platform,
+            "public_key": base64.b64encode(i.public_key).decode(),
+            "key_sha256": i.key_sha256,
+            "enrolled_at": i.enrolled_at.isoformat(),
+        }
+    )
+
+
+def entry_line(e: AuditEntry) -> str:
+    return _line(
+        {
+            "type": "entry",
+            "seq": e.seq,
+            "at": e.at,
+            "actor": e.actor,
+            "action": e.action,
+            "subject": e.subject,
+            "detail": dict(e.detail),
+            "hash": e.hash.hex(),
+        }
+    )
+
+
+def parse_since(since: str) -> int | datetime:
+    """``--since``: an entry number, or an ISO 8601 time (UTC if it names no zone)."""
     if since.isdigit():
         return max(1, int(since))
     try:
         when = datetime.fromisoformat(since)
     except ValueError:
         raise LedgerError(f"--since {since!r} is neither an entry number nor an ISO 8601 time") from None
-    when = when if when.tzinfo else when.replace(tzinfo=UTC)
-    for entry in entries:
-        if datetime.fromisoformat(entry.at) >= when:
-            return entry.seq
-    return (entries[-1].seq + 1) if entries else 1
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
-def write_export(path: Path, lines: Iterable[str]) -> None:
-    with replacing(path) as out:
-        for line in lines:
-            out.write((line + "\n").encode())
+def written_at_or_after(entry: AuditEntry, when: datetime) -> bool:
+    return datetime.fromisoformat(entry.at) >= when
 
 
 def _line(doc: Mapping[str, Any]) -> str:
@@ -146,27 +144,45 @@ def verify_file(path: Path) -> Verified:
 
 
 def verify_lines(lines: Iterable[bytes]) -> Verified:
+    """Check an export line by line: memory grows with its instances, not with its entries."""
     docs = _parse(lines)
     header = next(docs, None)
     if header is None or header.get("type") != EXPORT_FORMAT:
         raise LedgerError(f"not a {EXPORT_FORMAT} file: the first line is not its header")
+    first_seq = _int(header, "first_seq", 1)
+    chain = ChainCheck(previous=_hex(header, "previous_hash", 1), first_seq=first_seq or 1)
     keys: dict[str, bytes] = {}
-    entries: list[AuditEntry] = []
+    receipts = _Receipts(keys)
     for number, doc in enumerate(docs, start=2):
         kind = doc.get("type")
-        if kind == "instance" and not entries:
+        if kind == "instance" and not chain.length:
             instance, key = _instance(doc, number)
             keys[instance] = key
         elif kind == "entry":
-            entries.append(_entry(doc, number))
+            entry = _entry(doc, number)
+            chain.add(entry)
+            receipts.add(entry)
         else:
             raise LedgerError(f"line {number}: unexpected {kind!r} record")
-    first_seq = _int(header, "first_seq", 1)
-    previous = _hex(header, "previous_hash", 1)
-    last_hash = verify_chain(entries, previous=previous, first_seq=first_seq if entries else 1)
-    if entries and (entries[-1].seq != _int(header, "last_seq", 1) or last_hash.hex() != header["last_hash"]):
+    if chain.length and (
+        chain.next_seq - 1 != _int(header, "last_seq", 1) or chain.last_hash.hex() != header["last_hash"]
+    ):
         raise LedgerError("the export ends before the entry its header names: it was truncated")
-    return _Receipts(keys).check(entries, first_seq=first_seq, last_hash=last_hash)
+    return receipts.result(entries=chain.length, first_seq=first_seq, last_hash=chain.last_hash)
+
+
+class ChainCheck:
+    """The hash chain checked one entry at a time (``custodian.audit.verify_chain``, streamed)."""
+
+    def __init__(self, *, previous: bytes = GENESIS, first_seq: int = 1) -> None:
+        self.last_hash = previous
+        self.next_seq = first_seq
+        self.length = 0
+
+    def add(self, entry: AuditEntry) -> None:
+        self.last_hash = verify_chain([entry], previous=self.last_hash, first_seq=self.next_seq)
+        self.next_seq += 1
+        self.length += 1
 
 
 class _Receipts:
@@ -181,19 +197,20 @@ class _Receipts:
         self._anchored = 0
         self._count = 0
 
-    def check(self, entries: list[AuditEntry], *, first_seq: int, last_hash: bytes) -> Verified:
-        for entry in entries:
-            try:
-                self._entry(entry)
-            except (ReceiptError, LedgerError, KeyError, TypeError, ValueError, binascii.Error) as exc:
-                raise LedgerError(f"audit entry {entry.seq} ({entry.action}): {exc}") from None
+    def add(self, entry: AuditEntry) -> None:
+        try:
+            self._entry(entry)
+        except (ReceiptError, LedgerError, KeyError, TypeError, ValueError, binascii.Error) as exc:
+            raise LedgerError(f"audit entry {entry.seq} ({entry.action}): {exc}") from None
+
+    def result(self, *, entries: int, first_seq: int, last_hash: bytes) -> Verified:
         totals: dict[str, DeploymentTotals] = {}
         for deployment, used in self._proven.values():
             totals.setdefault(deployment, DeploymentTotals()).proven += used
         for deployment, unreported in self._unreported.values():
             totals.setdefault(deployment, DeploymentTotals()).unreported += unreported
         return Verified(
-            entries=len(entries),
+            entries=entries,
             first_seq=first_seq,
             last_hash=last_hash,
             receipts=self._count,
@@ -237,7 +254,7 @@ class _Receipts:
         head = self._heads.get(instance)
         if head is not None:
             check_successor(receipt, last_seq=head.seq, last_digest=head.digest())
-        elif receipt.seq == 1 and receipt.prev != GENESIS:
+        elif receipt.seq == 1 and receipt.prev != RECEIPT_GENESIS:
             raise ReceiptError("chain", "an instance's first receipt must start the chain")
         elif receipt.seq != 1:
             self._anchored += 1

@@ -52,7 +52,6 @@ class CustodianConfig:
     # Admin API over TCP, mutual TLS with certificates from `custodian admin-cert`; None: socket only.
     admin_listen: Address | None = None
     nonce_ttl_seconds: int = 60
-    max_pending_challenges: int = 1024
     client_cert_hours: int = 24
     default_offline_grace_seconds: int = 30
     default_lease_size: int = 100
@@ -64,7 +63,6 @@ class CustodianConfig:
 
     def __post_init__(self) -> None:
         _within("nonce_ttl_seconds", self.nonce_ttl_seconds, *NONCE_TTL_BOUNDS)
-        _within("max_pending_challenges", self.max_pending_challenges, 1, 1_000_000)
         _within("client_cert_hours", self.client_cert_hours, 1, 24 * 30)
         _within("default_offline_grace_seconds", self.default_offline_grace_seconds, *GRACE_BOUNDS)
         _within("default_lease_size", self.default_lease_size, *LEASE_SIZE_BOUNDS)

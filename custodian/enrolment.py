@@ -1,18 +1,23 @@
 """Enrolment: single-use challenges, attested enrolment, and who is calling the gateway.
 
 ``enrol`` checks, in the order ``docs/protocol.md`` fixes: the join token
-(constant time, against its stored SHA-256), the nonce (known, unexpired,
-unused, and consumed by any attempt that names it), the CSR (its signature,
-and that its key is the attested key), then the evidence against the
-deployment's manifest through ``enclave.attestation.appraise``. Every refusal
-is written to the audit log and counted by reason before it is raised.
+(constant time, against its stored SHA-256), the nonce (issued by this
+process for this deployment, unexpired, unused, and spent by any attempt that
+gets past the token), the CSR (its signature, and that its key is the attested
+key), then the evidence against the deployment's manifest through
+``enclave.attestation.appraise``. Challenges are stateless
+(``custodian.challenges``): nothing an unauthenticated caller does fills a
+table. Every refusal is counted by reason; a rate-limited sample of them is
+written to the audit log, per caller's address while the caller has not shown
+the join token, per deployment once it has.
 
 Platform ``tpm`` adds a credential round before the certificate: the EK
 certificate must chain to the manifest's ``[tpm] ek_roots``, and the answer is
 a ``TPM2_MakeCredential`` challenge for that EK and the Name of the AK in the
-verified evidence. ``activate`` takes the recovered secret (constant-time
-compare, single use, expiring with the nonce's lifetime); only then is the
-instance admitted, with a client certificate and a certificate for its AK.
+verified evidence, its id the sealed pending enrolment. ``activate`` takes the
+recovered secret (constant-time compare, single use, expiring with the nonce's
+lifetime); only then is the instance admitted, with a client certificate and a
+certificate for its AK.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ import hashlib
 import hmac
 import logging
 import os
+import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -32,21 +38,31 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from custodian.authority import CertificateAuthority, csr_public_key
+from custodian.challenges import Challenges, spent_key
 from custodian.config import CustodianConfig
-from custodian.errors import BusyError, CustodianError, NotFoundError, RefusedError, SuspendedError
+from custodian.errors import CustodianError, NotFoundError, RefusedError, SuspendedError
 from custodian.ledger import InstanceRecord, Ledger
 from custodian.metrics import CustodianMetrics
+from custodian.throttle import AuditSampler, Rate
 from enclave.attestation import AttestedClaims, Evidence, ReferenceValues, appraise
 from enclave.attestation.tpm_ak import load_ak
 from enclave.attestation.tpm_credential import make_credential, object_name, verify_ek_certificate
-from enclave.errors import BindingError, EnclaveError, EvidenceError, FormatError, PolicyError
+from enclave.errors import BindingError, EnclaveError, EvidenceError, PolicyError
 from enclave.identity import public_key_der
 
 logger = logging.getLogger(__name__)
 
-NONCE_SIZE = 32
 CREDENTIAL_SECRET_SIZE = 32
 MAX_EK_CHAIN_BYTES = 16 * 1024
+# Longest deployment name (``custodian.config.check_name``); a longer one names no deployment.
+MAX_DEPLOYMENT_NAME = 64
+# What of a caller's text an error, a log line or an audit entry repeats.
+SHOWN_CHARS = 64
+MAX_REFUSAL_DETAIL = 256
+# Refusals written to the audit log: a burst, then one per interval, per address (before the join
+# token) or per deployment (after it); the rest are counted in custos_custodian_audit_skipped_total.
+ANONYMOUS_SAMPLES = (5, 1 / 10)
+DEPLOYMENT_SAMPLES = (20, 1 / 2)
 
 
 @dataclass(frozen=True)
@@ -70,17 +86,6 @@ class CredentialChallenge:
     encrypted_secret: bytes
 
 
-@dataclass(frozen=True)
-class _Pending:
-    """An enrolment that passed appraisal and waits for its credential's secret."""
-
-    deployment: str
-    secret: bytes
-    public_key: ec.EllipticCurvePublicKey
-    ak_public: bytes
-    expires_at: datetime.datetime
-
-
 def token_digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
@@ -94,34 +99,36 @@ class Enrolment:
         metrics: CustodianMetrics,
         *,
         collateral: Mapping[str, bytes] | None = None,
+        challenges: Challenges | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._ledger = ledger
         self._ca = enclave_ca
         self._config = config
         self._metrics = metrics
         self._collateral = collateral
-        self._pending: dict[str, _Pending] = {}
+        self._challenges = challenges or Challenges(ttl_seconds=config.nonce_ttl_seconds)
+        skipped = metrics.audit_skipped.labels("enrol").inc
+        self._anonymous = AuditSampler(_rate(ANONYMOUS_SAMPLES, monotonic), skipped)
+        self._known = AuditSampler(_rate(DEPLOYMENT_SAMPLES, monotonic), skipped)
 
     async def challenge(self, deployment: str) -> tuple[bytes, int]:
-        """A fresh single-use nonce for ``deployment`` and the seconds it stays valid."""
-        ttl = self._config.nonce_ttl_seconds
+        """A fresh single-use nonce for ``deployment`` and the seconds it stays valid.
+
+        An unknown and a suspended deployment get the same answer: whether a deployment is
+        suspended is not for an anonymous caller to learn.
+        """
         async with self._ledger.transaction() as tx:
-            record = await tx.deployment(deployment)
-            if record is None:
-                raise NotFoundError(f"no deployment {deployment!r}")
-            if record.suspended:
-                raise SuspendedError(f"deployment {deployment!r} is suspended; enrol again once it resumes")
-            if await tx.pending_challenges() >= self._config.max_pending_challenges:
-                await tx.purge_challenges()
-                if await tx.pending_challenges() >= self._config.max_pending_challenges:
-                    raise BusyError("too many outstanding challenges; try again shortly")
-            nonce = os.urandom(NONCE_SIZE)
-            await tx.add_challenge(nonce, deployment, tx.now + datetime.timedelta(seconds=ttl))
-        return nonce, ttl
+            record = await tx.deployment(deployment) if len(deployment) <= MAX_DEPLOYMENT_NAME else None
+            now = tx.now
+        if record is None or record.suspended:
+            raise _not_open()
+        return self._challenges.nonce(deployment, now), self._config.nonce_ttl_seconds
 
     async def purge_challenges(self) -> int:
+        """Forget spent challenges that have expired (their expiry refuses them from now on)."""
         async with self._ledger.transaction() as tx:
-            return await tx.purge_challenges()
+            return await tx.purge_spent()
 
     async def enrol(
         self,
@@ -134,35 +141,28 @@ class Enrolment:
         tpm_ek_public: bytes = b"",
         tpm_ek_certificate: bytes = b"",
         tpm_ek_chain: bytes = b"",
+        source: str = "",
     ) -> Enrolled | CredentialChallenge:
-        parsed: AttestedClaims | None = None
-        parse_error: FormatError | None = None
+        async with self._ledger.transaction() as tx:
+            record = await tx.deployment(deployment) if len(deployment) <= MAX_DEPLOYMENT_NAME else None
+            now = tx.now
+        if record is None:
+            unknown = _not_open()
+            await self._refuse(deployment, "deployment", unknown, anonymous=source)
+            raise unknown
+        if not hmac.compare_digest(token_digest(join_token), record.token_sha256):
+            bad_token = RefusedError("join token is not valid for this deployment")
+            await self._refuse(deployment, "token", bad_token, anonymous=source)
+            raise bad_token
+        stage = "format"
         try:
             parsed = AttestedClaims.from_bytes(claims)
-        except FormatError as exc:
-            parse_error = exc
-        # Consume the nonce first, whatever happens next: one attempt per challenge.
-        async with self._ledger.transaction() as tx:
-            record = await tx.deployment(deployment)
-            if record is None:
-                raise NotFoundError(f"no deployment {deployment!r}")
-            challenge = await tx.take_challenge(parsed.nonce) if parsed else None
-            now = tx.now
-        stage = "token"
-        try:
-            if not hmac.compare_digest(token_digest(join_token), record.token_sha256):
-                raise RefusedError("join token is not valid for this deployment")
-            stage = "format"
-            if parsed is None:
-                raise parse_error or FormatError("claims do not parse")
             stage = "nonce"
-            if challenge is None:
-                raise RefusedError("nonce is unknown or was already used")
-            challenge_deployment, expires_at = challenge
-            if challenge_deployment != deployment:
-                raise RefusedError("nonce was issued for another deployment")
-            if now > expires_at:
-                raise RefusedError("nonce has expired")
+            # Spent by any attempt that gets this far: one attempt per challenge.
+            expires_at = self._challenges.check_nonce(parsed.nonce, deployment, now)
+            async with self._ledger.transaction() as tx:
+                if not await tx.spend(spent_key("nonce", parsed.nonce), expires_at):
+                    raise RefusedError("nonce is unknown or was already used")
             stage = "csr"
             public_key = csr_public_key(csr)
             key = public_key_der(public_key)
@@ -171,10 +171,6 @@ class Enrolment:
             stage = "attestation"
             reference = ReferenceValues.from_toml(record.manifest)
             tpm = reference.platform == "tpm"
-            if tpm:
-                stage = "busy"  # before any appraisal work: a full table of challenges refuses at once
-                self._make_room(now)
-                stage = "attestation"
             appraisal = appraise(
                 evidence,
                 claims,
@@ -191,7 +187,7 @@ class Enrolment:
             if tpm:
                 stage = "ek"
                 self._check_ek(reference, tpm_ek_public, tpm_ek_certificate, tpm_ek_chain, now)
-                return self._credential(deployment, evidence, tpm_ek_public, public_key, now)
+                return self._credential(deployment, evidence, tpm_ek_public, key, now)
         except (CustodianError, EnclaveError) as exc:
             await self._refuse(deployment, _attestation_reason(exc) if stage == "attestation" else stage, exc)
             raise
@@ -199,26 +195,31 @@ class Enrolment:
             deployment, public_key, platform=appraisal.platform.platform, simulated=appraisal.simulated
         )
 
-    async def activate(self, challenge_id: str, secret: bytes) -> Enrolled:
+    async def activate(self, challenge_id: str, secret: bytes, *, source: str = "") -> Enrolled:
         """Platform tpm: admit the enclave whose TPM recovered the credential's secret."""
-        pending = self._pending.pop(challenge_id, None)
         try:
-            if pending is None:
-                raise RefusedError("credential challenge is unknown or was already used")
-            if not hmac.compare_digest(secret, pending.secret):
-                raise RefusedError(
-                    "credential activation failed: the AK is not in the same TPM as the certified EK"
-                )
+            pending = self._challenges.open_credential(challenge_id, self._ledger.now())
         except RefusedError as exc:
-            await self._refuse(pending.deployment if pending else "", "credential", exc)
+            await self._refuse("", "credential", exc, anonymous=source)
             raise
+        spent = (pending.spent_key, pending.expires_at)
+        if not hmac.compare_digest(secret, pending.secret):
+            error = RefusedError(
+                "credential activation failed: the AK is not in the same TPM as the certified EK"
+            )
+            async with self._ledger.transaction() as tx:
+                await tx.spend(*spent)  # one attempt per credential, as per nonce
+            await self._refuse(pending.deployment, "credential", error)
+            raise error
+        public_key = serialization.load_der_public_key(pending.public_key)
+        assert isinstance(public_key, ec.EllipticCurvePublicKey)  # only an EC key was ever sealed
         return await self._admit(
             pending.deployment,
-            pending.public_key,
+            public_key,
             platform="tpm",
             simulated=False,
             ak=pending.ak_public,
-            expires_at=pending.expires_at,
+            spend=spent,
         )
 
     def _check_ek(
@@ -254,7 +255,7 @@ class Enrolment:
         deployment: str,
         evidence: bytes,
         ek_public: bytes,
-        public_key: ec.EllipticCurvePublicKey,
+        public_key: bytes,
         now: datetime.datetime,
     ) -> CredentialChallenge:
         # The Name of the AK that signed the verified quote: activation then proves that very key
@@ -262,29 +263,34 @@ class Enrolment:
         ak_public = Evidence.from_bytes(evidence).part("ak")
         secret = os.urandom(CREDENTIAL_SECRET_SIZE)
         blob, encrypted = make_credential(ek_public, object_name(ak_public), secret)
-        challenge_id = uuid.uuid4().hex
-        self._pending[challenge_id] = _Pending(
-            deployment=deployment,
-            secret=secret,
-            public_key=public_key,
-            ak_public=ak_public,
-            expires_at=now + datetime.timedelta(seconds=self._config.nonce_ttl_seconds),
-        )
-        logger.info("enrolment to %s: credential challenge %s for the TPM's AK", deployment, challenge_id)
+        challenge_id = self._challenges.seal_credential(deployment, secret, public_key, ak_public, now)
+        logger.info("enrolment to %s: credential challenge for the TPM's AK", deployment)
         return CredentialChallenge(challenge_id, blob, encrypted)
 
-    def _make_room(self, now: datetime.datetime) -> None:
-        """Forget expired credential challenges; refuse (busy) while too many are still open."""
-        for key in [k for k, p in self._pending.items() if now > p.expires_at]:
-            del self._pending[key]
-        if len(self._pending) >= self._config.max_pending_challenges:
-            raise BusyError("too many outstanding credential challenges; try again shortly")
+    async def _refuse(
+        self, deployment: str, reason: str, exc: Exception, *, anonymous: str | None = None
+    ) -> None:
+        """Count the refusal; audit and log a sample (per address when ``anonymous``, else per deployment).
 
-    async def _refuse(self, deployment: str, reason: str, exc: Exception) -> None:
+        ``anonymous`` is the caller's address where it has not shown the deployment's join token.
+        """
         self._metrics.enrol_refusals.labels(reason).inc()
+        shown = shown_name(deployment)
+        if anonymous is None:
+            left_out = self._known.sample(deployment)
+        else:
+            left_out = self._anonymous.sample(anonymous)
+        if left_out is None:
+            logger.debug("enrolment to %s refused (%s), not audited: over the sample rate", shown, reason)
+            return
+        detail: dict[str, str | int | bool] = {"reason": reason, "detail": str(exc)[:MAX_REFUSAL_DETAIL]}
+        if anonymous is not None:
+            detail["source"] = anonymous[:SHOWN_CHARS]
+        if left_out:
+            detail["left_out"] = left_out
         async with self._ledger.transaction() as tx:
-            await tx.audit("enclave", "enrol.refuse", deployment, {"reason": reason, "detail": str(exc)})
-        logger.warning("enrolment to %s refused (%s): %s", deployment, reason, exc)
+            await tx.audit("enclave", "enrol.refuse", shown, detail)
+        logger.warning("enrolment to %s refused (%s): %s", shown, reason, detail["detail"])
 
     async def _admit(
         self,
@@ -294,26 +300,24 @@ class Enrolment:
         platform: str,
         simulated: bool,
         ak: bytes = b"",
-        expires_at: datetime.datetime | None = None,
+        spend: tuple[bytes, datetime.datetime] | None = None,
     ) -> Enrolled:
         """Add the instance, in the transaction that checks its deployment is there and not suspended.
 
         Checked here, not only at the challenge: a nonce issued (or a TPM credential activated)
-        before a suspension must not admit an instance after it. Every refusal is audited.
+        before a suspension must not admit an instance after it. ``spend`` (a credential
+        challenge's key and expiry) is recorded as used in the same transaction. Every refusal
+        is audited.
         """
         key = public_key_der(public_key)
         validity = datetime.timedelta(hours=self._config.client_cert_hours)
         try:
             async with self._ledger.transaction() as tx:
-                if expires_at is not None and tx.now > expires_at:
-                    raise RefusedError("credential challenge has expired")
+                if spend is not None and not await tx.spend(*spend):
+                    raise RefusedError("credential challenge is unknown or was already used")
                 record = await tx.deployment(deployment)
-                if record is None:
-                    raise NotFoundError(f"no deployment {deployment!r}")
-                if record.suspended:
-                    raise SuspendedError(
-                        f"deployment {deployment!r} is suspended; enrol again once it resumes"
-                    )
+                if record is None or record.suspended:
+                    raise _not_open()
                 instance_id = uuid.uuid4().hex
                 certificate = self._ca.issue_client(public_key, instance_id, now=tx.now, validity=validity)
                 ak_certificate = self._ak_certificate(ak, instance_id, tx.now, validity) if ak else b""
@@ -374,6 +378,22 @@ class Enrolment:
             if not hmac.compare_digest(instance.public_key, public_key):
                 raise RefusedError(f"instance {instance_id} presented another key than the one enrolled")
             return instance
+
+
+def shown_name(name: str) -> str:
+    """A caller's name as errors, logs and the audit log repeat it: at most ``SHOWN_CHARS`` characters."""
+    return name if len(name) <= SHOWN_CHARS else name[:SHOWN_CHARS] + "..."
+
+
+def _not_open() -> SuspendedError:
+    """The one answer, word for word, for a deployment that is unknown or suspended: they must not
+    be told apart (the caller knows which name it asked for)."""
+    return SuspendedError("this deployment is not open for enrolment: unknown, or suspended until it resumes")
+
+
+def _rate(sample: tuple[int, float], monotonic: Callable[[], float]) -> Rate:
+    burst, per_second = sample
+    return Rate(burst=burst, per_second=per_second, clock=monotonic)
 
 
 def _attestation_reason(exc: Exception) -> str:

@@ -5,6 +5,12 @@ need only TLS; every other call needs the client certificate issued at
 enrolment, so it succeeds on the mutual-TLS listener alone. The handlers only
 translate between the wire and the domain; errors become status codes in
 ``custodian._status``.
+
+What one instance may make the custodian do is bounded here
+(``custodian.throttle``): ``FetchModel`` a few times, then once a minute (each
+push sends the whole model and writes an audit entry), and a few ``Watch`` and
+``ReportStream`` streams open at once. Past a bound the call is answered
+``RESOURCE_EXHAUSTED`` before any work, and the enclave retries with backoff.
 """
 
 # ruff: noqa: N802 - gRPC method names are the wire contract's.
@@ -13,7 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -25,12 +32,13 @@ from custodian._status import status_of
 from custodian.control import ControlBus, heartbeat_interval
 from custodian.deployments import Deployments
 from custodian.enrolment import CredentialChallenge, Enrolled, Enrolment
-from custodian.errors import CustodianError, RefusedError
+from custodian.errors import BusyError, CustodianError, RefusedError
 from custodian.leases import Leases, LeaseView
 from custodian.ledger import InstanceRecord
 from custodian.metering import UsageClaim
 from custodian.metrics import CustodianMetrics
 from custodian.model_store import ModelStore
+from custodian.throttle import Rate, StreamSlots
 from enclave.envelope import SealedChunk
 from enclave.identity import public_key_der
 from enclave.receipts import SignedReceipt
@@ -40,6 +48,13 @@ from protos import custos_pb2_grpc as pb_grpc
 logger = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+# FetchModel per instance: this many at once (a start and a retry or two), then one a minute.
+FETCH_BURST = 3
+FETCH_PER_SECOND = 1 / 60
+# Watch and ReportStream streams one instance may hold open at once, each: one in use, and room
+# for streams a lost connection left open until the server notices.
+MAX_STREAMS_PER_INSTANCE = 4
 
 
 def _usage_claim(request: pb.UsageReport) -> UsageClaim:
@@ -75,6 +90,7 @@ class Gateway(pb_grpc.EnclaveGatewayServicer):
         bus: ControlBus,
         metrics: CustodianMetrics,
         mtls_port: int,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._enrolment = enrolment
         self._leases = leases
@@ -85,6 +101,9 @@ class Gateway(pb_grpc.EnclaveGatewayServicer):
         self._mtls_port = mtls_port
         # Authenticated callers by client certificate (CN and PEM): see ``_caller``.
         self._callers: dict[tuple[bytes, bytes], InstanceRecord] = {}
+        self._fetches = Rate(burst=FETCH_BURST, per_second=FETCH_PER_SECOND, clock=monotonic)
+        self._watches = StreamSlots("Watch", MAX_STREAMS_PER_INSTANCE)
+        self._report_streams = StreamSlots("ReportStream", MAX_STREAMS_PER_INSTANCE)
 
     async def GetChallenge(self, request: pb.ChallengeRequest, context: Context) -> pb.Challenge:
         nonce, ttl = await self._enrolment.challenge(request.deployment)
@@ -100,6 +119,7 @@ class Gateway(pb_grpc.EnclaveGatewayServicer):
             tpm_ek_public=request.tpm_ek_public,
             tpm_ek_certificate=request.tpm_ek_certificate,
             tpm_ek_chain=request.tpm_ek_chain,
+            source=_source(context),
         )
         if isinstance(enrolled, CredentialChallenge):
             return pb.Enrolment(
@@ -114,7 +134,10 @@ class Gateway(pb_grpc.EnclaveGatewayServicer):
     async def ActivateCredential(
         self, request: pb.ActivateCredentialRequest, context: Context
     ) -> pb.Enrolment:
-        return self._enrolment_message(await self._enrolment.activate(request.challenge_id, request.secret))
+        enrolled = await self._enrolment.activate(
+            request.challenge_id, request.secret, source=_source(context)
+        )
+        return self._enrolment_message(enrolled)
 
     def _enrolment_message(self, enrolled: Enrolled) -> pb.Enrolment:
         return pb.Enrolment(
@@ -132,6 +155,11 @@ class Gateway(pb_grpc.EnclaveGatewayServicer):
         self, request: pb.FetchModelRequest, context: Context
     ) -> AsyncIterator[pb.ModelPart]:
         instance = await self._caller(context)
+        if self._fetches.take(instance.instance_id) is None:
+            raise BusyError(
+                f"instance {instance.instance_id} fetched the model {FETCH_BURST} times lately;"
+                " try again in a minute"
+            )
         model = await self._deployments.release_model(instance)
         header = pb.ModelHeader(
             model_id=model.model_id,
@@ -171,22 +199,26 @@ class Gateway(pb_grpc.EnclaveGatewayServicer):
     ) -> AsyncIterator[pb.ReportReply]:
         """``ReportUsage`` for every report on the stream, in order; refusals are answered in-band."""
         instance = await self._caller(context)
-        async for request in requests:
-            try:
-                view = await self._leases.report(instance, _usage_claim(request))
-            except CustodianError as exc:
-                code, details = status_of(exc)
-                if code is grpc.StatusCode.INTERNAL:
-                    raise  # not the report's fault: the stream ends, the report is sent again
-                # Answered in-band, past the interceptor's logging: said here, as it says the rest.
-                logger.info("ReportStream report refused: %s %s", code.name, details)
-                yield pb.ReportReply(refusal=pb.Refusal(code=code.name, message=details))
-            else:
-                yield pb.ReportReply(lease=lease_message(view))
+        with self._report_streams.hold(instance.instance_id):
+            async for request in requests:
+                try:
+                    view = await self._leases.report(instance, _usage_claim(request))
+                except CustodianError as exc:
+                    code, details = status_of(exc)
+                    if code is grpc.StatusCode.INTERNAL:
+                        raise  # not the report's fault: the stream ends, the report is sent again
+                    # Answered in-band, past the interceptor's logging: said here, as it says the rest.
+                    logger.info("ReportStream report refused: %s %s", code.name, details)
+                    yield pb.ReportReply(refusal=pb.Refusal(code=code.name, message=details))
+                else:
+                    yield pb.ReportReply(lease=lease_message(view))
 
     async def Watch(self, request: pb.WatchRequest, context: Context) -> AsyncIterator[pb.ControlEvent]:
         instance = await self._caller(context)
-        with self._bus.subscribe(instance.instance_id, instance.deployment) as subscription:
+        with (
+            self._watches.hold(instance.instance_id),
+            self._bus.subscribe(instance.instance_id, instance.deployment) as subscription,
+        ):
             view = await self._leases.touch(instance.instance_id)
             yield _heartbeat(view)
             while True:
@@ -226,6 +258,13 @@ class Gateway(pb_grpc.EnclaveGatewayServicer):
 
 # Certificates whose instance is kept (about a kilobyte each); the cache starts over when full.
 _MAX_CALLERS = 4096
+
+
+def _source(context: Context) -> str:
+    """The caller's address without its port (``ipv4:10.0.0.1``): one key per host for rate limits."""
+    peer = context.peer() or "unknown"
+    host, sep, port = peer.rpartition(":")
+    return host if sep and port.isdigit() and host not in ("ipv4", "ipv6") else peer
 
 
 def _heartbeat(view: LeaseView) -> pb.ControlEvent:

@@ -10,8 +10,9 @@ share theirs with concurrent reports, ``Ledger.grouped``), following
 - ``report`` acts on a usage report whose signed receipt is the next link of
   the instance's chain: it records the cumulative usage, tops the lease up
   (``want_more``) or closes it (``final``). A receipt for a lease that is no
-  longer active settles it. A refused receipt changes nothing and is written
-  to the audit log with its reason.
+  longer active settles it. A refused receipt changes nothing; it is counted,
+  and a rate-limited sample per instance is written to the audit log with its
+  reason.
 - ``touch`` is the control stream's keep-alive; ``expire_due`` expires leases
   nobody refreshed within the offline grace and charges their unreported
   remainder; ``resume`` gives every active lease a fresh grace when the
@@ -21,7 +22,9 @@ share theirs with concurrent reports, ``Ledger.grouped``), following
 from __future__ import annotations
 
 import logging
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
@@ -31,18 +34,23 @@ from custodian.ledger import DeploymentRecord, InstanceRecord, LeaseRecord, Ledg
 from custodian.metering import (
     ReceiptRefusedError,
     UsageClaim,
+    check_bounds,
     check_claim,
     receipt_detail,
     refusal_detail,
     verify_claim,
 )
 from custodian.metrics import CustodianMetrics
+from custodian.throttle import AuditSampler, Rate
 from enclave.receipts import Receipt
 
 logger = logging.getLogger(__name__)
 
 # Sequence numbers are stored as SQLite integers (signed 64-bit).
 MAX_SEQ = 1 << 63
+# Refused reports written to the audit log, per instance: a burst, then one per 5 s; the rest
+# are counted (custos_custodian_audit_skipped_total{kind="receipt"}).
+REFUSAL_SAMPLES = (10, 1 / 5)
 
 
 @dataclass(frozen=True)
@@ -67,9 +75,16 @@ def lease_view(deployment: DeploymentRecord, lease: LeaseRecord | None) -> Lease
 
 
 class Leases:
-    def __init__(self, ledger: Ledger, metrics: CustodianMetrics) -> None:
+    def __init__(
+        self, ledger: Ledger, metrics: CustodianMetrics, *, monotonic: Callable[[], float] = time.monotonic
+    ) -> None:
         self._ledger = ledger
         self._metrics = metrics
+        burst, per_second = REFUSAL_SAMPLES
+        self._refusals = AuditSampler(
+            Rate(burst=burst, per_second=per_second, clock=monotonic),
+            metrics.audit_skipped.labels("receipt").inc,
+        )
 
     async def acquire(self, instance_id: str) -> LeaseView:
         """The instance's active lease (refreshed), or a new one."""
@@ -93,17 +108,25 @@ class Leases:
         try:
             # On the loop's thread: the signature check (about 70 µs) holds the GIL, so a worker
             # thread would only add the hand-over (measured: 11-14 % fewer reports/s that way).
+            check_bounds(claim)
             receipt = verify_claim(claim, instance.public_key)
             # Reports arrive concurrently from every instance: they share commits.
             return await self._ledger.grouped(lambda tx: self._report(tx, instance_id, claim, receipt))
         except ReceiptRefusedError as exc:
             self._metrics.receipt_refusals.labels(exc.reason).inc()
+            left_out = self._refusals.sample(instance_id)
+            if left_out is None:
+                raise
             detail = refusal_detail(instance_id, claim, exc)
+            if left_out:
+                detail["left_out"] = left_out
             # Shares a commit with the reports around it, as they do with each other.
             await self._ledger.grouped(
                 lambda tx: tx.audit(_actor(instance_id), "receipt.refuse", instance.deployment, detail)
             )
-            logger.warning("usage report %d of instance %s refused: %s", claim.seq, instance_id, exc)
+            logger.warning(
+                "usage report %d of instance %s refused: %s", claim.seq, instance_id, detail["detail"]
+            )
             raise
 
     async def _report(

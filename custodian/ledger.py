@@ -63,7 +63,6 @@ import aiosqlite
 from custodian._rows import (
     audit_row,
     deployment_row,
-    dt,
     instance_row,
     lease_row,
     model_row,
@@ -71,7 +70,7 @@ from custodian._rows import (
     ts,
 )
 from custodian._schema import MIGRATIONS
-from custodian.audit import GENESIS, AuditEntry, AuditValue, verify_chain
+from custodian.audit import GENESIS, AuditEntry, AuditValue
 from custodian.errors import ConflictError, LedgerError
 from custodian.records import (
     LEASE_STATES,
@@ -229,26 +228,20 @@ class Transaction:
     async def deployments(self) -> list[DeploymentRecord]:
         return [deployment_row(r) for r in await self._all("SELECT * FROM deployments ORDER BY name")]
 
-    # -------------------------------------------------------------- challenges
+    # -------------------------------------------------------- spent challenges
 
-    async def add_challenge(self, nonce: bytes, deployment: str, expires_at: datetime) -> None:
-        await self._insert(
-            "challenge", "INSERT INTO challenges VALUES (?, ?, ?)", (nonce, deployment, ts(expires_at))
+    async def spend(self, key: bytes, expires_at: datetime) -> bool:
+        """Record a nonce or credential challenge (by ``key``) as used; False if it already was.
+
+        Kept until the challenge expires: after that its own expiry refuses it.
+        """
+        cursor = self._db.execute(
+            "INSERT OR IGNORE INTO spent_challenges VALUES (?, ?)", (key, ts(expires_at))
         )
+        return cursor.rowcount == 1
 
-    async def take_challenge(self, nonce: bytes) -> tuple[str, datetime] | None:
-        """Remove the challenge and return its deployment and expiry, or None if there is none."""
-        row = await self._one(
-            "DELETE FROM challenges WHERE nonce = ? RETURNING deployment, expires_at", (nonce,)
-        )
-        return (row["deployment"], dt(row["expires_at"])) if row else None
-
-    async def pending_challenges(self) -> int:
-        row = await self._one("SELECT count(*) AS n FROM challenges")
-        return int(row["n"]) if row else 0
-
-    async def purge_challenges(self) -> int:
-        cursor = self._db.execute("DELETE FROM challenges WHERE expires_at < ?", (ts(self.now),))
+    async def purge_spent(self) -> int:
+        cursor = self._db.execute("DELETE FROM spent_challenges WHERE expires_at < ?", (ts(self.now),))
         return cursor.rowcount
 
     # --------------------------------------------------------------- instances
@@ -423,11 +416,10 @@ class Transaction:
             )
         return [audit_row(r) for r in rows]
 
-    async def verify_audit(self) -> int:
-        """Recompute the whole chain; raise ``LedgerError`` at the first broken link. Returns the length."""
-        entries = await self.audit_entries()
-        verify_chain(entries)
-        return len(entries)
+    async def audit_page(self, after: int, limit: int) -> list[AuditEntry]:
+        """At most ``limit`` entries following entry ``after``, in order: the log a page at a time."""
+        rows = await self._all("SELECT * FROM audit WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))
+        return [audit_row(r) for r in rows]
 
     async def audit_hash(self, seq: int) -> bytes:
         """The hash of entry ``seq`` (32 zero bytes for 0): where an export from ``seq + 1`` starts."""
@@ -490,6 +482,10 @@ class Ledger:
             await self._checkpointer.close()
         async with self._lock:
             await self._db.close()
+
+    def now(self) -> datetime:
+        """The ledger's clock, without a transaction: for checks that need the time and no record."""
+        return self._now()
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:

@@ -15,6 +15,8 @@ log (see ``custodian.leases``), as it does when the usage itself is impossible
 from __future__ import annotations
 
 import base64
+import hashlib
+import re
 from dataclasses import dataclass
 
 from custodian.errors import RefusedError
@@ -36,9 +38,17 @@ __all__ = [
     "Checked",
     "ReceiptRefusedError",
     "UsageClaim",
+    "check_bounds",
     "check_claim",
     "verify_claim",
 ]
+
+# Lease ids are ``uuid4().hex`` (``custodian.leases``).
+LEASE_ID = re.compile(r"[0-9a-f]{32}")
+# A DER ECDSA P-256 signature is at most 72 bytes.
+MAX_SIGNATURE_BYTES = 72
+# What a refusal's audit entry repeats of the error's text.
+MAX_DETAIL_CHARS = 256
 
 
 class ReceiptRefusedError(RefusedError):
@@ -66,6 +76,22 @@ class Checked:
     lease: LeaseRecord
     # None when the report repeats the last accepted receipt (a retry): nothing to record.
     receipt: ReceiptRecord | None
+
+
+def check_bounds(claim: UsageClaim) -> None:
+    """Refuse (``format``) a report whose fields could not have come from an honest enclave.
+
+    Before any other work: every field the refusal's audit entry mentions is then bounded.
+    """
+    if not LEASE_ID.fullmatch(claim.lease_id):
+        raise ReceiptRefusedError("format", "the report's lease id is not 32 lowercase hex digits")
+    if claim.receipt is not None and (
+        len(claim.receipt.body) > MAX_BODY_BYTES or len(claim.receipt.signature) > MAX_SIGNATURE_BYTES
+    ):
+        raise ReceiptRefusedError(
+            "format",
+            f"the receipt is over {MAX_BODY_BYTES} bytes or its signature over {MAX_SIGNATURE_BYTES}",
+        )
 
 
 def verify_claim(claim: UsageClaim, public_key: bytes) -> Receipt:
@@ -144,18 +170,25 @@ def receipt_detail(receipt: ReceiptRecord) -> dict[str, str | int | bool]:
 def refusal_detail(
     instance_id: str, claim: UsageClaim, error: ReceiptRefusedError
 ) -> dict[str, str | int | bool]:
-    """What the audit log keeps of a refused report: the reason and the receipt as sent."""
+    """What the audit log keeps of a refused report: the reason, and digests of what was sent.
+
+    Bounded whatever the report held: the lease id only when well-formed (else its SHA-256), the
+    receipt as SHA-256 digests of its body and signature, the error's text cut short.
+    """
     detail: dict[str, str | int | bool] = {
         "instance": instance_id,
         "reason": error.reason,
-        "detail": str(error),
-        "lease": claim.lease_id,
+        "detail": str(error)[:MAX_DETAIL_CHARS],
         "seq": claim.seq,
         "used": claim.used,
     }
-    if claim.receipt is not None and len(claim.receipt.body) <= MAX_BODY_BYTES:
-        detail["body"] = _b64(claim.receipt.body)
-        detail["signature"] = _b64(claim.receipt.signature[:128])
+    if LEASE_ID.fullmatch(claim.lease_id):
+        detail["lease"] = claim.lease_id
+    else:
+        detail["lease_sha256"] = hashlib.sha256(claim.lease_id.encode()).hexdigest()
+    if claim.receipt is not None:
+        detail["body_sha256"] = hashlib.sha256(claim.receipt.body).hexdigest()
+        detail["signature_sha256"] = hashlib.sha256(claim.receipt.signature).hexdigest()
     return detail
 
 

@@ -23,8 +23,9 @@ ENROL_REFUSAL_REASONS = (
     "deployment",
     "ek",
     "credential",
-    "busy",
 )
+# Refusals whose audit entries are sampled (custodian.throttle.AuditSampler).
+AUDIT_SAMPLED_KINDS = ("enrol", "receipt")
 # The same as custodian.metering.RECEIPT_REFUSAL_REASONS (metrics imports nothing of the domain).
 RECEIPT_REFUSAL_REASONS = ("format", "signature", "binding", "replay", "sequence", "chain", "usage")
 
@@ -64,6 +65,14 @@ class CustodianMetrics:
         )
         for reason in ENROL_REFUSAL_REASONS:
             self.enrol_refusals.labels(reason)
+        self.audit_skipped = Counter(
+            "custos_custodian_audit_skipped_total",
+            "Refusals counted but not written to the audit log: over their caller's sample rate, by kind",
+            ["kind"],
+            registry=r,
+        )
+        for kind in AUDIT_SAMPLED_KINDS:
+            self.audit_skipped.labels(kind)
         self.units_granted = Counter(
             "custos_custodian_units_granted_total", "Inference units granted", registry=r
         )

@@ -37,6 +37,8 @@ from custodian import data_dir
 from custodian._status import StatusInterceptor
 from custodian.admin import Admin
 from custodian.admin_access import AdminAccess
+from custodian.audit_service import AuditLogService
+from custodian.audit_stream import LedgerAudit
 from custodian.authority import CUSTODIAN_TLS_NAME, CertificateAuthority
 from custodian.config import Address, CustodianConfig
 from custodian.control import ControlBus
@@ -204,6 +206,7 @@ class CustodianServer:
             ),
             admin,
         )
+        pb_grpc.add_AuditLogServicer_to_server(AuditLogService(LedgerAudit(ledger)), admin)
 
         metrics = None
         if config.metrics_listen is not None:

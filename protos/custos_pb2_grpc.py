@@ -991,6 +991,127 @@ class Admin:
             _registered_method=True)
 
 
+class AuditLogStub:
+    """The audit log, read only, on the admin listeners (the unix socket, and --admin-listen with an
+    admin certificate): what `custodian audit` and `custodian audit export` read over --admin.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Entries = channel.unary_stream(
+                '/custos.v1.AuditLog/Entries',
+                request_serializer=protos_dot_custos__pb2.AuditEntriesRequest.SerializeToString,
+                response_deserializer=protos_dot_custos__pb2.AuditLogEntry.FromString,
+                _registered_method=True)
+        self.Instances = channel.unary_unary(
+                '/custos.v1.AuditLog/Instances',
+                request_serializer=protos_dot_custos__pb2.AuditInstancesRequest.SerializeToString,
+                response_deserializer=protos_dot_custos__pb2.AuditInstancesResponse.FromString,
+                _registered_method=True)
+
+
+class AuditLogServicer:
+    """The audit log, read only, on the admin listeners (the unix socket, and --admin-listen with an
+    admin certificate): what `custodian audit` and `custodian audit export` read over --admin.
+    """
+
+    def Entries(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Instances(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AuditLogServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Entries': grpc.unary_stream_rpc_method_handler(
+                    servicer.Entries,
+                    request_deserializer=protos_dot_custos__pb2.AuditEntriesRequest.FromString,
+                    response_serializer=protos_dot_custos__pb2.AuditLogEntry.SerializeToString,
+            ),
+            'Instances': grpc.unary_unary_rpc_method_handler(
+                    servicer.Instances,
+                    request_deserializer=protos_dot_custos__pb2.AuditInstancesRequest.FromString,
+                    response_serializer=protos_dot_custos__pb2.AuditInstancesResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'custos.v1.AuditLog', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('custos.v1.AuditLog', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class AuditLog:
+    """The audit log, read only, on the admin listeners (the unix socket, and --admin-listen with an
+    admin certificate): what `custodian audit` and `custodian audit export` read over --admin.
+    """
+
+    @staticmethod
+    def Entries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/custos.v1.AuditLog/Entries',
+            protos_dot_custos__pb2.AuditEntriesRequest.SerializeToString,
+            protos_dot_custos__pb2.AuditLogEntry.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Instances(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/custos.v1.AuditLog/Instances',
+            protos_dot_custos__pb2.AuditInstancesRequest.SerializeToString,
+            protos_dot_custos__pb2.AuditInstancesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class InferenceStub:
     """Missing associated documentation comment in .proto file."""
 

@@ -263,6 +263,49 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
+class AuditLogStub:
+    """The audit log, read only, on the admin listeners (the unix socket, and --admin-listen with an
+    admin certificate): what `custodian audit` and `custodian audit export` read over --admin.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> AuditLogAsyncStub: ...
+    Entries: _grpc.UnaryStreamMultiCallable[_custos_pb2.AuditEntriesRequest, _custos_pb2.AuditLogEntry]
+    Instances: _grpc.UnaryUnaryMultiCallable[_custos_pb2.AuditInstancesRequest, _custos_pb2.AuditInstancesResponse]
+
+@_typing.type_check_only
+class AuditLogAsyncStub(AuditLogStub):
+    """The audit log, read only, on the admin listeners (the unix socket, and --admin-listen with an
+    admin certificate): what `custodian audit` and `custodian audit export` read over --admin.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Entries: _aio.UnaryStreamMultiCallable[_custos_pb2.AuditEntriesRequest, _custos_pb2.AuditLogEntry]  # type: ignore[assignment]
+    Instances: _aio.UnaryUnaryMultiCallable[_custos_pb2.AuditInstancesRequest, _custos_pb2.AuditInstancesResponse]  # type: ignore[assignment]
+
+class AuditLogServicer(metaclass=_abc_1.ABCMeta):
+    """The audit log, read only, on the admin listeners (the unix socket, and --admin-listen with an
+    admin certificate): what `custodian audit` and `custodian audit export` read over --admin.
+    """
+
+    @_abc_1.abstractmethod
+    def Entries(
+        self,
+        request: _custos_pb2.AuditEntriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_custos_pb2.AuditLogEntry], _abc.AsyncIterator[_custos_pb2.AuditLogEntry]]: ...
+
+    @_abc_1.abstractmethod
+    def Instances(
+        self,
+        request: _custos_pb2.AuditInstancesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_custos_pb2.AuditInstancesResponse, _abc.Awaitable[_custos_pb2.AuditInstancesResponse]]: ...
+
+def add_AuditLogServicer_to_server(servicer: AuditLogServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
 class InferenceStub:
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...

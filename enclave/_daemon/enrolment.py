@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import string
 import time
 from dataclasses import dataclass
@@ -90,7 +91,28 @@ def gateway_credentials(
 
 
 async def enrol(config: DaemonConfig, identity: MeasuredIdentity) -> Enrolment:
-    """Enrol, or raise ``EnrolmentRefusedError`` (with the reason) or ``CustodianUnreachableError``."""
+    """Enrol, or raise ``EnrolmentRefusedError`` (with the reason) or ``CustodianUnreachableError``.
+
+    A custodian that answers busy (``RESOURCE_EXHAUSTED``) is asked again from a new challenge,
+    with backoff and jitter, for as long as it keeps answering: busy is not a refusal.
+    """
+    delay = config.reconnect_initial
+    jitter = random.Random()  # noqa: S311 -- jitter, not a secret
+    while True:
+        try:
+            return await _enrol_once(config, identity)
+        except _CustodianBusyError as exc:
+            wait = jitter.uniform(delay / 2, delay)
+            logger.warning("custodian busy (%s), enrolling again in %.1f s", exc, wait)
+        await asyncio.sleep(wait)
+        delay = min(delay * 2, config.reconnect_max)
+
+
+class _CustodianBusyError(Exception):
+    """The custodian answered ``RESOURCE_EXHAUSTED``: try the whole enrolment again later."""
+
+
+async def _enrol_once(config: DaemonConfig, identity: MeasuredIdentity) -> Enrolment:
     credentials = grpc.ssl_channel_credentials(root_certificates=config.custodian_ca_pem)
     async with grpc.aio.secure_channel(
         config.custodian, credentials, options=channel_options(config)
@@ -170,7 +192,10 @@ async def _challenge(
 
 
 def _enrol_error(exc: grpc.aio.AioRpcError, config: DaemonConfig) -> DaemonError:
+    """The error to raise for a failed call; a busy custodian raises ``_CustodianBusyError`` here."""
     details = exc.details() or exc.code().name
+    if exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        raise _CustodianBusyError(details)
     if exc.code() is grpc.StatusCode.FAILED_PRECONDITION:
         return DeploymentSuspendedError(f"custodian refused enrolment for now: {details}")
     if exc.code() in _REFUSALS:

@@ -136,6 +136,9 @@ class InferenceService(custos_pb2_grpc.InferenceServicer):
     async def Status(  # noqa: N802 -- gRPC method name
         self, request: custos_pb2.StatusRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> custos_pb2.StatusResponse:
+        # Anyone who reaches the port may ask: what is served and whether it can serve now, never
+        # the lease or the counts (the borrower reads those from --metrics, the custodian from its
+        # ledger); lease_limit, lease_used, served and refused stay 0.
         model = self.model
         return custos_pb2.StatusResponse(
             deployment=self._config.deployment,
@@ -143,9 +146,5 @@ class InferenceService(custos_pb2_grpc.InferenceServicer):
             model_loaded=model is not None,
             model_sha384=model.sha384_hex if model is not None else "",
             suspended=self._lease.suspended,
-            lease_limit=self._lease.limit,
-            lease_used=self._lease.committed,
-            served=self.served,
-            refused=self.refused,
             custodian_reachable=self._custodian_reachable(),
         )

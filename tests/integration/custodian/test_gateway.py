@@ -202,7 +202,7 @@ def test_gateway_calls_need_the_enrolment_certificate(tmp_path: Path) -> None:
         (lambda e, n, t: e.enrol_request(os.urandom(32), t), grpc.StatusCode.PERMISSION_DENIED),
         (lambda e, n, t: e.enrol_request(n, t, csr=b"junk"), grpc.StatusCode.INVALID_ARGUMENT),
         (lambda e, n, t: e.enrol_request(n, t, evidence=b"junk"), grpc.StatusCode.PERMISSION_DENIED),
-        (lambda e, n, t: e.enrol_request(n, t, deployment="nope"), grpc.StatusCode.NOT_FOUND),
+        (lambda e, n, t: e.enrol_request(n, t, deployment="nope"), grpc.StatusCode.FAILED_PRECONDITION),
     ],
     ids=["wrong-token", "unknown-nonce", "csr-garbage", "evidence-garbage", "unknown-deployment"],
 )
@@ -215,8 +215,27 @@ def test_enrolment_refusals_become_status_codes(tmp_path: Path, build: Any, code
             assert await _status(stub.Enrol(build(FakeEnclave(r.ca_pem, "d"), nonce, token))) == code
             assert (
                 await _status(stub.GetChallenge(pb.ChallengeRequest(deployment="nope")))
-                == grpc.StatusCode.NOT_FOUND
+                == grpc.StatusCode.FAILED_PRECONDITION
             )
+
+    asyncio.run(scenario())
+
+
+def test_get_challenge_answers_an_unknown_and_a_suspended_deployment_alike(tmp_path: Path) -> None:
+    """Issue 13 item 8: a suspended deployment answered FAILED_PRECONDITION, an unknown one NOT_FOUND."""
+
+    async def scenario() -> None:
+        async with running(tmp_path) as r:
+            await r.lend("paused")
+            await r.admin.Suspend(pb.DeploymentRequest(deployment="paused"))
+            stub = r.enrolment()
+            answers = []
+            for name in ("paused", "nope", "x" * 100_000):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await stub.GetChallenge(pb.ChallengeRequest(deployment=name))
+                answers.append((refused.value.code(), refused.value.details()))
+            assert answers[0] == answers[1] == answers[2]
+            assert answers[0][0] == grpc.StatusCode.FAILED_PRECONDITION
 
     asyncio.run(scenario())
 

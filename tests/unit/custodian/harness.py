@@ -185,8 +185,8 @@ async def custody(tmp_path: Path, *, clock: Clock | None = None, **config: Any) 
                 custodian_ca_sha256=tls_ca.sha256,
                 enclave_ca_pem=enclave_ca.pem,
             ),
-            leases=Leases(ledger, metrics),
-            enrolment=Enrolment(ledger, enclave_ca, settings, metrics),
+            leases=Leases(ledger, metrics, monotonic=lambda: clock().timestamp()),
+            enrolment=Enrolment(ledger, enclave_ca, settings, metrics, monotonic=lambda: clock().timestamp()),
             roster=Roster(ledger, bus),
         )
     finally:

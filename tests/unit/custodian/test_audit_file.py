@@ -12,7 +12,14 @@ from typing import Any
 
 import pytest
 
-from custodian.audit_file import export_lines, since_seq, verify_lines
+from custodian.audit_file import (
+    entry_line,
+    header_line,
+    instance_line,
+    parse_since,
+    verify_lines,
+    written_at_or_after,
+)
 from custodian.errors import LedgerError
 from custodian.ledger import AuditEntry
 from tests.unit.custodian.harness import custody
@@ -48,7 +55,14 @@ def _history(tmp_path: Path) -> tuple[list[AuditEntry], list[Any], Callable[[int
 
 
 def _export(entries: list[AuditEntry], instances: list[Any], previous: bytes) -> list[Doc]:
-    lines = export_lines(entries, previous, instances, now=datetime(2030, 1, 2, tzinfo=UTC))
+    header = header_line(
+        first_seq=entries[0].seq,
+        last_seq=entries[-1].seq,
+        previous_hash=previous,
+        last_hash=entries[-1].hash,
+        now=datetime(2030, 1, 2, tzinfo=UTC),
+    )
+    lines = [header, *map(instance_line, instances), *map(entry_line, entries)]
     return [json.loads(line) for line in lines]
 
 
@@ -71,11 +85,15 @@ def test_a_full_export_verifies_with_every_receipt_and_the_usage_it_proves(tmp_p
 def test_a_partial_export_verifies_from_its_anchor(tmp_path: Path) -> None:
     entries, instances, hash_of = _history(tmp_path)
     start = next(e.seq for e in entries if e.action == "receipt" and e.detail["seq"] == 2)
-    assert since_seq(entries, str(start)) == start
-    assert since_seq(entries, entries[0].at) == 1
-    assert since_seq(entries, "2999-01-01T00:00:00") == entries[-1].seq + 1
+    assert parse_since(str(start)) == start
+    first_at = parse_since(entries[0].at)
+    assert isinstance(first_at, datetime)
+    assert all(written_at_or_after(e, first_at) for e in entries)
+    future = parse_since("2999-01-01T00:00:00")
+    assert isinstance(future, datetime)
+    assert not any(written_at_or_after(e, future) for e in entries)
     with pytest.raises(LedgerError, match="neither"):
-        since_seq(entries, "yesterday")
+        parse_since("yesterday")
     docs = _export([e for e in entries if e.seq >= start], instances, hash_of(start - 1))
     verified = _verify(docs)
     assert (verified.first_seq, verified.anchored_instances) == (start, 1)

@@ -13,7 +13,8 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from custodian.errors import BusyError, InvalidRequestError, NotFoundError, RefusedError, SuspendedError
+from custodian.challenges import NONCE_SIZE
+from custodian.errors import InvalidRequestError, RefusedError, SuspendedError
 from enclave.errors import BindingError, EvidenceError, FormatError, PolicyError
 from enclave.identity import generate_identity_key, public_key_der
 from protos import custos_pb2 as pb
@@ -27,7 +28,7 @@ def test_an_attested_enclave_enrols_and_gets_a_certificate_for_its_key(tmp_path:
             token = await c.lend("d", units=10)
             enclave = FakeEnclave(c.tls_ca.pem, "d")
             nonce, ttl = await c.enrolment.challenge("d")
-            assert (len(nonce), ttl) == (32, 60)
+            assert (len(nonce), ttl) == (NONCE_SIZE, 60)
             request = enclave.enrol_request(nonce, token)
             enrolled = await c.enrolment.enrol(
                 "d", join_token=token, evidence=request.evidence, claims=request.claims, csr=request.csr
@@ -147,8 +148,11 @@ def test_refusals_are_raised_audited_and_counted(
                 last = (await tx.audit_entries(last=1))[0]
                 assert await tx.instances() == []
             assert (last.action, last.detail["reason"]) == ("enrol.refuse", reason)
-            if reason not in ("format", "nonce"):
-                # Whatever failed, the nonce is spent: even a correct retry is refused.
+            if reason == "token":
+                # A caller without the token spends nothing: the enclave's own attempt still passes.
+                await c.enrolment.enrol("d", **_request(enclave, nonce, token))
+            elif reason not in ("format", "nonce"):
+                # Whatever failed past the token, the nonce is spent: even a correct retry is refused.
                 with pytest.raises(RefusedError, match="nonce"):
                     await c.enrolment.enrol("d", **_request(enclave, nonce, token))
 
@@ -210,28 +214,56 @@ def test_nonces_are_single_use_expire_and_belong_to_one_deployment(tmp_path: Pat
     asyncio.run(scenario())
 
 
-def test_unknown_deployments_are_not_found(tmp_path: Path) -> None:
+def test_unknown_and_suspended_deployments_get_the_same_answer(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with custody(tmp_path) as c:
-            with pytest.raises(NotFoundError):
-                await c.enrolment.challenge("nope")
+            await c.lend("paused")
+            await c.deployments.suspend("paused")
+            answers = []
+            for name in ("paused", "nope"):
+                with pytest.raises(SuspendedError) as refused:
+                    await c.enrolment.challenge(name)
+                answers.append((type(refused.value), str(refused.value)))
+            assert answers[0] == answers[1]
             enclave = FakeEnclave(c.tls_ca.pem, "nope")
-            with pytest.raises(NotFoundError):
-                await c.enrolment.enrol("nope", **_request(enclave, os.urandom(32), "t"))
+            with pytest.raises(SuspendedError, match="not open for enrolment"):
+                await c.enrolment.enrol("nope", **_request(enclave, os.urandom(NONCE_SIZE), "t"))
 
     asyncio.run(scenario())
 
 
-def test_outstanding_challenges_are_bounded_and_purged_when_stale(tmp_path: Path) -> None:
+def test_a_flood_of_challenges_blocks_no_enclave_and_stores_nothing(tmp_path: Path) -> None:
+    """Issue 13 item 1: 1,024 anonymous GetChallenge calls used to fill the table for everyone."""
+
     async def scenario() -> None:
-        async with custody(tmp_path, max_pending_challenges=2) as c:
-            await c.lend("d")
-            await c.enrolment.challenge("d")
-            await c.enrolment.challenge("d")
-            with pytest.raises(BusyError):
-                await c.enrolment.challenge("d")
-            c.clock.advance(61)
-            await c.enrolment.challenge("d")
+        async with custody(tmp_path) as c:
+            await c.lend("public")
+            token = await c.lend("d")
+            for _ in range(2000):
+                await c.enrolment.challenge("public")
+            nonce, _ = await c.enrolment.challenge("d")
+            enclave = FakeEnclave(c.tls_ca.pem, "d")
+            await c.enrolment.enrol("d", **_request(enclave, nonce, token))
+            async with c.ledger.transaction() as tx:
+                # Only the nonce an enrolment spent is kept, and only until it expires.
+                assert await tx.purge_spent() == 0
+            c.clock.advance(c.config.nonce_ttl_seconds + 2)
+            assert await c.enrolment.purge_challenges() == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_forged_or_altered_nonce_is_refused(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with custody(tmp_path) as c:
+            token = await c.lend("d")
+            nonce, _ = await c.enrolment.challenge("d")
+            later = bytearray(nonce)
+            later[NONCE_SIZE - 17] ^= 1  # the expiry's last byte: a nonce that lives longer
+            for forged in (bytes(later), os.urandom(NONCE_SIZE), nonce[:-1]):
+                with pytest.raises(RefusedError, match="nonce is unknown"):
+                    await c.enrolment.enrol("d", **_request(FakeEnclave(c.tls_ca.pem, "d"), forged, token))
+            await c.enrolment.enrol("d", **_request(FakeEnclave(c.tls_ca.pem, "d"), nonce, token))
 
     asyncio.run(scenario())
 

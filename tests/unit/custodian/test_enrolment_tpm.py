@@ -14,7 +14,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from custodian.enrolment import CredentialChallenge, Enrolled
-from custodian.errors import BusyError, RefusedError
+from custodian.errors import RefusedError
 from enclave._daemon.config import custodian_ca_der
 from enclave._daemon.enrolment import certificate_request
 from enclave._daemon.measured import MeasuredIdentity
@@ -95,8 +95,13 @@ def test_activated_credential_admits_the_enclave_and_certifies_its_ak(
                 await c.enrolment.activate(challenge.challenge_id, _activate(attester, challenge))
 
             challenge = await _enrol(c, token, identity, attester)
-            enrolled = await c.enrolment.activate(challenge.challenge_id, _activate(attester, challenge))
+            secret = _activate(attester, challenge)
+            enrolled = await c.enrolment.activate(challenge.challenge_id, secret)
             assert isinstance(enrolled, Enrolled)
+            # Spent once, in any spelling of the same sealed bytes.
+            for spelling in (challenge.challenge_id + "\n", challenge.challenge_id.rstrip("=")):
+                with pytest.raises(RefusedError, match="unknown or was already used"):
+                    await c.enrolment.activate(spelling, secret)
             ak_certificate = x509.load_pem_x509_certificate(enrolled.ak_certificate_pem)
             ak_certificate.verify_directly_issued_by(c.enclave_ca.certificate)
             certified = ak_certificate.public_key().public_bytes(
@@ -141,22 +146,25 @@ def test_an_ek_certificate_outside_the_manifest_roots_is_refused(
     asyncio.run(scenario())
 
 
-def test_a_full_table_of_credential_challenges_refuses_before_appraising(
+def test_credential_challenges_are_sealed_and_stored_nowhere(
     tmp_path: Path, start_swtpm: tpm_support.StartSwtpm, open_attester: OpenAttester
 ) -> None:
+    """Issue 13 item 1: the table of pending credentials was a second global table to fill."""
     attester = open_attester()
 
     async def scenario() -> None:
-        async with custody(tmp_path, max_pending_challenges=1) as c:
+        async with custody(tmp_path) as c:
             token = await _lend(c, start_swtpm.ca.root_pem + start_swtpm.ca.intermediate_pem)
             identity = _measured(c, attester)
-            await _enrol(c, token, identity, attester)
-            with pytest.raises(BusyError, match="too many outstanding"):
-                await _enrol(c, token, identity, attester)
-            assert (await _last_refusal(c)).startswith("busy")
-            assert sample(c.metrics, "custos_custodian_enrol_refusals_total", reason="busy") == 1
-            assert sample(c.metrics, "custos_custodian_enrol_refusals_total", reason="ek") == 0
-            c.clock.advance(c.config.nonce_ttl_seconds + 1)  # the open challenge expires: room again
-            assert isinstance(await _enrol(c, token, identity, attester), CredentialChallenge)
+            first = await _enrol(c, token, identity, attester)
+            second = await _enrol(c, token, identity, attester)
+            altered = first.challenge_id[:-2] + ("A" if first.challenge_id[-2] != "A" else "B") + "="
+            for garbage in (altered, "", "x" * 5000, "\u00e9t\u00e9"):
+                with pytest.raises(RefusedError, match="unknown"):
+                    await c.enrolment.activate(garbage, _activate(attester, first))
+            c.clock.advance(c.config.nonce_ttl_seconds + 2)
+            with pytest.raises(RefusedError, match="expired"):
+                await c.enrolment.activate(second.challenge_id, _activate(attester, second))
+            assert sample(c.metrics, "custos_custodian_enrol_refusals_total", reason="credential") == 5
 
     asyncio.run(scenario())

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from custodian import ledger as ledger_module
+from custodian.audit_stream import LedgerAudit, check_tail
 from custodian.errors import ConflictError, LedgerError
 from custodian.ledger import (
     SCHEMA_VERSION,
@@ -139,8 +140,8 @@ def test_audit_log_chains_and_verifies(tmp_path: Path) -> None:
             for i in range(3):
                 async with ledger.transaction() as tx:
                     await tx.audit("admin", "quota.grant", "d", {"units": i, "all": False})
+            assert (await check_tail(LedgerAudit(ledger), None)).length == 3
             async with ledger.transaction() as tx:
-                assert await tx.verify_audit() == 3
                 last = await tx.audit_entries(last=2)
             assert [e.seq for e in last] == [2, 3]
             assert last[0].detail == {"units": 1, "all": False}
@@ -205,8 +206,7 @@ def test_tampering_with_the_audit_log_is_detected(tmp_path: Path, tamper: str, m
     async def verify() -> None:
         ledger = await Ledger.open(path, readonly=True)
         try:
-            async with ledger.transaction() as tx:
-                await tx.verify_audit()
+            await check_tail(LedgerAudit(ledger), 1)
         finally:
             await ledger.close()
 
@@ -241,7 +241,9 @@ def test_an_older_ledger_migrates_forward_and_keeps_its_records(tmp_path: Path) 
         with contextlib.closing(sqlite3.connect(tmp_path / "l.db")) as db:
             db.executescript(
                 "DROP INDEX instances_by_deployment; DROP INDEX leases_by_instance;"
-                " ALTER TABLE models DROP COLUMN inputs; PRAGMA user_version = 2;"
+                " ALTER TABLE models DROP COLUMN inputs;"
+                " DROP TABLE spent_challenges; CREATE TABLE challenges (nonce BLOB PRIMARY KEY,"
+                " deployment TEXT NOT NULL, expires_at REAL NOT NULL); PRAGMA user_version = 2;"
             )
         ledger = await Ledger.open(tmp_path / "l.db", now=Clock())
         try:
@@ -253,8 +255,10 @@ def test_an_older_ledger_migrates_forward_and_keeps_its_records(tmp_path: Path) 
         with contextlib.closing(sqlite3.connect(tmp_path / "l.db")) as db:
             assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
             indexes = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
-            assert {"instances_by_deployment", "leases_by_instance"} <= indexes
+            assert {"instances_by_deployment", "leases_by_instance", "spent_challenges_by_expiry"} <= indexes
             assert "inputs" in {row[1] for row in db.execute("PRAGMA table_info(models)")}
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            assert "challenges" not in tables
 
     asyncio.run(scenario())
 
@@ -301,7 +305,7 @@ def test_grouped_work_shares_one_commit_and_a_failing_piece_undoes_only_its_own_
             async with ledger.transaction() as tx:
                 assert [m.name for m in await tx.models()] == ["m0", "m1", "m2", "m4", "m5"]
                 entries = await tx.audit_entries()
-                assert await tx.verify_audit() == 5
+            assert (await check_tail(LedgerAudit(ledger), 0)).length == 5
             # The refused piece's audit entry went with it, and the chain has no gap.
             assert [e.subject for e in entries] == ["m0", "m1", "m2", "m4", "m5"]
         finally:

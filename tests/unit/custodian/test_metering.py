@@ -12,6 +12,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from custodian.leases import REFUSAL_SAMPLES
 from custodian.metering import ReceiptRefusedError, UsageClaim
 from enclave.identity import generate_identity_key
 from enclave.receipts import SignedReceipt
@@ -168,5 +169,76 @@ def test_receipts_from_two_instances_chain_separately(tmp_path: Path) -> None:
             [usage] = await c.deployments.usage("d")
             assert usage.used == 9
             assert (one.last_seq, two.last_seq) == (3, 3)
+
+    asyncio.run(scenario())
+
+
+async def _huge_lease_id(
+    c: Custody, me: FakeEnclave, other: FakeEnclave, lease: str, other_lease: str
+) -> object:
+    receipt, signed = me.receipt(lease, 6)
+    return await _send(c, me, UsageClaim("f" * (1 << 20), receipt.seq, 6, False, False, signed))
+
+
+async def _huge_signature(
+    c: Custody, me: FakeEnclave, other: FakeEnclave, lease: str, other_lease: str
+) -> object:
+    receipt, signed = me.receipt(lease, 6)
+    padded = replace(signed, signature=signed.signature + bytes(1 << 20))
+    return await _send(c, me, UsageClaim(lease, receipt.seq, 6, False, False, padded))
+
+
+@pytest.mark.parametrize("attack", [_huge_lease_id, _huge_signature], ids=["lease-id", "signature"])
+def test_an_oversized_report_is_refused_with_a_small_audit_entry(tmp_path: Path, attack: Attack) -> None:
+    """Issue 13 item 2: the lease id was written verbatim, up to the 1 MiB message size."""
+
+    async def scenario() -> None:
+        async with custody(tmp_path) as c:
+            token = await c.lend("d", units=100, lease_size=20)
+            mine, me = await c.enrol("d", token)
+            _, other = await c.enrol("d", token)
+            lease = (await c.leases.acquire(mine)).lease_id
+            with pytest.raises(ReceiptRefusedError) as refused:
+                await attack(c, me, other, lease, "")
+            assert refused.value.reason == "format"
+            async with c.ledger.transaction() as tx:
+                [entry] = [e for e in await tx.audit_entries() if e.action == "receipt.refuse"]
+            assert len(entry.body()) < 1024
+            assert "body_sha256" in entry.detail
+
+    asyncio.run(scenario())
+
+
+def test_refused_reports_are_all_counted_and_a_sample_per_instance_audited(tmp_path: Path) -> None:
+    """Issue 13 item 2: 200 format refusals added 205 MB to the append-only log."""
+
+    async def scenario() -> None:
+        async with custody(tmp_path) as c:
+            token = await c.lend("d", units=100, lease_size=20)
+            mine, me = await c.enrol("d", token)
+            theirs, other = await c.enrol("d", token)
+            lease = (await c.leases.acquire(mine)).lease_id
+            for _ in range(200):
+                with pytest.raises(ReceiptRefusedError):
+                    await _missing(c, me, other, lease, "")
+            burst = REFUSAL_SAMPLES[0]
+            assert sample(c.metrics, "custos_custodian_receipt_refusals_total", reason="format") == 200
+            assert sample(c.metrics, "custos_custodian_audit_skipped_total", kind="receipt") == 200 - burst
+
+            async def refusals() -> list[dict[str, object]]:
+                async with c.ledger.transaction() as tx:
+                    return [dict(e.detail) for e in await tx.audit_entries() if e.action == "receipt.refuse"]
+
+            assert len(await refusals()) == burst
+            # Another instance has its own sample; the flooding one gets one more in due time,
+            # saying how many it stands for.
+            other_lease = (await c.leases.acquire(theirs)).lease_id
+            with pytest.raises(ReceiptRefusedError):
+                await _missing(c, other, me, other_lease, "")
+            assert (await refusals())[-1]["instance"] == theirs
+            c.clock.advance(1 / REFUSAL_SAMPLES[1])
+            with pytest.raises(ReceiptRefusedError):
+                await _missing(c, me, other, lease, "")
+            assert (await refusals())[-1]["left_out"] == 200 - burst
 
     asyncio.run(scenario())

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from custodian.audit_file import write_export
 from custodian.errors import ConsoleError, LedgerError
-from custodian.output_file import write_replacing
+from custodian.output_file import replacing, write_replacing
 
 
 @pytest.fixture
@@ -70,12 +68,13 @@ def test_a_failure_while_writing_keeps_the_old_file_and_removes_the_partial(tmp_
     out = tmp_path / "audit.jsonl"
     out.write_text("old export")
 
-    def lines() -> Iterator[str]:
-        yield '{"seq":1}'
-        raise LedgerError("audit chain broken at entry 2")
+    def export() -> None:
+        with replacing(out) as handle:
+            handle.write(b'{"seq":1}\n')
+            raise LedgerError("audit chain broken at entry 2")
 
     with pytest.raises(LedgerError, match="broken"):
-        write_export(out, lines())
+        export()
     assert out.read_text() == "old export"
     assert os.listdir(tmp_path) == ["audit.jsonl"]
 
@@ -83,15 +82,3 @@ def test_a_failure_while_writing_keeps_the_old_file_and_removes_the_partial(tmp_
 def test_an_unwritable_directory_is_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConsoleError, match=r"cannot write .*absent/out: No such file or directory"):
         write_replacing(tmp_path / "absent" / "out", b"x")
-
-
-def test_the_audit_export_refuses_a_planted_partial(tmp_path: Path, victim: Path) -> None:
-    out = tmp_path / "audit.jsonl"
-    (tmp_path / "audit.jsonl.partial").symlink_to(victim)
-    with pytest.raises(ConsoleError, match="exists"):
-        write_export(out, ['{"seq":1}'])
-    assert victim.read_text() == "precious"
-    (tmp_path / "audit.jsonl.partial").unlink()
-    write_export(out, ['{"seq":1}', '{"seq":2}'])
-    assert out.read_text() == '{"seq":1}\n{"seq":2}\n'
-    assert stat.S_IMODE(out.stat().st_mode) == 0o600

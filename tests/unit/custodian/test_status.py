@@ -43,3 +43,13 @@ def test_domain_errors_keep_their_reason(error: Exception, code: grpc.StatusCode
 
 def test_anything_else_is_internal_without_details() -> None:
     assert status_of(KeyError("secret detail")) == (grpc.StatusCode.INTERNAL, "internal error")
+
+
+@pytest.mark.parametrize(
+    "error", [RefusedError("x" * 1_000_000), FormatError("y" * 1_000_000)], ids=["refused", "format"]
+)
+def test_details_are_cut_short_whatever_a_caller_put_in_the_error(error: Exception) -> None:
+    """Issue 13 item 3: a caller's megabyte came back in the reply and went into the log."""
+    _, details = status_of(error)
+    assert len(details) <= 520
+    assert details.startswith(str(error)[:100])

@@ -140,6 +140,8 @@ class FakeGateway(custos_pb2_grpc.EnclaveGatewayServicer):
     # "flip" a ciphertext byte, "reorder" two chunks, "truncate" the final chunk, "wrong-key" context.
     tamper: str | None = None
     chunk_size: int = 64
+    # GetChallenge and Enrol calls to answer RESOURCE_EXHAUSTED (a busy custodian) before answering.
+    busy_answers: int = 0
     # Reports (ReportUsage calls, ReportStream messages) to fail with UNAVAILABLE before answering.
     fail_reports: int = 0
     custodian_ca: CertAuthority = field(default_factory=lambda: CertAuthority("custodian test CA"))
@@ -205,7 +207,13 @@ class FakeGateway(custos_pb2_grpc.EnclaveGatewayServicer):
 
     # --------------------------------------------------------------- service
 
+    async def _busy(self, context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
+        if self.busy_answers > 0:
+            self.busy_answers -= 1
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too busy; try again shortly")
+
     async def GetChallenge(self, request, context):  # noqa: N802
+        await self._busy(context)
         if request.deployment != self.deployment:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown deployment {request.deployment!r}")
         if self.suspended:
@@ -219,6 +227,8 @@ class FakeGateway(custos_pb2_grpc.EnclaveGatewayServicer):
         async def refuse(code: grpc.StatusCode, reason: str) -> None:
             self.enrol_refusals.append(reason)
             await context.abort(code, reason)
+
+        await self._busy(context)
 
         if request.join_token != self.token:
             await refuse(grpc.StatusCode.PERMISSION_DENIED, "join token is not valid")

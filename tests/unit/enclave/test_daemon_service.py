@@ -133,7 +133,8 @@ def test_serves_over_attested_tls_and_counts_each_inference() -> None:
 
             status = await r.stub.Status(custos_pb2.StatusRequest())
             assert (status.deployment, status.platform, status.model_loaded) == ("demo", "sim", True)
-            assert (status.lease_limit, status.lease_used, status.served) == (10, 2, 2)
+            # Issue 13 item 8: an anonymous caller learns nothing of the lease or the traffic.
+            assert (status.lease_limit, status.lease_used, status.served, status.refused) == (0, 0, 0, 0)
             assert status.custodian_reachable
 
             scraped = await asyncio.to_thread(
@@ -165,8 +166,7 @@ def test_invalid_input_is_refused_before_it_costs_quota() -> None:
                 with expect_code(grpc.StatusCode.INVALID_ARGUMENT):
                     await r.infer(**fields)
                 assert (r.daemon.lease.committed, r.daemon.lease.reserved) == (0, 0), case
-            status = await r.stub.Status(custos_pb2.StatusRequest())
-            assert (status.served, status.refused, status.lease_used) == (0, len(cases), 0)
+            assert (r.daemon.service.served, r.daemon.service.refused) == (0, len(cases))
 
     asyncio.run(run())
 
