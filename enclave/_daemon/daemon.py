@@ -54,6 +54,7 @@ from enclave._daemon.link import Backoff, CustodianLink
 from enclave._daemon.listener import InferenceListener
 from enclave._daemon.measured import MeasuredIdentity, attester_for
 from enclave._daemon.metrics import DaemonMetrics, MetricsServer
+from enclave._daemon.outage import Outage
 from enclave._daemon.runtime import ModelRuntime
 from enclave.attestation import Attester, MeasurementEvent, measurement
 from enclave.identity import attested_certificate, private_key_pem
@@ -174,13 +175,14 @@ class Daemon:
             await self._serve(stack, listener)
             return listener
         backoff = Backoff(self.config.reconnect_initial, self.config.reconnect_max)
+        waiting = Outage(logger, "cannot enrol again yet")
         while True:
             # Each attempt's link is its own: a failed one is undone before the next.
             attempt = contextlib.AsyncExitStack()
             try:
                 await self._serve(attempt, listener)
             except _RETRIED as exc:
-                logger.warning("cannot enrol again yet: %s", exc)
+                waiting.failed(str(exc))
                 await attempt.aclose()
             except BaseException:
                 await attempt.aclose()

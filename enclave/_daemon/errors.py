@@ -77,6 +77,10 @@ class CustodianUnreachableError(DaemonError):
     """The custodian could not be reached at start (network, TLS or a timeout)."""
 
 
+class CustodianCertificateError(ConfigError):
+    """The custodian's TLS certificate does not chain to the pinned ``--custodian-ca``."""
+
+
 class EnrolmentRefusedError(DaemonError):
     """The custodian refused to enrol this enclave; the message carries its reason."""
 
