@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -23,14 +24,19 @@ from ._loopback import Loopback
 pytestmark = pytest.mark.integration
 IMAGE = (DIGITS_SAMPLES / "digit-7.png").read_bytes()
 RESTARTS = 3
+# Long enough for the old backoff (up to 5 s, and gRPC's channel backoff on top) to outgrow a 3 s grace.
+DOWN_FOR = 8.0
 
 
-def _deployment(lab: Loopback, name: str, *, grant: int, grace: int, lease_size: int) -> str:
+def _deployment(
+    lab: Loopback, name: str, *, grant: int, grace: int, lease_size: int, zeroize_after: int = 0
+) -> str:
     manifest = lab.tmp / f"{name}-enclave.toml"
     manifest.write_text(reference_values("sim", custodian_ca_der(lab.ca.read_bytes())).to_toml())
     created = lab.custodian.console(
         "deployment", "create", name, "--model", "digits", "--manifest", str(manifest),
         "--offline-grace", str(grace), "--lease-size", str(lease_size),
+        "--zeroize-after", str(zeroize_after),
     )  # fmt: skip
     lab.custodian.console("grant", name, str(grant))
     return str(created["join_token"])
@@ -51,7 +57,8 @@ def test_custodian_restarts_with_a_short_grace_lose_the_borrower_no_unit(tmp_pat
     zeroizes, and in the end the deployment is charged exactly what was served.
     """
     with Loopback(tmp_path) as lab:
-        token = _deployment(lab, "restarts", grant=1000, grace=3, lease_size=50)
+        # Zeroizing is not what is tested here: it waits far longer than the custodian stays down.
+        token = _deployment(lab, "restarts", grant=1000, grace=3, lease_size=50, zeroize_after=120)
         enclave = lab.enclave("restarts", token)
         instance = enclave.ready["instance_id"]
         served = 0
@@ -60,6 +67,7 @@ def test_custodian_restarts_with_a_short_grace_lose_the_borrower_no_unit(tmp_pat
                 conn.infer_image(IMAGE)
                 served += 1
                 assert lab.custodian.stop(signal.SIGTERM) == 0
+                time.sleep(DOWN_FOR)  # the outage itself, not a wait for a result
                 lab.custodian.start()
                 poll(
                     lambda: next(
