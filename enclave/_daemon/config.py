@@ -58,7 +58,7 @@ class DaemonConfig:
     # each with a bound on the calls waiting (past it: refused as busy).
     decode_workers: int = 2
     attest_workers: int = 1
-    waiting_per_pool: int = 16
+    waiting_per_pool: int = 64
     # Calls in progress on the inference server, and per client connection (HTTP/2 streams).
     max_concurrent_rpcs: int = 256
     max_streams_per_connection: int = 100
