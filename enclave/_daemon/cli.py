@@ -8,7 +8,10 @@
                   [--platform tpm --tpm TCTI [--tpm-pcr 15] [--tpm-quote-pcrs 0-7] [--tpm-key rsa|ecc]]
 
 Every flag defaults from an ``ENCLAVE_*`` environment variable (prefer
-``ENCLAVE_TOKEN`` to ``--token``: flags show in the process list).
+``ENCLAVE_TOKEN`` to ``--token``: flags show in the process list). Exit status:
+0 done, 1 a domain error (one line, or one JSON object with ``--json``), 2 the
+command line misused. ``serve`` needs ``--platform``: simulation is never
+picked by default.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from PIL import Image
 
 from enclave._daemon.config import DaemonConfig, custodian_ca_der
 from enclave._daemon.daemon import Daemon, Ready
-from enclave._daemon.errors import ConfigError
+from enclave._daemon.errors import ConfigError, UsageError
+from enclave._daemon.hardening import protect_process
 from enclave._daemon.measured import (
     ATTESTER_PLATFORMS,
     SGX_PLATFORM,
@@ -87,7 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="enclave",
         description="Custos enclave daemon: serve a lent ONNX model inside a TEE, metered by its custodian.",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(
+        dest="command",
+        required=True,
+        metavar="COMMAND",
+        help="manifest (write this build's reference values) or serve (enrol and serve the model)",
+    )
 
     manifest = commands.add_parser(
         "manifest",
@@ -113,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     manifest.add_argument("--out", required=True, metavar="FILE", help="where to write the manifest")
     _tpm_flags(manifest, serve=False)
+    manifest.set_defaults(usage=manifest.format_usage)
     manifest.add_argument(
         "--register",
         action="append",
@@ -147,25 +157,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--listen",
         required=True,
         metavar="HOST:PORT",
-        help="inference endpoint (port 0 picks a free port)",
+        help="inference endpoint, bound before enrolling; port 0 to 65535, 0 picks a free one; "
+        "a port in use is an error",
     )
     _env_flag(
         serve,
         "--platform",
-        required=False,
-        default="sim",
+        required=True,
         choices=ATTESTER_PLATFORMS,
-        help="attestation platform",
+        help="attestation platform, required (sim is for development only: it proves nothing)",
     )
-    _env_flag(serve, "--metrics", required=False, metavar="HOST:PORT", help="Prometheus metrics endpoint")
+    _env_flag(
+        serve,
+        "--metrics",
+        required=False,
+        metavar="HOST:PORT",
+        help="Prometheus metrics endpoint (default: none)",
+    )
     _env_flag(
         serve,
         "--ready-file",
         required=False,
         metavar="PATH",
-        help="written (atomically, JSON) once serving: bound addresses, instance id, model hash",
+        help="written (atomically, JSON) once serving: bound addresses, instance id, model hash; "
+        "removed on exit (default: none)",
     )
     _tpm_flags(serve, serve=True)
+    serve.set_defaults(usage=serve.format_usage)
     tee = serve.add_argument_group("platforms tdx, sev-snp, sgx")
     tee.add_argument(
         "--tsm-report",
@@ -192,12 +210,12 @@ def _tee_options(args: argparse.Namespace) -> TeeOptions | None:
     given = args.tsm_report or args.tsm_entry or args.gramine_root
     if args.platform in TSM_PLATFORMS:
         if args.gramine_root:
-            raise ConfigError("--gramine-root is for --platform sgx")
+            raise UsageError("--gramine-root is for --platform sgx")
     elif args.platform == SGX_PLATFORM:
         if args.tsm_report or args.tsm_entry:
-            raise ConfigError("--tsm-report and --tsm-entry are for --platform tdx or sev-snp")
+            raise UsageError("--tsm-report and --tsm-entry are for --platform tdx or sev-snp")
     elif given:
-        raise ConfigError("--tsm-report, --tsm-entry and --gramine-root are for tdx, sev-snp and sgx")
+        raise UsageError("--tsm-report, --tsm-entry and --gramine-root are for tdx, sev-snp and sgx")
     return TeeOptions(tsm_report=args.tsm_report, tsm_entry=args.tsm_entry, gramine_root=args.gramine_root)
 
 
@@ -215,7 +233,7 @@ def _tpm_flags(parser: argparse.ArgumentParser, *, serve: bool) -> None:
         type=int,
         default=DEFAULT_APP_PCR,
         metavar="N",
-        help=f"application PCR the measurement log is extended into (default {DEFAULT_APP_PCR})",
+        help=f"application PCR the measurement log is extended into, 0 to 23 (default {DEFAULT_APP_PCR})",
     )
     if serve:
         group.add_argument(
@@ -225,7 +243,7 @@ def _tpm_flags(parser: argparse.ArgumentParser, *, serve: bool) -> None:
         "--tpm-quote-pcrs",
         default="",
         metavar="LIST",
-        help="boot PCRs quoted besides the application PCR, e.g. 0-7 or 0,2,4-7",
+        help="boot PCRs (0 to 23) quoted besides the application PCR, e.g. 0-7 or 0,2,4-7 (default: none)",
     )
     if not serve:
         group.add_argument(
@@ -246,17 +264,17 @@ def _tpm_flags(parser: argparse.ArgumentParser, *, serve: bool) -> None:
 def _tpm_options(args: argparse.Namespace, *, serve: bool) -> TpmOptions | None:
     if args.platform != TPM_PLATFORM:
         if args.tpm or args.tpm_quote_pcrs or (not serve and (args.pcr_value or args.tpm_ek_roots)):
-            raise ConfigError("the --tpm flags are for --platform tpm")
+            raise UsageError("the --tpm flags are for --platform tpm")
         return None
     from enclave._daemon.tpm_device import parse_pcr_list
 
     try:
         quote_pcrs = parse_pcr_list(args.tpm_quote_pcrs)
     except ValueError as exc:
-        raise ConfigError(f"--tpm-quote-pcrs: {exc}") from None
+        raise UsageError(f"--tpm-quote-pcrs: {exc}") from None
     if args.tpm is None:
         if serve or not args.pcr_value:
-            raise ConfigError("--platform tpm needs --tpm TCTI" + ("" if serve else " or --pcr-value"))
+            raise UsageError("--platform tpm needs --tpm TCTI" + ("" if serve else " or --pcr-value"))
         return None
     if serve:
         return TpmOptions(args.tpm, app_pcr=args.tpm_pcr, quote_pcrs=quote_pcrs, key_type=args.tpm_key)
@@ -264,7 +282,8 @@ def _tpm_options(args: argparse.Namespace, *, serve: bool) -> TpmOptions | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         stream=sys.stderr,
@@ -274,12 +293,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "manifest":
             return _manifest(args)
         return _serve(args)
+    except UsageError as exc:
+        print(args.usage(), end="", file=sys.stderr)
+        print(f"enclave {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except EnclaveError as exc:
         if args.verbose:
             logger.exception("failed")
-        print(
-            f"enclave: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr
-        )
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if args.json:
+            print(json.dumps({"error": type(exc).__name__, "reason": reason, "exit_code": 1}), flush=True)
+        else:
+            print(f"enclave: error: {reason}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader went away (``| head``): nothing left to say to it, and no traceback about it.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
 
 
@@ -299,7 +328,7 @@ def _manifest(args: argparse.Namespace) -> int:
     else:
         _tpm_options(args, serve=False)
     if args.register and args.platform not in (*TSM_PLATFORMS, SGX_PLATFORM):
-        raise ConfigError("--register is for --platform tdx, sev-snp or sgx")
+        raise UsageError("--register is for --platform tdx, sev-snp or sgx")
     if args.platform in (*TSM_PLATFORMS, SGX_PLATFORM):
         registers = parse_assignments(args.register, "--register")
     reference = reference_values(
@@ -330,6 +359,8 @@ def _manifest(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # Before any secret exists in this process: no core dumps, no ptrace attach, no swap if allowed.
+    protect_process()
     # Pillow warns before it refuses an oversized image; in the daemon that is a refusal at once.
     warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
     config = DaemonConfig(
@@ -361,7 +392,12 @@ def _serve(args: argparse.Namespace) -> int:
                 flush=True,
             )
 
-    asyncio.run(_run(Daemon(config, attester, on_ready=on_ready, new_attester=new_attester)))
+    try:
+        asyncio.run(_run(Daemon(config, attester, on_ready=on_ready, new_attester=new_attester)))
+    finally:
+        # Whoever waits on the ready file must not take a stopped daemon for a serving one.
+        if config.ready_file is not None:
+            config.ready_file.unlink(missing_ok=True)
     return 0
 
 

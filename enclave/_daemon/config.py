@@ -54,6 +54,14 @@ class DaemonConfig:
     default_top_k: int = 5
     intra_op_threads: int = field(default_factory=_default_threads)
     inference_workers: int = 2
+    # Work an unauthenticated caller can cause before any quota is spent gets pools of its own,
+    # each with a bound on the calls waiting (past it: refused as busy).
+    decode_workers: int = 2
+    attest_workers: int = 1
+    waiting_per_pool: int = 64
+    # Calls in progress on the inference server, and per client connection (HTTP/2 streams).
+    max_concurrent_rpcs: int = 256
+    max_streams_per_connection: int = 100
 
     # Seconds.
     connect_timeout: float = 15.0
@@ -86,8 +94,15 @@ class DaemonConfig:
             raise ConfigError(f"max_message_bytes must be between {needed} and {1024 * MiB}")
         if not 1 <= self.default_top_k <= 1000:
             raise ConfigError("default_top_k must be between 1 and 1000")
-        if not 1 <= self.intra_op_threads <= 256 or not 1 <= self.inference_workers <= 256:
+        threads = (self.intra_op_threads, self.inference_workers, self.decode_workers, self.attest_workers)
+        if not all(1 <= count <= 256 for count in threads):
             raise ConfigError("thread counts must be between 1 and 256")
+        if not 0 <= self.waiting_per_pool <= 4096:
+            raise ConfigError("waiting_per_pool must be between 0 and 4096")
+        if not 1 <= self.max_streams_per_connection <= self.max_concurrent_rpcs <= 65536:
+            raise ConfigError(
+                "max_concurrent_rpcs must be at least max_streams_per_connection, at most 65536"
+            )
         for name in ("connect_timeout", "call_timeout", "report_interval", "reconnect_initial"):
             if not 0 < getattr(self, name) <= 3600:
                 raise ConfigError(f"{name} must be positive and at most an hour")
@@ -101,6 +116,15 @@ class DaemonConfig:
         return [
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", self.max_message_bytes),
+        ]
+
+    @property
+    def server_options(self) -> list[tuple[str, int]]:
+        """The inference server's: its port its own (no SO_REUSEPORT sharing), bounded streams."""
+        return [
+            *self.grpc_options,
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_concurrent_streams", self.max_streams_per_connection),
         ]
 
 

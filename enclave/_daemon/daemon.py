@@ -14,6 +14,12 @@ server and drops the model session, the identity key and the link (see
 docs/protocol.md, Zeroization). The next session enrols again as a new
 instance, retrying with backoff while the custodian is unreachable or the
 deployment suspended; it serves on the same port with a new certificate.
+
+Each session binds its inference listener before it enrols
+(``enclave._daemon.listener``): a port it cannot have costs no enrolment and
+no lease. A lease, once opened, is settled with a final report on every way
+out of the session the daemon sees (stop, error, zeroization while the
+custodian is there), so a failure after it opened is not charged in full.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from dataclasses import dataclass
 import grpc
 from cryptography.hazmat.primitives import serialization
 
+from enclave._daemon.admission import BoundedPool
 from enclave._daemon.config import DaemonConfig, custodian_ca_der, parse_address
 from enclave._daemon.enrolment import enrol
 from enclave._daemon.errors import (
@@ -39,16 +46,18 @@ from enclave._daemon.errors import (
     CustodianUnreachableError,
     DeploymentSuspendedError,
     LeaseUnavailableError,
+    ListenError,
 )
 from enclave._daemon.inference import InferenceService
 from enclave._daemon.lease import Lease
 from enclave._daemon.link import Backoff, CustodianLink
+from enclave._daemon.listener import InferenceListener
 from enclave._daemon.measured import MeasuredIdentity, attester_for
 from enclave._daemon.metrics import DaemonMetrics, MetricsServer
+from enclave._daemon.outage import Outage
 from enclave._daemon.runtime import ModelRuntime
 from enclave.attestation import Attester, MeasurementEvent, measurement
 from enclave.identity import attested_certificate, private_key_pem
-from protos import custos_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +65,8 @@ logger = logging.getLogger(__name__)
 WATCHDOG_INTERVAL = 0.25
 # Seconds a zeroizing enclave tries to deliver its final report.
 ZEROIZE_REPORT_GRACE = 2.0
+# Seconds a new session waits for the port of the previous one to be free again.
+REBIND_WAIT = 5.0
 # Re-enrolment keeps trying through these; anything else ends the daemon.
 _RETRIED = (CustodianUnreachableError, DeploymentSuspendedError, LeaseUnavailableError)
 
@@ -96,6 +107,10 @@ class Daemon:
         self._on_ready = on_ready
         self._stop = asyncio.Event()
         self._executor = ThreadPoolExecutor(config.inference_workers, thread_name_prefix="inference")
+        self._decoding = BoundedPool("decode", workers=config.decode_workers, waiting=config.waiting_per_pool)
+        self._attesting = BoundedPool(
+            "attest", workers=config.attest_workers, waiting=config.waiting_per_pool
+        )
         self._port = 0
         self._code_event: MeasurementEvent | None = None
         self._metrics_address: str | None = None
@@ -114,6 +129,8 @@ class Daemon:
         """Serve until ``request_stop``; raise a ``DaemonError`` when the enclave cannot serve."""
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(self._executor.shutdown, wait=False, cancel_futures=True)
+            stack.callback(self._decoding.shutdown)
+            stack.callback(self._attesting.shutdown)
             self._start_metrics(stack)
             while not await self._session():
                 logger.warning("enrolling again as a new instance")
@@ -150,24 +167,37 @@ class Daemon:
             await self.link.close(final_report=True)
             return True
 
-    async def _start(self, stack: contextlib.AsyncExitStack) -> grpc.aio.Server:
+    async def _start(self, stack: contextlib.AsyncExitStack) -> InferenceListener:
+        # Bound before enrolling: a port this daemon cannot have must not cost an enrolment or a lease.
+        listener = await self._bind()
+        stack.push_async_callback(listener.stop, None)
         if self.sessions == 0:
-            return await self._serve(stack)
+            await self._serve(stack, listener)
+            return listener
         backoff = Backoff(self.config.reconnect_initial, self.config.reconnect_max)
+        waiting = Outage(logger, "cannot enrol again yet")
         while True:
+            # Each attempt's link is its own: a failed one is undone before the next.
+            attempt = contextlib.AsyncExitStack()
             try:
-                return await self._serve(stack)
+                await self._serve(attempt, listener)
             except _RETRIED as exc:
-                logger.warning("cannot enrol again yet: %s", exc)
-            if self.link is not None:
-                await self.link.close(final_report=False)
+                waiting.failed(str(exc))
+                await attempt.aclose()
+            except BaseException:
+                await attempt.aclose()
+                raise
+            else:
+                stack.push_async_callback(attempt.aclose)
+                return listener
             await asyncio.sleep(backoff.next())
 
-    async def _serve(self, stack: contextlib.AsyncExitStack) -> grpc.aio.Server:
+    async def _serve(self, stack: contextlib.AsyncExitStack, listener: InferenceListener) -> None:
         config = self.config
         if self.sessions > 0:
             self._fresh_state()
         self.sessions += 1
+        listener.serve(self.service)
         # The code running is the code measured at start, whatever the files on disk say later.
         if self._code_event is None:
             self._code_event = await asyncio.to_thread(measurement.code_event)
@@ -175,14 +205,15 @@ class Daemon:
         self.identity.measure(measurement.config_event(custodian_ca_der(config.custodian_ca_pem)))
         enrolment = await enrol(config, self.identity)
         self.link = link = CustodianLink(config, self.identity, enrolment, self.lease, self.metrics)
-        stack.push_async_callback(link.close, final_report=False)
+        # Whatever ends this session settles its lease, if it holds one and the custodian is there.
+        stack.push_async_callback(link.close, final_report=True, grace=ZEROIZE_REPORT_GRACE)
 
         pushed = await link.fetch_model()
         try:
             runtime = await asyncio.get_running_loop().run_in_executor(
                 self._executor,
                 lambda: ModelRuntime(
-                    bytes(pushed.plaintext), sha384=pushed.sha384, intra_op_threads=config.intra_op_threads
+                    pushed.plaintext, sha384=pushed.sha384, intra_op_threads=config.intra_op_threads
                 ),
             )
         finally:
@@ -196,22 +227,10 @@ class Daemon:
             reason = f"{exc.code().name}: {exc.details()}"
             raise LeaseUnavailableError(f"custodian granted no lease ({reason})") from None
 
-        server = grpc.aio.server(options=config.grpc_options)
-        custos_pb2_grpc.add_InferenceServicer_to_server(self.service, server)
-        host, _ = parse_address(config.listen, what="--listen")
-        address = f"{host}:{self._port}" if self._port else config.listen
-        try:
-            port = server.add_secure_port(address, await self._tls_credentials())
-        except RuntimeError:
-            port = 0
-        if port == 0:
-            raise ConfigError(f"cannot listen on {address}")
-        self._port = port
-        await server.start()
-        stack.push_async_callback(server.stop, None)
+        await listener.start(*await self._tls_identity())
 
         ready = Ready(
-            inference=f"{host}:{port}",
+            inference=listener.address,
             metrics=self._metrics_address,
             instance_id=enrolment.instance_id,
             model_sha384=pushed.sha384.hex(),
@@ -220,7 +239,23 @@ class Daemon:
         logger.info("serving on %s as instance %s", ready.inference, ready.instance_id)
         if self._on_ready is not None:
             self._on_ready(ready)
-        return server
+
+    async def _bind(self) -> InferenceListener:
+        """The inference listener; after the first session, on the port the daemon served on."""
+        if not self._port:
+            listener = InferenceListener(self.config, self.config.listen)
+            self._port = listener.port
+            return listener
+        host, _ = parse_address(self.config.listen, what="--listen")
+        deadline = self._clock() + REBIND_WAIT
+        while True:
+            try:
+                return InferenceListener(self.config, f"{host}:{self._port}")
+            except ListenError:
+                # gRPC closes a stopped server's socket a moment after stop() returns.
+                if self._clock() > deadline:
+                    raise
+            await asyncio.sleep(WATCHDOG_INTERVAL / 5)
 
     def _fresh_state(self) -> None:
         """A new identity key, attester, lease and service: nothing carries over to the next instance."""
@@ -236,6 +271,8 @@ class Daemon:
             self.lease,
             self.metrics,
             self._executor,
+            decoding=self._decoding,
+            attesting=self._attesting,
             custodian_reachable=lambda: self.link is not None and self.link.connected,
         )
 
@@ -253,7 +290,7 @@ class Daemon:
             if zeroize_after > 0 and lease.silent_for > zeroize_after:
                 return "offline"
 
-    async def _zeroize(self, server: grpc.aio.Server, link_run: asyncio.Future[None], reason: str) -> None:
+    async def _zeroize(self, server: InferenceListener, link_run: asyncio.Future[None], reason: str) -> None:
         assert self.link is not None
         logger.warning(
             "zeroizing (%s): dropping the model and the keys of instance %s",
@@ -286,15 +323,13 @@ class Daemon:
         stack.callback(server.close)
         self._metrics_address = f"{host}:{server.port}"
 
-    async def _tls_credentials(self) -> grpc.ServerCredentials:
-        """A certificate for the identity key carrying fresh evidence, its log including the model."""
+    async def _tls_identity(self) -> tuple[bytes, bytes]:
+        """The identity key and a certificate for it carrying fresh evidence, its log including the model."""
         evidence, claims = await asyncio.to_thread(self.identity.attest, "tls", os.urandom(32))
         certificate = attested_certificate(
             self.identity.key, evidence, claims, now=datetime.datetime.now(datetime.UTC)
         )
-        return grpc.ssl_server_credentials(
-            [(private_key_pem(self.identity.key), certificate.public_bytes(serialization.Encoding.PEM))]
-        )
+        return private_key_pem(self.identity.key), certificate.public_bytes(serialization.Encoding.PEM)
 
 
 async def _cancel(task: asyncio.Future[None]) -> None:

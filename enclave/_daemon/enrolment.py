@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from enclave._daemon.config import DaemonConfig, parse_address
+from enclave._daemon.custodian_tls import check_custodian_certificate
 from enclave._daemon.errors import (
     CustodianUnreachableError,
     DaemonError,
@@ -184,6 +185,8 @@ async def _challenge(
             return await stub.GetChallenge(request, timeout=config.call_timeout)
         except grpc.aio.AioRpcError as exc:
             error = _enrol_error(exc, config)
+            if isinstance(error, CustodianUnreachableError):
+                await check_custodian_certificate(config, CUSTODIAN_TLS_NAME)  # a wrong CA: say so at once
             if isinstance(error, EnrolmentRefusedError) or time.monotonic() + delay >= deadline:
                 raise error from None
             logger.info("custodian not reachable yet (%s), retrying in %.1f s", exc.code().name, delay)

@@ -13,8 +13,23 @@ class ConfigError(DaemonError):
     """A flag, a file named by a flag, or a configuration bound is unusable."""
 
 
+class UsageError(ConfigError):
+    """Flags that do not go together (the command line is misused: exit status 2)."""
+
+
+class ListenError(ConfigError):
+    """A listener could not be bound (the address is in use, or not this host's)."""
+
+
 class InvalidInputError(DaemonError):
     """An inference input was refused before it used any quota. The message says why."""
+
+
+class BusyError(DaemonError):
+    """Too many calls are waiting for the same kind of work; the caller may retry later."""
+
+    def __init__(self, work: str) -> None:
+        super().__init__(f"enclave is busy ({work}): too many calls waiting, retry later")
 
 
 class ModelNotLoadedError(DaemonError):
@@ -60,6 +75,10 @@ class CustodianOfflineError(QuotaError):
 
 class CustodianUnreachableError(DaemonError):
     """The custodian could not be reached at start (network, TLS or a timeout)."""
+
+
+class CustodianCertificateError(ConfigError):
+    """The custodian's TLS certificate does not chain to the pinned ``--custodian-ca``."""
 
 
 class EnrolmentRefusedError(DaemonError):

@@ -2,7 +2,10 @@
 
 ``Infer`` validates the input first (an invalid input costs no quota), then
 reserves one unit of the lease, runs the model in an executor, and commits the
-unit on success or refunds it on failure.
+unit on success or refunds it on failure. Decoding and evidence, the work a
+caller can cause without spending quota, run in bounded pools of their own
+(``enclave._daemon.admission``): a flood of them is refused as busy and never
+delays the model runs of callers who pay.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ from typing import Any
 import grpc
 
 from enclave._daemon import status
+from enclave._daemon.admission import BoundedPool
 from enclave._daemon.config import DaemonConfig
 from enclave._daemon.errors import (
+    BusyError,
     CustodianOfflineError,
     InvalidInputError,
     LeaseRevokedError,
@@ -34,6 +39,8 @@ from enclave.errors import EnclaveError
 from protos import custos_pb2, custos_pb2_grpc
 
 ATTEST_NONCE_SIZES = range(16, 65)
+# Scores an answer may carry (the client asks for 1 to 1000 as well).
+MAX_TOP_K = 1000
 
 _OUTCOMES: tuple[tuple[type[EnclaveError], str], ...] = (
     (InvalidInputError, "invalid_input"),
@@ -41,6 +48,7 @@ _OUTCOMES: tuple[tuple[type[EnclaveError], str], ...] = (
     (LeaseRevokedError, "refused_quota"),
     (SuspendedError, "refused_suspended"),
     (CustodianOfflineError, "refused_offline"),
+    (BusyError, "refused_busy"),
 )
 
 
@@ -57,6 +65,8 @@ class InferenceService(custos_pb2_grpc.InferenceServicer):
         metrics: DaemonMetrics,
         executor: Executor,
         *,
+        decoding: BoundedPool,
+        attesting: BoundedPool,
         custodian_reachable: Callable[[], bool],
     ) -> None:
         self._config = config
@@ -64,6 +74,8 @@ class InferenceService(custos_pb2_grpc.InferenceServicer):
         self._lease = lease
         self._metrics = metrics
         self._executor = executor
+        self._decoding = decoding
+        self._attesting = attesting
         self._custodian_reachable = custodian_reachable
         self._limits = InputLimits(
             max_image_bytes=config.max_image_bytes,
@@ -93,12 +105,15 @@ class InferenceService(custos_pb2_grpc.InferenceServicer):
         model = self.model
         if model is None:
             raise ModelNotLoadedError()
-        loop = asyncio.get_running_loop()
-        tensor = await loop.run_in_executor(self._executor, self._prepare, model, request)
         top_k = request.top_k or self._config.default_top_k
+        if top_k > MAX_TOP_K:
+            raise InvalidInputError(f"top_k must be 1 to {MAX_TOP_K}, got {top_k}")
+        tensor = await self._decoding.run(self._prepare, model, request)
         await self._lease.reserve()
         try:
-            scores = await loop.run_in_executor(self._executor, model.run, tensor, top_k)
+            scores = await asyncio.get_running_loop().run_in_executor(
+                self._executor, model.run, tensor, top_k
+            )
         except BaseException:
             self._lease.refund()
             raise
@@ -128,9 +143,10 @@ class InferenceService(custos_pb2_grpc.InferenceServicer):
             low, high = ATTEST_NONCE_SIZES.start, ATTEST_NONCE_SIZES.stop - 1
             error = InvalidInputError(f"nonce must be {low} to {high} bytes, got {len(nonce)}")
             await status.abort(context, error)
-        evidence, claims = await asyncio.get_running_loop().run_in_executor(
-            self._executor, self._identity.attest, "attest", nonce
-        )
+        try:
+            evidence, claims = await self._attesting.run(self._identity.attest, "attest", nonce)
+        except BusyError as exc:
+            await status.abort(context, exc)
         return custos_pb2.AttestResponse(evidence=evidence, claims=claims)
 
     async def Status(  # noqa: N802 -- gRPC method name

@@ -100,8 +100,15 @@ class Lease:
 
     # ------------------------------------------------------- from custodian
 
-    def apply(self, terms: LeaseTerms) -> None:
-        """A ``Lease`` from the custodian: new limit, suspension, balance, deadline."""
+    def apply(self, terms: LeaseTerms, *, closed: bool = False) -> None:
+        """A ``Lease`` from the custodian: new limit, suspension, balance, deadline.
+
+        ``closed``: the answer to this enclave's own final report, which closed the lease; the
+        custodian took its final count, and its end is no news worth a warning.
+        """
+        if closed and terms.lease_id != self.lease_id:
+            logger.info("lease %s closed with %d units", self.lease_id, self.committed)
+            self.lease_id, self.committed, self.limit = terms.lease_id, 0, terms.limit
         if terms.lease_id != self.lease_id:
             if self.lease_id:
                 logger.warning(

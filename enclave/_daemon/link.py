@@ -19,6 +19,11 @@ keeps the control stream open:
   exponential backoff and jitter, reports what was served meanwhile, acquires
   the lease again and reopens the stream. Losing the custodian never stops
   the daemon; the lease's offline deadline decides what is served.
+- reconnection, ours and the gRPC channel's own, backs off to at most a fifth
+  of the offline grace: a restarted custodian gives every active lease a fresh
+  grace, and the enclave must be back, with its usage reported, well within
+  it, or the lease expires and is charged in full. While the custodian is
+  away the log says so once, then rarely (``enclave._daemon.outage``).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from enclave._daemon.lease import Lease, LeaseTerms
 from enclave._daemon.measured import MeasuredIdentity
 from enclave._daemon.metrics import DaemonMetrics
 from enclave._daemon.model_push import PushedModel, receive_model
+from enclave._daemon.outage import Outage
 from enclave.receipts import GENESIS, Receipt, sign_receipt
 from protos import custos_pb2, custos_pb2_grpc
 
@@ -76,6 +82,11 @@ def lease_terms(message: custos_pb2.Lease) -> LeaseTerms:
     )
 
 
+def reconnect_cap(config: DaemonConfig, offline_grace: float) -> float:
+    """The longest wait between two reconnection tries: well under the offline grace."""
+    return max(config.reconnect_initial, min(config.reconnect_max, offline_grace / 5))
+
+
 def heartbeat_silence(valid_for: float) -> float:
     """How long the control stream may stay silent: two heartbeat periods and a second."""
     period = max(1.0, min(5.0, valid_for / 3))
@@ -99,11 +110,21 @@ class CustodianLink:
         self.lease = lease
         self._metrics = metrics
         self._rng = rng
+        self._reconnect_max = reconnect_cap(config, enrolment.offline_grace)
+        # gRPC's channel backs off on its own between connection attempts (up to two minutes by
+        # default), and fails calls at once meanwhile: it must come back as soon as ours would.
+        backoff_ms = round(self._reconnect_max * 1000)
         self._channel = grpc.aio.secure_channel(
             enrolment.gateway,
             gateway_credentials(config, identity, enrolment),
-            options=channel_options(config),
+            options=[
+                *channel_options(config),
+                ("grpc.initial_reconnect_backoff_ms", round(config.reconnect_initial * 1000)),
+                ("grpc.min_reconnect_backoff_ms", round(config.reconnect_initial * 1000)),
+                ("grpc.max_reconnect_backoff_ms", backoff_ms),
+            ],
         )
+        self._outage = Outage(logger, "custodian unreachable")
         self._stub = custos_pb2_grpc.EnclaveGatewayStub(self._channel)
         lease.topup_size = enrolment.lease_size
         self.model_sha384 = b""
@@ -218,12 +239,12 @@ class CustodianLink:
             reply = await self._exchange(report)
         except _ReportStreamError as exc:
             self._drop_report_stream()
-            logger.warning("usage report %d failed (%s); it will be retried", report.seq, exc)
+            self._outage.failed(f"usage report {report.seq}: {exc}")
             return False
         if reply.WhichOneof("outcome") != "lease":
             code, message = reply.refusal.code, reply.refusal.message
             if code not in _REPORT_REFUSALS:
-                logger.warning("usage report %d failed (%s); it will be retried", report.seq, code)
+                self._outage.failed(f"usage report {report.seq}: {code}")
                 return False
             logger.error(
                 "custodian refused usage report %d (used %d): %s: %s", report.seq, report.used, code, message
@@ -235,7 +256,7 @@ class CustodianLink:
             return False
         self._settle(report)
         self.receipt_seq, self._receipt_head = receipt.seq, receipt.digest()
-        self.lease.apply(lease_terms(reply.lease))
+        self.lease.apply(lease_terms(reply.lease), closed=report.final)
         if report.want_more:
             self.lease.topup_answered()
         self._set_connected(True)
@@ -290,31 +311,31 @@ class CustodianLink:
                 try:
                     await self.acquire_lease()
                 except grpc.aio.AioRpcError as exc:
-                    logger.warning("no new lease yet (%s)", exc.code().name)
+                    self._outage.failed(f"no new lease yet: {exc.code().name}")
                     await asyncio.sleep(interval)
 
     async def _watch_loop(self) -> None:
-        backoff = Backoff(self._config.reconnect_initial, self._config.reconnect_max, self._rng)
+        backoff = Backoff(self._config.reconnect_initial, self._reconnect_max, self._rng)
         while True:
             try:
                 await self._watch(backoff)
                 reason = "control stream closed"
             except grpc.aio.AioRpcError as exc:
-                reason = f"{exc.code().name}: {exc.details()}"
+                reason = exc.code().name
             except TimeoutError:
                 reason = "control stream went silent"
             self._set_connected(False)
-            logger.warning("lost the custodian (%s); reconnecting", reason)
+            self._outage.failed(reason)
             while True:
                 await asyncio.sleep(backoff.next())
                 try:
-                    # What was served while the custodian was away, then the lease again.
-                    await self.report()
+                    # The lease first (its grace is running out), then what was served meanwhile.
                     await self.acquire_lease()
                     break
                 except grpc.aio.AioRpcError as exc:
-                    logger.info("custodian still unreachable (%s)", exc.code().name)
-            logger.info("reconnected to the custodian")
+                    self._outage.failed(exc.code().name)
+            await self.report()
+            self._outage.over("reconnected to the custodian")
 
     async def _watch(self, backoff: Backoff) -> None:
         call = self._stub.Watch(custos_pb2.WatchRequest())

@@ -8,7 +8,15 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-OUTCOMES = ("served", "refused_quota", "refused_suspended", "refused_offline", "invalid_input", "error")
+OUTCOMES = (
+    "served",
+    "refused_quota",
+    "refused_suspended",
+    "refused_offline",
+    "refused_busy",
+    "invalid_input",
+    "error",
+)
 ZEROIZE_REASONS = ("suspended", "offline")
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 

@@ -28,6 +28,10 @@ _CHANNELS = {"L": 1, "RGB": 3}
 _FORMATS = ("PNG", "JPEG")
 _MAX_SIDE = 1 << 14
 _MAX_LABELS = 1 << 20
+# An image may have at most this many times the pixels of the model's input (8x each side)...
+MAX_IMAGE_AREA_RATIO = 64
+# ...or this many, if more: a small model still takes an ordinary photo's thumbnail.
+MIN_IMAGE_PIXEL_ALLOWANCE = 1024 * 1024
 
 Dims = tuple[int | None, ...]
 FloatArray = npt.NDArray[np.float32]
@@ -53,6 +57,11 @@ class ImageSpec:
     @property
     def channels(self) -> int:
         return _CHANNELS[self.mode]
+
+    def pixel_limit(self, limits: InputLimits) -> int:
+        """The most pixels an image for this model may declare: decoding more only burns CPU."""
+        allowance = max(self.width * self.height * MAX_IMAGE_AREA_RATIO, MIN_IMAGE_PIXEL_ALLOWANCE)
+        return min(limits.max_image_pixels, allowance)
 
     @classmethod
     def from_metadata(cls, text: str) -> ImageSpec:
@@ -101,17 +110,20 @@ def image_to_tensor(data: bytes, spec: ImageSpec, limits: InputLimits) -> FloatA
     """Decode a PNG or JPEG and shape it as the model's [1, C, H, W] float32 input."""
     if len(data) > limits.max_image_bytes:
         raise InvalidInputError(f"image is {len(data)} bytes, over the {limits.max_image_bytes}-byte limit")
+    pixel_limit = spec.pixel_limit(limits)
     try:
+        # open() reads the header only: the declared size is refused before any pixel is decoded.
         with Image.open(io.BytesIO(data), formats=_FORMATS) as image:
             width, height = image.size
-            if width * height > limits.max_image_pixels:
+            if width * height > pixel_limit:
                 raise InvalidInputError(
-                    f"image is {width}x{height} pixels, over the {limits.max_image_pixels}-pixel limit"
+                    f"image is {width}x{height} pixels, over the {pixel_limit}-pixel limit for this "
+                    f"model's {spec.width}x{spec.height} input"
                 )
             image.load()
             pixels = _convert(image, spec)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InvalidInputError(f"image is over the {limits.max_image_pixels}-pixel limit") from None
+        raise InvalidInputError(f"image is over the {pixel_limit}-pixel limit") from None
     except UnidentifiedImageError:
         raise InvalidInputError("not an image: expected PNG or JPEG data") from None
     except (OSError, SyntaxError, ValueError, EOFError):

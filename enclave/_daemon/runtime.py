@@ -1,13 +1,19 @@
 """The model runtime: an onnxruntime session built from model bytes held in memory.
 
 This is the only module that imports onnxruntime. The model never touches the
-disk: the session is built from the decrypted bytes directly.
+disk: the session is built from the decrypted bytes directly. onnxruntime
+takes only ``bytes``, and keeps a reference to them as long as the session
+lives; that one copy is wiped in place as soon as the session is built (the
+session holds its own parsed graph), so no plaintext copy outlives the load
+in Python memory unwiped.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 # Scores that sum to 1 within this tolerance are taken as probabilities already.
 _PROBABILITY_TOLERANCE = 1e-3
+# Where a CPython ``bytes`` object's data starts (its fixed header, less the one byte of data it counts).
+_BYTES_DATA_OFFSET = bytes.__basicsize__ - 1
 
 
 @dataclass(frozen=True)
@@ -39,17 +47,20 @@ class ClassScore:
 class ModelRuntime:
     """One loaded classifier: its input, its metadata, and ``run`` for one input tensor."""
 
-    def __init__(self, model: bytes, *, sha384: bytes, intra_op_threads: int) -> None:
+    def __init__(self, model: bytearray, *, sha384: bytes, intra_op_threads: int) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        serialized = bytes(model)
         try:
             self._session = ort.InferenceSession(
-                model, sess_options=options, providers=["CPUExecutionProvider"]
+                serialized, sess_options=options, providers=["CPUExecutionProvider"]
             )
         except Exception as exc:  # onnxruntime raises its own untyped errors for a bad model
             raise ModelRefusedError(f"model does not load in onnxruntime: {_first_line(exc)}") from None
+        finally:
+            wipe_bytes(serialized)
         inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
         if len(inputs) != 1 or not outputs:
             raise ModelRefusedError(f"model must have one input and an output, has {len(inputs)} inputs")
@@ -96,6 +107,13 @@ class ModelRuntime:
 
     def _label(self, index: int) -> str:
         return self.labels[index] if index < len(self.labels) else ""
+
+
+def wipe_bytes(data: bytes) -> None:
+    """Overwrite an immutable ``bytes`` object with zeros, for the one this module made and owns."""
+    if sys.implementation.name != "cpython":
+        raise RuntimeError("wiping bytes in place needs CPython's object layout")
+    ctypes.memset(id(data) + _BYTES_DATA_OFFSET, 0, len(data))
 
 
 def _static_classes(shape: list[object]) -> int | None:

@@ -7,6 +7,7 @@ from typing import Any, NoReturn
 import grpc
 
 from enclave._daemon.errors import (
+    BusyError,
     CustodianOfflineError,
     InferenceError,
     InvalidInputError,
@@ -23,6 +24,7 @@ _CODES: tuple[tuple[type[EnclaveError], grpc.StatusCode], ...] = (
     (SuspendedError, grpc.StatusCode.PERMISSION_DENIED),
     (LeaseRevokedError, grpc.StatusCode.PERMISSION_DENIED),
     (QuotaExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (BusyError, grpc.StatusCode.UNAVAILABLE),
     (CustodianOfflineError, grpc.StatusCode.UNAVAILABLE),
     (InferenceError, grpc.StatusCode.INTERNAL),
 )

@@ -211,7 +211,7 @@ def test_enrolment_refusals_name_the_reason(system: System) -> None:
     wrong_ca.write_text(_other_ca_pem())
     third, token = system.deployment(grant=1)
     err = system.refused(system.enclave(third, token, wait=False, ca=wrong_ca))
-    assert "cannot reach the custodian" in err  # the TLS handshake fails: the enclave pins another CA
+    assert "does not chain to --custodian-ca" in err  # the enclave pins another CA: said at once
     enclaves = system.custodian.console("enclaves")
     rows = enclaves["enclaves"] if isinstance(enclaves, dict) else enclaves
     assert not [row for row in rows if row["deployment"] in {name, other, third}]

@@ -407,7 +407,7 @@ def test_exactly_the_balance_is_served_under_load_across_two_instances(lab: Lab)
         for conn in connections:
             conn.close()
     assert outcomes.count("served") == 300
-    assert outcomes.count("exhausted") == 700
+    assert outcomes.count("exhausted") == 700, tally.counts
     for enclave in enclaves:
         assert enclave.stop(signal.SIGTERM) == 0
     usage = lab.custodian.usage(name)

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import ssl
+import subprocess
 import sys
 from pathlib import Path
 
@@ -80,6 +81,22 @@ def test_flags_default_from_the_environment(
             ["manifest", "--custodian-ca", "ca.pem", "--out", "x", "--platform", "nitro"], id="platform"
         ),
         pytest.param(["serve", "--custodian-ca", "ca.pem"], id="serve-missing-flags"),
+        pytest.param(
+            [
+                "serve",
+                "--custodian",
+                "h:1",
+                "--custodian-ca",
+                "c",
+                "--deployment",
+                "d",
+                "--listen",
+                "h:0",
+                "--token",
+                "t",
+            ],
+            id="serve-without-platform",
+        ),
     ],
 )
 def test_argument_misuse_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -97,6 +114,7 @@ def serve_argv(ca: Path, **flags: str | None) -> list[str]:
         "--deployment": "demo",
         "--token": "t",
         "--listen": "127.0.0.1:0",
+        "--platform": "sim",
     }
     argv.update(flags)
     return ["serve", *(item for flag, value in argv.items() if value is not None for item in (flag, value))]
@@ -206,3 +224,72 @@ def test_serve_exits_1_with_the_refusal_reason(tmp_path: Path, capsys: pytest.Ca
     assert (
         "custodian refused enrolment (PERMISSION_DENIED): join token is not valid" in capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        pytest.param(
+            {"--tpm": "device:/dev/tpmrm0"}, "the --tpm flags are for --platform tpm", id="tpm-on-sim"
+        ),
+        pytest.param({"--platform": "tpm"}, "--platform tpm needs --tpm TCTI", id="tpm-without-tcti"),
+        pytest.param({"--tsm-report": "/tmp"}, "are for tdx, sev-snp and sgx", id="tsm-on-sim"),
+    ],
+)
+def test_flags_that_do_not_go_together_are_misuse_exit_2(
+    flags: dict[str, str],
+    message: str,
+    ca_file: tuple[Path, CertAuthority],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Issue 13 item 19: these exited 1 like a domain error."""
+    assert main(serve_argv(ca_file[0], **flags)) == 2
+    err = capsys.readouterr().err
+    assert "usage: enclave serve" in err
+    assert message in err
+
+
+def test_json_errors_are_one_json_object(
+    ca_file: tuple[Path, CertAuthority], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 13 item 19: with --json, a domain error was plain text."""
+    assert main([*serve_argv(ca_file[0], **{"--listen": "nowhere"}), "--json"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc == {
+        "error": "ConfigError",
+        "reason": "--listen must be HOST:PORT, got 'nowhere'",
+        "exit_code": 1,
+    }
+
+
+def test_help_describes_the_command_and_the_platform_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "manifest (write this build's reference values) or serve" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "attestation platform, required" in text
+    assert "port 0 to 65535, 0 picks a free one" in text
+    assert "0 to 23 (default 15)" in text
+    assert "removed on exit" in text
+
+
+def test_a_closed_pipe_is_no_error(ca_file: tuple[Path, CertAuthority], tmp_path: Path) -> None:
+    """Issue 13 item 19: ``enclave manifest ... | head -c0`` printed a BrokenPipeError traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ENCLAVE_")}
+    argv = [str(ENCLAVE), "manifest", "--platform", "sim", "--custodian-ca", str(ca_file[0])]
+    process = subprocess.Popen(
+        [*argv, "--out", str(tmp_path / "m.toml"), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert process.stdout is not None
+    assert process.stderr is not None
+    process.stdout.close()  # the reader is gone before the first line
+    stderr = process.stderr.read().decode()
+    process.stderr.close()
+    process.wait(timeout=60)
+    assert "Traceback" not in stderr, stderr
+    assert "BrokenPipe" not in stderr, stderr

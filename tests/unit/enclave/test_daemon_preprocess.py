@@ -195,3 +195,46 @@ def test_labels_metadata() -> None:
     for bad in ("{", '{"a": 1}', "[1, 2]"):
         with pytest.raises(ModelRefusedError):
             labels_from_metadata(bad)
+
+
+def truncated_png(width: int, height: int) -> bytes:
+    """A PNG declaring ``width`` x ``height`` gray pixels, cut off inside its pixel data."""
+    rows = b"".join(b"\x00" + bytes(width) for _ in range(min(height, 64)))
+    header = png_header_only(width, height)[:-12]  # without IEND
+    body = zlib.compress(rows)
+    idat = struct.pack(">I", len(body)) + b"IDAT" + body + struct.pack(">I", zlib.crc32(b"IDAT" + body))
+    return header + idat
+
+
+DAEMON_LIMITS = InputLimits(max_image_bytes=8 << 20, max_image_pixels=4096 * 4096, max_tensor_bytes=16 << 20)
+DIGITS = ImageSpec(mode="L", width=28, height=28, scale=1 / 255)
+
+
+def test_declared_pixels_are_limited_by_the_model_input_before_decoding() -> None:
+    """Issue 13 item 4: a small truncated PNG declaring 4096x4096 pixels is refused from its header.
+
+    It is within the daemon's absolute pixel bound, so it used to be decoded in full (about 90 ms
+    of CPU) before being refused as corrupt.
+    """
+    data = truncated_png(4096, 4096)
+    assert len(data) < 64 * 1024
+    with pytest.raises(InvalidInputError, match="over the 1048576-pixel limit for this model's 28x28 input"):
+        image_to_tensor(data, DIGITS, DAEMON_LIMITS)
+
+
+@pytest.mark.parametrize(
+    ("spec", "side", "accepted"),
+    [
+        pytest.param(DIGITS, 1024, True, id="small-model-takes-a-megapixel"),
+        pytest.param(DIGITS, 1025, False, id="small-model-past-a-megapixel"),
+        pytest.param(ImageSpec(mode="L", width=224, height=224, scale=1.0), 1792, True, id="8x-each-side"),
+        pytest.param(ImageSpec(mode="L", width=224, height=224, scale=1.0), 1793, False, id="past-8x"),
+    ],
+)
+def test_pixel_limit_scales_with_the_model_input(spec: ImageSpec, side: int, accepted: bool) -> None:
+    data = encode(Image.new("L", (side, side)))
+    if accepted:
+        assert image_to_tensor(data, spec, DAEMON_LIMITS).shape == (1, 1, spec.height, spec.width)
+    else:
+        with pytest.raises(InvalidInputError, match="pixel limit for this model"):
+            image_to_tensor(data, spec, DAEMON_LIMITS)

@@ -14,7 +14,7 @@ SHA = bytes(range(48))
 
 
 def load(data: bytes) -> ModelRuntime:
-    return ModelRuntime(data, sha384=SHA, intra_op_threads=1)
+    return ModelRuntime(bytearray(data), sha384=SHA, intra_op_threads=1)
 
 
 def sample(seed: int, shape: tuple[int, ...] = (1, 1, 4, 4)) -> np.ndarray:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import gc
 import io
 import os
 import ssl
+import threading
+import types
 import urllib.request
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from enclave._daemon.admission import BoundedPool
 from enclave._daemon.daemon import Daemon, Ready
 from enclave._daemon.errors import ModelRefusedError
 from enclave._daemon.inference import InferenceService
@@ -298,6 +302,8 @@ def test_inference_without_a_model_is_a_failed_precondition() -> None:
                 Lease(topup_wait=0),
                 DaemonMetrics(),
                 executor,
+                decoding=BoundedPool("decode", workers=1, waiting=0),
+                attesting=BoundedPool("attest", workers=1, waiting=0),
                 custodian_reachable=lambda: False,
             )
             server = grpc.aio.server()
@@ -313,5 +319,83 @@ def test_inference_without_a_model_is_a_failed_precondition() -> None:
                     assert not status.model_loaded
             finally:
                 await server.stop(None)
+
+    asyncio.run(run())
+
+
+def test_top_k_is_bounded_on_the_server_before_it_costs_quota() -> None:
+    """Issue 13 item 8: the client's 1..1000 bound is not enough; the enclave enforces it too."""
+    gateway = FakeGateway(model=TINY.data)
+
+    async def run() -> None:
+        async with running(gateway) as r:
+            with expect_code(grpc.StatusCode.INVALID_ARGUMENT, "top_k must be 1 to 1000, got 1001"):
+                await r.infer(image=png(), top_k=1001)
+            with expect_code(grpc.StatusCode.INVALID_ARGUMENT, "top_k"):
+                await r.infer(image=png(), top_k=2**32 - 1)
+            assert (r.daemon.lease.committed, r.daemon.lease.reserved) == (0, 0)
+            reply = await r.infer(image=png(), top_k=1000)
+            assert len(reply.top) == len(TINY.labels)
+
+    asyncio.run(run())
+
+
+def test_attest_and_decoding_do_not_wait_for_a_busy_inference_pool() -> None:
+    """Issue 13 item 4: evidence and decoding have pools of their own, each with a bound."""
+    gateway = FakeGateway(model=TINY.data)
+    release = threading.Event()
+
+    async def run() -> None:
+        async with running(gateway, inference_workers=1, decode_workers=1, waiting_per_pool=0) as r:
+            blocked = asyncio.get_running_loop().run_in_executor(r.daemon._executor, release.wait, 60)
+            try:
+                reply = await r.stub.Attest(custos_pb2.AttestRequest(nonce=os.urandom(32)), timeout=30)
+                assert reply.evidence
+                decoding = r.daemon._decoding
+                decoding.admitted = 1  # its only worker taken, none may wait
+                with expect_code(grpc.StatusCode.UNAVAILABLE, "enclave is busy (decode)"):
+                    await r.stub.Infer(custos_pb2.InferRequest(image=png()), timeout=30)
+                decoding.admitted = 0
+                assert (r.daemon.lease.committed, r.daemon.lease.reserved) == (0, 0)
+            finally:
+                release.set()
+                await blocked
+            await r.infer(image=png())
+
+    asyncio.run(run())
+
+
+# Not walked into: the test's own copies live behind these (the fake custodian, module globals).
+_OUTSIDE = (type, types.ModuleType, types.FunctionType, types.FrameType, FakeGateway)
+
+
+def reachable_copies(root: object, needle: bytes, limit: int = 200_000) -> list[object]:
+    """Byte buffers reachable from ``root`` (through gc referents) that contain ``needle``."""
+    found: list[object] = []
+    seen: set[int] = set()
+    queue: list[object] = [root]
+    while queue and len(seen) < limit:
+        obj = queue.pop()
+        if id(obj) in seen or isinstance(obj, _OUTSIDE):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, bytes | bytearray) and needle in obj:
+            found.append(obj)
+        queue.extend(gc.get_referents(obj))
+    return found
+
+
+def test_no_plaintext_copy_of_the_model_outlives_the_load_or_the_zeroize() -> None:
+    """Issue 13 item 7: the runtime's copy for onnxruntime was ``bytes`` and never wiped."""
+    gateway = FakeGateway(model=TINY.data)
+    needle = TINY.data[len(TINY.data) // 2 : len(TINY.data) // 2 + 48]
+
+    async def run() -> None:
+        async with running(gateway) as r:
+            runtime = r.daemon.service.model
+            assert runtime is not None
+            await r.infer(image=png())
+            assert reachable_copies(r.daemon, needle) == []
+            assert reachable_copies(runtime, needle) == []
 
     asyncio.run(run())

@@ -1,0 +1,41 @@
+"""Bounded worker pools: CPU work on behalf of callers, refused at once when too much is waiting.
+
+An unauthenticated caller can send work that costs CPU before it costs quota
+(decoding an image, producing evidence). Each kind of work gets a pool of its
+own, so one kind cannot starve the others, and a bound on the calls waiting
+for that pool, so a flood is refused with ``BusyError`` instead of queueing
+without end behind the legitimate calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from enclave._daemon.errors import BusyError
+
+T = TypeVar("T")
+
+
+class BoundedPool:
+    """``workers`` threads; at most ``workers + waiting`` calls admitted at a time."""
+
+    def __init__(self, name: str, *, workers: int, waiting: int) -> None:
+        self.name = name
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix=name)
+        self._capacity = workers + waiting
+        self.admitted = 0
+
+    async def run(self, work: Callable[..., T], *args: object) -> T:
+        if self.admitted >= self._capacity:
+            raise BusyError(self.name)
+        self.admitted += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, work, *args)
+        finally:
+            self.admitted -= 1
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
