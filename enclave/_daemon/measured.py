@@ -35,6 +35,8 @@ SGX_PLATFORM = "sgx"
 ATTESTER_PLATFORMS = tuple(sorted((sim.PLATFORM, TPM_PLATFORM, SGX_PLATFORM, *TSM_PLATFORMS)))
 # Registers a platform sets before the enclave runs, which a manifest pins.
 _BOOT_REGISTERS: dict[str, dict[str, str]] = {sim.PLATFORM: {sim.BOOT_REGISTER: sim.BOOT_MEASUREMENT.hex()}}
+# Quoted besides the application PCR unless told otherwise: both boot chains of OS_PCR_SETS.
+DEFAULT_QUOTE_PCRS = "0-9,11"
 _PCR_REGISTER = re.compile(r"^pcr\.(sha256|sha384)\.(\d{1,2})$")
 _DIGEST_HEX = {"sha256": 64, "sha384": 96}
 
@@ -110,6 +112,7 @@ def reference_values(
     registers: Mapping[str, str] | None = None,
     tpm_app_pcr: int = DEFAULT_APP_PCR,
     tpm_ek_roots: str = "",
+    allow_unmeasured_os: bool = False,
 ) -> ReferenceValues:
     """The manifest of this build on ``platform``, trusting the given custodian CA.
 
@@ -136,6 +139,7 @@ def reference_values(
         registers=dict(registers or {}),
         tpm_app_pcr=tpm_app_pcr,
         tpm_ek_roots=tpm_ek_roots,
+        allow_unmeasured_os=allow_unmeasured_os,
     )
 
 
