@@ -148,7 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = _check(args, parser, now)
         if args.manifest is not None and report.verified:
-            compare_registers(report, load_manifest(args.manifest))
+            manifest = load_manifest(args.manifest)
+            compare_registers(report, manifest)
+            for warning in manifest.warnings:
+                print(f"WARNING: {warning}", file=sys.stderr)
     except (OSError, EnclaveError, ClientError) as exc:
         print(f"custos-verify: {exc}", file=sys.stderr)
         return 1

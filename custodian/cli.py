@@ -28,6 +28,7 @@ from custodian.config import Address, CustodianConfig
 from custodian.console import Console
 from custodian.errors import ConfigError, CustodianError
 from custodian.server import CustodianServer
+from enclave.attestation import ReferenceValues
 from enclave.errors import EnclaveError
 
 logger = logging.getLogger("custodian")
@@ -317,6 +318,8 @@ def _deployment_create(args: argparse.Namespace) -> None:
             zeroize_after_seconds=args.zeroize_after,
         )
     emit(args, _plain(created), _token_text(created.name, created.join_token))
+    for warning in ReferenceValues.from_toml(manifest).warnings:  # it parsed: the server accepted it
+        print(f"WARNING: {warning}", file=sys.stderr)
 
 
 def _deployment_rotate(args: argparse.Namespace) -> None:

@@ -103,6 +103,43 @@ def test_tpm_enrolment_refused_when_the_ek_certificate_is_not_trusted(
     assert not platforms.enrolled("untrusted")
 
 
+def test_a_tpm_manifest_allowing_an_unmeasured_os_is_said_out_loud_by_every_tool(
+    platforms: Platforms, start_swtpm: tpm_support.StartSwtpm
+) -> None:
+    tpm_support.require_tpm2_pytss()
+    tpm = start_swtpm()
+    ek_roots = platforms.tmp / "ek-roots.pem"
+    ek_roots.write_bytes(start_swtpm.ca.root_pem + start_swtpm.ca.intermediate_pem)
+    manifest = platforms.tmp / "unmeasured.toml"
+    written = run(
+        [
+            script("enclave"), "manifest", "--platform", "tpm", "--tpm", tpm.tcti, "--tpm-quote-pcrs", "",
+            "--allow-unmeasured-os", "--tpm-ek-roots", str(ek_roots),
+            "--custodian-ca", str(platforms.ca), "--out", str(manifest),
+        ],
+        platforms.env,
+    )  # fmt: skip
+    assert "UNMEASURED OS allowed" in written.stderr
+    created = run(
+        [
+            script("custodian"), "--data", str(platforms.custodian.data), "deployment", "create", "bare",
+            "--model", "digits", "--manifest", str(manifest),
+        ],
+        platforms.env,
+    )  # fmt: skip
+    assert "UNMEASURED OS allowed" in created.stderr
+    token = created.stdout.strip().splitlines()[-1]
+    platforms.custodian.console("grant", "bare", "3")
+    enclave = platforms.enclave("bare", token, platform="tpm", extra_args=("--tpm", tpm.tcti))
+    end_user = platforms.end_user_manifest("bare")
+    queried = run(
+        [script("custos-query"), "--enclave", enclave.address, "--manifest", str(end_user),
+         str(DIGITS_SAMPLES / "digit-3.png")],
+        platforms.env,
+    )  # fmt: skip
+    assert "!!! UNMEASURED OS allowed" in queried.stdout
+
+
 def test_tpm_manifest_pins_operator_pcrs_and_never_the_application_pcr(platforms: Platforms) -> None:
     value = "ab" * 32
     manifest = platforms.manifest(
