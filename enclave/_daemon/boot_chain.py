@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from enclave._daemon.errors import ConfigError
-from enclave.attestation.event_log import MAX_EVENT_LOG_BYTES, EventLog, parse_event_log
+from enclave.attestation.event_log import MAX_EVENT_LOG_BYTES, EventLog, parse_event_log, pcr_components
 from enclave.attestation.register_layout import pcr_register
 from enclave.errors import EventLogError
 
@@ -50,9 +50,8 @@ def pinned_components(log: EventLog, registers: Mapping[str, str]) -> dict[str, 
             log.check_against(bank, values)
         except EventLogError as exc:
             raise ConfigError(f"--event-log: {exc}") from None
-        for index in sorted(values):
-            events = log.measured(index)
-            components[f"pcr.{bank}.{index}"] = [f"{e.type_name}: {e.describe()}" for e in events] or [
+        for index, events in pcr_components(log, sorted(values)).items():
+            components[f"pcr.{bank}.{index}"] = events or [
                 "(nothing measured: the PCR is at its reset value)"
             ]
     return components
