@@ -28,6 +28,7 @@ from client.api import (
 )
 from client.errors import ClientError, VerificationRefusedError
 from enclave.attestation import ReferenceValues
+from enclave.attestation.manifest import UNMEASURED_OS_WARNING
 from enclave.attestation.sim import SIMULATION_WARNING
 
 EPILOG = """\
@@ -138,6 +139,7 @@ def _verification_doc(connection: Connection, manifest: ReferenceValues) -> dict
     return {
         "platform": connection.appraisal.platform.platform,
         "simulated": connection.simulated,
+        "unmeasured_os": manifest.allow_unmeasured_os,
         "code_sha384": code,
         "custodian_ca_sha256": manifest.custodian_ca_sha256,
         "model_sha384": connection.model_sha384,
@@ -154,6 +156,8 @@ def _verification_text(address: str, doc: dict[str, Any]) -> str:
     ]
     if doc["simulated"]:
         lines.append(f"  !!! {SIMULATION_WARNING} !!!")
+    if doc["unmeasured_os"]:
+        lines.append(f"  !!! {UNMEASURED_OS_WARNING} !!!")
     lines += [
         f"  code        sha384 {doc['code_sha384'][:32]}… matches",
         f"  custodian   CA sha256 {doc['custodian_ca_sha256'][:32]}… pinned by the enclave, matches",
@@ -224,6 +228,8 @@ def _run(args: argparse.Namespace, talked_to: dict[str, str]) -> int:
         }
         if result.simulated:
             doc["warning"] = SIMULATION_WARNING
+        if verification["unmeasured_os"]:
+            doc["unmeasured_os_warning"] = UNMEASURED_OS_WARNING
         print(json.dumps(doc, indent=2))
     else:
         print(_result_text(result))

@@ -239,7 +239,10 @@ def _verify(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         report = _check(args, parser, now)
         if args.manifest is not None and report.verified:
-            compare_registers(report, load_manifest(args.manifest))
+            manifest = load_manifest(args.manifest)
+            compare_registers(report, manifest)
+            for warning in manifest.warnings:
+                print(f"WARNING: {warning}", file=sys.stderr)
     except (OSError, EnclaveError, ClientError) as exc:
         return _failure(exc, as_json=args.json)
     doc: dict[str, Any] = report.to_json()

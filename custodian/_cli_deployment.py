@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from custodian._cli_output import plain
 from custodian.config import GRACE_BOUNDS, LEASE_SIZE_BOUNDS, MAX_ZEROIZE_AFTER
 from custodian.errors import ConsoleError
 from custodian.output_file import write_replacing
+from enclave.attestation import ReferenceValues
 
 # A manifest is a few kilobytes of TOML; the admin API takes messages up to 8 MiB in all.
 MAX_MANIFEST_BYTES = 1 << 20
@@ -80,6 +82,8 @@ def _deployment_create(args: argparse.Namespace) -> None:
             zeroize_after_seconds=args.zeroize_after,
         )
     emit(args, plain(created), _token_text(created.name, created.join_token))
+    for warning in ReferenceValues.from_toml(manifest).warnings:  # it parsed: the server accepted it
+        print(f"WARNING: {warning}", file=sys.stderr)
 
 
 def _manifest_text(path: Path) -> str:

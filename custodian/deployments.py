@@ -132,6 +132,7 @@ class Deployments:
                     "model": model,
                     "platform": approved.platform,
                     "allow_simulation": approved.allow_simulation,
+                    "allow_unmeasured_os": approved.allow_unmeasured_os,
                     "offline_grace": grace,
                     "lease_size": size,
                     "zeroize_after": zeroize_after,
@@ -139,6 +140,8 @@ class Deployments:
                 },
             )
         logger.info("deployment %s created for model %s", name, model)
+        for warning in approved.warnings:
+            logger.warning("deployment %s: %s", name, warning)
         return token
 
     async def rotate_token(self, name: str, *, origin: str = "") -> str:

@@ -34,6 +34,10 @@ class EvidenceError(AttestationError):
     """The evidence itself is malformed or its signature does not verify."""
 
 
+class EventLogError(EvidenceError):
+    """A TCG event log does not parse, or does not replay to the registers it should."""
+
+
 class BindingError(AttestationError):
     """The evidence is not bound to the expected claims, nonce or key."""
 

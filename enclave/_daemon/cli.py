@@ -30,23 +30,26 @@ from pathlib import Path
 
 from PIL import Image
 
+from enclave._daemon.boot_chain import components_text
 from enclave._daemon.config import DaemonConfig, custodian_ca_der
 from enclave._daemon.daemon import Daemon, Ready
 from enclave._daemon.errors import ConfigError, UsageError
 from enclave._daemon.hardening import protect_process
 from enclave._daemon.measured import (
     ATTESTER_PLATFORMS,
+    DEFAULT_QUOTE_PCRS,
     SGX_PLATFORM,
     TPM_PLATFORM,
     TSM_PLATFORMS,
     TeeOptions,
-    TpmOptions,
     attester_factory,
     parse_assignments,
     reference_values,
-    tpm_boot_registers,
 )
+from enclave._daemon.tpm_flags import add_manifest_tpm_flags, boot_chain_of, tpm_manifest_inputs
+from enclave._daemon.tpm_flags import tpm_options as _tpm_options
 from enclave.attestation import ReferenceValues
+from enclave.attestation.manifest import UNMEASURED_OS_WARNING
 from enclave.attestation.sim import SIMULATION_WARNING
 from enclave.attestation.tpm import DEFAULT_APP_PCR
 from enclave.errors import EnclaveError
@@ -241,44 +244,12 @@ def _tpm_flags(parser: argparse.ArgumentParser, *, serve: bool) -> None:
         )
     group.add_argument(
         "--tpm-quote-pcrs",
-        default="",
         metavar="LIST",
-        help="boot PCRs (0 to 23) quoted besides the application PCR, e.g. 0-7 or 0,2,4-7 (default: none)",
+        help=f"boot PCRs quoted besides the application PCR (default {DEFAULT_QUOTE_PCRS}: the classic "
+        "and the UKI boot chains up to the OS)",
     )
     if not serve:
-        group.add_argument(
-            "--pcr-value",
-            action="append",
-            default=[],
-            metavar="pcr.BANK.N=HEX",
-            help="a boot PCR's reference value, instead of (or besides) reading it from --tpm; repeatable",
-        )
-        group.add_argument(
-            "--tpm-ek-roots",
-            metavar="FILE",
-            help="CA certificates (PEM) that the TPM's EK certificate must chain to; without them the "
-            "custodian refuses to enrol the enclave",
-        )
-
-
-def _tpm_options(args: argparse.Namespace, *, serve: bool) -> TpmOptions | None:
-    if args.platform != TPM_PLATFORM:
-        if args.tpm or args.tpm_quote_pcrs or (not serve and (args.pcr_value or args.tpm_ek_roots)):
-            raise UsageError("the --tpm flags are for --platform tpm")
-        return None
-    from enclave._daemon.tpm_device import parse_pcr_list
-
-    try:
-        quote_pcrs = parse_pcr_list(args.tpm_quote_pcrs)
-    except ValueError as exc:
-        raise UsageError(f"--tpm-quote-pcrs: {exc}") from None
-    if args.tpm is None:
-        if serve or not args.pcr_value:
-            raise UsageError("--platform tpm needs --tpm TCTI" + ("" if serve else " or --pcr-value"))
-        return None
-    if serve:
-        return TpmOptions(args.tpm, app_pcr=args.tpm_pcr, quote_pcrs=quote_pcrs, key_type=args.tpm_key)
-    return TpmOptions(args.tpm, app_pcr=args.tpm_pcr, quote_pcrs=quote_pcrs)
+        add_manifest_tpm_flags(group)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -317,14 +288,7 @@ def _manifest(args: argparse.Namespace) -> int:
     registers = None
     ek_roots = ""
     if args.platform == TPM_PLATFORM:
-        given = parse_assignments(args.pcr_value, "--pcr-value")
-        registers = tpm_boot_registers(_tpm_options(args, serve=False), given, app_pcr=args.tpm_pcr)
-        if args.tpm_ek_roots:
-            ek_roots = _read(args.tpm_ek_roots, "--tpm-ek-roots").decode(errors="replace")
-        else:
-            print(
-                "warning: no --tpm-ek-roots: the custodian will refuse to enrol this enclave", file=sys.stderr
-            )
+        registers, ek_roots = tpm_manifest_inputs(args)
     else:
         _tpm_options(args, serve=False)
     if args.register and args.platform not in (*TSM_PLATFORMS, SGX_PLATFORM):
@@ -332,12 +296,20 @@ def _manifest(args: argparse.Namespace) -> int:
     if args.platform in (*TSM_PLATFORMS, SGX_PLATFORM):
         registers = parse_assignments(args.register, "--register")
     reference = reference_values(
-        args.platform, ca_der, registers=registers, tpm_app_pcr=args.tpm_pcr, tpm_ek_roots=ek_roots
+        args.platform,
+        ca_der,
+        registers=registers,
+        tpm_app_pcr=args.tpm_pcr,
+        tpm_ek_roots=ek_roots,
+        allow_unmeasured_os=args.platform == TPM_PLATFORM and args.allow_unmeasured_os,
     )
     reference = ReferenceValues.from_toml(reference.to_toml())  # what the custodian will read
+    boot_chain = boot_chain_of(args, reference)
     _write_atomically(Path(args.out), reference.to_toml().encode())
     if reference.allow_simulation:
         print(f"SIMULATION: this manifest allows simulated evidence. {SIMULATION_WARNING}", file=sys.stderr)
+    if reference.allow_unmeasured_os:
+        print(f"WARNING: {UNMEASURED_OS_WARNING}", file=sys.stderr)
     if args.json:
         print(
             json.dumps(
@@ -348,6 +320,8 @@ def _manifest(args: argparse.Namespace) -> int:
                     "custodian_ca_sha256": reference.custodian_ca_sha256,
                     "code_sha384": reference.code_sha384,
                     "registers": dict(reference.registers),
+                    "allow_unmeasured_os": reference.allow_unmeasured_os,
+                    "boot_chain": boot_chain,
                 }
             )
         )
@@ -355,6 +329,8 @@ def _manifest(args: argparse.Namespace) -> int:
         print(f"wrote manifest for platform {reference.platform} to {args.out}")
         print(f"  code SHA-384:        {reference.code_sha384}")
         print(f"  custodian CA SHA-256: {reference.custodian_ca_sha256}")
+        if boot_chain:
+            print(components_text(boot_chain))
     return 0
 
 

@@ -258,8 +258,8 @@ class Daemon:
             await asyncio.sleep(WATCHDOG_INTERVAL / 5)
 
     def _fresh_state(self) -> None:
-        """A new identity key, attester, lease and service: nothing carries over to the next instance."""
-        self.identity = MeasuredIdentity(self._new_attester(), self.config.deployment)
+        """A new identity key, attester, lease and service; only a TPM PCR's log so far carries over."""
+        self.identity = self.identity.successor(self._new_attester())
         self.lease = Lease(topup_wait=self.config.topup_wait, clock=self._clock)
         self.service = self._service()
         self.link = None

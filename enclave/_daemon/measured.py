@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from enclave._daemon.errors import ConfigError
 from enclave.attestation import AttestedClaims, Attester, MeasurementEvent, ReferenceValues, measurement, sim
+from enclave.attestation.claims import canonical_json, replay
 from enclave.attestation.tpm import DEFAULT_APP_PCR
 from enclave.identity import generate_identity_key, public_key_der
 
@@ -35,6 +36,11 @@ SGX_PLATFORM = "sgx"
 ATTESTER_PLATFORMS = tuple(sorted((sim.PLATFORM, TPM_PLATFORM, SGX_PLATFORM, *TSM_PLATFORMS)))
 # Registers a platform sets before the enclave runs, which a manifest pins.
 _BOOT_REGISTERS: dict[str, dict[str, str]] = {sim.PLATFORM: {sim.BOOT_REGISTER: sim.BOOT_MEASUREMENT.hex()}}
+# Quoted besides the application PCR unless told otherwise: both boot chains of OS_PCR_SETS.
+DEFAULT_QUOTE_PCRS = "0-9,11"
+# Earlier instances' entries a new instance carries at most: the claims that hold them are
+# limited to 64 KiB (MAX_CLAIMS_BYTES), and only a restart (a TPM reset) empties the register.
+MAX_CARRIED_LOG_BYTES = 32 * 1024
 _PCR_REGISTER = re.compile(r"^pcr\.(sha256|sha384)\.(\d{1,2})$")
 _DIGEST_HEX = {"sha256": 64, "sha384": 96}
 
@@ -110,6 +116,7 @@ def reference_values(
     registers: Mapping[str, str] | None = None,
     tpm_app_pcr: int = DEFAULT_APP_PCR,
     tpm_ek_roots: str = "",
+    allow_unmeasured_os: bool = False,
 ) -> ReferenceValues:
     """The manifest of this build on ``platform``, trusting the given custodian CA.
 
@@ -136,6 +143,7 @@ def reference_values(
         registers=dict(registers or {}),
         tpm_app_pcr=tpm_app_pcr,
         tpm_ek_roots=tpm_ek_roots,
+        allow_unmeasured_os=allow_unmeasured_os,
     )
 
 
@@ -184,17 +192,34 @@ def parse_assignments(items: Sequence[str], flag: str) -> dict[str, str]:
 
 
 class MeasuredIdentity:
-    """Identity key (generated in memory), attester and the log folded into it."""
+    """Identity key (generated in memory), attester and the log folded into it.
+
+    The log opens with an ``instance`` event naming the key and the deployment.
+    Events are folded into the platform register when evidence is next collected,
+    so an instance that never attests leaves the register as it found it. On a
+    platform whose register outlives the attester (a TPM PCR until the TPM
+    resets), ``successor`` carries the entries folded so far into the next
+    instance's log, which the verifier replays whole.
+    """
 
     def __init__(
-        self, attester: Attester, deployment: str, *, key: ec.EllipticCurvePrivateKey | None = None
+        self,
+        attester: Attester,
+        deployment: str,
+        *,
+        key: ec.EllipticCurvePrivateKey | None = None,
+        earlier_log: Sequence[MeasurementEvent] = (),
     ) -> None:
         self.attester = attester
         self.deployment = deployment
         self.key = key if key is not None else generate_identity_key()
         self.public_key_der = public_key_der(self.key)
-        self._log: list[MeasurementEvent] = []
-        # Extending and collecting must not interleave: the log must replay to the register.
+        if earlier_log:
+            earlier = tuple(earlier_log)
+            attester.continue_log({alg: replay(earlier, alg) for alg in ("sha384", "sha256")})
+        self._folded: list[MeasurementEvent] = list(earlier_log)
+        self._pending = [measurement.instance_event(self.public_key_der, deployment)]
+        # Folding and collecting must not interleave: the log must replay to the register.
         self._lock = threading.Lock()
 
     @property
@@ -204,21 +229,40 @@ class MeasuredIdentity:
     @property
     def log(self) -> tuple[MeasurementEvent, ...]:
         with self._lock:
-            return tuple(self._log)
+            return (*self._folded, *self._pending)
 
     def measure(self, event: MeasurementEvent) -> None:
-        """Extend the platform register with ``event`` and append it to the log."""
+        """Append ``event`` to the log; it is in the platform register before any evidence is."""
         with self._lock:
-            self.attester.extend(event.digests())
-            self._log.append(event)
+            self._pending.append(event)
         logger.info("measured %s %s", event.kind, event.sha384.hex())
 
     def attest(self, purpose: str, nonce: bytes) -> tuple[bytes, bytes]:
         """Fresh evidence over claims for ``purpose`` and ``nonce``: (evidence, claims) bytes."""
         with self._lock:
+            self._fold()
             claims = self._claims(purpose, nonce)
             evidence = self.attester.collect(claims.report_data())
         return evidence.to_bytes(), claims.to_bytes()
+
+    def successor(self, attester: Attester) -> MeasuredIdentity:
+        """The next instance's identity on ``attester``: a new key, and the register's log so far."""
+        earlier: tuple[MeasurementEvent, ...] = ()
+        if attester.register_outlives_attester:
+            with self._lock:
+                earlier = tuple(self._folded)
+            size = len(canonical_json([e.to_json() for e in earlier]))
+            if size > MAX_CARRIED_LOG_BYTES:
+                raise ConfigError(
+                    f"the measurement log since the {attester.platform} register's reset is {size} bytes, "
+                    f"over the {MAX_CARRIED_LOG_BYTES} a new instance can carry; restart the machine"
+                )
+        return MeasuredIdentity(attester, self.deployment, earlier_log=earlier)
+
+    def _fold(self) -> None:
+        while self._pending:
+            self.attester.extend(self._pending[0].digests())
+            self._folded.append(self._pending.pop(0))
 
     def _claims(self, purpose: str, nonce: bytes) -> AttestedClaims:
         return AttestedClaims(
@@ -227,5 +271,5 @@ class MeasuredIdentity:
             deployment=self.deployment,
             platform=self.attester.platform,
             purpose=purpose,
-            log=tuple(self._log),
+            log=tuple(self._folded),
         )

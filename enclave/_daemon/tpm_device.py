@@ -19,9 +19,11 @@ What it does with the TPM:
   default) in every allocated bank the event has a digest for. The log bank is
   SHA-384 where it is allocated for that PCR, else SHA-256. The first extend
   requires the PCR to be unextended since the TPM's last reset, because the
-  verifier replays the log from zero.
+  verifier replays the log from zero; or, after ``continue_log`` (a new
+  instance after zeroizing, in the same TPM boot), to hold exactly the
+  earlier instances' log, which the new log then goes on from.
 * ``collect``: ``TPM2_Quote`` of the log bank over the application PCR and the
-  configured extra PCRs (e.g. boot PCRs 0-7), qualifyingData = SHA-256 of the
+  configured extra PCRs (the boot chain, 0-9 and 11 by default), qualifyingData = SHA-256 of the
   64-byte report data (a TPM takes no more than its largest digest), then
   the PCR values; the attester checks the result with the verifier before
   returning it (and quotes again if a PCR moved in between).
@@ -127,6 +129,7 @@ class TpmAttester(Attester):
 
     platform = PLATFORM
     simulated = False
+    register_outlives_attester = True
 
     def __init__(
         self,
@@ -152,6 +155,7 @@ class TpmAttester(Attester):
         self._tss, self._utils = _load_tss()
         self._lock = threading.Lock()
         self._log_started = False
+        self._log_start: bytes | None = None  # the PCR's value before this attester's first extend
         self._ak_certificate: dict[str, bytes] = {}
         self._esys = self._open(tcti)
         try:
@@ -213,6 +217,15 @@ class TpmAttester(Attester):
             parts["ak_chain"] = bytes(chain)
         with self._lock:
             self._ak_certificate = parts
+
+    def continue_log(self, register_values: Mapping[str, bytes]) -> None:
+        value = register_values.get(self.log_bank)
+        if value is None or len(value) != DIGEST_SIZES[self.log_bank]:
+            raise ValueError(f"no {self.log_bank} value to continue the log from")
+        with self._lock:
+            if self._log_started:
+                raise ValueError("this attester has extended its log already")
+            self._log_start = bytes(value)
 
     def extend(self, event_digests: Mapping[str, bytes]) -> None:
         if self.log_bank not in event_digests:
@@ -499,11 +512,17 @@ class TpmAttester(Attester):
         return self._tss.TPML_PCR_SELECTION.parse(f"{bank}:{','.join(map(str, indices))}")
 
     def _check_log_pcr_unextended(self) -> None:
+        """The application PCR holds nothing but the log so far (none, or the earlier instances')."""
         value = self._read_pcrs(self.log_bank, (self.app_pcr,))[self.app_pcr]
-        if value != bytes(len(value)):
+        if self._log_start is None and value != bytes(len(value)):
             raise TpmDeviceError(
                 f"PCR {self.app_pcr} ({self.log_bank}) was already extended since the TPM last reset, so the "
                 "measurement log would not replay; reboot, or choose an unused application PCR"
+            )
+        if self._log_start is not None and value != self._log_start:
+            raise TpmDeviceError(
+                f"PCR {self.app_pcr} ({self.log_bank}) holds more than the earlier instances' log: something "
+                "else extended it, so the log would not replay; reboot"
             )
 
     def _read_pcrs(self, bank: str, indices: Sequence[int]) -> dict[int, bytes]:

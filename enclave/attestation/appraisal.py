@@ -11,7 +11,7 @@ from datetime import datetime
 from enclave.attestation import policy
 from enclave.attestation.claims import AttestedClaims, replay
 from enclave.attestation.interface import Evidence, PlatformClaims
-from enclave.attestation.manifest import ReferenceValues
+from enclave.attestation.manifest import UNMEASURED_OS_WARNING, ReferenceValues
 from enclave.attestation.platforms import manifest_verifier
 from enclave.attestation.sim import SIMULATION_WARNING
 from enclave.errors import BindingError, EvidenceError, PolicyError
@@ -99,4 +99,6 @@ def appraise(
     )
     if platform_claims.simulated:
         logger.warning(SIMULATION_WARNING)
+    if reference.allow_unmeasured_os:
+        logger.warning(UNMEASURED_OS_WARNING)
     return Appraisal(claims=parsed_claims, platform=platform_claims)

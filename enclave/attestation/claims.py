@@ -17,7 +17,10 @@ from enclave.errors import FormatError
 
 MAX_CLAIMS_BYTES = 64 * 1024
 CLAIMS_FORMAT = "custos-claims/1"
-EVENT_KINDS = ("code", "config", "model")
+EVENT_KINDS = ("instance", "code", "config", "model")
+# Opens each enclave instance's entries. A register that outlives an instance (a TPM PCR until
+# the TPM resets) keeps every earlier instance's entries before it, and the verifier replays them all.
+INSTANCE_KIND = "instance"
 PURPOSES = ("enrol", "tls", "attest")
 
 
@@ -91,8 +94,14 @@ class AttestedClaims:
     def report_data(self) -> bytes:
         return hashlib.sha512(self.to_bytes()).digest()
 
+    def instance_log(self) -> tuple[MeasurementEvent, ...]:
+        """The current instance's entries: from the last ``instance`` event on (all of a log without one)."""
+        starts = [i for i, e in enumerate(self.log) if e.kind == INSTANCE_KIND]
+        return self.log[starts[-1] :] if starts else self.log
+
     def events(self, kind: str) -> list[MeasurementEvent]:
-        return [e for e in self.log if e.kind == kind]
+        """The current instance's events of ``kind`` (earlier instances' entries only replay)."""
+        return [e for e in self.instance_log() if e.kind == kind]
 
     @classmethod
     def from_bytes(cls, data: bytes, *, max_size: int = MAX_CLAIMS_BYTES) -> AttestedClaims:

@@ -82,6 +82,18 @@ class Attester(ABC):
 
     platform: str
     simulated: bool = False
+    # Whether the log register keeps its value when this attester is closed and another is
+    # opened on the same machine (a TPM PCR until the TPM resets): then the next instance's log
+    # continues the earlier ones (see ``continue_log``) instead of starting from zero.
+    register_outlives_attester: bool = False
+
+    def continue_log(self, register_values: Mapping[str, bytes]) -> None:
+        """Expect the log register to hold the replay of earlier instances' logs, by hash algorithm.
+
+        Only for a platform whose register outlives the attester; the first ``extend`` then
+        checks that the register holds exactly that value.
+        """
+        raise ValueError(f"the {self.platform} platform's log register starts afresh with each attester")
 
     @abstractmethod
     def extend(self, event_digests: Mapping[str, bytes]) -> None:

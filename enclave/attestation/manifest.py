@@ -15,6 +15,17 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from enclave.attestation.register_layout import (
+    BOOT_CHAIN_PCRS,
+    OS_PCR_SETS,
+    PLATFORMS,
+    RESETTABLE_PCRS,
+    TPM_PLATFORM,
+    os_pcr_set,
+    pcr_register,
+    register_size,
+)
+from enclave.attestation.sim import SIMULATION_WARNING
 from enclave.attestation.tpm import DEFAULT_APP_PCR
 from enclave.errors import ManifestError
 
@@ -24,6 +35,10 @@ _HEX = re.compile(r"^[0-9a-f]*$")
 DEFAULT_TCB_STATUSES = ("UpToDate",)
 DCAP_PLATFORMS = ("sgx", "tdx")
 TEE_PLATFORMS = ("sev-snp", "sgx", "tdx")
+UNMEASURED_OS_WARNING = (
+    "UNMEASURED OS allowed: this tpm manifest pins no boot chain up to the OS, so whoever has root"
+    " on the borrower's machine can extend the PCRs as the enclave would and take the model"
+)
 
 # The registers that pin what runs in a hardware TEE, by platform: each entry names registers of
 # which the manifest must pin at least one. Without them, what the claims say about the code is
@@ -63,8 +78,31 @@ class ReferenceValues:
     # may be bound to the guest (guest policy bit MIGRATE_MA).
     snp_min_tcb: Mapping[str, int] = field(default_factory=dict)
     snp_allow_migration_agent: bool = False
+    # Platform tpm: accept a manifest that pins no accepted boot-chain PCR set (OS_PCR_SETS).
+    # Then nothing attests the OS the daemon runs in, and every tool says so.
+    allow_unmeasured_os: bool = False
 
     def __post_init__(self) -> None:
+        if self.platform not in PLATFORMS:
+            raise ManifestError(f"manifest platform {self.platform!r} is not one of {', '.join(PLATFORMS)}")
+        if self.platform == "sim" and not self.allow_simulation:
+            raise ManifestError(
+                "a sim manifest without allow_simulation = true can never pass: sim evidence is simulated"
+            )
+        if self.allow_unmeasured_os and self.platform != TPM_PLATFORM:
+            raise ManifestError(f"allow_unmeasured_os is for tpm manifests, not {self.platform}")
+        for name, value in self.registers.items():
+            size = register_size(self.platform, name)
+            if size is None:
+                raise ManifestError(
+                    f"register {name!r} is never in {self.platform} evidence, so the manifest can never pass"
+                )
+            if len(value) != 2 * size:
+                raise ManifestError(
+                    f"register {name} must be {size} bytes of hex, got {len(value) // 2}: it can never match"
+                )
+        if self.platform == TPM_PLATFORM:
+            self._check_tpm()
         missing = [
             " or ".join(names)
             for names in IDENTITY_REGISTERS.get(self.platform, ())
@@ -77,6 +115,36 @@ class ReferenceValues:
                 " code are its own word"
             )
 
+    def _check_tpm(self) -> None:
+        if self.tpm_app_pcr in (*BOOT_CHAIN_PCRS, *RESETTABLE_PCRS):
+            raise ManifestError(
+                f"[tpm] app_pcr {self.tpm_app_pcr} is a boot-chain or resettable PCR; the log needs its own"
+            )
+        for name in self.registers:
+            pcr = pcr_register(name)
+            if pcr is not None and pcr[1] == self.tpm_app_pcr:
+                raise ManifestError(
+                    f"register {name} is the application PCR, which holds each instance's own log: "
+                    "the verifier replays it, a fixed value can never pass"
+                )
+        if os_pcr_set(self.registers) is None and not self.allow_unmeasured_os:
+            sets = "; ".join(f"{name}: {_pcr_list(pcrs)}" for name, pcrs in OS_PCR_SETS.items())
+            raise ManifestError(
+                "a tpm manifest must pin the PCRs that measure the boot chain up to the OS"
+                f" ({sets}), or say allow_unmeasured_os = true: without them anyone with root on"
+                " the machine can extend the application PCR as the enclave would"
+            )
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """What every tool that accepts this manifest must say out loud."""
+        found = []
+        if self.allow_simulation:
+            found.append(SIMULATION_WARNING)
+        if self.allow_unmeasured_os:
+            found.append(UNMEASURED_OS_WARNING)
+        return tuple(found)
+
     def with_models(self, *sha384: str) -> ReferenceValues:
         merged = tuple(dict.fromkeys((*self.allowed_model_sha384, *sha384)))
         return replace(self, allowed_model_sha384=merged)
@@ -88,6 +156,8 @@ class ReferenceValues:
         ]
         if self.allow_simulation:
             lines.append("# SIMULATION ALLOWED: evidence from the sim platform proves nothing.")
+        if self.allow_unmeasured_os:
+            lines.append(f"# {UNMEASURED_OS_WARNING}.")
         lines += [
             f'format = "{MANIFEST_FORMAT}"',
             f'platform = "{self.platform}"',
@@ -124,6 +194,8 @@ class ReferenceValues:
                 lines.append(f"min_tcb = {{ {pairs} }}")
         if self.platform == "tpm":
             lines += ["", "[tpm]", f"app_pcr = {self.tpm_app_pcr}"]
+            if self.allow_unmeasured_os:
+                lines.append("allow_unmeasured_os = true")
             for key, pem in (("ek_roots", self.tpm_ek_roots), ("ak_roots", self.tpm_ak_roots)):
                 if pem:  # a TOML literal string: PEM holds no quote
                     lines.append(f"{key} = '''\n{pem.strip()}\n'''")
@@ -160,6 +232,9 @@ class ReferenceValues:
         app_pcr = tpm.get("app_pcr", DEFAULT_APP_PCR)
         if isinstance(app_pcr, bool) or not isinstance(app_pcr, int) or not 0 <= app_pcr <= 23:
             raise ManifestError("manifest [tpm] app_pcr must be a PCR index, 0-23")
+        unmeasured_os = tpm.get("allow_unmeasured_os", False)
+        if not isinstance(unmeasured_os, bool):
+            raise ManifestError("manifest [tpm] allow_unmeasured_os must be true or false")
         statuses = doc.get("accepted_tcb_statuses", list(DEFAULT_TCB_STATUSES))
         if not isinstance(statuses, list) or not all(isinstance(x, str) and x for x in statuses):
             raise ManifestError("manifest accepted_tcb_statuses must be a list of TCB status names")
@@ -179,9 +254,20 @@ class ReferenceValues:
             allowed_model_sha384=tuple(_digest(m, 48, "allowed_model_sha384 entry") for m in models),
             registers={str(k): _digest(v, None, f"register {k}") for k, v in registers.items()},
             tpm_app_pcr=app_pcr,
+            allow_unmeasured_os=unmeasured_os,
             tpm_ek_roots=_pem_certificates(tpm.get("ek_roots", ""), "[tpm] ek_roots"),
             tpm_ak_roots=_pem_certificates(tpm.get("ak_roots", ""), "[tpm] ak_roots"),
         )
+
+
+def _pcr_list(pcrs: tuple[int, ...]) -> str:
+    runs: list[str] = []
+    for pcr in pcrs:
+        if runs and runs[-1].split("-")[-1] == str(pcr - 1):
+            runs[-1] = f"{runs[-1].split('-')[0]}-{pcr}"
+        else:
+            runs.append(str(pcr))
+    return "PCRs " + ", ".join(runs)
 
 
 def _pem_certificates(value: Any, what: str) -> str:

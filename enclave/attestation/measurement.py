@@ -45,5 +45,13 @@ def config_event(custodian_ca_der: bytes) -> MeasurementEvent:
     )
 
 
+def instance_event(public_key_der: bytes, deployment: str) -> MeasurementEvent:
+    """The first entry of an instance: the key it attests with and the deployment it serves."""
+    detail = {"public_key_sha256": hashlib.sha256(public_key_der).hexdigest(), "deployment": deployment}
+    return MeasurementEvent(
+        kind="instance", sha384=hashlib.sha384(canonical_json(detail)).digest(), detail=detail
+    )
+
+
 def model_event(model_sha384: bytes) -> MeasurementEvent:
     return MeasurementEvent(kind="model", sha384=model_sha384, detail={})

@@ -6,7 +6,7 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any
 
-from enclave.attestation.claims import AttestedClaims, canonical_json
+from enclave.attestation.claims import INSTANCE_KIND, AttestedClaims, canonical_json
 from enclave.attestation.interface import PlatformClaims
 from enclave.attestation.manifest import DCAP_PLATFORMS, TEE_PLATFORMS, ReferenceValues
 from enclave.errors import PolicyError
@@ -45,6 +45,7 @@ def check(
                 "to the manifest's [tpm] ak_roots, and no credential activation vouched for it"
             )
     mismatches += _check_tee(platform, reference)
+    mismatches += _check_instance(claims)
     mismatches += _check_code(claims, reference)
     mismatches += _check_config(claims, reference)
     mismatches += _check_model(claims, reference, require_model=require_model)
@@ -103,6 +104,28 @@ def _single(claims: AttestedClaims, kind: str) -> tuple[list[str], bytes | None,
     if len(events) != 1:
         return [f"measurement log has {len(events)} {kind} events, expected exactly one"], None, {}
     return [], events[0].sha384, dict(events[0].detail)
+
+
+def _check_instance(claims: AttestedClaims) -> list[str]:
+    """A log with instance entries: each instance opens with one, and the last one is this key's.
+
+    The earlier instances (zeroized since, in the same TPM boot) only replay into the register;
+    the code, configuration and model checked are the current instance's.
+    """
+    instances = [i for i, e in enumerate(claims.log) if e.kind == INSTANCE_KIND]
+    if not instances:
+        return []
+    problems = [] if instances[0] == 0 else ["measurement log has entries before its first instance"]
+    current = claims.log[instances[-1]]
+    expected = {
+        "public_key_sha256": hashlib.sha256(claims.public_key).hexdigest(),
+        "deployment": claims.deployment,
+    }
+    if hashlib.sha384(canonical_json(dict(current.detail))).digest() != current.sha384:
+        problems.append("instance measurement does not match the instance it describes")
+    elif dict(current.detail) != expected:
+        problems.append("the log's current instance is another key or deployment than the claims'")
+    return problems
 
 
 def _check_code(claims: AttestedClaims, reference: ReferenceValues) -> list[str]:

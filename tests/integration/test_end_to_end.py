@@ -124,7 +124,15 @@ def _tampered(path: Path, tmp: Path, label: str, **changes: object) -> Path:
 TAMPERINGS = [
     ("code-measurement", {"code_sha384": "00" * 48}, "code measurement is"),
     ("custodian-ca", {"custodian_ca_sha256": "11" * 32}, "pins custodian CA"),
-    ("no-simulation", {"allow_simulation": False}, "does not allow simulation"),
+    (
+        "simulated-for-a-tpm-manifest",
+        {
+            "platform": "tpm",
+            "allow_simulation": False,
+            "registers": {f"pcr.sha256.{i}": "00" * 32 for i in range(10)},
+        },
+        "manifest expects 'tpm'",
+    ),
     ("other-model", {"allowed_model_sha384": ("22" * 48,)}, "not among the manifest's allowed models"),
     ("boot-register", {"registers": {"sim.boot": "33" * 48}}, "register sim.boot is"),
 ]

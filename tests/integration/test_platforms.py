@@ -15,7 +15,7 @@ import pytest
 from client import connect
 from enclave.attestation import ReferenceValues
 from testkit.processes import DIGITS_SAMPLES, ROOT, enclave_manifest, run, script
-from tests import tpm_support
+from tests import boot_support, tpm_support
 
 from ._loopback import Loopback
 
@@ -58,16 +58,24 @@ def test_tpm_enclave_serves_a_verified_query(
     tpm = start_swtpm()
     ek_roots = platforms.tmp / "ek-roots.pem"
     ek_roots.write_bytes(start_swtpm.ca.root_pem + start_swtpm.ca.intermediate_pem)
+    event_log = platforms.tmp / "binary_bios_measurements"
+    event_log.write_bytes(boot_support.measure_boot(tpm.tcti, boot_support.classic_boot()))
     manifest = platforms.manifest(
-        "tpm", "--tpm", tpm.tcti, "--tpm-quote-pcrs", "0-7", "--tpm-ek-roots", str(ek_roots), platform="tpm"
+        "tpm",
+        "--tpm",
+        tpm.tcti,
+        "--event-log",
+        str(event_log),
+        "--tpm-ek-roots",
+        str(ek_roots),
+        platform="tpm",
     )
     reference = ReferenceValues.from_toml(manifest.read_text())
     assert not reference.allow_simulation
-    assert sorted(reference.registers) == [f"pcr.sha384.{i}" for i in range(8)]
+    assert not reference.allow_unmeasured_os
+    assert sorted(reference.registers) == sorted(f"pcr.sha384.{i}" for i in (*range(10), 11))
     token = platforms.deployment("tpm", manifest)
-    enclave = platforms.enclave(
-        "tpm", token, platform="tpm", extra_args=("--tpm", tpm.tcti, "--tpm-quote-pcrs", "0-7")
-    )
+    enclave = platforms.enclave("tpm", token, platform="tpm", extra_args=("--tpm", tpm.tcti))
     end_user = platforms.end_user_manifest("tpm")
     # The custodian certified the AK after its credential activation, and end users trust that.
     assert ReferenceValues.from_toml(end_user.read_text()).tpm_ak_roots
@@ -95,10 +103,50 @@ def test_tpm_enrolment_refused_when_the_ek_certificate_is_not_trusted(
     assert not platforms.enrolled("untrusted")
 
 
+def test_a_tpm_manifest_allowing_an_unmeasured_os_is_said_out_loud_by_every_tool(
+    platforms: Platforms, start_swtpm: tpm_support.StartSwtpm
+) -> None:
+    tpm_support.require_tpm2_pytss()
+    tpm = start_swtpm()
+    ek_roots = platforms.tmp / "ek-roots.pem"
+    ek_roots.write_bytes(start_swtpm.ca.root_pem + start_swtpm.ca.intermediate_pem)
+    manifest = platforms.tmp / "unmeasured.toml"
+    written = run(
+        [
+            script("enclave"), "manifest", "--platform", "tpm", "--tpm", tpm.tcti, "--tpm-quote-pcrs", "",
+            "--allow-unmeasured-os", "--tpm-ek-roots", str(ek_roots),
+            "--custodian-ca", str(platforms.ca), "--out", str(manifest),
+        ],
+        platforms.env,
+    )  # fmt: skip
+    assert "UNMEASURED OS allowed" in written.stderr
+    created = run(
+        [
+            script("custodian"), "--data", str(platforms.custodian.data), "deployment", "create", "bare",
+            "--model", "digits", "--manifest", str(manifest),
+        ],
+        platforms.env,
+    )  # fmt: skip
+    assert "UNMEASURED OS allowed" in created.stderr
+    token = created.stdout.strip().splitlines()[-1]
+    platforms.custodian.console("grant", "bare", "3")
+    enclave = platforms.enclave("bare", token, platform="tpm", extra_args=("--tpm", tpm.tcti))
+    end_user = platforms.end_user_manifest("bare")
+    queried = run(
+        [script("custos-query"), "--enclave", enclave.address, "--manifest", str(end_user),
+         str(DIGITS_SAMPLES / "digit-3.png")],
+        platforms.env,
+    )  # fmt: skip
+    assert "!!! UNMEASURED OS allowed" in queried.stdout
+
+
 def test_tpm_manifest_pins_operator_pcrs_and_never_the_application_pcr(platforms: Platforms) -> None:
     value = "ab" * 32
-    manifest = platforms.manifest("pcrs", "--pcr-value", f"pcr.sha256.0={value}", platform="tpm")
-    assert ReferenceValues.from_toml(manifest.read_text()).registers == {"pcr.sha256.0": value}
+    manifest = platforms.manifest(
+        "pcrs", "--pcr-value", f"pcr.sha256.0={value}", "--allow-unmeasured-os", platform="tpm"
+    )
+    reference = ReferenceValues.from_toml(manifest.read_text())
+    assert (reference.registers, reference.allow_unmeasured_os) == ({"pcr.sha256.0": value}, True)
     result = run(
         [
             script("enclave"),

@@ -79,7 +79,7 @@ Setup = Callable[[FakeEnclave, Path, Path], list[str]]
 
 
 def _refused_manifest(fake: FakeEnclave, manifest: Path, tmp: Path) -> list[str]:
-    manifest.write_text(reference(allow_simulation=False).to_toml())
+    manifest.write_text(reference(code_sha384="00" * 48).to_toml())
     return [str(IMAGE)]
 
 

@@ -96,7 +96,11 @@ CERTIFICATE_REFUSALS = [
     ("code-measurement", _manifest(code_sha384="00" * 48), "code measurement"),
     ("boot-register", _manifest(registers={"sim.boot": "33" * 48}), "register sim.boot"),
     ("custodian-ca", _manifest(custodian_ca_sha256="11" * 32), "custodian CA"),
-    ("no-simulation", _manifest(allow_simulation=False), "does not allow simulation"),
+    (
+        "simulated-for-a-tpm-manifest",
+        _manifest(platform="tpm", allow_simulation=False, registers=pinned_registers("tpm")),
+        "manifest expects 'tpm'",
+    ),
     ("model-not-allowed", _manifest(allowed_model_sha384=("22" * 48,)), "not among the manifest's allowed"),
     ("no-model-allowed", _manifest(allowed_model_sha384=()), "allows no model"),
     (

@@ -32,7 +32,7 @@ CREATE_REFUSALS: list[tuple[str, dict[str, Any], type[Exception]]] = [
     ("manifest-not-toml", {"manifest": lambda c, p: "not = [toml"}, ManifestError),
     ("manifest-empty", {"manifest": lambda c, p: ""}, ManifestError),
     ("manifest-other-custodian", {"manifest": _foreign_ca_manifest}, InvalidRequestError),
-    ("manifest-unverifiable-platform", {"manifest": _unverifiable_manifest}, InvalidRequestError),
+    ("manifest-unverifiable-platform", {"manifest": _unverifiable_manifest}, ManifestError),
     ("grace-too-short", {"offline_grace_seconds": 1}, InvalidRequestError),
     ("lease-too-large", {"lease_size": 10**8}, InvalidRequestError),
     ("name-taken", {"name": "taken"}, ConflictError),

@@ -15,7 +15,7 @@ from cryptography.x509.oid import NameOID
 
 from custodian.challenges import NONCE_SIZE
 from custodian.errors import InvalidRequestError, RefusedError, SuspendedError
-from enclave.errors import BindingError, EvidenceError, FormatError, PolicyError
+from enclave.errors import BindingError, EvidenceError, FormatError, ManifestError, PolicyError
 from enclave.identity import generate_identity_key, public_key_der
 from protos import custos_pb2 as pb
 from tests.unit.custodian.fake_enclave import FakeEnclave, csr_der, sim_manifest
@@ -162,10 +162,9 @@ def test_refusals_are_raised_audited_and_counted(
 @pytest.mark.parametrize(
     ("manifest", "message"),
     [
-        ({"allow_simulation": False}, "does not allow simulation"),
         ({"code_sha384": "ab" * 48}, "code measurement"),
     ],
-    ids=["simulation-not-allowed", "other-code"],
+    ids=["other-code"],
 )
 def test_evidence_that_misses_the_manifest_is_refused(
     tmp_path: Path, manifest: dict[str, Any], message: str
@@ -185,6 +184,21 @@ def test_evidence_that_misses_the_manifest_is_refused(
             with pytest.raises(PolicyError, match=message):
                 await c.enrolment.enrol("d", **_request(enclave, nonce, token))
             assert sample(c.metrics, "custos_custodian_enrol_refusals_total", reason="policy") == 1
+
+    asyncio.run(scenario())
+
+
+def test_a_sim_manifest_without_allow_simulation_cannot_be_lent_under(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with custody(tmp_path) as c:
+            await c.upload("m", b"model")
+            manifest = sim_manifest(c.tls_ca.pem).replace(
+                "allow_simulation = true", "allow_simulation = false"
+            )
+            with pytest.raises(ManifestError, match="can never pass"):
+                await c.deployments.create(
+                    "d", model="m", manifest=manifest, offline_grace_seconds=0, lease_size=0
+                )
 
     asyncio.run(scenario())
 

@@ -12,6 +12,7 @@ from enclave import identity
 from enclave.attestation import AttestedClaims, ReferenceValues
 from enclave.attestation.manifest import IDENTITY_REGISTERS
 from enclave.attestation.measurement import code_event, code_sha384, config_event, model_event
+from enclave.attestation.register_layout import OS_PCR_SETS, register_size
 from enclave.attestation.sim import BOOT_MEASUREMENT, SimAttester
 
 CA_DER = b"test custodian ca"
@@ -29,8 +30,14 @@ class SimEnclave:
 
 
 def pinned_registers(platform: str) -> dict[str, str]:
-    """Zero values for the registers a ``platform`` manifest must pin (``IDENTITY_REGISTERS``)."""
-    return {names[0]: "00" * 48 for names in IDENTITY_REGISTERS.get(platform, ())}
+    """Zero values for the registers a ``platform`` manifest must pin (``IDENTITY_REGISTERS``, and
+    for tpm the classic boot chain of ``OS_PCR_SETS``)."""
+    if platform == "tpm":
+        return {f"pcr.sha256.{i}": "00" * 32 for i in OS_PCR_SETS["classic"]}
+    return {
+        names[0]: "00" * (register_size(platform, names[0]) or 0)
+        for names in IDENTITY_REGISTERS.get(platform, ())
+    }
 
 
 def reference(**changes: object) -> ReferenceValues:

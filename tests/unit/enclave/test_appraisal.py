@@ -74,7 +74,6 @@ REFUSALS: list[
     ("claims-swapped-for-other-key", _other_key_claims, BindingError, "report data"),
     ("wrong-purpose", lambda e: {"purpose": "attest"}, BindingError, "'enrol'"),
     ("wrong-deployment", lambda e: {"deployment": "other"}, BindingError, "deployment"),
-    ("sim-not-allowed", lambda e: {"reference": reference(allow_simulation=False)}, PolicyError, "simulat"),
     (
         "tampered-code-value",
         lambda e: {"reference": reference(code_sha384="00" * 48)},

@@ -284,7 +284,7 @@ def test_daemon_refuses_a_tampered_model_and_loads_nothing(tamper: str) -> None:
                 await daemon.run()
             assert ready == []
             assert daemon.service.model is None
-            assert [e.kind for e in daemon.identity.log] == ["code", "config"]
+            assert [e.kind for e in daemon.identity.log] == ["instance", "code", "config"]
             assert daemon.metrics.registry.get_sample_value("custos_enclave_model_loaded") == 0
 
     asyncio.run(run())

@@ -75,7 +75,7 @@ def test_suspended_past_the_grace_drops_the_model_and_enrols_again_after_resume(
                 assert second.instance_id != first.instance_id
                 assert second.inference == first.inference
                 assert daemon.identity.public_key_der != old_key
-                assert [e.kind for e in daemon.identity.log] == ["code", "config", "model"]
+                assert [e.kind for e in daemon.identity.log] == ["instance", "code", "config", "model"]
                 await _infer(second.inference)
             finally:
                 daemon.request_stop()

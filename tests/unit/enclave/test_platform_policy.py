@@ -20,7 +20,7 @@ from tests.unit.enclave._sim_evidence import pinned_registers
 def _reference(platform: str, **changes: Any) -> ReferenceValues:
     return ReferenceValues(
         platform=platform,
-        allow_simulation=False,
+        allow_simulation=platform == "sim",
         custodian_ca_sha256="00" * 32,
         code_sha384="00" * 48,
         **{"registers": pinned_registers(platform), **changes},
@@ -229,10 +229,10 @@ def test_appraisal_verifies_tpm_evidence_with_the_manifests_pcr_and_ak_roots(tmp
     root = CertificateAuthority.load_or_create(
         tmp_path, "ak-root", "AK root", now=datetime.datetime.now(datetime.UTC)
     )
-    reference = _reference("tpm", tpm_app_pcr=16, tpm_ak_roots=root.pem.decode())
+    reference = _reference("tpm", tpm_app_pcr=14, tpm_ak_roots=root.pem.decode())
     verifier = manifest_verifier(reference)
     assert isinstance(verifier, TpmVerifier)
-    assert (verifier.app_pcr, verifier._ak_roots) == (16, (root.certificate,))
+    assert (verifier.app_pcr, verifier._ak_roots) == (14, (root.certificate,))
     trusting = manifest_verifier(reference, trust_ak=True)
     assert isinstance(trusting, TpmVerifier)
     assert trusting._ak_roots == ()
