@@ -138,4 +138,3 @@ async def export(source: AuditSource, out: Path, since: str | None, *, now: date
         if written.last_hash != chain.last_hash:
             raise LedgerError("the audit log changed under the export; run it again")
     return Exported(written.length, first, last if first else 0, len(instances))
-
