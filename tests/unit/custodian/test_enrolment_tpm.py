@@ -98,7 +98,7 @@ def test_activated_credential_admits_the_enclave_and_certifies_its_ak(
             enrolled = await c.enrolment.activate(challenge.challenge_id, _activate(attester, challenge))
             assert isinstance(enrolled, Enrolled)
             ak_certificate = x509.load_pem_x509_certificate(enrolled.ak_certificate_pem)
-            ak_certificate.verify_directly_issued_by(c.enclave_ca.certificate)
+            ak_certificate.verify_directly_issued_by(c.ak_ca.certificate)
             certified = ak_certificate.public_key().public_bytes(
                 Encoding.DER, PublicFormat.SubjectPublicKeyInfo
             )
