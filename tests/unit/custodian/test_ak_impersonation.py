@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from custodian.deployments import Deployments
 from custodian.enrolment import Enrolled
 from enclave.attestation import AttestedClaims, ReferenceValues, appraise
 from enclave.attestation.measurement import model_event
@@ -172,5 +173,47 @@ def test_custodian_refuses_an_ak_the_tpm_did_not_make(tmp_path: Path) -> None:
             async with c.ledger.transaction() as tx:
                 last = (await tx.audit_entries(last=1))[0]
             assert (last.action, last.detail["reason"]) == ("enrol.refuse", "evidence")
+
+    asyncio.run(scenario())
+
+
+def test_a_deployment_stored_naming_the_enclave_ca_is_shown_naming_the_ak_ca(tmp_path: Path) -> None:
+    """Older custodians stored the enclave CA as a tpm deployment's ak_roots: the end-user manifest
+    handed out now names the AK CA whatever was stored."""
+
+    async def scenario() -> None:
+        async with custody(tmp_path) as c:
+            await c.lend("sim")
+            older = Deployments(
+                c.ledger,
+                c.config,
+                c.bus,
+                c.metrics,
+                custodian_ca_sha256=c.tls_ca.sha256,
+                ak_ca_pem=c.enclave_ca.pem,
+            )
+            await c.upload("m", os.urandom(3000))
+            manifest = ReferenceValues.from_toml(await c.deployments.manifest("sim"))
+            await older.create(
+                "t",
+                model="m",
+                manifest=replace(manifest, platform="tpm", allow_simulation=False, registers={}).to_toml(),
+                offline_grace_seconds=30,
+                lease_size=10,
+            )
+            async with c.ledger.transaction() as tx:
+                stored = await tx.deployment("t")
+            assert stored is not None
+            assert ReferenceValues.from_toml(stored.manifest).tpm_ak_roots == c.enclave_ca.pem.decode()
+            shown = ReferenceValues.from_toml(await c.deployments.manifest("t"))
+            assert shown.tpm_ak_roots == c.ak_ca.pem.decode()
+            assert replace(shown, tpm_ak_roots="") == replace(
+                ReferenceValues.from_toml(stored.manifest), tpm_ak_roots=""
+            )
+            # Other platforms' manifests are handed out as stored.
+            async with c.ledger.transaction() as tx:
+                sim = await tx.deployment("sim")
+            assert sim is not None
+            assert await c.deployments.manifest("sim") == sim.manifest
 
     asyncio.run(scenario())
