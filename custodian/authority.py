@@ -1,4 +1,4 @@
-"""The custodian's two certificate authorities and the certificates they issue.
+"""The custodian's certificate authorities and the certificates they issue.
 
 - The **TLS CA** issues the custodian's own server certificate (SAN
   ``custodian.custos``). Enclaves pin it; its fingerprint is measured into the
@@ -6,8 +6,13 @@
 - The **enclave CA** issues each enrolled instance a short-lived client
   certificate (CN = instance id) for the attested key, which the gateway
   requires for mutual TLS.
+- The **AK CA** certifies a TPM's attestation key once credential activation
+  proved it lives in the TPM of a trusted EK (EKU tcg-kp-AIKCertificate only).
+  End users trust TPM quotes through it (``[tpm] ak_roots``). It is a CA of its
+  own because the enclave CA certifies software keys: any enrolled instance
+  holds one, and none of them may pass as a TPM's AK.
 
-Both CA keys live in the data directory (0600). Server keys are made fresh in
+The CA keys live in the data directory (0600). Server keys are made fresh in
 memory at every start.
 """
 
@@ -26,6 +31,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from custodian.data_dir import read_private, write_private
 from custodian.errors import ConfigError, InvalidRequestError, RefusedError
+from enclave.attestation.tpm_ak import TCG_KP_AIK_CERTIFICATE
 from enclave.identity import private_key_pem, public_key_der
 
 logger = logging.getLogger(__name__)
@@ -35,8 +41,6 @@ CA_VALIDITY = datetime.timedelta(days=3650)
 SERVER_VALIDITY = datetime.timedelta(days=365)
 MAX_CSR_BYTES = 16 * 1024
 _BACKDATE = datetime.timedelta(minutes=5)
-# TCG EK Credential Profile: the extended key usage of an AK (AIK) certificate.
-TCG_KP_AIK_CERTIFICATE = x509.ObjectIdentifier("2.23.133.8.3")
 
 
 @dataclass(frozen=True)
@@ -137,7 +141,9 @@ class CertificateAuthority:
     ) -> x509.Certificate:
         """A certificate for a TPM attestation key whose residency a credential activation proved.
 
-        Its extended key usage is tcg-kp-AIKCertificate only: it is no client certificate.
+        Call it on the AK CA only. It certifies exactly ``public_key``, the key of the AK whose
+        ``TPMT_PUBLIC`` (attributes checked) was activated; its extended key usage is
+        tcg-kp-AIKCertificate only: it is no client certificate.
         """
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{instance_id} TPM AK")])
         return self._issue(public_key, name, TCG_KP_AIK_CERTIFICATE, now=now, validity=validity)

@@ -67,14 +67,14 @@ class Deployments:
         metrics: CustodianMetrics,
         *,
         custodian_ca_sha256: str,
-        enclave_ca_pem: bytes,
+        ak_ca_pem: bytes,
     ) -> None:
         self._ledger = ledger
         self._config = config
         self._bus = bus
         self._metrics = metrics
         self._ca_sha256 = custodian_ca_sha256
-        self._enclave_ca_pem = enclave_ca_pem
+        self._ak_ca_pem = ak_ca_pem
 
     async def create(
         self,
@@ -105,11 +105,7 @@ class Deployments:
         token = new_join_token()
         async with self._ledger.transaction() as tx:
             record = await _model(tx, model)
-            approved = reference.with_models(record.sha384.hex())
-            if approved.platform == "tpm":
-                # The enclave CA certifies each AK whose credential activation succeeded: end users
-                # trust the AK through it (enrolment itself checks the manifest's ek_roots).
-                approved = replace(approved, tpm_ak_roots=self._enclave_ca_pem.decode())
+            approved = self._trusting_our_aks(reference.with_models(record.sha384.hex()))
             await tx.add_deployment(
                 DeploymentRecord(
                     name=name,
@@ -153,9 +149,22 @@ class Deployments:
         return token
 
     async def manifest(self, name: str) -> str:
-        """The approved manifest: the one given at creation, with the deployment's model allowed."""
+        """The approved manifest: the one given at creation, with the deployment's model allowed.
+
+        A tpm deployment's names the AK CA as ``[tpm] ak_roots`` now, whatever was stored when it
+        was created (an older custodian stored its enclave CA there)."""
         async with self._ledger.transaction() as tx:
-            return (await _deployment(tx, name)).manifest
+            stored = (await _deployment(tx, name)).manifest
+        reference = ReferenceValues.from_toml(stored)
+        return self._trusting_our_aks(reference).to_toml() if reference.platform == "tpm" else stored
+
+    def _trusting_our_aks(self, reference: ReferenceValues) -> ReferenceValues:
+        """Platform tpm: end users trust the AKs the AK CA certified after credential activation
+        (enrolment itself checks the manifest's ek_roots). Never the enclave CA: it certifies the
+        instances' software keys."""
+        if reference.platform != "tpm":
+            return reference
+        return replace(reference, tpm_ak_roots=self._ak_ca_pem.decode())
 
     async def grant(self, name: str, units: int, *, origin: str = "") -> tuple[DeploymentUsage, int]:
         async with self._ledger.transaction() as tx:

@@ -73,7 +73,7 @@ class Enrolled:
     offline_grace_seconds: int
     lease_size: int
     zeroize_after_seconds: int
-    # Platform tpm: a certificate (PEM) for the AK, by the enclave CA.
+    # Platform tpm: a certificate (PEM) for the AK, by the AK CA.
     ak_certificate_pem: bytes = b""
 
 
@@ -101,9 +101,11 @@ class Enrolment:
         collateral: Mapping[str, bytes] | None = None,
         challenges: Challenges | None = None,
         monotonic: Callable[[], float] = time.monotonic,
+        ak_ca: CertificateAuthority,
     ) -> None:
         self._ledger = ledger
         self._ca = enclave_ca
+        self._ak_ca = ak_ca  # never the enclave CA: that one certifies software keys
         self._config = config
         self._metrics = metrics
         self._collateral = collateral
@@ -365,7 +367,7 @@ class Enrolment:
         ak_key = load_ak(ak).key
         if not isinstance(ak_key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
             raise RefusedError("the AK is neither an RSA nor an EC key")
-        return self._ca.issue_ak(ak_key, instance_id, now=now, validity=validity).public_bytes(
+        return self._ak_ca.issue_ak(ak_key, instance_id, now=now, validity=validity).public_bytes(
             serialization.Encoding.PEM
         )
 

@@ -6,6 +6,7 @@ checks it before anything in it is used), created on first start:
     custodian.lock          held while a custodian serves this directory
     custodian-ca.key/.pem   TLS CA: the custodian's server certificates; enclaves pin it
     enclave-ca.key/.pem     enclave CA: client certificates of enrolled instances
+    ak-ca.key/.pem          AK CA: certificates of activated TPM attestation keys
     admin-ca.key/.pem       admin CA: client certificates for the admin TCP listener
     kek                     key-encryption key of the models' data keys
     ledger.sqlite3          the ledger (WAL)
@@ -130,6 +131,7 @@ class CustodianServer:
         self._lock = _lock(data / "custodian.lock")
         tls_ca = CertificateAuthority.load_or_create(data, "custodian-ca", "Custos custodian CA", now=now())
         enclave_ca = CertificateAuthority.load_or_create(data, "enclave-ca", "Custos enclave CA", now=now())
+        ak_ca = CertificateAuthority.load_or_create(data, "ak-ca", "Custos TPM AK CA", now=now())
         self.custodian_ca_pem = tls_ca.pem
         # SQLite gives the -wal and -shm files the mode of the database file.
         data_dir.create_private(data / "ledger.sqlite3")
@@ -141,7 +143,7 @@ class CustodianServer:
 
         bus = ControlBus()
         self.metrics.watch_streams.set_function(lambda: bus.streams)
-        enrolment = Enrolment(ledger, enclave_ca, config, self.metrics, collateral=collateral)
+        enrolment = Enrolment(ledger, enclave_ca, config, self.metrics, collateral=collateral, ak_ca=ak_ca)
         leases = Leases(ledger, self.metrics)
         resumed = await leases.resume()
         if resumed:
@@ -152,7 +154,7 @@ class CustodianServer:
             bus,
             self.metrics,
             custodian_ca_sha256=tls_ca.sha256,
-            enclave_ca_pem=enclave_ca.pem,
+            ak_ca_pem=ak_ca.pem,
         )
 
         gateway = self._server(config.max_message_bytes)

@@ -46,5 +46,8 @@ def manifest_verifier(reference: ReferenceValues, *, trust_ak: bool = False) -> 
         return TpmVerifier(
             app_pcr=reference.tpm_app_pcr,
             ak_roots=load_certificates(roots, "manifest [tpm] ak_roots") if roots else (),
+            # Whether by certificate or by credential activation, trust in the AK needs its
+            # TPMT_PUBLIC: a bare key shows nothing of a TPM.
+            require_tpm_public=True,
         )
     return verifier_for(platform)

@@ -17,8 +17,11 @@ checks, in order:
    exactly the selected PCR values to have been supplied.
 
 Who vouches for the AK is a separate question. ``TpmVerifier`` can check an AK
-certificate chain to caller-supplied roots (Google Compute Engine issues one);
-otherwise it reports ``ak_trust = "none"`` and a policy must establish trust in
+certificate chain to caller-supplied roots (the custodian's AK CA issues one
+after credential activation); the AK must then be a ``TPMT_PUBLIC`` with the
+attributes of a TPM-resident restricted signing key, and the certificate an AK
+certificate (see :func:`enclave.attestation.tpm_ak.verify_ak_certificate`).
+Otherwise it reports ``ak_trust = "none"`` and a policy must establish trust in
 the AK some other way (EK certificate and credential activation, or a
 hardware report that binds the AK as on Azure, see
 :mod:`enclave.attestation.az_vtpm`).
@@ -255,19 +258,29 @@ class TpmVerifier(Verifier):
 
     AK roots come from ``ak_roots`` here or from ``collateral["ak_roots"]``
     (PEM or DER); ``collateral["ak_intermediates"]`` may add intermediates.
-    When any root is configured the AK certificate is required and must chain
-    to one at ``now``; the claims then say ``ak_trust = "certificate"``.
-    Without roots they say ``ak_trust = "none"``: the quote is internally
-    consistent, and whoever appraises it must trust the AK by other means.
+    When any root is configured the AK must be a ``TPMT_PUBLIC`` and the AK
+    certificate is required and must chain to one at ``now``; the claims then
+    say ``ak_trust = "certificate"``. Without roots they say
+    ``ak_trust = "none"``: the quote is internally consistent, and whoever
+    appraises it must trust the AK by other means. ``require_tpm_public``
+    refuses a bare-key AK even then (for a caller that trusts the AK by
+    activating a credential for its Name, which only a ``TPMT_PUBLIC`` has).
     """
 
     platform = PLATFORM
 
-    def __init__(self, *, app_pcr: int = DEFAULT_APP_PCR, ak_roots: Sequence[x509.Certificate] = ()) -> None:
+    def __init__(
+        self,
+        *,
+        app_pcr: int = DEFAULT_APP_PCR,
+        ak_roots: Sequence[x509.Certificate] = (),
+        require_tpm_public: bool = False,
+    ) -> None:
         if not 0 <= app_pcr <= MAX_PCR_INDEX:
             raise ValueError(f"application PCR {app_pcr} is out of range")
         self.app_pcr = app_pcr
         self._ak_roots = tuple(ak_roots)
+        self._require_tpm_public = require_tpm_public
 
     def verify(
         self,
@@ -282,6 +295,11 @@ class TpmVerifier(Verifier):
         if len(report_data) != REPORT_DATA_SIZE:
             raise BindingError(f"report data must be {REPORT_DATA_SIZE} bytes, got {len(report_data)}")
         ak = load_ak(evidence.part("ak"))
+        if self._require_tpm_public and ak.tpm_public is None:
+            raise EvidenceError(
+                f"AK is a bare {ak.encoding} key, not a TPMT_PUBLIC: nothing shows it is a TPM's "
+                "restricted signing key"
+            )
         quote = verify_quote(
             evidence.part("quote"),
             evidence.part("signature"),

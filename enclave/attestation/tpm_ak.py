@@ -3,14 +3,18 @@
 An AK arrives as a ``TPMT_PUBLIC`` (go-tpm-tools, go-attestation), a
 SubjectPublicKeyInfo in DER or PEM (trustee, keylime), or a JWK (the
 ``HCLAkPub`` of an Azure confidential VM). A ``TPMT_PUBLIC`` also tells what
-kind of key it is, so it must describe a restricted signing key that never
-leaves its TPM: only such a key is guaranteed to sign nothing but genuine
-TPM-generated structures.
+kind of key it is, so it must describe a restricted signing key the TPM made
+and never lets go (restricted, sign, fixedTPM, fixedParent,
+sensitiveDataOrigin; not decrypt): only such a key is guaranteed to sign
+nothing but genuine TPM-generated structures. A bare key says none of that.
 
-Trusting the AK by certificate (Google Compute Engine style): the AK
-certificate must carry exactly the AK's public key and chain, through
-intermediates, to one of the caller's roots, every certificate valid at
-``now``. Revocation is not checked (no CRL is fetched; verification does no I/O).
+Trusting the AK by certificate: the AK must be a ``TPMT_PUBLIC`` (a bare key
+could be any software key), and its certificate must be an AK certificate
+(extended key usage tcg-kp-AIKCertificate, and neither clientAuth nor
+serverAuth: a TLS certificate for the same key proves nothing about a TPM),
+carry exactly the AK's public key and chain, through intermediates, to one of
+the caller's roots, every certificate valid at ``now``. Revocation is not
+checked (no CRL is fetched; verification does no I/O).
 """
 
 from __future__ import annotations
@@ -27,13 +31,16 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from enclave.attestation import tpm_chain
 from enclave.attestation.certificates import check_validity
 from enclave.attestation.tpm_structures import (
     TPMA_OBJECT_DECRYPT,
+    TPMA_OBJECT_FIXED_PARENT,
     TPMA_OBJECT_FIXED_TPM,
     TPMA_OBJECT_RESTRICTED,
+    TPMA_OBJECT_SENSITIVE_DATA_ORIGIN,
     TPMA_OBJECT_SIGN,
     TpmPublic,
     parse_public,
@@ -46,6 +53,15 @@ MAX_AK_BYTES = 16 * 1024
 MAX_CERTIFICATE_BYTES = 64 * 1024
 MAX_CHAIN_DEPTH = 4
 _JWK_CURVES: Mapping[str, ec.EllipticCurve] = {"P-256": ec.SECP256R1(), "P-384": ec.SECP384R1()}
+# TCG EK Credential Profile: the extended key usage of an AK (AIK) certificate.
+TCG_KP_AIK_CERTIFICATE = x509.ObjectIdentifier("2.23.133.8.3")
+# Usages that make a certificate something else than an AK certificate (a TLS client or server
+# certificate for the same key would otherwise pass as one).
+_FOREIGN_USAGES = {
+    ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth",
+    ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth",
+    ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE: "anyExtendedKeyUsage",
+}
 
 
 @dataclass(frozen=True)
@@ -94,12 +110,15 @@ def _check_ak_attributes(public: TpmPublic) -> None:
         "restricted": TPMA_OBJECT_RESTRICTED,
         "sign": TPMA_OBJECT_SIGN,
         "fixedTPM": TPMA_OBJECT_FIXED_TPM,
+        "fixedParent": TPMA_OBJECT_FIXED_PARENT,
+        "sensitiveDataOrigin": TPMA_OBJECT_SENSITIVE_DATA_ORIGIN,
     }
     missing = [name for name, bit in required.items() if not public.has(bit)]
     if missing or public.has(TPMA_OBJECT_DECRYPT):
         raise EvidenceError(
             f"AK objectAttributes {public.object_attributes:#010x} are not those of a restricted signing "
-            f"key fixed to its TPM (missing: {', '.join(missing) or 'none'}; decrypt must be clear)"
+            f"key made in and fixed to its TPM (missing: {', '.join(missing) or 'none'}; "
+            "decrypt must be clear)"
         )
 
 
@@ -173,12 +192,18 @@ def verify_ak_certificate(
     intermediates: Iterable[x509.Certificate] = (),
     now: datetime,
 ) -> list[x509.Certificate]:
-    """Check that ``certificate`` certifies ``ak`` and chains to one of ``roots`` at ``now``.
+    """Check that ``certificate`` is an AK certificate for ``ak`` and chains to one of ``roots`` at ``now``.
 
+    ``ak`` must be a ``TPMT_PUBLIC`` (its attributes were checked when it was loaded).
     Returns the chain, leaf first, ending with the root. Raises ``EvidenceError``.
     """
     if not roots:
         raise EvidenceError("no AK certificate roots are configured")
+    if ak.tpm_public is None:
+        raise EvidenceError(
+            f"AK is a bare {ak.encoding} key, not a TPMT_PUBLIC: nothing shows it is a restricted "
+            "signing key of a TPM, so no AK certificate can vouch for it"
+        )
     when = now if now.tzinfo is not None else now.replace(tzinfo=UTC)
     try:
         leaf_key = certificate.public_key().public_bytes(
@@ -190,7 +215,30 @@ def verify_ak_certificate(
         raise EvidenceError("AK certificate is for another key than the AK that signed the quote")
     if tpm_chain.is_ca(certificate):
         raise EvidenceError("AK certificate is a CA certificate")
+    check_aik_usage(certificate)
     check_validity(certificate, when, "AK certificate")
     return tpm_chain.walk_chain(
         certificate, roots=roots, intermediates=intermediates, when=when, role="AK", max_depth=MAX_CHAIN_DEPTH
     )
+
+
+def check_aik_usage(certificate: x509.Certificate) -> None:
+    """Require the AK certificate's extended key usage: tcg-kp-AIKCertificate, and no TLS usage."""
+    usage = tpm_chain.extension(certificate, x509.ExtendedKeyUsage)
+    if usage is None:
+        raise EvidenceError(
+            "AK certificate has no extended key usage: an AK certificate carries tcg-kp-AIKCertificate "
+            f"({TCG_KP_AIK_CERTIFICATE.dotted_string})"
+        )
+    foreign = [name for oid, name in _FOREIGN_USAGES.items() if oid in usage]
+    if foreign:
+        raise EvidenceError(
+            f"AK certificate has the extended key usage {', '.join(foreign)}: it is a TLS certificate, "
+            "not an AK certificate"
+        )
+    if TCG_KP_AIK_CERTIFICATE not in usage:
+        found = ", ".join(oid.dotted_string for oid in usage) or "none"
+        raise EvidenceError(
+            f"AK certificate's extended key usage ({found}) lacks tcg-kp-AIKCertificate "
+            f"({TCG_KP_AIK_CERTIFICATE.dotted_string})"
+        )

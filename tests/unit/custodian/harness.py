@@ -46,6 +46,7 @@ class Custody:
     metrics: CustodianMetrics
     tls_ca: CertificateAuthority
     enclave_ca: CertificateAuthority
+    ak_ca: CertificateAuthority
     deployments: Deployments
     leases: Leases
     enrolment: Enrolment
@@ -168,6 +169,7 @@ async def custody(tmp_path: Path, *, clock: Clock | None = None, **config: Any) 
         enclave_ca = CertificateAuthority.load_or_create(
             tmp_path, "enclave-ca", "test enclave CA", now=clock()
         )
+        ak_ca = CertificateAuthority.load_or_create(tmp_path, "ak-ca", "test AK CA", now=clock())
         yield Custody(
             config=settings,
             clock=clock,
@@ -177,16 +179,19 @@ async def custody(tmp_path: Path, *, clock: Clock | None = None, **config: Any) 
             metrics=metrics,
             tls_ca=tls_ca,
             enclave_ca=enclave_ca,
+            ak_ca=ak_ca,
             deployments=Deployments(
                 ledger,
                 settings,
                 bus,
                 metrics,
                 custodian_ca_sha256=tls_ca.sha256,
-                enclave_ca_pem=enclave_ca.pem,
+                ak_ca_pem=ak_ca.pem,
             ),
             leases=Leases(ledger, metrics, monotonic=lambda: clock().timestamp()),
-            enrolment=Enrolment(ledger, enclave_ca, settings, metrics, monotonic=lambda: clock().timestamp()),
+            enrolment=Enrolment(
+                ledger, enclave_ca, settings, metrics, ak_ca=ak_ca, monotonic=lambda: clock().timestamp()
+            ),
             roster=Roster(ledger, bus),
         )
     finally:

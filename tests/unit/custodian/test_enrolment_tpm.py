@@ -6,6 +6,7 @@ Skips where swtpm or tpm2-pytss is missing, unless ``CUSTOS_REQUIRE_TPM=1``.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,8 +20,8 @@ from enclave._daemon.config import custodian_ca_der
 from enclave._daemon.enrolment import certificate_request
 from enclave._daemon.measured import MeasuredIdentity
 from enclave._daemon.tpm_device import TpmAttester, TpmDeviceError
-from enclave.attestation import ReferenceValues, measurement
-from enclave.attestation.tpm_ak import load_ak
+from enclave.attestation import ReferenceValues, appraise, measurement
+from enclave.attestation.tpm_ak import TCG_KP_AIK_CERTIFICATE, load_ak
 from tests import tpm_support
 from tests.unit.custodian.harness import Custody, custody, sample
 
@@ -104,12 +105,31 @@ def test_activated_credential_admits_the_enclave_and_certifies_its_ak(
                 with pytest.raises(RefusedError, match="unknown or was already used"):
                     await c.enrolment.activate(spelling, secret)
             ak_certificate = x509.load_pem_x509_certificate(enrolled.ak_certificate_pem)
-            ak_certificate.verify_directly_issued_by(c.enclave_ca.certificate)
+            ak_certificate.verify_directly_issued_by(c.ak_ca.certificate)
             certified = ak_certificate.public_key().public_bytes(
                 Encoding.DER, PublicFormat.SubjectPublicKeyInfo
             )
             assert certified == load_ak(attester.ak_public).spki()
+            usage = ak_certificate.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+            assert list(usage) == [TCG_KP_AIK_CERTIFICATE]
             attester.use_ak_certificate(enrolled.ak_certificate_pem)
+
+            # End users trust the AK through the end-user manifest, which names the AK CA.
+            end_user = ReferenceValues.from_toml(await c.deployments.manifest("d"))
+            nonce = os.urandom(32)
+            evidence, claims = identity.attest("enrol", nonce)
+            appraisal = appraise(
+                evidence,
+                claims,
+                end_user,
+                now=c.clock(),
+                nonce=nonce,
+                public_key=identity.public_key_der,
+                purpose="enrol",
+                deployment="d",
+                require_model=False,
+            )
+            assert appraisal.platform.details["ak_trust"] == "certificate"
 
     asyncio.run(scenario())
 

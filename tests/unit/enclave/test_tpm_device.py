@@ -15,6 +15,7 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from custodian.authority import CertificateAuthority
 from enclave import identity
 from enclave._daemon.tpm_device import TpmAttester, TpmDeviceError, parse_pcr_list
 from enclave.attestation import AttestedClaims, Evidence, ReferenceValues, appraise
@@ -30,7 +32,6 @@ from enclave.attestation.claims import replay
 from enclave.attestation.measurement import code_event, config_event, model_event
 from enclave.attestation.tpm import TpmVerifier
 from enclave.attestation.tpm_ak import load_ak
-from enclave.attestation.tpm_structures import parse_public
 from enclave.errors import AttestationError, BindingError, EvidenceError, PolicyError
 from tests import tpm_support
 
@@ -255,12 +256,17 @@ def _certificate(
     )
 
 
-def test_ak_certificate_makes_the_ak_trusted(open_attester: OpenAttester) -> None:
+def test_ak_certificate_makes_the_ak_trusted(open_attester: OpenAttester, tmp_path: Path) -> None:
+    """The custodian's AK CA certifies the swtpm's AK: end users trust it through ``[tpm] ak_roots``."""
     enclave = measured(open_attester())
+    now = datetime.now(UTC)
+    ak_ca = CertificateAuthority.load_or_create(tmp_path, "ak-ca", "AK CA", now=now)
+    enclave_ca = CertificateAuthority.load_or_create(tmp_path, "enclave-ca", "enclave CA", now=now)
+    ak_key = load_ak(enclave.attester.ak_public).key
+    ak_cert = ak_ca.issue_ak(ak_key, "instance", now=now, validity=timedelta(days=1)).public_bytes(
+        serialization.Encoding.DER
+    )
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_pem = _certificate(ca_key.public_key(), ca_key, ca=True).public_bytes(serialization.Encoding.PEM)
-    ak_key = parse_public(enclave.attester.ak_public).public_key()
-    ak_cert = _certificate(ak_key, ca_key, ca=False).public_bytes(serialization.Encoding.DER)
     with pytest.raises(ValueError, match="for another key than this TPM's AK"):
         enclave.attester.use_ak_certificate(
             _certificate(ca_key.public_key(), ca_key, ca=False).public_bytes(serialization.Encoding.DER)
@@ -272,14 +278,14 @@ def test_ak_certificate_makes_the_ak_trusted(open_attester: OpenAttester) -> Non
     enclave.attester.use_ak_certificate(ak_cert)
     evidence = enclave.evidence()
     assert Evidence.from_bytes(evidence).parts["ak_cert"] == ak_cert
-    appraisal = enclave.appraise(evidence, collateral={"ak_roots": ca_pem})
-    assert appraisal.platform.details["ak_trust"] == "certificate"
-    other_key = ec.generate_private_key(ec.SECP256R1())
-    other_pem = _certificate(other_key.public_key(), other_key, ca=True).public_bytes(
-        serialization.Encoding.PEM
-    )
+
+    def as_end_user(roots: CertificateAuthority) -> Any:
+        reference = enclave.reference(tpm_ak_roots=roots.pem.decode())
+        return enclave.appraise(evidence, reference=reference, tpm_credential=False)
+
+    assert as_end_user(ak_ca).platform.details["ak_trust"] == "certificate"
     with pytest.raises(EvidenceError, match="AK certificate chain stops"):
-        enclave.appraise(evidence, collateral={"ak_roots": other_pem})
+        as_end_user(enclave_ca)
 
 
 def test_sha256_bank_where_sha384_is_not_allocated(

@@ -1,7 +1,10 @@
 """Real TPM 2.0 quotes from ../shared/vectors/tpm (provenance in its MANIFEST.md).
 
 Google Compute Engine's vTPM (go-tpm-tools protobuf, AK certificate to Google's
-roots), keylime's and trustee's software-TPM samples. Every quote must verify
+roots), keylime's and trustee's software-TPM samples. Google's AK certificate
+chains to Google's roots but carries the EK certificate's extended key usage
+(2.23.133.8.1), not tcg-kp-AIKCertificate, so it is no AK certificate to our
+verifier. Every quote must verify
 and reproduce expected_values.json; flipped bytes and wrong nonces are refused.
 """
 
@@ -17,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from enclave.attestation import tpm
+from enclave.attestation import tpm, tpm_chain
 from enclave.attestation.interface import Evidence
 from enclave.attestation.tpm import QuoteClaims, TpmVerifier, verify_quote
 from enclave.attestation.tpm_ak import load_ak, load_certificates, verify_ak_certificate
@@ -204,43 +207,55 @@ def test_gce_quotes_verify_and_reproduce_expected_values() -> None:
 
 def test_gce_ak_certificate_chains_to_google_root() -> None:
     gce = gce_attestation()
-    chain = verify_ak_certificate(
+    chain = tpm_chain.walk_chain(
         load_certificates(gce.ak_cert, "ak_cert")[0],
-        load_ak(gce.ak_pub),
         roots=load_certificates(vector(GCE_ROOT), "root"),
         intermediates=load_certificates(vector(GCE_INTERMEDIATE), "intermediate"),
-        now=GCE_NOW,
+        when=GCE_NOW,
+        role="AK",
     )
     assert len(chain) == 3
+
+
+def test_gce_ak_certificate_is_refused_for_its_ek_certificate_usage() -> None:
+    gce = gce_attestation()
+    with pytest.raises(EvidenceError, match=r"\(2\.23\.133\.8\.1\) lacks tcg-kp-AIKCertificate"):
+        verify_ak_certificate(
+            load_certificates(gce.ak_cert, "ak_cert")[0],
+            load_ak(gce.ak_pub),
+            roots=load_certificates(vector(GCE_ROOT), "root"),
+            intermediates=load_certificates(vector(GCE_INTERMEDIATE), "intermediate"),
+            now=GCE_NOW,
+        )
 
 
 @pytest.mark.parametrize(
     ("root", "intermediate", "now", "reason"),
     [
-        (GCE_ROOT, GCE_INTERMEDIATE, datetime.datetime(2021, 1, 1, tzinfo=datetime.UTC), "not valid at"),
+        (GCE_ROOT, GCE_INTERMEDIATE, datetime.datetime(2019, 1, 1, tzinfo=datetime.UTC), "not valid at"),
         (GCE_ROOT, "tpm/gotpmtools_ca-certs_tpm_ek_intermediate_3.crt", GCE_NOW, "chain stops"),
         ("tpm/gotpmtools_ca-certs_gcp_ek_ak_ca_root.crt", GCE_INTERMEDIATE, GCE_NOW, "chain stops"),
     ],
-    ids=["before-validity", "wrong-intermediate", "other-google-root"],
+    ids=["intermediate-before-validity", "wrong-intermediate", "other-google-root"],
 )
 def test_gce_ak_certificate_refusals(
     root: str, intermediate: str, now: datetime.datetime, reason: str
 ) -> None:
     gce = gce_attestation()
     with pytest.raises(EvidenceError, match=reason):
-        verify_ak_certificate(
+        tpm_chain.walk_chain(
             load_certificates(gce.ak_cert, "ak_cert")[0],
-            load_ak(gce.ak_pub),
             roots=load_certificates(vector(root), "root"),
             intermediates=load_certificates(vector(intermediate), "intermediate"),
-            now=now,
+            when=now,
+            role="AK",
         )
 
 
-def test_gce_ak_certificate_does_not_certify_another_key() -> None:
+def test_gce_ak_certificate_does_not_vouch_for_a_bare_key() -> None:
     gce = gce_attestation()
-    _, _, other_ak, _ = trustee_evidence()
-    with pytest.raises(EvidenceError, match="another key"):
+    _, _, other_ak, _ = trustee_evidence()  # a SubjectPublicKeyInfo
+    with pytest.raises(EvidenceError, match="bare spki key"):
         verify_ak_certificate(
             load_certificates(gce.ak_cert, "ak_cert")[0],
             load_ak(other_ak),
