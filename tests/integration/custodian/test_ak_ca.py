@@ -25,7 +25,7 @@ def _tpm_manifest(custodian_ca_pem: bytes) -> str:
         allow_simulation=False,
         custodian_ca_sha256=hashlib.sha256(ca_der(custodian_ca_pem)).hexdigest(),
         code_sha384=measurement.code_sha384().hex(),
-        registers={f"pcr.sha384.{i}": "00" * 48 for i in range(8)},
+        registers={f"pcr.sha384.{i}": "00" * 48 for i in range(10)},
         tpm_ek_roots=custodian_ca_pem.decode(),
     ).to_toml()
 

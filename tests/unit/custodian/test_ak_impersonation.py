@@ -201,7 +201,7 @@ def test_a_deployment_stored_naming_the_enclave_ca_is_shown_naming_the_ak_ca(tmp
                     manifest,
                     platform="tpm",
                     allow_simulation=False,
-                    registers={f"pcr.sha384.{i}": "00" * 48 for i in range(8)},
+                    registers={f"pcr.sha384.{i}": "00" * 48 for i in range(10)},
                 ).to_toml(),
                 offline_grace_seconds=30,
                 lease_size=10,
