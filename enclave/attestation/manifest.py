@@ -63,6 +63,10 @@ class ReferenceValues:
     # may be bound to the guest (guest policy bit MIGRATE_MA).
     snp_min_tcb: Mapping[str, int] = field(default_factory=dict)
     snp_allow_migration_agent: bool = False
+    # Platforms tdx and sgx: TCB info and QE identity from an earlier TCB evaluation
+    # (tcbEvaluationDataNumber) are refused, expired or not, so that old collateral
+    # cannot hide a TCB recovery. None: any unexpired collateral.
+    min_tcb_evaluation_data_number: int | None = None
 
     def __post_init__(self) -> None:
         missing = [
@@ -102,6 +106,11 @@ class ReferenceValues:
                     + "]",
                 ]
                 if self.platform in DCAP_PLATFORMS
+                else []
+            ),
+            *(
+                [f"min_tcb_evaluation_data_number = {self.min_tcb_evaluation_data_number}"]
+                if self.platform in DCAP_PLATFORMS and self.min_tcb_evaluation_data_number is not None
                 else []
             ),
             *(
@@ -167,7 +176,16 @@ class ReferenceValues:
         if not isinstance(allow_debug, bool):
             raise ManifestError("manifest allow_debug must be true or false")
         snp_min_tcb, snp_allow_ma = _sev_snp_table(doc.get("sev_snp", {}), platform)
+        min_evaluation = doc.get("min_tcb_evaluation_data_number")
+        if min_evaluation is not None and (
+            platform not in DCAP_PLATFORMS
+            or isinstance(min_evaluation, bool)
+            or not isinstance(min_evaluation, int)
+            or not 0 <= min_evaluation < 2**32
+        ):
+            raise ManifestError("manifest min_tcb_evaluation_data_number is a number, for tdx and sgx only")
         return cls(
+            min_tcb_evaluation_data_number=min_evaluation,
             platform=platform,
             accepted_tcb_statuses=tuple(statuses),
             allow_debug=allow_debug,
