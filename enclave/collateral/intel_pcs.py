@@ -18,6 +18,7 @@ verifying, which documents a quote needs (TDX or SGX, FMSPC, which PCK CA).
 
 from __future__ import annotations
 
+import argparse
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,7 +41,25 @@ _CA_BY_CN: dict[str, PckCa] = {
     "Intel SGX PCK Processor CA": "processor",
 }
 
-__all__ = ["INTEL_PCS_URL", "CollateralServiceError", "IntelPcs", "PcsDocument", "QuoteNeeds", "quote_needs"]
+__all__ = [
+    "INTEL_PCS_URL",
+    "CollateralServiceError",
+    "IntelPcs",
+    "PcsDocument",
+    "QuoteNeeds",
+    "pccs_argument",
+    "quote_needs",
+]
+
+
+def pccs_argument(text: str) -> str | None:
+    """The value of a ``--pccs`` flag: a PCS or PCCS base URL, or ``off`` (None: fetch nothing)."""
+    if text == "off":
+        return None
+    try:
+        return _http.check_base_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--pccs: {exc}") from None
 
 
 @dataclass(frozen=True)
