@@ -17,6 +17,7 @@ instance admitted, with a client certificate and a certificate for its AK.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime
 import hashlib
@@ -24,7 +25,6 @@ import hmac
 import logging
 import os
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from custodian.authority import CertificateAuthority, csr_public_key
+from custodian.collateral import CollateralSource
 from custodian.config import CustodianConfig
 from custodian.errors import BusyError, CustodianError, NotFoundError, RefusedError, SuspendedError
 from custodian.ledger import InstanceRecord, Ledger
@@ -93,7 +94,7 @@ class Enrolment:
         config: CustodianConfig,
         metrics: CustodianMetrics,
         *,
-        collateral: Mapping[str, bytes] | None = None,
+        collateral: CollateralSource | None = None,
     ) -> None:
         self._ledger = ledger
         self._ca = enclave_ca
@@ -175,6 +176,9 @@ class Enrolment:
                 stage = "busy"  # before any appraisal work: a full table of challenges refuses at once
                 self._make_room(now)
                 stage = "attestation"
+            # Our own copy of the platform's collateral (blocking I/O: a worker thread); the verifier
+            # uses it where it is fresher than what the evidence carries.
+            collateral = await asyncio.to_thread(self._collateral, evidence) if self._collateral else None
             appraisal = appraise(
                 evidence,
                 claims,
@@ -185,7 +189,7 @@ class Enrolment:
                 purpose="enrol",
                 deployment=deployment,
                 require_model=False,
-                collateral=self._collateral,
+                collateral=collateral,
                 tpm_credential=tpm,
             )
             if tpm:

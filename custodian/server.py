@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +37,7 @@ from custodian._status import StatusInterceptor
 from custodian.admin import Admin
 from custodian.admin_access import AdminAccess
 from custodian.authority import CUSTODIAN_TLS_NAME, CertificateAuthority
+from custodian.collateral import CollateralSource, CustodianCollateral
 from custodian.config import Address, CustodianConfig
 from custodian.control import ControlBus
 from custodian.deployments import Deployments
@@ -100,7 +101,7 @@ class CustodianServer:
         config: CustodianConfig,
         *,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
-        collateral: Mapping[str, bytes] | None = None,
+        collateral: CollateralSource | None = None,
     ) -> CustodianServer:
         """Open the data directory and start every listener; stops again cleanly if any step fails."""
         server = cls()
@@ -112,7 +113,7 @@ class CustodianServer:
         return server
 
     async def _start(
-        self, config: CustodianConfig, now: Callable[[], datetime], collateral: Mapping[str, bytes] | None
+        self, config: CustodianConfig, now: Callable[[], datetime], collateral: CollateralSource | None
     ) -> None:
         data = config.data_dir
         data.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -130,6 +131,11 @@ class CustodianServer:
 
         bus = ControlBus()
         self.metrics.watch_streams.set_function(lambda: bus.streams)
+        if collateral is None:
+            own = CustodianCollateral.open(
+                data, self.metrics, pccs_url=config.pccs_url, collateral_dir=config.collateral_dir
+            )
+            collateral = own.for_evidence
         enrolment = Enrolment(ledger, enclave_ca, config, self.metrics, collateral=collateral)
         leases = Leases(ledger, self.metrics)
         resumed = await leases.resume()
