@@ -205,6 +205,8 @@ class Spec:
     report_data: bytes = b"\x42" * 64
     qe_isvsvn: int = 4
     trailing: bytes = b""
+    # RTMR3 of a TD: all zero where the guest extends nothing at run time.
+    rtmr3: bytes = b"\x33" * 48
 
     @property
     def tdx(self) -> bool:
@@ -221,7 +223,8 @@ def build_quote(
         body += (
             b"\x22" * 48
             + bytes(48 * 3)
-            + b"".join(bytes([0x30 + i]) * 48 for i in range(4))
+            + b"".join(bytes([0x30 + i]) * 48 for i in range(3))
+            + spec.rtmr3
             + spec.report_data
         )
         if spec.body_type == 3:
