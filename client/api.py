@@ -25,6 +25,7 @@ import os
 import socket
 import ssl
 import stat
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -46,6 +47,9 @@ from enclave.attestation.certificates import check_validity
 from enclave.attestation.manifest import MAX_MANIFEST_BYTES
 from enclave.errors import EnclaveError
 from protos import custos_pb2, custos_pb2_grpc
+
+# The caller's own collateral for a piece of evidence (serialized), or None.
+CollateralSource = Callable[[bytes], Mapping[str, bytes] | None]
 
 logger = logging.getLogger(__name__)
 
@@ -235,11 +239,15 @@ def connect(
     *,
     timeout: float = DEFAULT_TIMEOUT,
     now: datetime.datetime | None = None,
+    collateral: CollateralSource | None = None,
 ) -> Connection:
     """Verify the enclave at ``address`` (HOST:PORT) against ``manifest`` and return a pinned connection.
 
     ``now`` (timezone-aware) is the time the certificate and evidence are checked
-    at; the current time by default.
+    at; the current time by default. ``collateral`` gives the caller's own copy of
+    the platform's collateral for a piece of evidence (Intel's, for tdx and sgx:
+    ``enclave.collateral.intel.IntelCollateral.for_evidence``); the verifier uses
+    it where it is fresher than what the evidence carries.
     """
     if not timeout > 0:
         raise ClientError("timeout must be positive")
@@ -258,6 +266,7 @@ def connect(
             public_key=public_key,
             purpose="tls",
             require_model=True,
+            collateral=collateral(evidence) if collateral else None,
         )
     except EnclaveError as exc:
         raise VerificationRefusedError(f"enclave certificate refused: {exc}") from exc
@@ -272,7 +281,7 @@ def connect(
         ],
     )
     try:
-        appraisal = _challenge(channel, reference, public_key, when, timeout)
+        appraisal = _challenge(channel, reference, public_key, when, timeout, collateral)
     except BaseException:
         channel.close()
         raise
@@ -294,6 +303,7 @@ def _challenge(
     public_key: bytes,
     now: datetime.datetime,
     timeout: float,
+    collateral: CollateralSource | None,
 ) -> Appraisal:
     """Fresh evidence over our nonce, on the pinned channel, for the certificate's key."""
     nonce = os.urandom(NONCE_BYTES)
@@ -313,6 +323,7 @@ def _challenge(
             public_key=public_key,
             purpose="attest",
             require_model=True,
+            collateral=collateral(response.evidence) if collateral else None,
         )
     except EnclaveError as exc:
         raise VerificationRefusedError(f"fresh evidence refused: {exc}") from exc

@@ -7,6 +7,7 @@ exhausted, 5 suspended or revoked, 1 other errors, 2 misuse.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from typing import Any
 from client.api import (
     DEFAULT_TIMEOUT,
     MAX_TOP_K,
+    CollateralSource,
     Connection,
     InferResult,
     connect,
@@ -26,6 +28,9 @@ from client.api import (
 from client.errors import ClientError, VerificationRefusedError
 from enclave.attestation import ReferenceValues
 from enclave.attestation.sim import SIMULATION_WARNING
+from enclave.collateral.cache import CollateralCache
+from enclave.collateral.intel import IntelCollateral
+from enclave.collateral.intel_pcs import INTEL_PCS_URL, IntelPcs, pccs_argument
 
 EPILOG = """\
 Nothing leaves this machine until the enclave is verified: the evidence in its
@@ -98,6 +103,14 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_TIMEOUT,
         help=f"limit for each network step (default {DEFAULT_TIMEOUT:g})",
     )
+    parser.add_argument(
+        "--pccs",
+        metavar="URL|off",
+        type=pccs_argument,
+        default=os.environ.get("CUSTOS_PCCS") or INTEL_PCS_URL,
+        help="tdx, sgx: where to fetch Intel collateral when the evidence does not carry it all"
+        " (default: $CUSTOS_PCCS or Intel's PCS)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object (also on failure)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each step; tracebacks on failure")
     return parser
@@ -166,10 +179,20 @@ def _failure(error: ClientError, *, as_json: bool, verbose: bool) -> int:
     return error.exit_code
 
 
+def _collateral(pccs_url: str | None) -> CollateralSource | None:
+    """Our own Intel collateral, fetched only for evidence that does not carry a complete set."""
+    if pccs_url is None:
+        return None
+    intel = IntelCollateral(CollateralCache(None), IntelPcs(pccs_url))
+    return functools.partial(intel.for_evidence, unless_carried=True)
+
+
 def _run(args: argparse.Namespace) -> int:
     image = read_image(args.input)
     manifest = load_manifest(args.manifest)
-    with connect(args.enclave, manifest, timeout=args.timeout) as connection:
+    with connect(
+        args.enclave, manifest, timeout=args.timeout, collateral=_collateral(args.pccs)
+    ) as connection:
         verification = _verification_doc(connection, manifest)
         if not args.json:
             print(_verification_text(args.enclave, verification), flush=True)

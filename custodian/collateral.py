@@ -14,20 +14,14 @@ appraises the evidence with what it carries, and says why in the log.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from custodian.metrics import CustodianMetrics
-from enclave.attestation.interface import Evidence
 from enclave.collateral.cache import CollateralCache
 from enclave.collateral.intel import IntelCollateral
 from enclave.collateral.intel_pcs import IntelPcs
-from enclave.errors import EnclaveError
 
-logger = logging.getLogger(__name__)
-
-DCAP_PLATFORMS = ("tdx", "sgx")
 # What the enrolment asks for the relying party's own collateral: evidence bytes in, named blobs out.
 CollateralSource = Callable[[bytes], Mapping[str, bytes] | None]
 
@@ -54,11 +48,4 @@ class CustodianCollateral:
 
     def for_evidence(self, evidence: bytes) -> Mapping[str, bytes] | None:
         """Our collateral for a DCAP quote in ``evidence``; None for other platforms or when there is none."""
-        try:
-            parsed = Evidence.from_bytes(evidence)
-            if parsed.platform not in DCAP_PLATFORMS:
-                return None
-            return self._intel.for_quote(parsed.part("quote"))
-        except EnclaveError as exc:
-            logger.warning("no Intel collateral of our own for this evidence: %s", exc)
-            return None
+        return self._intel.for_evidence(evidence)

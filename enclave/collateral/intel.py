@@ -34,7 +34,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from enclave.attestation.dcap_collateral import parse_collateral
-from enclave.attestation.dcap_freshness import Currency, crl_currency, signed_document_currency
+from enclave.attestation.dcap_freshness import (
+    Currency,
+    carried_collateral,
+    crl_currency,
+    signed_document_currency,
+)
+from enclave.attestation.interface import Evidence
 from enclave.collateral.cache import CollateralCache
 from enclave.collateral.intel_pcs import IntelPcs, PcsDocument, QuoteNeeds, quote_needs
 from enclave.errors import EnclaveError
@@ -45,6 +51,11 @@ DEFAULT_MAX_AGE = timedelta(hours=24)
 DEFAULT_RETRY_AFTER = timedelta(minutes=5)
 # What on_stale reports, and a metric's label values: one per kind of document.
 DOCUMENT_KINDS = ("tcb_info", "qe_identity", "pck_crl", "root_ca_crl")
+DCAP_PLATFORMS = ("tdx", "sgx")
+# Evidence carrying all of these needs nothing more for every check (pck_crl_issuer_chain is optional).
+COMPLETE = frozenset(
+    {"tcb_info", "tcb_info_issuer_chain", "qe_identity", "qe_identity_issuer_chain", "pck_crl", "root_ca_crl"}
+)
 
 
 class CollateralUnavailableError(EnclaveError):
@@ -97,6 +108,21 @@ class IntelCollateral:
                 if copy.document.issuer_chain is not None:
                     out[f"{spec.kind}_issuer_chain"] = copy.document.issuer_chain
         return out
+
+    def for_evidence(self, evidence: bytes, *, unless_carried: bool = False) -> dict[str, bytes] | None:
+        """Our collateral for the DCAP quote in ``evidence`` (serialized); None for another platform,
+        when ``unless_carried`` and the evidence carries a complete set, or when there is none
+        (logged: the verifier then has what the evidence carries). Never raises."""
+        try:
+            parsed = Evidence.from_bytes(evidence)
+            if parsed.platform not in DCAP_PLATFORMS:
+                return None
+            if unless_carried and COMPLETE <= set(carried_collateral(parsed.parts)):
+                return None
+            return self.for_quote(parsed.part("quote"))
+        except EnclaveError as exc:
+            logger.warning("no Intel collateral of our own for this evidence: %s", exc)
+            return None
 
     def _specs(self, needs: QuoteNeeds) -> list[_Spec]:
         tee, fmspc, ca = needs.tee, needs.fmspc, needs.ca

@@ -10,6 +10,7 @@ through a ``sitecustomize`` on its own ``PYTHONPATH``, this process through
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -30,7 +31,9 @@ from testkit.processes import (
     Enclave,
     enclave_manifest,
     isolated_env,
+    run,
     running,
+    script,
 )
 from testkit.quote_double import SGX_REGISTERS, TDX_REGISTERS, quote_double
 from testkit.trust_root import site_directory
@@ -75,8 +78,8 @@ class DcapSystem:
         self.pcs = pcs
         self.env = isolated_env(tmp)
         site = site_directory(tmp / "site", pki.root_der)
-        custodian_env = {**self.env, "PYTHONPATH": f"{site}:{self.env['PYTHONPATH']}"}
-        self.custodian = Custodian(tmp / "data", custodian_env, extra_args=("--pccs", pcs.url)).start()
+        self.trusting_env = {**self.env, "PYTHONPATH": f"{site}:{self.env['PYTHONPATH']}"}
+        self.custodian = Custodian(tmp / "data", self.trusting_env, extra_args=("--pccs", pcs.url)).start()
         self.ca = self.custodian.ca_file()
         self.custodian.console("model", "add", str(DIGITS_MODEL), "--name", "digits")
         self.enclaves: list[Enclave] = []
@@ -93,7 +96,7 @@ class DcapSystem:
         self.custodian.console("grant", platform, "5")
         return str(created["join_token"])
 
-    def enclave(self, platform: str, token: str, device: Path, *, pccs: str | None = None) -> Enclave:
+    def enclave(self, platform: str, token: str, device: Path, *, pccs: str = "") -> Enclave:
         flag = "--tsm-entry" if platform == "tdx" else "--gramine-root"
         enclave = Enclave(self.tmp / f"enclave-{len(self.enclaves)}", self.env)
         self.enclaves.append(enclave)
@@ -193,3 +196,23 @@ def test_the_custodian_uses_its_fresher_copy_where_the_enclave_carries_expired_c
         assert any(path.startswith("/tdx/certification/v4/tcb") for path in stale_pcs.requests)
         with pytest.raises(VerificationRefusedError, match="expired at"):
             connect(enclave.address, system.end_user_manifest("tdx"))
+
+
+def test_an_end_user_fetches_what_the_evidence_does_not_carry(system: DcapSystem, tmp_path: Path) -> None:
+    serve_collateral(system.pcs, system.pki, "sgx", issued=datetime.now(UTC) - timedelta(hours=1))
+    token = system.deploy("sgx")
+    device = tmp_path / "attestation"
+    with quote_double(system.pki, device, "sgx"):
+        enclave = system.enclave("sgx", token, device, pccs="off")  # enrolled on the custodian's copy
+        manifest = system.end_user_manifest("sgx")
+        with pytest.raises(VerificationRefusedError, match="TCB status was not evaluated"):
+            connect(enclave.address, manifest)
+        query = [script("custos-query"), "--enclave", enclave.address, "--manifest", str(manifest), "--json"]
+        image = str(DIGITS_SAMPLES / "digit-3.png")
+        refused = run([*query, "--pccs", "off", image], system.trusting_env, check=False)
+        assert refused.returncode != 0
+        assert "TCB status was not evaluated" in refused.stdout
+        answered = run([*query, "--pccs", system.pcs.url, image], system.trusting_env)
+    doc = json.loads(answered.stdout)
+    assert doc["verified"] is True
+    assert doc["top"][0]["label"] == "three"
