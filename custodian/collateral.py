@@ -44,7 +44,7 @@ class CustodianCollateral:
             return cls(IntelCollateral(cache, None, on_stale=stale))
         cache = CollateralCache(data_dir / "collateral" / "intel")
         service = IntelPcs(pccs_url) if pccs_url is not None else None
-        return cls(IntelCollateral(cache, service, on_stale=stale))
+        return cls(IntelCollateral(cache, service, on_stale=stale, authenticate=True))
 
     def for_evidence(self, evidence: bytes) -> Mapping[str, bytes] | None:
         """Our collateral for a DCAP quote in ``evidence``; None for other platforms or when there is none."""

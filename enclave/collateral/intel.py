@@ -33,12 +33,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from enclave.attestation.dcap_collateral import parse_collateral
+from cryptography.exceptions import InvalidSignature
+
+from enclave.attestation import dcap
+from enclave.attestation.dcap_collateral import check_crl, load_crl, parse_collateral, verify_signed_document
 from enclave.attestation.dcap_freshness import (
     Currency,
     carried_collateral,
     crl_currency,
     signed_document_currency,
+)
+from enclave.attestation.dcap_pck import (
+    PCK_CA_CNS,
+    common_name,
+    load_certificate_chain_pem,
+    load_certificate_der,
 )
 from enclave.attestation.interface import Evidence
 from enclave.collateral.cache import CollateralCache
@@ -87,8 +96,10 @@ class IntelCollateral:
         max_age: timedelta = DEFAULT_MAX_AGE,
         retry_after: timedelta = DEFAULT_RETRY_AFTER,
         on_stale: Callable[[str, bool], None] | None = None,
+        authenticate: bool = False,
     ) -> None:
         self.cache = cache
+        self._authenticate = authenticate
         self.pcs = pcs
         self._now = now
         self._max_age = max_age
@@ -205,6 +216,8 @@ class IntelCollateral:
         currency = _currency(spec, document)
         if currency is None:
             raise CollateralUnavailableError(f"the service's {spec.kind} does not parse")
+        if self._authenticate:
+            _check_signature(spec.kind, document, self._now())
         return _Copy(document, currency)
 
     def _cached(self, spec: _Spec) -> _Copy | None:
@@ -222,6 +235,32 @@ class IntelCollateral:
     def _stale(self, kind: str, stale: bool) -> None:
         if self._on_stale is not None:
             self._on_stale(kind, stale)
+
+
+def _check_signature(kind: str, document: PcsDocument, now: datetime) -> None:
+    """A document signed under the pinned Intel SGX Root CA, before it may replace the cached copy:
+    a forged one with a high evaluation number or a late date would otherwise hold the cache."""
+    root = load_certificate_der(dcap.INTEL_SGX_ROOT_CA_DER, "Intel SGX Root CA")
+    blobs = {kind: document.body}
+    if document.issuer_chain is not None and kind != "pck_crl":
+        blobs[f"{kind}_issuer_chain"] = document.issuer_chain
+    parsed = parse_collateral(blobs)
+    signed = parsed.tcb_info or parsed.qe_identity
+    if signed is not None:
+        verify_signed_document(signed, root, now)
+    elif parsed.root_ca_crl is not None:
+        check_crl(load_crl(parsed.root_ca_crl, kind), root, kind)
+    elif parsed.pck_crl is not None:
+        chain = load_certificate_chain_pem(document.issuer_chain or b"", f"{kind} issuer chain")
+        if not chain or common_name(chain[0]) not in PCK_CA_CNS:
+            raise CollateralUnavailableError(f"the {kind} issuer chain does not start with a PCK CA")
+        try:
+            chain[0].verify_directly_issued_by(root)
+        except (ValueError, TypeError, InvalidSignature):
+            raise CollateralUnavailableError(
+                f"the {kind} issuer is not issued by the Intel SGX Root CA"
+            ) from None
+        check_crl(load_crl(parsed.pck_crl, kind), chain[0], kind)
 
 
 def _need(pcs: IntelPcs | None) -> IntelPcs:

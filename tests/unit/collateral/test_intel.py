@@ -205,3 +205,18 @@ def test_an_air_gapped_directory_is_read_and_names_what_it_lacks(pcs: PcsDouble,
     (tmp_path / "rootcacrl.der").unlink()
     with pytest.raises(CollateralUnavailableError, match=r"no rootcacrl\.der in the collateral directory"):
         offline.for_quote(COS_QUOTE)
+
+
+def test_an_authenticating_cache_keeps_a_forged_document_out(pcs: PcsDouble, tmp_path: Path) -> None:
+    _serve_2025_tdx(pcs)
+    cache = CollateralCache(tmp_path)
+    genuine = _collateral(pcs, cache, OCTOBER, authenticate=True).for_quote(COS_QUOTE)
+    # A forger raises the evaluation number: unsigned, it would outrank every genuine copy to come.
+    text = (INTEL / "automata_1025_tcb_info.json").read_bytes()
+    forged = text.replace(b'"tcbEvaluationDataNumber":', b'"tcbEvaluationDataNumber":9', 1)
+    assert forged != text
+    pcs.tcb_info("tdx", "00806F050000", forged, TCB_SIGNING_CHAIN)
+    later = OCTOBER + timedelta(days=2)
+    served = _collateral(pcs, cache, later, authenticate=True).for_quote(COS_QUOTE)
+    assert served["tcb_info"] == genuine["tcb_info"]
+    assert cache.read("tdx-tcb-00806F050000.json") == text
