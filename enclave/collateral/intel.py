@@ -176,7 +176,11 @@ class IntelCollateral:
                 )
             return cached  # air-gapped: the verifier judges whether it has expired
         last = self._last_attempt.get(spec.file)
-        if cached is not None and last is not None and now < last + self._retry_after:
+        if last is not None and now < last + self._retry_after:
+            if cached is None:  # a service that just failed is not asked again at every quote
+                raise CollateralUnavailableError(
+                    f"{spec.kind}: the last fetch failed; retrying after {last + self._retry_after:%H:%M:%S}"
+                )
             return cached
         self._last_attempt[spec.file] = now
         try:

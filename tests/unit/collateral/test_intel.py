@@ -160,8 +160,14 @@ def test_expired_collateral_served_from_the_cache_is_refused(pcs: PcsDouble, tmp
 
 def test_down_without_a_cached_copy_is_an_error_naming_the_url(pcs: PcsDouble, tmp_path: Path) -> None:
     pcs.down = True
+    collateral = _collateral(pcs, CollateralCache(tmp_path), OCTOBER)
     with pytest.raises(CollateralUnavailableError, match=rf"{pcs.url}/tdx/certification/v4/.*HTTP 503"):
-        _collateral(pcs, CollateralCache(tmp_path), OCTOBER).for_quote(COS_QUOTE)
+        collateral.for_quote(COS_QUOTE)
+    # Not asked again at every quote: an enclave's attestation would wait on it each time.
+    asked = len(pcs.requests)
+    with pytest.raises(CollateralUnavailableError, match="the last fetch failed; retrying after"):
+        collateral.for_quote(COS_QUOTE)
+    assert len(pcs.requests) == asked
 
 
 def test_tcb_info_for_another_fmspc_is_refused_and_not_cached(pcs: PcsDouble, tmp_path: Path) -> None:
