@@ -25,6 +25,7 @@ import logging
 import operator
 import os
 import stat
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -46,6 +47,9 @@ from enclave.attestation.certificates import check_validity
 from enclave.attestation.manifest import MAX_MANIFEST_BYTES
 from enclave.errors import EnclaveError
 from protos import custos_pb2, custos_pb2_grpc
+
+# The caller's own collateral for a piece of evidence (serialized), or None.
+CollateralSource = Callable[[bytes], Mapping[str, bytes] | None]
 
 logger = logging.getLogger(__name__)
 
@@ -220,11 +224,15 @@ def connect(
     *,
     timeout: float = DEFAULT_TIMEOUT,
     now: datetime.datetime | None = None,
+    collateral: CollateralSource | None = None,
 ) -> Connection:
     """Verify the enclave at ``address`` (HOST:PORT) against ``manifest`` and return a pinned connection.
 
     ``now`` (timezone-aware) is the time the certificate and evidence are checked
-    at; the current time by default.
+    at; the current time by default. ``collateral`` gives the caller's own copy of
+    the platform's collateral for a piece of evidence (Intel's, for tdx and sgx:
+    ``enclave.collateral.intel.IntelCollateral.for_evidence``); the verifier uses
+    it where it is fresher than what the evidence carries.
     """
     if not timeout > 0:
         raise ClientError("timeout must be positive")
@@ -243,6 +251,7 @@ def connect(
             public_key=public_key,
             purpose="tls",
             require_model=True,
+            collateral=collateral(evidence) if collateral else None,
         )
     except EnclaveError as exc:
         raise VerificationRefusedError(f"enclave certificate refused: {exc}") from exc
@@ -257,7 +266,7 @@ def connect(
         ],
     )
     try:
-        appraisal = _challenge(channel, reference, public_key, when, timeout, address, pem)
+        appraisal = _challenge(channel, reference, public_key, when, timeout, address, pem, collateral)
     except BaseException:
         channel.close()
         raise
@@ -282,6 +291,7 @@ def _challenge(
     timeout: float,
     address: str,
     pinned_pem: bytes,
+    collateral: CollateralSource | None,
 ) -> Appraisal:
     """Fresh evidence over our nonce, on the pinned channel, for the certificate's key."""
     nonce = os.urandom(NONCE_BYTES)
@@ -309,6 +319,7 @@ def _challenge(
             public_key=public_key,
             purpose="attest",
             require_model=True,
+            collateral=collateral(response.evidence) if collateral else None,
         )
     except EnclaveError as exc:
         raise VerificationRefusedError(f"fresh evidence refused: {exc}") from exc

@@ -7,6 +7,7 @@ exhausted, 5 suspended or revoked, 1 other errors, 2 misuse.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from client.api import (
     DEFAULT_TIMEOUT,
     MAX_INPUT_BYTES,
     MAX_TOP_K,
+    CollateralSource,
     Connection,
     InferResult,
     connect,
@@ -30,6 +32,9 @@ from client.errors import ClientError, VerificationRefusedError
 from enclave.attestation import ReferenceValues
 from enclave.attestation.manifest import UNMEASURED_OS_WARNING
 from enclave.attestation.sim import SIMULATION_WARNING
+from enclave.collateral.cache import CollateralCache
+from enclave.collateral.intel import IntelCollateral
+from enclave.collateral.intel_pcs import INTEL_PCS_URL, IntelPcs, pccs_argument
 
 EPILOG = """\
 Nothing leaves this machine until the enclave is verified: the evidence in its
@@ -130,6 +135,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="log each step; tracebacks on failure (default: off)"
     )
+    parser.add_argument(
+        "--pccs",
+        metavar="URL|off",
+        type=pccs_argument,
+        default=os.environ.get("CUSTOS_PCCS") or INTEL_PCS_URL,
+        help="tdx, sgx: where to fetch Intel collateral when the evidence does not carry it all"
+        " (default: $CUSTOS_PCCS or Intel's PCS)",
+    )
     return parser
 
 
@@ -207,11 +220,21 @@ def _failure(error: ClientError, *, as_json: bool, verbose: bool, talked_to: dic
     return error.exit_code
 
 
+def _collateral(pccs_url: str | None) -> CollateralSource | None:
+    """Our own Intel collateral, fetched only for evidence that does not carry a complete set."""
+    if pccs_url is None:
+        return None
+    intel = IntelCollateral(CollateralCache(None), IntelPcs(pccs_url))
+    return functools.partial(intel.for_evidence, unless_carried=True)
+
+
 def _run(args: argparse.Namespace, talked_to: dict[str, str]) -> int:
     """Verify, then query; ``talked_to`` gets the enclave and its deployment once verified."""
     image = read_image(args.input)
     manifest = load_manifest(args.manifest)
-    with connect(args.enclave, manifest, timeout=args.timeout) as connection:
+    with connect(
+        args.enclave, manifest, timeout=args.timeout, collateral=_collateral(args.pccs)
+    ) as connection:
         talked_to.update(enclave=args.enclave, deployment=connection.deployment)
         verification = _verification_doc(connection, manifest)
         if not args.json:

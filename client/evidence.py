@@ -13,7 +13,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
 from enclave.attestation import ReferenceValues, dcap, policy, sev_snp, tpm, tpm_ak
+from enclave.attestation.dcap_pck import PCK_CA_CNS, TCB_SIGNING_CN
 from enclave.attestation.dcap_quote import decode_quote_text, parse_quote
 from enclave.attestation.sev_snp_report import Product, parse_report
 from enclave.attestation.tpm_structures import parse_attest
@@ -67,11 +71,31 @@ def _decode_text(data: bytes) -> bytes:
 
 
 def dcap_collateral(files: Sequence[tuple[str | None, bytes]]) -> dict[str, bytes]:
-    """Name each collateral file: explicit ``NAME=FILE``, or recognised by its content."""
+    """Name each collateral file: explicit ``NAME=FILE``, or recognised by its content.
+
+    A DER (or PEM) CRL is named by its issuer (the Root CA's or a PCK CA's); an
+    issuer chain PEM by its first certificate: a TCB Signing chain serves both
+    signed documents, a PCK CA chain the PCK CRL.
+    """
     named: dict[str, bytes] = {}
+    chains: list[tuple[str, bytes]] = []
     for name, data in files:
-        named[name or _recognise(data)] = data
+        kind = name or _recognise(data)
+        if kind == _TCB_SIGNING_CHAIN:
+            chains.append((kind, data))
+        else:
+            named[kind] = data
+    for _, data in chains:
+        for document in ("tcb_info", "qe_identity"):
+            if document in named:
+                named.setdefault(f"{document}_issuer_chain", data)
+    if chains and not any(f"{d}_issuer_chain" in named for d in ("tcb_info", "qe_identity")):
+        raise EvidenceError("a TCB Signing issuer chain was given without TCB info or a QE identity")
     return named
+
+
+# Not a collateral name: a chain that signs both TCB info and the QE identity.
+_TCB_SIGNING_CHAIN = "tcb signing chain"
 
 
 def _recognise(data: bytes) -> str:
@@ -88,10 +112,49 @@ def _recognise(data: bytes) -> str:
                 return "qe_identity"
             if "tcb_info" in doc and "qe_identity" in doc:
                 return "quote_collateral"
+    by_issuer = _recognise_x509(stripped)
+    if by_issuer is not None:
+        return by_issuer
     raise EvidenceError(
         "cannot tell which collateral this file is; name it: --collateral NAME=FILE with NAME one of "
         + ", ".join(dcap.COLLATERAL_NAMES)
     )
+
+
+def _recognise_x509(data: bytes) -> str | None:
+    """A CRL by its issuer's name, an issuer chain by its first certificate's."""
+    crl: x509.CertificateRevocationList | None = None
+    try:
+        if data.startswith(b"-----BEGIN X509 CRL-----"):
+            crl = x509.load_pem_x509_crl(data)
+        elif data[:1] == b"\x30":
+            crl = x509.load_der_x509_crl(data)
+    except ValueError:
+        crl = None
+    if crl is not None:
+        issuer = _cn(crl.issuer)
+        if issuer == "Intel SGX Root CA":
+            return "root_ca_crl"
+        if issuer in PCK_CA_CNS:
+            return "pck_crl"
+        return None
+    if not data.startswith(b"-----BEGIN CERTIFICATE-----"):
+        return None
+    try:
+        first = x509.load_pem_x509_certificates(data)[0]
+    except (ValueError, IndexError):
+        return None
+    subject = _cn(first.subject)
+    if subject == TCB_SIGNING_CN:
+        return _TCB_SIGNING_CHAIN
+    if subject in PCK_CA_CNS:
+        return "pck_crl_issuer_chain"
+    return None
+
+
+def _cn(name: x509.Name) -> str:
+    values = name.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(values[0].value) if values else ""
 
 
 def check_dcap(

@@ -28,6 +28,10 @@ from client.evidence import (
     refused,
 )
 from enclave.attestation.dcap import COLLATERAL_NAMES
+from enclave.attestation.dcap_quote import decode_quote_text
+from enclave.collateral.cache import CollateralCache
+from enclave.collateral.intel import CollateralUnavailableError, IntelCollateral
+from enclave.collateral.intel_pcs import INTEL_PCS_URL, IntelPcs, pccs_argument
 from enclave.errors import EnclaveError
 
 EPILOG = """\
@@ -42,11 +46,11 @@ examples:
   custos-verify --platform sev-snp report.bin --certs vcek.der --certs ask_ark.pem
   custos-verify --platform tpm --quote q.bin --signature s.bin --ak ak.pem --pcrs pcrs.json --nonce 00ff
 
-DCAP collateral files are recognised by content (PCS tcbInfo / enclaveIdentity
-JSON, or dcap-qvl's combined collateral JSON); name the others: NAME=FILE with
-NAME one of tcb_info_issuer_chain, qe_identity_issuer_chain, root_ca_crl,
-pck_crl, pck_crl_issuer_chain. Collateral that is not given is reported as not
-checked.
+DCAP collateral files are recognised by content: PCS tcbInfo / enclaveIdentity
+JSON, dcap-qvl's combined collateral JSON, CRLs (DER or PEM) by their issuer
+(Root CA or PCK CA), issuer chains (PEM) by their first certificate (TCB
+Signing, PCK CA); or name them: NAME=FILE. --pccs [URL] fetches what the quote
+needs. Collateral that is not given is reported as not checked.
 """
 
 
@@ -78,6 +82,15 @@ def _parser() -> argparse.ArgumentParser:
         metavar="[NAME=]FILE",
         help="tdx, sgx: DCAP collateral, repeatable (default: none; what it would check is reported "
         "as not checked)",
+    )
+    parser.add_argument(
+        "--pccs",
+        nargs="?",
+        const=INTEL_PCS_URL,
+        type=pccs_argument,
+        metavar="URL",
+        help="tdx, sgx: fetch the collateral the quote needs from this PCS or PCCS (no URL: Intel's);"
+        " --collateral files take precedence",
     )
     parser.add_argument(
         "--certs",
@@ -132,8 +145,8 @@ def _parser() -> argparse.ArgumentParser:
 
 # The options each platform reads; any other given is a mistake, not something to ignore.
 _PLATFORM_INPUTS = {
-    "tdx": {"evidence", "collateral"},
-    "sgx": {"evidence", "collateral"},
+    "tdx": {"evidence", "collateral", "pccs"},
+    "sgx": {"evidence", "collateral", "pccs"},
     "sev-snp": {"evidence", "certs"},
     "tpm": {"quote", "signature", "ak", "pcrs", "nonce", "ak_cert", "certs"},
 }
@@ -176,6 +189,15 @@ def _collateral_files(specs: list[str]) -> list[tuple[str | None, bytes]]:
     return files
 
 
+def _fetched(pccs_url: str, evidence: bytes) -> dict[str, bytes]:
+    """What the quote needs, from the service (a failure to fetch is an error, not a refusal)."""
+    intel = IntelCollateral(CollateralCache(None), IntelPcs(pccs_url))
+    try:
+        return intel.for_quote(decode_quote_text(evidence))
+    except CollateralUnavailableError as exc:
+        raise ClientError(f"cannot fetch the collateral: {exc}") from None
+
+
 def _check(
     args: argparse.Namespace, parser: argparse.ArgumentParser, now: datetime.datetime
 ) -> EvidenceReport:
@@ -202,6 +224,8 @@ def _check(
         if args.platform == "sev-snp":
             return check_sev_snp(evidence, [c.read_bytes() for c in args.certs], now=now)
         collateral = dcap_collateral(_collateral_files(args.collateral))
+        if args.pccs is not None:
+            collateral = {**_fetched(args.pccs, evidence), **collateral}
         return check_dcap(evidence, collateral, now=now, platform=args.platform)
     except EnclaveError as exc:
         return refused(args.platform, exc, evidence)

@@ -46,6 +46,7 @@ from custodian.config import (
 from custodian.console import Console
 from custodian.errors import CustodianError
 from custodian.server import CustodianServer
+from enclave.collateral.intel_pcs import INTEL_PCS_URL, pccs_argument
 from enclave.errors import EnclaveError
 
 logger = logging.getLogger("custodian")
@@ -129,6 +130,22 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("CUSTODIAN_ADMIN_LISTEN") or None,
         help="admin API over TCP, mutual TLS with `custodian admin-cert` certificates"
         " (env CUSTODIAN_ADMIN_LISTEN; default: the unix socket only)",
+    )
+    serve.add_argument(
+        "--pccs",
+        type=pccs_argument,
+        default=os.environ.get("CUSTODIAN_PCCS") or INTEL_PCS_URL,
+        metavar="URL|off",
+        help="Intel PCS or PCCS for tdx/sgx collateral, cached in DATA/collateral/intel"
+        " (env CUSTODIAN_PCCS; default Intel's)",
+    )
+    serve.add_argument(
+        "--collateral-dir",
+        type=Path,
+        default=os.environ.get("CUSTODIAN_COLLATERAL_DIR") or None,
+        metavar="DIR",
+        help="air-gapped: read Intel collateral from DIR as the service returns it, never fetch"
+        " (env CUSTODIAN_COLLATERAL_DIR)",
     )
     serve.set_defaults(run=_serve)
 
@@ -245,6 +262,8 @@ def _serve(args: argparse.Namespace) -> None:
         mtls_listen=args.mtls_listen,
         metrics_listen=args.metrics,
         admin_listen=args.admin_listen,
+        pccs_url=args.pccs,
+        collateral_dir=args.collateral_dir,
     )
     asyncio.run(_run_server(config, as_json=args.json))
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from custodian.errors import ConfigError, CustodianError, InvalidRequestError
+from enclave.collateral.intel_pcs import INTEL_PCS_URL
 from enclave.envelope import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
 
 # Bounds every configuration must respect, whatever the flags say.
@@ -60,6 +61,10 @@ class CustodianConfig:
     # Largest message the gateway accepts (evidence, claims and CSR together).
     max_message_bytes: int = 1 << 20
     sweep_interval_seconds: float = 1.0
+    # Intel collateral for tdx and sgx evidence: from this PCS or PCCS (None: fetch nothing), cached in
+    # DATA/collateral/intel; or, on an air-gapped site, read as it is from collateral_dir.
+    pccs_url: str | None = INTEL_PCS_URL
+    collateral_dir: Path | None = None
 
     def __post_init__(self) -> None:
         _within("nonce_ttl_seconds", self.nonce_ttl_seconds, *NONCE_TTL_BOUNDS)

@@ -22,6 +22,7 @@ certificate for its AK.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime
 import hashlib
@@ -30,7 +31,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -39,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from custodian.authority import CertificateAuthority, csr_public_key
 from custodian.challenges import Challenges, spent_key
+from custodian.collateral import CollateralSource
 from custodian.config import CustodianConfig
 from custodian.errors import CustodianError, NotFoundError, RefusedError, SuspendedError
 from custodian.ledger import InstanceRecord, Ledger
@@ -98,7 +100,7 @@ class Enrolment:
         config: CustodianConfig,
         metrics: CustodianMetrics,
         *,
-        collateral: Mapping[str, bytes] | None = None,
+        collateral: CollateralSource | None = None,
         challenges: Challenges | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         ak_ca: CertificateAuthority,
@@ -173,6 +175,9 @@ class Enrolment:
             stage = "attestation"
             reference = ReferenceValues.from_toml(record.manifest)
             tpm = reference.platform == "tpm"
+            # Our own copy of the platform's collateral (blocking I/O: a worker thread); the verifier
+            # uses it where it is fresher than what the evidence carries.
+            collateral = await asyncio.to_thread(self._collateral, evidence) if self._collateral else None
             appraisal = appraise(
                 evidence,
                 claims,
@@ -183,7 +188,7 @@ class Enrolment:
                 purpose="enrol",
                 deployment=deployment,
                 require_model=False,
-                collateral=self._collateral,
+                collateral=collateral,
                 tpm_credential=tpm,
             )
             if tpm:

@@ -114,6 +114,12 @@ class CustodianMetrics:
             "custos_custodian_model_bytes_pushed_total", "Ciphertext bytes of models pushed", registry=r
         )
         self.watch_streams = Gauge("custos_custodian_watch_streams", "Control streams open", registry=r)
+        self.collateral_stale = Gauge(
+            "custos_custodian_collateral_stale",
+            "1 while a cached Intel collateral document is served because its service is unreachable",
+            ["document"],
+            registry=r,
+        )
         self.rpc_seconds = Histogram(
             "custos_custodian_rpc_seconds",
             "gRPC call latency (streams: until they end)",

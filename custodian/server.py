@@ -23,7 +23,7 @@ import fcntl
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,6 +41,7 @@ from custodian.admin_access import AdminAccess
 from custodian.audit_service import AuditLogService
 from custodian.audit_stream import LedgerAudit
 from custodian.authority import CUSTODIAN_TLS_NAME, CertificateAuthority
+from custodian.collateral import CollateralSource, CustodianCollateral
 from custodian.config import Address, CustodianConfig
 from custodian.control import ControlBus
 from custodian.deployments import Deployments
@@ -104,7 +105,7 @@ class CustodianServer:
         config: CustodianConfig,
         *,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
-        collateral: Mapping[str, bytes] | None = None,
+        collateral: CollateralSource | None = None,
         owner_uid: int | None = None,
     ) -> CustodianServer:
         """Open the data directory and start every listener; stops again cleanly if any step fails.
@@ -123,7 +124,7 @@ class CustodianServer:
         self,
         config: CustodianConfig,
         now: Callable[[], datetime],
-        collateral: Mapping[str, bytes] | None,
+        collateral: CollateralSource | None,
         owner_uid: int | None,
     ) -> None:
         data = config.data_dir
@@ -143,6 +144,11 @@ class CustodianServer:
 
         bus = ControlBus()
         self.metrics.watch_streams.set_function(lambda: bus.streams)
+        if collateral is None:
+            own = CustodianCollateral.open(
+                data, self.metrics, pccs_url=config.pccs_url, collateral_dir=config.collateral_dir
+            )
+            collateral = own.for_evidence
         enrolment = Enrolment(ledger, enclave_ca, config, self.metrics, collateral=collateral, ak_ca=ak_ca)
         leases = Leases(ledger, self.metrics)
         resumed = await leases.resume()

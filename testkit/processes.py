@@ -175,6 +175,7 @@ class Custodian(Process):
     data: Path
     env: dict[str, str]
     profile: Path | None = None  # run under cProfile, writing this file when it stops
+    extra_args: Sequence[str] = ()  # more `custodian serve` flags
     enrol_port: int = field(default_factory=free_port)
     gateway_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[str] | None = None
@@ -191,6 +192,7 @@ class Custodian(Process):
             "--listen", f"127.0.0.1:{self.enrol_port}",
             "--mtls-listen", f"127.0.0.1:{self.gateway_port}",
             "--metrics", "127.0.0.1:0",
+            *self.extra_args,
         ]  # fmt: skip
         self.proc = spawn(profiled(argv, self.profile), self.env, self.log)
         self.endpoints = wait_for_json(self.data / "endpoints.json", self.proc, "custodian", self.log)

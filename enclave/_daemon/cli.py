@@ -52,6 +52,7 @@ from enclave.attestation import ReferenceValues
 from enclave.attestation.manifest import UNMEASURED_OS_WARNING
 from enclave.attestation.sim import SIMULATION_WARNING
 from enclave.attestation.tpm import DEFAULT_APP_PCR
+from enclave.collateral.intel_pcs import INTEL_PCS_URL, pccs_argument
 from enclave.errors import EnclaveError
 
 logger = logging.getLogger("enclave")
@@ -66,6 +67,7 @@ _ENV = {
     "metrics": "ENCLAVE_METRICS",
     "ready_file": "ENCLAVE_READY_FILE",
     "tpm": "ENCLAVE_TPM",
+    "pccs": "ENCLAVE_PCCS",
 }
 _TPM_KEY_TYPES = ("rsa", "ecc")
 
@@ -206,6 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="sgx: Gramine's attestation interface (default /dev/attestation)",
     )
+    _env_flag(
+        tee,
+        "--pccs",
+        required=False,
+        default=INTEL_PCS_URL,
+        type=pccs_argument,
+        metavar="URL|off",
+        help="tdx, sgx: the Intel PCS or a PCCS whose collateral the evidence carries (default Intel's)",
+    )
     return parser
 
 
@@ -219,7 +230,12 @@ def _tee_options(args: argparse.Namespace) -> TeeOptions | None:
             raise UsageError("--tsm-report and --tsm-entry are for --platform tdx or sev-snp")
     elif given:
         raise UsageError("--tsm-report, --tsm-entry and --gramine-root are for tdx, sev-snp and sgx")
-    return TeeOptions(tsm_report=args.tsm_report, tsm_entry=args.tsm_entry, gramine_root=args.gramine_root)
+    return TeeOptions(
+        tsm_report=args.tsm_report,
+        tsm_entry=args.tsm_entry,
+        gramine_root=args.gramine_root,
+        pccs_url=args.pccs,
+    )
 
 
 def _tpm_flags(parser: argparse.ArgumentParser, *, serve: bool) -> None:

@@ -27,6 +27,7 @@ from enclave.identity import generate_identity_key, public_key_der
 
 if TYPE_CHECKING:
     from enclave._daemon.tpm_device import TpmAttester
+    from enclave._daemon.tsm import CollateralSource
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,8 @@ class TeeOptions:
     tsm_report: Path | None = None
     tsm_entry: Path | None = None
     gramine_root: Path | None = None
+    # tdx, sgx: the PCS (or PCCS) the attester fetches its quotes' collateral from; None: none.
+    pccs_url: str | None = None
 
 
 def attester_factory(
@@ -99,10 +102,22 @@ def attester_factory(
 def _open_tee(platform: str, options: TeeOptions) -> Attester:
     from enclave._daemon import tsm
 
+    collateral = _intel_collateral(options.pccs_url) if platform != "sev-snp" else None
     if platform == SGX_PLATFORM:
-        return tsm.GramineAttester(options.gramine_root or tsm.GRAMINE_ROOT)
+        return tsm.GramineAttester(options.gramine_root or tsm.GRAMINE_ROOT, collateral=collateral)
     configfs = tsm.ConfigfsTsm(options.tsm_report or tsm.TSM_REPORT_ROOT, entry=options.tsm_entry)
-    return tsm.TsmAttester(platform, tsm=configfs)
+    return tsm.TsmAttester(platform, tsm=configfs, collateral=collateral)
+
+
+def _intel_collateral(pccs_url: str | None) -> CollateralSource | None:
+    """The collateral source for the enclave's quotes: PCS through a cache in memory (no data directory)."""
+    if pccs_url is None:
+        return None
+    from enclave.collateral.cache import CollateralCache
+    from enclave.collateral.intel import IntelCollateral
+    from enclave.collateral.intel_pcs import IntelPcs
+
+    return IntelCollateral(CollateralCache(None), IntelPcs(pccs_url)).for_quote
 
 
 def attester_for(platform: str) -> Attester:

@@ -20,7 +20,7 @@ from enclave._daemon.runtime import ModelRuntime
 
 
 def main() -> int:
-    model = sys.stdin.buffer.read()
+    model = bytearray(sys.stdin.buffer.read())
     try:
         runtime = ModelRuntime(model, sha384=hashlib.sha384(model).digest(), intra_op_threads=1)
     except ModelRefusedError as exc:

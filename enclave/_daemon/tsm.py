@@ -6,6 +6,12 @@ write the 64-byte report data to ``inblob``, read the signed report from
 ``generation`` counter detects a concurrent writer. Gramine exposes
 ``/dev/attestation/user_report_data`` and ``/dev/attestation/quote``.
 
+The TDX and SGX attesters attach to each quote the Intel collateral it needs
+(TCB info, QE identity, CRLs, as ``collateral.<name>`` parts), when given a
+source for it (``--pccs``): Intel signs it, so the enclave may carry it and end
+users need no access to Intel. Without a source, or while it has nothing, the
+quote goes alone and relying parties use their own copy.
+
 Every root path is a parameter so tests can point it at a directory shaped
 like configfs. The TDX attester extends RTMR3 with each log event where the
 kernel offers a writable RTMR file; it always ships the log, so a verifier can
@@ -18,7 +24,7 @@ import itertools
 import logging
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from cryptography import x509
@@ -26,7 +32,8 @@ from cryptography.hazmat.primitives import serialization
 
 from enclave._daemon.errors import ConfigError
 from enclave.attestation import Attester, Evidence
-from enclave.errors import EvidenceError
+from enclave.attestation.dcap_freshness import attach
+from enclave.errors import EnclaveError, EvidenceError
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +43,9 @@ GRAMINE_ROOT = Path("/dev/attestation")
 MAX_BLOB_BYTES = 64 * 1024
 _ATTEMPTS = 3
 _entry_numbers = itertools.count()
+
+# The Intel collateral for a quote, by the verifiers' names (enclave.collateral.intel.IntelCollateral).
+CollateralSource = Callable[[bytes], Mapping[str, bytes]]
 
 # SEV-SNP extended-report certificate table GUIDs (AMD GHCB specification).
 _VCEK_GUID = uuid.UUID("63da758d-e664-4564-adc5-f4b93be8accd")
@@ -135,12 +145,16 @@ class TsmAttester(Attester):
         *,
         tsm: ConfigfsTsm | None = None,
         rtmr_file: Path | None = TDX_RTMR3_FILE,
+        collateral: CollateralSource | None = None,
     ) -> None:
         if platform not in ("tdx", "sev-snp"):
             raise ConfigError(f"configfs-tsm attests tdx or sev-snp, not {platform!r}")
+        if collateral is not None and platform != "tdx":
+            raise ConfigError("Intel collateral is for tdx quotes")
         self.platform = platform
         self._tsm = tsm or ConfigfsTsm()
         self._rtmr_file = rtmr_file if platform == "tdx" else None
+        self._collateral = collateral
 
     def extend(self, event_digests: Mapping[str, bytes]) -> None:
         if self._rtmr_file is None or not self._rtmr_file.exists():
@@ -155,7 +169,7 @@ class TsmAttester(Attester):
             raise ValueError("report data must be 64 bytes")
         outblob, auxblob, provider = self._tsm.report(report_data)
         if self.platform == "tdx":
-            return Evidence(platform="tdx", parts={"quote": outblob})
+            return Evidence(platform="tdx", parts=with_collateral(outblob, self._collateral))
         parts = {"report": outblob}
         if auxblob:
             endorsement, chain = snp_certificates(auxblob)
@@ -173,8 +187,9 @@ class GramineAttester(Attester):
     platform = "sgx"
     simulated = False
 
-    def __init__(self, root: Path = GRAMINE_ROOT) -> None:
+    def __init__(self, root: Path = GRAMINE_ROOT, *, collateral: CollateralSource | None = None) -> None:
         self._root = root
+        self._collateral = collateral
 
     def extend(self, event_digests: Mapping[str, bytes]) -> None:
         """SGX has no register to extend after launch: the log is bound through the report data."""
@@ -187,4 +202,16 @@ class GramineAttester(Attester):
             quote = _read(self._root / "quote")
         except OSError as exc:
             raise ConfigError(f"cannot use Gramine attestation at {self._root}: {exc.strerror}") from exc
-        return Evidence(platform="sgx", parts={"quote": quote})
+        return Evidence(platform="sgx", parts=with_collateral(quote, self._collateral))
+
+
+def with_collateral(quote: bytes, source: CollateralSource | None) -> dict[str, bytes]:
+    """The evidence parts of a DCAP quote: the quote, and its collateral when ``source`` has it."""
+    parts = {"quote": quote}
+    if source is None:
+        return parts
+    try:
+        return attach(parts, source(quote))
+    except EnclaveError as exc:
+        logger.warning("the quote goes without Intel collateral: %s", exc)
+        return parts

@@ -39,17 +39,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from enclave.attestation import dcap_tcb
-from enclave.attestation.dcap_collateral import (
-    COLLATERAL_NAMES,
-    Collateral,
-    SignedDocument,
-    check_crl,
-    freshness,
-    is_revoked,
-    load_crl,
-    parse_collateral,
-    verify_signed_document,
-)
+from enclave.attestation.dcap_checks import CollateralCheck
+from enclave.attestation.dcap_collateral import COLLATERAL_NAMES, parse_collateral
+from enclave.attestation.dcap_freshness import carried_collateral, fresher
 from enclave.attestation.dcap_pck import (
     INTEL_SGX_ROOT_CA_DER,
     PCK_CA_CNS,
@@ -62,9 +54,8 @@ from enclave.attestation.dcap_pck import (
     pck_certificate,
     verify_chain,
 )
-from enclave.attestation.dcap_quote import Quote, TdReport, decode_quote_text, parse_quote
+from enclave.attestation.dcap_quote import Quote, decode_quote_text, parse_quote
 from enclave.attestation.dcap_tcb import TcbAssessment
-from enclave.attestation.dcap_tcb_info import EnclaveIdentity, TcbInfo, parse_enclave_identity, parse_tcb_info
 from enclave.attestation.interface import Evidence, PlatformClaims, Verifier
 from enclave.errors import BindingError, EvidenceError
 
@@ -97,6 +88,8 @@ class QuoteVerification:
     checks_done: tuple[str, ...]
     checks_not_done: Mapping[str, str]
     warnings: tuple[str, ...]
+    # Whose copy of each collateral piece was used: the evidence's or the relying party's.
+    collateral_sources: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def tcb_status(self) -> str | None:
@@ -124,6 +117,7 @@ class QuoteVerification:
             "checks_done": list(self.checks_done),
             "checks_not_done": dict(self.checks_not_done),
             "warnings": list(self.warnings),
+            "collateral_sources": dict(self.collateral_sources),
         }
         if self.tcb is not None:
             out.update(self.tcb.details())
@@ -135,19 +129,23 @@ def verify_quote(
     *,
     now: datetime,
     collateral: Mapping[str, bytes] | None = None,
+    carried_collateral: Mapping[str, bytes] | None = None,
     trust_anchor: bytes | None = None,
     accept_expired_collateral: bool = False,
+    min_tcb_evaluation_data_number: int | None = None,
 ) -> QuoteVerification:
     """Verify a raw DCAP quote at ``now`` without comparing its report data.
 
-    ``collateral`` maps the names in :data:`COLLATERAL_NAMES` to bytes (see
-    :mod:`enclave.attestation.dcap_collateral`); ``trust_anchor`` is a root CA
-    certificate (DER or PEM) replacing the pinned Intel SGX Root CA.
+    ``collateral`` (the caller's own) and ``carried_collateral`` (what the
+    evidence carried) map the names in :data:`COLLATERAL_NAMES` to bytes (see
+    :mod:`enclave.attestation.dcap_collateral`); piece by piece the fresher copy
+    is used (:mod:`enclave.attestation.dcap_freshness`). ``trust_anchor`` is a
+    root CA certificate (DER or PEM) replacing the pinned Intel SGX Root CA.
     """
     if now.tzinfo is None:
         raise ValueError("now must be a timezone-aware datetime")
     parsed = parse_quote(quote)
-    pieces = parse_collateral(collateral)
+    pieces, sources = fresher(parse_collateral(carried_collateral), parse_collateral(collateral))
     root = _trust_anchor(trust_anchor)
     done: list[str] = []
     warnings: list[str] = []
@@ -161,7 +159,16 @@ def verify_quote(
     if parsed.body.debug:
         warnings.append("DEBUG enclave: the host can read and change its memory; it protects nothing")
 
-    check = _CollateralCheck(parsed, pck, root, now, accept_expired_collateral, done, warnings)
+    check = CollateralCheck(
+        parsed,
+        pck,
+        root,
+        now,
+        accept_expired_collateral,
+        done,
+        warnings,
+        min_evaluation_number=min_tcb_evaluation_data_number,
+    )
     tcb = check.run(pieces)
     return QuoteVerification(
         quote=parsed,
@@ -170,6 +177,7 @@ def verify_quote(
         checks_done=tuple(done),
         checks_not_done={name: why for name, why in _NOT_DONE.items() if name not in done},
         warnings=tuple(warnings),
+        collateral_sources=sources,
     )
 
 
@@ -224,107 +232,6 @@ def _verify_raw_signature(key: ec.EllipticCurvePublicKey, signature: bytes, data
         raise EvidenceError(f"{what} does not verify") from None
 
 
-@dataclass
-class _CollateralCheck:
-    """Step 5 and 6 for one quote: each collateral piece in turn, then the TCB status."""
-
-    quote: Quote
-    pck: PckCertificate
-    root: x509.Certificate
-    now: datetime
-    accept_expired: bool
-    done: list[str]
-    warnings: list[str]
-    signers: list[tuple[str, x509.Certificate]] = field(default_factory=list)
-
-    def run(self, pieces: Collateral) -> TcbAssessment | None:
-        if pieces.pck_crl is not None:
-            self._pck_crl(pieces.pck_crl, pieces.pck_crl_issuer_chain)
-        tcb_info = self._tcb_info(pieces.tcb_info) if pieces.tcb_info is not None else None
-        identity = self._qe_identity(pieces.qe_identity) if pieces.qe_identity is not None else None
-        if pieces.root_ca_crl is not None:
-            self._root_ca_crl(pieces.root_ca_crl)
-        if tcb_info is None and identity is None:
-            return None
-        return self._assess(tcb_info, identity)
-
-    def _fresh(self, what: str, issued: datetime, next_update: datetime) -> None:
-        warning = freshness(what, issued, next_update, self.now, accept_expired=self.accept_expired)
-        if warning is not None:
-            self.warnings.append(warning)
-
-    def _crl(self, der: bytes, issuer: x509.Certificate, what: str) -> x509.CertificateRevocationList:
-        crl = load_crl(der, what)
-        check_crl(crl, issuer, what)
-        assert crl.next_update_utc is not None  # check_crl refuses a CRL without one
-        self._fresh(what, crl.last_update_utc, crl.next_update_utc)
-        return crl
-
-    def _pck_crl(self, der: bytes, issuer_chain: bytes | None) -> None:
-        crl = self._crl(der, self.pck.ca, "pck_crl")
-        if issuer_chain is not None:
-            issuer = load_certificate_chain_pem(issuer_chain, "pck_crl_issuer_chain")
-            if not issuer or issuer[0] != self.pck.ca:
-                raise EvidenceError("pck_crl_issuer_chain does not start with the quote's PCK CA certificate")
-        if is_revoked(crl, self.pck.leaf):
-            raise EvidenceError(f"PCK certificate {self.pck.leaf.serial_number:#x} is revoked by the PCK CRL")
-        self.done.append("pck_crl")
-
-    def _root_ca_crl(self, der: bytes) -> None:
-        crl = self._crl(der, self.root, "root_ca_crl")
-        for what, cert in [("PCK CA", self.pck.ca), *((f"{n} signer", c) for n, c in self.signers)]:
-            if is_revoked(crl, cert):
-                raise EvidenceError(f"{what} certificate {common_name(cert)!r} is revoked by the Root CA CRL")
-        self.done.append("root_ca_crl")
-
-    def _tcb_info(self, doc: SignedDocument) -> TcbInfo:
-        body, signer = verify_signed_document(doc, self.root, self.now)
-        self.signers.append(("tcb_info", signer))
-        info = parse_tcb_info(body)
-        self._fresh("tcb_info", info.issue_date, info.next_update)
-        wanted = "TDX" if self.quote.is_tdx else "SGX"
-        if info.id != wanted:
-            raise EvidenceError(f"tcb_info is for {info.id}, the quote is {wanted}")
-        if info.fmspc != self.pck.fmspc:
-            raise EvidenceError(
-                f"tcb_info is for FMSPC {info.fmspc.hex()}, the PCK certificate has {self.pck.fmspc.hex()}"
-            )
-        if info.pceid != self.pck.pceid:
-            raise EvidenceError(
-                f"tcb_info is for PCEID {info.pceid.hex()}, the PCK has {self.pck.pceid.hex()}"
-            )
-        self.done.append("tcb_info")
-        return info
-
-    def _qe_identity(self, doc: SignedDocument) -> EnclaveIdentity:
-        body, signer = verify_signed_document(doc, self.root, self.now)
-        self.signers.append(("qe_identity", signer))
-        identity = parse_enclave_identity(body)
-        self._fresh("qe_identity", identity.issue_date, identity.next_update)
-        self.done.append("qe_identity")
-        return identity
-
-    def _assess(self, tcb_info: TcbInfo | None, identity: EnclaveIdentity | None) -> TcbAssessment:
-        td = self.quote.body if isinstance(self.quote.body, TdReport) else None
-        platform = module = qe = None
-        if tcb_info is not None:
-            platform = dcap_tcb.platform_tcb_level(tcb_info, self.pck, td)
-            self.done.append("tcb_level")
-            if td is not None:
-                module = dcap_tcb.tdx_module_level(tcb_info, td)
-                self.done.append("tdx_module_identity")
-        if identity is not None:
-            qe = dcap_tcb.qe_identity_level(identity, self.quote.qe_report, tdx=self.quote.is_tdx)
-            self.done.append("qe_identity_level")
-        for what, level in (("platform TCB", platform), ("TDX module", module), ("QE", qe)):
-            if level is not None and level.status == dcap_tcb.REVOKED:
-                raise EvidenceError(f"{what} status is Revoked")
-        assessment = dcap_tcb.assess(platform, module, qe)
-        if assessment.status == dcap_tcb.REVOKED:
-            raise EvidenceError("TCB status is Revoked")
-        return assessment
-
-
 def _hexed(fields: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v.hex() if isinstance(v, bytes) else v for k, v in fields.items() if v is not None}
 
@@ -335,8 +242,12 @@ class DcapVerifier(Verifier):
     ``accepted_tcb_statuses`` applies to the overall TCB status when TCB info
     is given (Revoked and "no matching TCB level" are always refused). A debug
     enclave or TD protects nothing from the host, so it is refused unless
-    ``allow_debug``. ``accept_expired_collateral`` turns expired TCB info, QE
-    identity and CRLs into warnings (for replaying old evidence). Last, the
+    ``allow_debug``. The evidence may carry collateral (parts named
+    ``collateral.<name>``); ``collateral`` is the caller's own, and the fresher
+    copy of each piece is used. ``min_tcb_evaluation_data_number`` refuses TCB
+    info and QE identity from before that TCB evaluation.
+    ``accept_expired_collateral`` turns expired TCB info, QE identity and CRLs
+    into warnings (for replaying old evidence). Last, the
     quote's report data must equal ``report_data`` (``BindingError``).
     """
 
@@ -351,11 +262,13 @@ class DcapVerifier(Verifier):
         accepted_tcb_statuses: Iterable[str] = dcap_tcb.NON_TERMINAL_STATUSES,
         allow_debug: bool = False,
         accept_expired_collateral: bool = False,
+        min_tcb_evaluation_data_number: int | None = None,
     ) -> None:
         self.trust_anchor = trust_anchor
         self.accepted_tcb_statuses = frozenset(accepted_tcb_statuses)
         self.allow_debug = allow_debug
         self.accept_expired_collateral = accept_expired_collateral
+        self.min_tcb_evaluation_data_number = min_tcb_evaluation_data_number
 
     def verify(
         self,
@@ -371,8 +284,10 @@ class DcapVerifier(Verifier):
             evidence.part("quote"),
             now=now,
             collateral=collateral,
+            carried_collateral=carried_collateral(evidence.parts),
             trust_anchor=self.trust_anchor,
             accept_expired_collateral=self.accept_expired_collateral,
+            min_tcb_evaluation_data_number=self.min_tcb_evaluation_data_number,
         )
         quote = result.quote
         if quote.is_tdx != (self.platform == "tdx"):

@@ -81,6 +81,10 @@ class ReferenceValues:
     # Platform tpm: accept a manifest that pins no accepted boot-chain PCR set (OS_PCR_SETS).
     # Then nothing attests the OS the daemon runs in, and every tool says so.
     allow_unmeasured_os: bool = False
+    # Platforms tdx and sgx: TCB info and QE identity from an earlier TCB evaluation
+    # (tcbEvaluationDataNumber) are refused, expired or not, so that old collateral
+    # cannot hide a TCB recovery. None: any unexpired collateral.
+    min_tcb_evaluation_data_number: int | None = None
 
     def __post_init__(self) -> None:
         if self.platform not in PLATFORMS:
@@ -175,6 +179,11 @@ class ReferenceValues:
                 else []
             ),
             *(
+                [f"min_tcb_evaluation_data_number = {self.min_tcb_evaluation_data_number}"]
+                if self.platform in DCAP_PLATFORMS and self.min_tcb_evaluation_data_number is not None
+                else []
+            ),
+            *(
                 [f"allow_debug = {'true' if self.allow_debug else 'false'}"]
                 if self.platform in TEE_PLATFORMS
                 else []
@@ -242,7 +251,16 @@ class ReferenceValues:
         if not isinstance(allow_debug, bool):
             raise ManifestError("manifest allow_debug must be true or false")
         snp_min_tcb, snp_allow_ma = _sev_snp_table(doc.get("sev_snp", {}), platform)
+        min_evaluation = doc.get("min_tcb_evaluation_data_number")
+        if min_evaluation is not None and (
+            platform not in DCAP_PLATFORMS
+            or isinstance(min_evaluation, bool)
+            or not isinstance(min_evaluation, int)
+            or not 0 <= min_evaluation < 2**32
+        ):
+            raise ManifestError("manifest min_tcb_evaluation_data_number is a number, for tdx and sgx only")
         return cls(
+            min_tcb_evaluation_data_number=min_evaluation,
             platform=platform,
             accepted_tcb_statuses=tuple(statuses),
             allow_debug=allow_debug,

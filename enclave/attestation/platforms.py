@@ -34,13 +34,16 @@ def verifier_for(platform: str) -> Verifier:
 
 def manifest_verifier(reference: ReferenceValues, *, trust_ak: bool = False) -> Verifier:
     """The verifier for the manifest's platform, set as the manifest says: debug TDs and
-    enclaves as ``allow_debug`` allows, the TPM's application PCR, and its AK roots unless
+    enclaves as ``allow_debug`` allows, DCAP collateral no older than
+    ``min_tcb_evaluation_data_number``, the TPM's application PCR, and its AK roots unless
     ``trust_ak`` (the caller trusts the AK by other means: credential activation)."""
     platform = reference.platform
-    if platform == "tdx":
-        return TdxVerifier(allow_debug=reference.allow_debug)
-    if platform == "sgx":
-        return SgxVerifier(allow_debug=reference.allow_debug)
+    if platform in ("tdx", "sgx"):
+        dcap = TdxVerifier if platform == "tdx" else SgxVerifier
+        return dcap(
+            allow_debug=reference.allow_debug,
+            min_tcb_evaluation_data_number=reference.min_tcb_evaluation_data_number,
+        )
     if platform == "tpm":
         roots = () if trust_ak or not reference.tpm_ak_roots else reference.tpm_ak_roots.encode()
         return TpmVerifier(

@@ -124,3 +124,40 @@ def test_gramine_quote(tmp_path: Path) -> None:
     evidence = GramineAttester(tmp_path).collect(bytes(range(64)))
     assert (tmp_path / "user_report_data").read_bytes() == bytes(range(64))
     assert evidence.parts["quote"] == quote
+
+
+def test_tdx_and_sgx_evidence_carry_the_collateral_for_their_quote(tmp_path: Path) -> None:
+    quote = (VECTORS / "tdx" / "dcapqvl_tdx_quote.bin").read_bytes()
+    asked: list[bytes] = []
+
+    def source(for_quote: bytes) -> dict[str, bytes]:
+        asked.append(for_quote)
+        return {"root_ca_crl": b"crl", "tcb_info": b"{}", "tcb_info_issuer_chain": b"pem"}
+
+    entry = _entry(tmp_path, VECTORS / "tdx" / "dcapqvl_tdx_quote.bin")
+    tdx = TsmAttester("tdx", tsm=ConfigfsTsm(entry=entry), rtmr_file=None, collateral=source)
+    parts = tdx.collect(bytes(64)).parts
+    assert asked == [quote]
+    assert parts == {
+        "quote": quote,
+        "collateral.root_ca_crl": b"crl",
+        "collateral.tcb_info": b"{}",
+        "collateral.tcb_info_issuer_chain": b"pem",
+    }
+    gramine = tmp_path / "attestation"
+    gramine.mkdir()
+    (gramine / "quote").write_bytes(quote)
+    assert GramineAttester(gramine, collateral=source).collect(bytes(64)).parts == parts
+
+
+def test_without_collateral_the_quote_goes_alone_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def unavailable(_: bytes) -> dict[str, bytes]:
+        raise EvidenceError("https://pcs.example/tdx/certification/v4/tcb: not reachable")
+
+    entry = _entry(tmp_path, VECTORS / "tdx" / "dcapqvl_tdx_quote.bin")
+    tdx = TsmAttester("tdx", tsm=ConfigfsTsm(entry=entry), rtmr_file=None, collateral=unavailable)
+    with caplog.at_level("WARNING", logger="enclave._daemon.tsm"):
+        assert list(tdx.collect(bytes(64)).parts) == ["quote"]
+    assert "without Intel collateral: https://pcs.example" in caplog.text
