@@ -28,6 +28,7 @@ from custodian.config import Address, CustodianConfig
 from custodian.console import Console
 from custodian.errors import ConfigError, CustodianError
 from custodian.server import CustodianServer
+from enclave.collateral.amd_kds import DEFAULT_KDS_URL
 from enclave.errors import EnclaveError
 
 logger = logging.getLogger("custodian")
@@ -113,6 +114,14 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("CUSTODIAN_ADMIN_LISTEN") or None,
         help="admin API over TCP, mutual TLS with `custodian admin-cert` certificates"
         " (env CUSTODIAN_ADMIN_LISTEN; default: the unix socket only)",
+    )
+    serve.add_argument(
+        "--amd-kds",
+        metavar="URL",
+        default=os.environ.get("CUSTODIAN_AMD_KDS") or DEFAULT_KDS_URL,
+        help="AMD KDS for SEV-SNP enrolments: the VCEK and chain a report lacks, and the CRL, cached"
+        " under DATA/collateral/amd; 'off' uses only what the evidence carries"
+        " (env CUSTODIAN_AMD_KDS; default %(default)s)",
     )
     serve.set_defaults(run=_serve)
 
@@ -263,6 +272,7 @@ def _serve(args: argparse.Namespace) -> None:
         mtls_listen=args.mtls_listen,
         metrics_listen=args.metrics,
         admin_listen=args.admin_listen,
+        amd_kds=None if args.amd_kds == "off" else args.amd_kds,
     )
     asyncio.run(_run_server(config, as_json=args.json))
 

@@ -17,6 +17,7 @@ instance admitted, with a client certificate and a certificate for its AK.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime
 import hashlib
@@ -24,7 +25,7 @@ import hmac
 import logging
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -39,6 +40,7 @@ from custodian.metrics import CustodianMetrics
 from enclave.attestation import AttestedClaims, Evidence, ReferenceValues, appraise
 from enclave.attestation.tpm_ak import load_ak
 from enclave.attestation.tpm_credential import make_credential, object_name, verify_ek_certificate
+from enclave.collateral._http import CollateralServiceError
 from enclave.errors import BindingError, EnclaveError, EvidenceError, FormatError, PolicyError
 from enclave.identity import public_key_der
 
@@ -94,12 +96,14 @@ class Enrolment:
         metrics: CustodianMetrics,
         *,
         collateral: Mapping[str, bytes] | None = None,
+        collateral_source: Callable[[bytes], Mapping[str, bytes]] | None = None,
     ) -> None:
         self._ledger = ledger
         self._ca = enclave_ca
         self._config = config
         self._metrics = metrics
         self._collateral = collateral
+        self._collateral_source = collateral_source  # blocking I/O: run in a thread
         self._pending: dict[str, _Pending] = {}
 
     async def challenge(self, deployment: str) -> tuple[bytes, int]:
@@ -175,6 +179,10 @@ class Enrolment:
                 stage = "busy"  # before any appraisal work: a full table of challenges refuses at once
                 self._make_room(now)
                 stage = "attestation"
+            collateral = self._collateral
+            if self._collateral_source is not None:
+                fetched = await asyncio.to_thread(self._collateral_source, evidence)
+                collateral = {**(collateral or {}), **fetched}
             appraisal = appraise(
                 evidence,
                 claims,
@@ -185,7 +193,7 @@ class Enrolment:
                 purpose="enrol",
                 deployment=deployment,
                 require_model=False,
-                collateral=self._collateral,
+                collateral=collateral,
                 tpm_credential=tpm,
             )
             if tpm:
@@ -378,6 +386,8 @@ class Enrolment:
 
 def _attestation_reason(exc: Exception) -> str:
     """The refusal metric's label for an error raised while appraising the evidence."""
+    if isinstance(exc, CollateralServiceError):
+        return "collateral"
     if isinstance(exc, PolicyError):
         return "policy"
     if isinstance(exc, BindingError):

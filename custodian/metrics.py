@@ -24,6 +24,7 @@ ENROL_REFUSAL_REASONS = (
     "ek",
     "credential",
     "busy",
+    "collateral",
 )
 # The same as custodian.metering.RECEIPT_REFUSAL_REASONS (metrics imports nothing of the domain).
 RECEIPT_REFUSAL_REASONS = ("format", "signature", "binding", "replay", "sequence", "chain", "usage")
@@ -64,6 +65,12 @@ class CustodianMetrics:
         )
         for reason in ENROL_REFUSAL_REASONS:
             self.enrol_refusals.labels(reason)
+        self.collateral_cache_fallbacks = Counter(
+            "custos_custodian_collateral_cache_fallbacks_total",
+            "Collateral served from the cache because the vendor's service was unreachable",
+            ["vendor"],
+            registry=r,
+        )
         self.units_granted = Counter(
             "custos_custodian_units_granted_total", "Inference units granted", registry=r
         )

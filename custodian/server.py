@@ -48,6 +48,9 @@ from custodian.ledger import Ledger
 from custodian.metrics import CustodianMetrics
 from custodian.model_store import ModelStore
 from custodian.roster import Roster
+from enclave.attestation import Evidence
+from enclave.collateral._cache import DiskCache
+from enclave.collateral.amd_kds import AmdKds
 from protos import custos_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
@@ -130,7 +133,14 @@ class CustodianServer:
 
         bus = ControlBus()
         self.metrics.watch_streams.set_function(lambda: bus.streams)
-        enrolment = Enrolment(ledger, enclave_ca, config, self.metrics, collateral=collateral)
+        enrolment = Enrolment(
+            ledger,
+            enclave_ca,
+            config,
+            self.metrics,
+            collateral=collateral,
+            collateral_source=self._amd_collateral(config),
+        )
         leases = Leases(ledger, self.metrics)
         resumed = await leases.resume()
         if resumed:
@@ -229,6 +239,18 @@ class CustodianServer:
             logger.info("admin API on %s (mutual TLS, admin certificates)", self.endpoints.admin)
         if metrics is not None:
             logger.info("metrics on http://%s/metrics", metrics)
+
+    def _amd_collateral(self, config: CustodianConfig) -> Callable[[bytes], Mapping[str, bytes]] | None:
+        """What fetches SEV-SNP collateral at enrolment, or None when --amd-kds is off."""
+        if config.amd_kds is None:
+            return None
+        fallbacks = self.metrics.collateral_cache_fallbacks.labels("amd")
+        kds = AmdKds(
+            config.amd_kds,
+            cache=DiskCache(config.data_dir / "collateral" / "amd"),
+            on_fallback=lambda _: fallbacks.inc(),
+        )
+        return lambda evidence: kds.collateral_for(Evidence.from_bytes(evidence))
 
     def _server(self, max_message: int) -> grpc.aio.Server:
         server = grpc.aio.server(

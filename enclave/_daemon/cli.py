@@ -45,6 +45,8 @@ from enclave._daemon.measured import (
 from enclave.attestation import ReferenceValues
 from enclave.attestation.sim import SIMULATION_WARNING
 from enclave.attestation.tpm import DEFAULT_APP_PCR
+from enclave.collateral._http import check_base_url
+from enclave.collateral.amd_kds import DEFAULT_KDS_URL
 from enclave.errors import EnclaveError
 
 logger = logging.getLogger("enclave")
@@ -180,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="tdx, sev-snp: use this configfs-tsm report entry as it is instead of making one",
     )
     tee.add_argument(
+        "--amd-kds",
+        metavar="URL",
+        help="sev-snp: AMD KDS to fetch the VCEK, chain and CRL from when the report carries no "
+        f"certificates (e.g. {DEFAULT_KDS_URL}; default: attach nothing)",
+    )
+    tee.add_argument(
         "--gramine-root",
         type=Path,
         metavar="DIR",
@@ -198,7 +206,21 @@ def _tee_options(args: argparse.Namespace) -> TeeOptions | None:
             raise ConfigError("--tsm-report and --tsm-entry are for --platform tdx or sev-snp")
     elif given:
         raise ConfigError("--tsm-report, --tsm-entry and --gramine-root are for tdx, sev-snp and sgx")
-    return TeeOptions(tsm_report=args.tsm_report, tsm_entry=args.tsm_entry, gramine_root=args.gramine_root)
+    if args.amd_kds is not None and args.platform != "sev-snp":
+        raise ConfigError("--amd-kds is for --platform sev-snp")
+    return TeeOptions(
+        tsm_report=args.tsm_report,
+        tsm_entry=args.tsm_entry,
+        gramine_root=args.gramine_root,
+        amd_kds=_kds_url(args.amd_kds),
+    )
+
+
+def _kds_url(url: str | None) -> str | None:
+    try:
+        return None if url is None else check_base_url(url)
+    except ValueError as exc:
+        raise ConfigError(f"--amd-kds: {exc}") from None
 
 
 def _tpm_flags(parser: argparse.ArgumentParser, *, serve: bool) -> None:

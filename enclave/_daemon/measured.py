@@ -72,6 +72,7 @@ class TeeOptions:
     tsm_report: Path | None = None
     tsm_entry: Path | None = None
     gramine_root: Path | None = None
+    amd_kds: str | None = None  # sev-snp: AMD KDS base URL, to attach the certificates a report lacks
 
 
 def attester_factory(
@@ -92,11 +93,14 @@ def attester_factory(
 
 def _open_tee(platform: str, options: TeeOptions) -> Attester:
     from enclave._daemon import tsm
+    from enclave.collateral._cache import MemoryCache
+    from enclave.collateral.amd_kds import AmdKds
 
     if platform == SGX_PLATFORM:
         return tsm.GramineAttester(options.gramine_root or tsm.GRAMINE_ROOT)
     configfs = tsm.ConfigfsTsm(options.tsm_report or tsm.TSM_REPORT_ROOT, entry=options.tsm_entry)
-    return tsm.TsmAttester(platform, tsm=configfs)
+    kds = AmdKds(options.amd_kds, cache=MemoryCache()) if options.amd_kds else None
+    return tsm.TsmAttester(platform, tsm=configfs, amd_kds=kds)
 
 
 def attester_for(platform: str) -> Attester:

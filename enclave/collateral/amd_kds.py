@@ -42,7 +42,7 @@ from enclave.attestation.sev_snp_certs import (
 from enclave.attestation.sev_snp_crl import COLLATERAL_CRL, check_crl, load_crl
 from enclave.attestation.sev_snp_report import Product, SigningKey, SnpReport, TcbVersion, parse_report
 from enclave.collateral import _http
-from enclave.collateral._disk_cache import DiskCache
+from enclave.collateral._cache import DocumentCache
 from enclave.collateral._http import CollateralServiceError
 from enclave.errors import EvidenceError
 
@@ -116,7 +116,7 @@ class AmdKds:
         self,
         base_url: str = DEFAULT_KDS_URL,
         *,
-        cache: DiskCache | None = None,
+        cache: DocumentCache | None = None,
         fetch: Fetch | None = None,
         clock: Callable[[], datetime.datetime] | None = None,
         on_fallback: Callable[[CacheFallback], None] | None = None,
@@ -148,7 +148,7 @@ class AmdKds:
             if found.hwid != hwid or dict(found.tcb) != tcb.components():
                 raise EvidenceError(f"KDS answered with a VCEK for another chip or TCB ({path})")
 
-        cached = self._cache.get(key) if self._cache else None
+        cached = self._cache.get(key) if self._cache is not None else None
         if cached is not None:
             return cached
         body = self._get(_http.join(self.base_url, path, query), key, check, fallback=False)
@@ -157,7 +157,7 @@ class AmdKds:
     def cert_chain(self, product: Product, kind: SigningKey = SigningKey.VCEK) -> bytes:
         """The PEM bundle ASK (or ASVK) then ARK for ``product``."""
         key = f"cert_chain/{_kind_path(kind)}/{product.value}.pem"
-        cached = self._cache.get(key) if self._cache else None
+        cached = self._cache.get(key) if self._cache is not None else None
         if cached is not None:
             return cached
         url = _http.join(self.base_url, f"/{_kind_path(kind)}/v1/{product.value}/cert_chain")
@@ -176,7 +176,7 @@ class AmdKds:
         must be pinned. Without it the chain is fetched (or read from the cache).
         """
         key = f"crl/{_kind_path(kind)}/{product.value}.der"
-        cached = self._cache.get(key) if self._cache else None
+        cached = self._cache.get(key) if self._cache is not None else None
         if cached is not None and not self._due(cached):
             return cached
         ark = self._trusted_ark(chain or self.cert_chain(product, kind), product)
@@ -243,7 +243,7 @@ class AmdKds:
         try:
             body = self._fetch(url).body
         except CollateralServiceError as exc:
-            cached = self._cache.get(key) if (self._cache and fallback) else None
+            cached = self._cache.get(key) if (self._cache is not None and fallback) else None
             if cached is None:
                 raise
             logger.warning("AMD KDS unreachable (%s): serving %s from the cache", exc, key)

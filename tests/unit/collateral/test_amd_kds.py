@@ -12,7 +12,7 @@ from enclave.attestation import Evidence
 from enclave.attestation.sev_snp import verify_report
 from enclave.attestation.sev_snp_report import Product, SigningKey, TcbVersion, parse_report
 from enclave.collateral import _http
-from enclave.collateral._disk_cache import DiskCache
+from enclave.collateral._cache import DiskCache
 from enclave.collateral._http import CollateralServiceError
 from enclave.collateral.amd_kds import AmdKds, CacheFallback, product_from_cpuid, vcek_query
 from enclave.errors import EvidenceError

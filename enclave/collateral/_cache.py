@@ -1,4 +1,4 @@
-"""A directory of collateral documents, one file per key, written atomically.
+"""Caches of collateral documents: a directory (one file per key, written atomically) or memory.
 
 Nothing read from here is trusted: the verifiers check every document against
 the vendor root pinned in code, as they check a freshly fetched one. The cache
@@ -10,10 +10,34 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import threading
 from pathlib import Path
+from typing import Protocol
 
 # Keys are relative paths whose parts are plain names: never "..", never absolute.
 _KEY_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=-]{0,199}")
+
+
+class DocumentCache(Protocol):
+    def get(self, key: str) -> bytes | None: ...
+
+    def put(self, key: str, data: bytes) -> None: ...
+
+
+class MemoryCache:
+    """Documents for the life of the process (the enclave daemon keeps no files)."""
+
+    def __init__(self) -> None:
+        self._documents: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> bytes | None:
+        with self._lock:
+            return self._documents.get(key)
+
+    def put(self, key: str, data: bytes) -> None:
+        with self._lock:
+            self._documents[key] = data
 
 
 class DiskCache:
