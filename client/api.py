@@ -25,6 +25,7 @@ import os
 import socket
 import ssl
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -41,9 +42,11 @@ from client.errors import (
     VerificationRefusedError,
 )
 from enclave import identity
-from enclave.attestation import Appraisal, ReferenceValues, appraise
+from enclave.attestation import Appraisal, Evidence, ReferenceValues, appraise
 from enclave.attestation.certificates import check_validity
 from enclave.attestation.manifest import MAX_MANIFEST_BYTES
+from enclave.collateral._cache import MemoryCache
+from enclave.collateral.amd_kds import AmdKds
 from enclave.errors import EnclaveError
 from protos import custos_pb2, custos_pb2_grpc
 
@@ -235,16 +238,26 @@ def connect(
     *,
     timeout: float = DEFAULT_TIMEOUT,
     now: datetime.datetime | None = None,
+    amd_kds: str | None = None,
 ) -> Connection:
     """Verify the enclave at ``address`` (HOST:PORT) against ``manifest`` and return a pinned connection.
 
     ``now`` (timezone-aware) is the time the certificate and evidence are checked
-    at; the current time by default.
+    at; the current time by default. ``amd_kds`` (a base URL, e.g.
+    ``enclave.collateral.amd_kds.DEFAULT_KDS_URL``): SEV-SNP evidence is checked
+    with AMD's CRL fetched from there, and the VCEK and chain it lacks; without
+    it, revocation is checked only when the evidence carries the CRL.
     """
     if not timeout > 0:
         raise ClientError("timeout must be positive")
     reference = load_manifest(manifest)
     when = now or datetime.datetime.now(datetime.UTC)
+    try:
+        kds = AmdKds(amd_kds, cache=MemoryCache()) if amd_kds is not None else None
+    except ValueError as exc:
+        raise ClientError(f"amd_kds: {exc}") from None
+    if reference.platform != "sev-snp":
+        kds = None  # AMD collateral serves SEV-SNP evidence only
     pem = fetch_certificate(address, timeout=timeout)
     try:
         certificate, public_key, evidence, claims = identity.read_attested_certificate(pem)
@@ -258,6 +271,7 @@ def connect(
             public_key=public_key,
             purpose="tls",
             require_model=True,
+            collateral=_collateral(kds, evidence),
         )
     except EnclaveError as exc:
         raise VerificationRefusedError(f"enclave certificate refused: {exc}") from exc
@@ -272,7 +286,7 @@ def connect(
         ],
     )
     try:
-        appraisal = _challenge(channel, reference, public_key, when, timeout)
+        appraisal = _challenge(channel, reference, public_key, when, timeout, kds)
     except BaseException:
         channel.close()
         raise
@@ -294,6 +308,7 @@ def _challenge(
     public_key: bytes,
     now: datetime.datetime,
     timeout: float,
+    kds: AmdKds | None,
 ) -> Appraisal:
     """Fresh evidence over our nonce, on the pinned channel, for the certificate's key."""
     nonce = os.urandom(NONCE_BYTES)
@@ -313,9 +328,15 @@ def _challenge(
             public_key=public_key,
             purpose="attest",
             require_model=True,
+            collateral=_collateral(kds, response.evidence),
         )
     except EnclaveError as exc:
         raise VerificationRefusedError(f"fresh evidence refused: {exc}") from exc
+
+
+def _collateral(kds: AmdKds | None, evidence: bytes) -> Mapping[str, bytes] | None:
+    """The AMD collateral SEV-SNP ``evidence`` needs, fetched (blocking) when a KDS is configured."""
+    return None if kds is None else kds.collateral_for(Evidence.from_bytes(evidence))
 
 
 def _check_image(data: bytes, what: str) -> None:

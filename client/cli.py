@@ -26,6 +26,8 @@ from client.api import (
 from client.errors import ClientError, VerificationRefusedError
 from enclave.attestation import ReferenceValues
 from enclave.attestation.sim import SIMULATION_WARNING
+from enclave.collateral._http import check_base_url
+from enclave.collateral.amd_kds import DEFAULT_KDS_URL
 
 EPILOG = """\
 Nothing leaves this machine until the enclave is verified: the evidence in its
@@ -55,6 +57,14 @@ def _top_k(text: str) -> int:
     if not 1 <= value <= MAX_TOP_K:
         raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_TOP_K}")
     return value
+
+
+def kds_url(text: str) -> str:
+    """``--amd-kds``: an http(s) base URL."""
+    try:
+        return check_base_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _seconds(text: str) -> float:
@@ -97,6 +107,16 @@ def _parser() -> argparse.ArgumentParser:
         type=_seconds,
         default=DEFAULT_TIMEOUT,
         help=f"limit for each network step (default {DEFAULT_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--amd-kds",
+        metavar="URL",
+        nargs="?",
+        type=kds_url,
+        const=DEFAULT_KDS_URL,
+        default=os.environ.get("CUSTOS_AMD_KDS") or None,
+        help="sev-snp: check AMD's CRL (and fetch the certificates the report lacks) from this KDS;"
+        f" without URL, {DEFAULT_KDS_URL} (default: $CUSTOS_AMD_KDS, else only what the evidence carries)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object (also on failure)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each step; tracebacks on failure")
@@ -169,7 +189,7 @@ def _failure(error: ClientError, *, as_json: bool, verbose: bool) -> int:
 def _run(args: argparse.Namespace) -> int:
     image = read_image(args.input)
     manifest = load_manifest(args.manifest)
-    with connect(args.enclave, manifest, timeout=args.timeout) as connection:
+    with connect(args.enclave, manifest, timeout=args.timeout, amd_kds=args.amd_kds) as connection:
         verification = _verification_doc(connection, manifest)
         if not args.json:
             print(_verification_text(args.enclave, verification), flush=True)

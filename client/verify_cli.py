@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from client.api import load_manifest
+from client.cli import kds_url
 from client.errors import ClientError
 from client.evidence import (
     EvidenceReport,
@@ -26,19 +27,22 @@ from client.evidence import (
     dcap_collateral,
     refused,
 )
+from enclave.collateral._http import CollateralServiceError
+from enclave.collateral.amd_kds import DEFAULT_KDS_URL, AmdKds
 from enclave.errors import EnclaveError
 
 EPILOG = """\
 examples:
   custos-verify --platform tdx quote.bin --collateral tdx_quote_collateral.json --at 2025-07-01T00:00:00Z
-  custos-verify --platform sev-snp report.bin --certs vcek.der --certs ask_ark.pem
+  custos-verify --platform sev-snp report.bin --certs vcek.der --certs ask_ark.pem [--collateral crl.der]
+  custos-verify --platform sev-snp report.bin --amd-kds      # VCEK, chain and CRL from AMD KDS
   custos-verify --platform tpm --quote q.bin --signature s.bin --ak ak.pem --pcrs pcrs.json --nonce 00ff
 
 DCAP collateral files are recognised by content (PCS tcbInfo / enclaveIdentity
 JSON, or dcap-qvl's combined collateral JSON); name the others: NAME=FILE with
 NAME one of tcb_info_issuer_chain, qe_identity_issuer_chain, root_ca_crl,
 pck_crl, pck_crl_issuer_chain. Collateral that is not given is reported as not
-checked.
+checked. For SEV-SNP, --collateral names AMD's CRL ([crl=]FILE).
 """
 
 
@@ -59,6 +63,15 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="FILE",
         help="certificates: the VCEK then its chain (SEV-SNP); CA certificates (TPM)",
+    )
+    parser.add_argument(
+        "--amd-kds",
+        metavar="URL",
+        nargs="?",
+        type=kds_url,
+        const=DEFAULT_KDS_URL,
+        help="SEV-SNP: fetch the CRL, and the certificates not given, from this AMD KDS"
+        f" (without URL: {DEFAULT_KDS_URL})",
     )
     parser.add_argument("--at", help="verification time, ISO 8601 (default: now)")
     parser.add_argument("--manifest", type=Path, help="manifest whose platform and registers must match")
@@ -90,6 +103,12 @@ def _collateral_files(specs: list[str]) -> list[tuple[str | None, bytes]]:
     return files
 
 
+def _amd_crl(files: list[tuple[str | None, bytes]], parser: argparse.ArgumentParser) -> bytes | None:
+    if any(name not in (None, "crl") for name, _ in files) or len(files) > 1:
+        parser.error("--platform sev-snp takes one --collateral: AMD's CRL ([crl=]FILE)")
+    return files[0][1] if files else None
+
+
 def _check(
     args: argparse.Namespace, parser: argparse.ArgumentParser, now: datetime.datetime
 ) -> EvidenceReport:
@@ -114,9 +133,17 @@ def _check(
     evidence = args.evidence.read_bytes()
     try:
         if args.platform == "sev-snp":
-            return check_sev_snp(evidence, [c.read_bytes() for c in args.certs], now=now)
+            return check_sev_snp(
+                evidence,
+                [c.read_bytes() for c in args.certs],
+                now=now,
+                crl=_amd_crl(_collateral_files(args.collateral), parser),
+                kds=AmdKds(args.amd_kds) if args.amd_kds else None,
+            )
         collateral = dcap_collateral(_collateral_files(args.collateral))
         return check_dcap(evidence, collateral, now=now, platform=args.platform)
+    except CollateralServiceError:
+        raise  # an unreachable service says nothing about the evidence: exit 1, not 3
     except EnclaveError as exc:
         return refused(args.platform, exc, evidence)
 
