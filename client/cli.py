@@ -59,8 +59,10 @@ def _top_k(text: str) -> int:
     return value
 
 
-def kds_url(text: str) -> str:
-    """``--amd-kds``: an http(s) base URL."""
+def kds_url(text: str) -> str | None:
+    """``--amd-kds``: an http(s) base URL, or ``off`` (None)."""
+    if text == "off":
+        return None
     try:
         return check_base_url(text)
     except ValueError as exc:
@@ -111,12 +113,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--amd-kds",
         metavar="URL",
-        nargs="?",
         type=kds_url,
-        const=DEFAULT_KDS_URL,
-        default=os.environ.get("CUSTOS_AMD_KDS") or None,
-        help="sev-snp: check AMD's CRL (and fetch the certificates the report lacks) from this KDS;"
-        f" without URL, {DEFAULT_KDS_URL} (default: $CUSTOS_AMD_KDS, else only what the evidence carries)",
+        default=os.environ.get("CUSTOS_AMD_KDS") or DEFAULT_KDS_URL,
+        help="sev-snp: fetch AMD's CRL (and the certificates the evidence lacks) from this KDS; 'off' uses"
+        " only what the evidence carries (default: $CUSTOS_AMD_KDS, else %(default)s)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object (also on failure)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each step; tracebacks on failure")

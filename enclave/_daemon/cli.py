@@ -184,8 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     tee.add_argument(
         "--amd-kds",
         metavar="URL",
-        help="sev-snp: AMD KDS to fetch the VCEK, chain and CRL from when the report carries no "
-        f"certificates (e.g. {DEFAULT_KDS_URL}; default: attach nothing)",
+        default=os.environ.get("ENCLAVE_AMD_KDS") or None,
+        help="sev-snp: the AMD KDS to fetch the VCEK and chain from when the report carries no"
+        " certificates, and the CRL; 'off' attaches nothing"
+        f" (env ENCLAVE_AMD_KDS; default {DEFAULT_KDS_URL})",
     )
     tee.add_argument(
         "--gramine-root",
@@ -212,13 +214,15 @@ def _tee_options(args: argparse.Namespace) -> TeeOptions | None:
         tsm_report=args.tsm_report,
         tsm_entry=args.tsm_entry,
         gramine_root=args.gramine_root,
-        amd_kds=_kds_url(args.amd_kds),
+        amd_kds=_kds_url(args.amd_kds) if args.platform == "sev-snp" else None,
     )
 
 
 def _kds_url(url: str | None) -> str | None:
+    if url == "off":
+        return None
     try:
-        return None if url is None else check_base_url(url)
+        return check_base_url(url or DEFAULT_KDS_URL)
     except ValueError as exc:
         raise ConfigError(f"--amd-kds: {exc}") from None
 

@@ -9,6 +9,7 @@ daemon runs without their libraries (libtss2 for ``tpm``) on other platforms.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
@@ -94,12 +95,17 @@ def attester_factory(
 def _open_tee(platform: str, options: TeeOptions) -> Attester:
     from enclave._daemon import tsm
     from enclave.collateral._cache import MemoryCache
+    from enclave.collateral._http import get as http_get
     from enclave.collateral.amd_kds import AmdKds
 
     if platform == SGX_PLATFORM:
         return tsm.GramineAttester(options.gramine_root or tsm.GRAMINE_ROOT)
     configfs = tsm.ConfigfsTsm(options.tsm_report or tsm.TSM_REPORT_ROOT, entry=options.tsm_entry)
-    kds = AmdKds(options.amd_kds, cache=MemoryCache()) if options.amd_kds else None
+    kds = None
+    if options.amd_kds:
+        # Attestation waits for this: short timeouts, and KDS left alone a while after failing.
+        fetch = functools.partial(http_get, attempts=2, timeout=5.0)
+        kds = AmdKds(options.amd_kds, cache=MemoryCache(), fetch=fetch)
     return tsm.TsmAttester(platform, tsm=configfs, amd_kds=kds)
 
 

@@ -108,7 +108,9 @@ class AmdKds:
     ``cache`` keeps VCEKs (keyed by product, hwid and TCB) and chains for good,
     and each CRL until halfway between its thisUpdate and nextUpdate, then
     fetches it again. When KDS cannot be reached, a cached document is served
-    (and ``on_fallback`` told); with nothing cached, the error is raised.
+    (and ``on_fallback`` told); with nothing cached, the error is raised. After
+    KDS was found unreachable it is not asked again for ``quiet_seconds``, so
+    that an outage does not hold every attestation for the HTTP timeouts.
     ``roots`` replaces the pinned ARKs and exists for test fixtures only.
     """
 
@@ -121,8 +123,11 @@ class AmdKds:
         clock: Callable[[], datetime.datetime] | None = None,
         on_fallback: Callable[[CacheFallback], None] | None = None,
         roots: Sequence[bytes] | None = None,
+        quiet_seconds: float = 30.0,
     ) -> None:
         self.base_url = _http.check_base_url(base_url)
+        self._quiet = datetime.timedelta(seconds=quiet_seconds)
+        self._unreachable: tuple[datetime.datetime, CollateralServiceError] | None = None
         self._cache = cache
         self._fetch: Fetch = fetch or (lambda url: _http.get(url))
         self._clock = clock or (lambda: datetime.datetime.now(datetime.UTC))
@@ -241,7 +246,7 @@ class AmdKds:
 
     def _get(self, url: str, key: str, check: Callable[[bytes], None], *, fallback: bool) -> bytes:
         try:
-            body = self._fetch(url).body
+            body = self._fetch_unless_quiet(url)
         except CollateralServiceError as exc:
             cached = self._cache.get(key) if (self._cache is not None and fallback) else None
             if cached is None:
@@ -256,6 +261,21 @@ class AmdKds:
             raise EvidenceError(f"{url}: {exc}") from None
         if self._cache is not None:
             self._cache.put(key, body)
+        return body
+
+    def _fetch_unless_quiet(self, url: str) -> bytes:
+        now = self._clock()
+        if self._unreachable is not None and now < self._unreachable[0] + self._quiet:
+            raise CollateralServiceError(
+                f"{url}: not asked: AMD KDS was unreachable moments ago ({self._unreachable[1]})", url=url
+            )
+        try:
+            body = self._fetch(url).body
+        except CollateralServiceError as exc:
+            if exc.status is None or exc.status >= 500:
+                self._unreachable = (now, exc)
+            raise
+        self._unreachable = None
         return body
 
     def _trusted_ark(self, chain: bytes, product: Product) -> x509.Certificate:

@@ -241,3 +241,30 @@ def test_the_crl_is_required_unless_the_evidence_carries_one(synthetic: tuple[Fa
         client.collateral_for(Evidence(platform="sev-snp", parts=parts))
     carried = Evidence(platform="sev-snp", parts={**parts, "crl": _crl(fake)})  # type: ignore[arg-type]
     assert client.collateral_for(carried) == {}
+
+
+def test_after_kds_was_unreachable_it_is_left_alone_for_the_quiet_period() -> None:
+    asked: list[str] = []
+
+    def unreachable(url: str) -> _http.Response:
+        asked.append(url)
+        raise CollateralServiceError(f"{url}: not reachable (refused)", url=url)
+
+    clock = _Clock(NOW)
+    client = AmdKds("http://127.0.0.1:9", fetch=unreachable, clock=clock, quiet_seconds=30)
+    for _ in range(2):
+        with pytest.raises(CollateralServiceError):
+            client.cert_chain(Product.MILAN)
+    assert len(asked) == 1
+    clock.now = NOW + datetime.timedelta(seconds=31)
+    with pytest.raises(CollateralServiceError, match="not reachable"):
+        client.cert_chain(Product.MILAN)
+    assert len(asked) == 2
+
+
+def test_a_404_is_an_answer_not_an_outage(kds: FakeKds) -> None:
+    client = _client(kds)
+    for _ in range(2):
+        with pytest.raises(CollateralServiceError, match="HTTP 404"):
+            client.cert_chain(Product.GENOA)
+    assert kds.requests == ["/vcek/v1/Genoa/cert_chain"] * 2
