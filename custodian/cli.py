@@ -28,6 +28,7 @@ from custodian.config import Address, CustodianConfig
 from custodian.console import Console
 from custodian.errors import ConfigError, CustodianError
 from custodian.server import CustodianServer
+from enclave.collateral._http import check_base_url
 from enclave.collateral.amd_kds import DEFAULT_KDS_URL
 from enclave.errors import EnclaveError
 
@@ -40,6 +41,16 @@ def _address(text: str) -> Address:
     try:
         return Address.parse(text)
     except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _kds(text: str) -> str | None:
+    """``--amd-kds``: an http(s) base URL, or ``off`` (None)."""
+    if text == "off":
+        return None
+    try:
+        return check_base_url(text)
+    except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
@@ -118,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--amd-kds",
         metavar="URL",
+        type=_kds,
         default=os.environ.get("CUSTODIAN_AMD_KDS") or DEFAULT_KDS_URL,
         help="AMD KDS for SEV-SNP enrolments: the VCEK and chain a report lacks, and the CRL, cached"
         " under DATA/collateral/amd; 'off' uses only what the evidence carries"
@@ -272,7 +284,7 @@ def _serve(args: argparse.Namespace) -> None:
         mtls_listen=args.mtls_listen,
         metrics_listen=args.metrics,
         admin_listen=args.admin_listen,
-        amd_kds=None if args.amd_kds == "off" else args.amd_kds,
+        amd_kds=args.amd_kds,
     )
     asyncio.run(_run_server(config, as_json=args.json))
 

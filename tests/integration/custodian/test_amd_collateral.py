@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 import pytest
 
+from custodian.cli import main
 from enclave.attestation import Evidence, ReferenceValues
 from protos import custos_pb2 as pb
 from tests.integration.custodian.harness import Running, running
@@ -110,3 +111,13 @@ def test_with_kds_off_the_report_must_carry_its_certificates(tmp_path: Path, kds
             assert kds.requests == []
 
     asyncio.run(scenario())
+
+
+def test_custodian_serve_refuses_a_kds_url_that_is_not_http(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--data", str(tmp_path / "data"), "--amd-kds", "file:///etc/passwd"])
+    assert exited.value.code == 2
+    assert "--amd-kds: not an http(s) URL" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()
