@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from enclave._daemon.cli import main
 from enclave._daemon.tsm import ConfigfsTsm, TsmAttester
 from enclave.attestation.sev_snp import SevSnpVerifier
 from enclave.attestation.sev_snp_report import parse_report
@@ -23,6 +24,7 @@ from enclave.collateral import _http
 from enclave.collateral._cache import MemoryCache
 from enclave.collateral.amd_kds import AmdKds
 from tests.unit.collateral.fake_kds import GOSEV_CHAIN, GOSEV_REPORT, GOSEV_VCEK, FakeKds, serving
+from tests.unit.enclave.fake_custodian import CertAuthority
 
 NOW = datetime.datetime(2026, 11, 21, tzinfo=datetime.UTC)
 
@@ -66,3 +68,22 @@ def test_kds_unreachable_leaves_the_evidence_as_the_report_made_it(tmp_path: Pat
     kds.down()
     evidence = attester.collect(os.urandom(64))
     assert set(evidence.parts) == {"report"}
+
+
+@pytest.mark.parametrize(
+    ("platform", "url", "message"),
+    [
+        ("tdx", "http://127.0.0.1:1", "--amd-kds is for --platform sev-snp"),
+        ("sev-snp", "ftp://kds.example", "--amd-kds: not an http(s) URL"),
+    ],
+    ids=["other-platform", "not-http"],
+)
+def test_enclave_serve_refuses_a_misplaced_or_bad_kds_url(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], platform: str, url: str, message: str
+) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(CertAuthority("custodian test CA").pem)
+    argv = ["serve", "--custodian", "127.0.0.1:1", "--custodian-ca", str(ca), "--deployment", "d"]
+    argv += ["--token", "t", "--listen", "127.0.0.1:0", "--platform", platform, "--amd-kds", url]
+    assert main(argv) == 1
+    assert message in capsys.readouterr().err
