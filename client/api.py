@@ -21,6 +21,7 @@ at its address). Either way nothing was sent.
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import operator
 import os
@@ -42,9 +43,11 @@ from client.errors import (
     VerificationRefusedError,
 )
 from enclave import identity
-from enclave.attestation import Appraisal, ReferenceValues, appraise
+from enclave.attestation import Appraisal, Evidence, ReferenceValues, appraise
 from enclave.attestation.certificates import check_validity
 from enclave.attestation.manifest import MAX_MANIFEST_BYTES
+from enclave.collateral._cache import MemoryCache
+from enclave.collateral.amd_kds import AmdKds
 from enclave.errors import EnclaveError
 from protos import custos_pb2, custos_pb2_grpc
 
@@ -225,6 +228,7 @@ def connect(
     timeout: float = DEFAULT_TIMEOUT,
     now: datetime.datetime | None = None,
     collateral: CollateralSource | None = None,
+    amd_kds: str | None = None,
 ) -> Connection:
     """Verify the enclave at ``address`` (HOST:PORT) against ``manifest`` and return a pinned connection.
 
@@ -232,12 +236,21 @@ def connect(
     at; the current time by default. ``collateral`` gives the caller's own copy of
     the platform's collateral for a piece of evidence (Intel's, for tdx and sgx:
     ``enclave.collateral.intel.IntelCollateral.for_evidence``); the verifier uses
-    it where it is fresher than what the evidence carries.
+    it where it is fresher than what the evidence carries. ``amd_kds`` (a base
+    URL, e.g. ``enclave.collateral.amd_kds.DEFAULT_KDS_URL``): SEV-SNP evidence is
+    checked with AMD's CRL fetched from there, and the VCEK and chain it lacks;
+    without it, revocation is checked only when the evidence carries the CRL.
     """
     if not timeout > 0:
         raise ClientError("timeout must be positive")
     reference = load_manifest(manifest)
     when = now or datetime.datetime.now(datetime.UTC)
+    try:
+        kds = AmdKds(amd_kds, cache=MemoryCache()) if amd_kds is not None else None
+    except ValueError as exc:
+        raise ClientError(f"amd_kds: {exc}") from None
+    if reference.platform == "sev-snp" and kds is not None:
+        collateral = functools.partial(_amd_collateral, kds)  # AMD collateral serves SEV-SNP only
     pem = _transport.fetch_certificate(address, timeout=timeout)
     try:
         certificate, public_key, evidence, claims = identity.read_attested_certificate(pem)
@@ -323,6 +336,11 @@ def _challenge(
         )
     except EnclaveError as exc:
         raise VerificationRefusedError(f"fresh evidence refused: {exc}") from exc
+
+
+def _amd_collateral(kds: AmdKds, evidence: bytes) -> Mapping[str, bytes]:
+    """The AMD collateral SEV-SNP ``evidence`` needs, fetched (blocking)."""
+    return kds.collateral_for(Evidence.from_bytes(evidence))
 
 
 def _check_image(data: bytes, what: str) -> None:

@@ -32,6 +32,8 @@ from client.errors import ClientError, VerificationRefusedError
 from enclave.attestation import ReferenceValues
 from enclave.attestation.manifest import UNMEASURED_OS_WARNING
 from enclave.attestation.sim import SIMULATION_WARNING
+from enclave.collateral._http import check_base_url
+from enclave.collateral.amd_kds import DEFAULT_KDS_URL
 from enclave.collateral.cache import CollateralCache
 from enclave.collateral.intel import IntelCollateral
 from enclave.collateral.intel_pcs import INTEL_PCS_URL, IntelPcs, pccs_argument
@@ -75,6 +77,16 @@ def _address(text: str) -> str:
     except ClientError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
+
+
+def kds_url(text: str) -> str | None:
+    """``--amd-kds``: an http(s) base URL, or ``off`` (None)."""
+    if text == "off":
+        return None
+    try:
+        return check_base_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _seconds(text: str) -> float:
@@ -142,6 +154,14 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("CUSTOS_PCCS") or INTEL_PCS_URL,
         help="tdx, sgx: where to fetch Intel collateral when the evidence does not carry it all"
         " (default: $CUSTOS_PCCS or Intel's PCS)",
+    )
+    parser.add_argument(
+        "--amd-kds",
+        metavar="URL|off",
+        type=kds_url,
+        default=os.environ.get("CUSTOS_AMD_KDS") or DEFAULT_KDS_URL,
+        help="sev-snp: fetch AMD's CRL (and the certificates the evidence lacks) from this KDS; 'off' uses"
+        " only what the evidence carries (default: $CUSTOS_AMD_KDS, else %(default)s)",
     )
     return parser
 
@@ -233,7 +253,11 @@ def _run(args: argparse.Namespace, talked_to: dict[str, str]) -> int:
     image = read_image(args.input)
     manifest = load_manifest(args.manifest)
     with connect(
-        args.enclave, manifest, timeout=args.timeout, collateral=_collateral(args.pccs)
+        args.enclave,
+        manifest,
+        timeout=args.timeout,
+        collateral=_collateral(args.pccs),
+        amd_kds=args.amd_kds,
     ) as connection:
         talked_to.update(enclave=args.enclave, deployment=connection.deployment)
         verification = _verification_doc(connection, manifest)

@@ -16,11 +16,12 @@ from typing import Any
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from enclave.attestation import ReferenceValues, dcap, policy, sev_snp, tpm, tpm_ak
+from enclave.attestation import Evidence, ReferenceValues, dcap, policy, sev_snp, tpm, tpm_ak
 from enclave.attestation.dcap_pck import PCK_CA_CNS, TCB_SIGNING_CN
 from enclave.attestation.dcap_quote import decode_quote_text, parse_quote
 from enclave.attestation.sev_snp_report import Product, parse_report
 from enclave.attestation.tpm_structures import parse_attest
+from enclave.collateral.amd_kds import AmdKds
 from enclave.errors import EnclaveError, EvidenceError
 
 
@@ -174,17 +175,41 @@ def check_dcap(
     )
 
 
-def check_sev_snp(report_file: bytes, certs: Sequence[bytes], *, now: datetime) -> EvidenceReport:
-    if not certs:
-        raise EvidenceError("SEV-SNP evidence needs the VCEK (or VLEK) certificate: --certs FILE")
-    vcek, chain = certs[0], b"".join(certs[1:]) or None
-    result = sev_snp.verify_report(_decode_text(report_file), vcek, chain, now=now)
+def check_sev_snp(
+    report_file: bytes,
+    certs: Sequence[bytes],
+    *,
+    now: datetime,
+    crl: bytes | None = None,
+    kds: AmdKds | None = None,
+) -> EvidenceReport:
+    """Verify a report with the VCEK then its chain (``certs``), and the CRL when given.
+
+    With ``kds``, what ``certs`` lacks is fetched, and so is the CRL (the given
+    ``crl`` is used when KDS has none to give).
+    """
+    report = _decode_text(report_file)
+    vcek, chain = (certs[0] if certs else None), (b"".join(certs[1:]) or None)
+    if kds is not None:
+        given = {"report": report, "vcek": vcek, "cert_chain": chain, "crl": crl}
+        parts = {name: data for name, data in given.items() if data is not None}
+        fetched = kds.collateral_for(Evidence(platform="sev-snp", parts=parts))
+        vcek, chain, crl = (
+            vcek or fetched.get("vcek"),
+            chain or fetched.get("cert_chain"),
+            fetched.get("crl", crl),
+        )
+    if vcek is None:
+        raise EvidenceError(
+            "SEV-SNP evidence needs the VCEK (or VLEK) certificate: --certs FILE or --amd-kds"
+        )
+    result = sev_snp.verify_report(report, vcek, chain, now=now, crl=crl)
     return EvidenceReport(
         platform="sev-snp",
         verified=True,
         claims=_hexify(result.details()),
         checks_done=list(result.checks),
-        checks_not_done={"revocation": "AMD CRLs are not checked", "tcb_currency": "no AMD TCB collateral"},
+        checks_not_done=result.not_checked(),
         registers={
             "measurement": result.report.measurement,
             "host_data": result.report.host_data,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from client.api import load_manifest
+from client.cli import kds_url
 from client.errors import ClientError
 from client.evidence import (
     EvidenceReport,
@@ -29,6 +30,8 @@ from client.evidence import (
 )
 from enclave.attestation.dcap import COLLATERAL_NAMES
 from enclave.attestation.dcap_quote import decode_quote_text
+from enclave.collateral._http import CollateralServiceError
+from enclave.collateral.amd_kds import DEFAULT_KDS_URL, AmdKds
 from enclave.collateral.cache import CollateralCache
 from enclave.collateral.intel import CollateralUnavailableError, IntelCollateral
 from enclave.collateral.intel_pcs import INTEL_PCS_URL, IntelPcs, pccs_argument
@@ -43,14 +46,17 @@ exit codes:
 
 examples:
   custos-verify --platform tdx quote.bin --collateral tdx_quote_collateral.json --at 2025-07-01T00:00:00Z
-  custos-verify --platform sev-snp report.bin --certs vcek.der --certs ask_ark.pem
+  custos-verify --platform sev-snp report.bin --certs vcek.der --certs ask_ark.pem [--collateral crl.der]
+  custos-verify --platform sev-snp report.bin --amd-kds      # VCEK, chain and CRL from AMD KDS
   custos-verify --platform tpm --quote q.bin --signature s.bin --ak ak.pem --pcrs pcrs.json --nonce 00ff
 
 DCAP collateral files are recognised by content: PCS tcbInfo / enclaveIdentity
 JSON, dcap-qvl's combined collateral JSON, CRLs (DER or PEM) by their issuer
 (Root CA or PCK CA), issuer chains (PEM) by their first certificate (TCB
 Signing, PCK CA); or name them: NAME=FILE. --pccs [URL] fetches what the quote
-needs. Collateral that is not given is reported as not checked.
+needs. Collateral that is not given is reported as not checked. For SEV-SNP,
+--collateral names AMD's CRL ([crl=]FILE); --amd-kds [URL] fetches the CRL and
+the certificates not given.
 """
 
 
@@ -140,6 +146,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--json", action="store_true", help="print one JSON object, also on failure (default: text)"
     )
+    parser.add_argument(
+        "--amd-kds",
+        metavar="URL",
+        nargs="?",
+        type=kds_url,
+        const=DEFAULT_KDS_URL,
+        help="sev-snp: fetch the CRL, and the certificates not given, from this AMD KDS"
+        f" (without URL: {DEFAULT_KDS_URL}; default: none)",
+    )
     return parser
 
 
@@ -147,7 +162,7 @@ def _parser() -> argparse.ArgumentParser:
 _PLATFORM_INPUTS = {
     "tdx": {"evidence", "collateral", "pccs"},
     "sgx": {"evidence", "collateral", "pccs"},
-    "sev-snp": {"evidence", "certs"},
+    "sev-snp": {"evidence", "certs", "collateral", "amd_kds"},
     "tpm": {"quote", "signature", "ak", "pcrs", "nonce", "ak_cert", "certs"},
 }
 
@@ -160,7 +175,7 @@ def _check_usage(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
             "EVIDENCE" if dest == "evidence" else "--" + dest.replace("_", "-") for dest in given
         )
         parser.error(f"--platform {args.platform} does not take {flags}")
-    for spec in args.collateral:
+    for spec in args.collateral if args.platform in ("tdx", "sgx") else ():
         name, sep, _ = spec.partition("=")
         if sep and name not in COLLATERAL_NAMES:
             parser.error(f"--collateral {name}=FILE: NAME must be one of {', '.join(COLLATERAL_NAMES)}")
@@ -198,6 +213,12 @@ def _fetched(pccs_url: str, evidence: bytes) -> dict[str, bytes]:
         raise ClientError(f"cannot fetch the collateral: {exc}") from None
 
 
+def _amd_crl(files: list[tuple[str | None, bytes]], parser: argparse.ArgumentParser) -> bytes | None:
+    if any(name not in (None, "crl") for name, _ in files) or len(files) > 1:
+        parser.error("--platform sev-snp takes one --collateral: AMD's CRL ([crl=]FILE)")
+    return files[0][1] if files else None
+
+
 def _check(
     args: argparse.Namespace, parser: argparse.ArgumentParser, now: datetime.datetime
 ) -> EvidenceReport:
@@ -222,11 +243,19 @@ def _check(
     evidence = args.evidence.read_bytes()
     try:
         if args.platform == "sev-snp":
-            return check_sev_snp(evidence, [c.read_bytes() for c in args.certs], now=now)
+            return check_sev_snp(
+                evidence,
+                [c.read_bytes() for c in args.certs],
+                now=now,
+                crl=_amd_crl(_collateral_files(args.collateral), parser),
+                kds=AmdKds(args.amd_kds) if args.amd_kds else None,
+            )
         collateral = dcap_collateral(_collateral_files(args.collateral))
         if args.pccs is not None:
             collateral = {**_fetched(args.pccs, evidence), **collateral}
         return check_dcap(evidence, collateral, now=now, platform=args.platform)
+    except CollateralServiceError:
+        raise  # an unreachable service says nothing about the evidence: exit 1, not 3
     except EnclaveError as exc:
         return refused(args.platform, exc, evidence)
 

@@ -26,6 +26,7 @@ from custodian.errors import (
     SuspendedError,
 )
 from custodian.metrics import CustodianMetrics
+from enclave.collateral._http import CollateralServiceError
 from enclave.errors import AttestationError, EnclaveError, FormatError, ManifestError
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (RefusedError, grpc.StatusCode.PERMISSION_DENIED),
     (AttestationError, grpc.StatusCode.PERMISSION_DENIED),
     (BusyError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (CollateralServiceError, grpc.StatusCode.UNAVAILABLE),
     (SuspendedError, grpc.StatusCode.FAILED_PRECONDITION),
 )
 

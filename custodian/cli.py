@@ -46,12 +46,24 @@ from custodian.config import (
 from custodian.console import Console
 from custodian.errors import CustodianError
 from custodian.server import CustodianServer
+from enclave.collateral._http import check_base_url
+from enclave.collateral.amd_kds import DEFAULT_KDS_URL
 from enclave.collateral.intel_pcs import INTEL_PCS_URL, pccs_argument
 from enclave.errors import EnclaveError
 
 logger = logging.getLogger("custodian")
 
 DEFAULT_DATA = "custodian-data"
+
+
+def _kds(text: str) -> str | None:
+    """``--amd-kds``: an http(s) base URL, or ``off`` (None)."""
+    if text == "off":
+        return None
+    try:
+        return check_base_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _global_options(parser: argparse.ArgumentParser, *, here: bool) -> None:
@@ -146,6 +158,15 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="air-gapped: read Intel collateral from DIR as the service returns it, never fetch"
         " (env CUSTODIAN_COLLATERAL_DIR)",
+    )
+    serve.add_argument(
+        "--amd-kds",
+        metavar="URL|off",
+        type=_kds,
+        default=os.environ.get("CUSTODIAN_AMD_KDS") or DEFAULT_KDS_URL,
+        help="AMD KDS for SEV-SNP enrolments: the VCEK and chain a report lacks, and the CRL, cached"
+        " under DATA/collateral/amd; 'off' uses only what the evidence carries"
+        " (env CUSTODIAN_AMD_KDS; default %(default)s)",
     )
     serve.set_defaults(run=_serve)
 
@@ -264,6 +285,7 @@ def _serve(args: argparse.Namespace) -> None:
         admin_listen=args.admin_listen,
         pccs_url=args.pccs,
         collateral_dir=args.collateral_dir,
+        amd_kds=args.amd_kds,
     )
     asyncio.run(_run_server(config, as_json=args.json))
 

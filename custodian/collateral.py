@@ -1,15 +1,22 @@
-"""The custodian's own copy of Intel's collateral, for the DCAP evidence it appraises at enrolment.
+"""The custodian's own copy of the vendors' collateral, for the evidence it appraises at enrolment.
 
-Fetched from Intel's PCS (or a PCCS, ``--pccs``) into ``DATA/collateral/intel/``
-and refreshed there (:class:`enclave.collateral.intel.IntelCollateral`); or read
-from a directory filled by hand on an air-gapped site (``--collateral-dir``).
-The verifier uses, piece by piece, the fresher of this copy and the one the
-evidence carries. While the service is unreachable the cached copy is served,
-and the ``custos_custodian_collateral_stale`` gauge says so.
+Intel's (tdx, sgx) is fetched from Intel's PCS (or a PCCS, ``--pccs``) into
+``DATA/collateral/intel/`` and refreshed there
+(:class:`enclave.collateral.intel.IntelCollateral`), or read from a directory
+filled by hand on an air-gapped site (``--collateral-dir``). The verifier uses,
+piece by piece, the fresher of this copy and the one the evidence carries.
+While the service is unreachable the cached copy is served, and the
+``custos_custodian_collateral_stale`` gauge says so; without a copy of its own
+the custodian appraises the evidence with what it carries, and says why in the
+log.
+
+AMD's (sev-snp: VCEK, chain, CRL) comes from AMD's KDS (``--amd-kds``),
+cached under ``DATA/collateral/amd/``; served from the cache while KDS is
+unreachable (``custos_custodian_collateral_cache_fallbacks_total``), and with
+no CRL to be had at all the enrolment is refused (reason ``collateral``).
 
 Fetching does blocking I/O: the enrolment calls :meth:`for_evidence` in a
-worker thread. It never raises: without a copy of its own the custodian
-appraises the evidence with what it carries, and says why in the log.
+worker thread.
 """
 
 from __future__ import annotations
@@ -18,6 +25,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from custodian.metrics import CustodianMetrics
+from enclave.attestation import Evidence
+from enclave.collateral._cache import DiskCache
+from enclave.collateral.amd_kds import AmdKds
 from enclave.collateral.cache import CollateralCache
 from enclave.collateral.intel import IntelCollateral
 from enclave.collateral.intel_pcs import IntelPcs
@@ -27,25 +37,47 @@ CollateralSource = Callable[[bytes], Mapping[str, bytes] | None]
 
 
 class CustodianCollateral:
-    def __init__(self, intel: IntelCollateral) -> None:
+    def __init__(self, intel: IntelCollateral, amd: AmdKds | None = None) -> None:
         self._intel = intel
+        self._amd = amd
 
     @classmethod
     def open(
-        cls, data_dir: Path, metrics: CustodianMetrics, *, pccs_url: str | None, collateral_dir: Path | None
+        cls,
+        data_dir: Path,
+        metrics: CustodianMetrics,
+        *,
+        pccs_url: str | None,
+        collateral_dir: Path | None,
+        amd_kds_url: str | None = None,
     ) -> CustodianCollateral:
-        """From ``collateral_dir`` as it is, when given; else from ``pccs_url`` via DATA/collateral/intel."""
+        """Intel's from ``collateral_dir`` as it is, when given, else from ``pccs_url`` via
+        DATA/collateral/intel; AMD's from ``amd_kds_url`` via DATA/collateral/amd (None: none)."""
+        amd = None
+        if amd_kds_url is not None:
+            fallbacks = metrics.collateral_cache_fallbacks.labels("amd")
+            amd = AmdKds(
+                amd_kds_url,
+                cache=DiskCache(data_dir / "collateral" / "amd"),
+                on_fallback=lambda _: fallbacks.inc(),
+            )
 
         def stale(kind: str, is_stale: bool) -> None:
             metrics.collateral_stale.labels(document=kind).set(1 if is_stale else 0)
 
         if collateral_dir is not None:
             cache = CollateralCache(collateral_dir, read_only=True)
-            return cls(IntelCollateral(cache, None, on_stale=stale))
+            return cls(IntelCollateral(cache, None, on_stale=stale), amd)
         cache = CollateralCache(data_dir / "collateral" / "intel")
         service = IntelPcs(pccs_url) if pccs_url is not None else None
-        return cls(IntelCollateral(cache, service, on_stale=stale, authenticate=True))
+        return cls(IntelCollateral(cache, service, on_stale=stale, authenticate=True), amd)
 
     def for_evidence(self, evidence: bytes) -> Mapping[str, bytes] | None:
-        """Our collateral for a DCAP quote in ``evidence``; None for other platforms or when there is none."""
+        """Our collateral for the DCAP quote or SEV-SNP report in ``evidence``; None for other platforms
+        or when there is none. Raises ``CollateralServiceError`` for a SEV-SNP report whose CRL can be
+        neither fetched nor found in the cache."""
+        if self._amd is not None:
+            parsed = Evidence.from_bytes(evidence)
+            if parsed.platform == "sev-snp":
+                return self._amd.collateral_for(parsed)
         return self._intel.for_evidence(evidence)

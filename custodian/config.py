@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from custodian.errors import ConfigError, CustodianError, InvalidRequestError
+from enclave.collateral._http import check_base_url
 from enclave.collateral.intel_pcs import INTEL_PCS_URL
 from enclave.envelope import DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE
 
@@ -65,6 +66,8 @@ class CustodianConfig:
     # DATA/collateral/intel; or, on an air-gapped site, read as it is from collateral_dir.
     pccs_url: str | None = INTEL_PCS_URL
     collateral_dir: Path | None = None
+    # AMD KDS for SEV-SNP collateral (VCEK, chain, CRL), cached under DATA/collateral/amd; None: off.
+    amd_kds: str | None = None
 
     def __post_init__(self) -> None:
         _within("nonce_ttl_seconds", self.nonce_ttl_seconds, *NONCE_TTL_BOUNDS)
@@ -74,6 +77,11 @@ class CustodianConfig:
         _within("max_model_bytes", self.max_model_bytes, 1, MAX_MODEL_BYTES)
         _within("model_chunk_size", self.model_chunk_size, 1, MAX_CHUNK_SIZE)
         _within("max_message_bytes", self.max_message_bytes, *MESSAGE_BYTES_BOUNDS)
+        if self.amd_kds is not None:
+            try:
+                check_base_url(self.amd_kds)
+            except ValueError as exc:
+                raise ConfigError(f"amd_kds: {exc}") from None
         if not 0.05 <= self.sweep_interval_seconds <= 60:
             raise ConfigError("sweep_interval_seconds must be between 0.05 and 60")
         if self.mtls_listen is None and self.listen.port == 65535:

@@ -49,6 +49,7 @@ from custodian.throttle import AuditSampler, Rate
 from enclave.attestation import AttestedClaims, Evidence, ReferenceValues, appraise
 from enclave.attestation.tpm_ak import load_ak
 from enclave.attestation.tpm_credential import make_credential, object_name, verify_ek_certificate
+from enclave.collateral._http import CollateralServiceError
 from enclave.errors import BindingError, EnclaveError, EvidenceError, PolicyError
 from enclave.identity import public_key_der
 
@@ -405,6 +406,8 @@ def _rate(sample: tuple[int, float], monotonic: Callable[[], float]) -> Rate:
 
 def _attestation_reason(exc: Exception) -> str:
     """The refusal metric's label for an error raised while appraising the evidence."""
+    if isinstance(exc, CollateralServiceError):
+        return "collateral"
     if isinstance(exc, PolicyError):
         return "policy"
     if isinstance(exc, BindingError):

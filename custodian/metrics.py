@@ -23,6 +23,7 @@ ENROL_REFUSAL_REASONS = (
     "deployment",
     "ek",
     "credential",
+    "collateral",
 )
 # Refusals whose audit entries are sampled (custodian.throttle.AuditSampler).
 AUDIT_SAMPLED_KINDS = ("enrol", "receipt")
@@ -73,6 +74,12 @@ class CustodianMetrics:
         )
         for kind in AUDIT_SAMPLED_KINDS:
             self.audit_skipped.labels(kind)
+        self.collateral_cache_fallbacks = Counter(
+            "custos_custodian_collateral_cache_fallbacks_total",
+            "Collateral served from the cache because the vendor's service was unreachable",
+            ["vendor"],
+            registry=r,
+        )
         self.units_granted = Counter(
             "custos_custodian_units_granted_total", "Inference units granted", registry=r
         )

@@ -146,7 +146,11 @@ class CustodianServer:
         self.metrics.watch_streams.set_function(lambda: bus.streams)
         if collateral is None:
             own = CustodianCollateral.open(
-                data, self.metrics, pccs_url=config.pccs_url, collateral_dir=config.collateral_dir
+                data,
+                self.metrics,
+                pccs_url=config.pccs_url,
+                collateral_dir=config.collateral_dir,
+                amd_kds_url=config.amd_kds,
             )
             collateral = own.for_evidence
         enrolment = Enrolment(ledger, enclave_ca, config, self.metrics, collateral=collateral, ak_ca=ak_ca)

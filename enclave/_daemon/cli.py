@@ -52,6 +52,8 @@ from enclave.attestation import ReferenceValues
 from enclave.attestation.manifest import UNMEASURED_OS_WARNING
 from enclave.attestation.sim import SIMULATION_WARNING
 from enclave.attestation.tpm import DEFAULT_APP_PCR
+from enclave.collateral._http import check_base_url
+from enclave.collateral.amd_kds import DEFAULT_KDS_URL
 from enclave.collateral.intel_pcs import INTEL_PCS_URL, pccs_argument
 from enclave.errors import EnclaveError
 
@@ -203,6 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="tdx, sev-snp: use this configfs-tsm report entry as it is instead of making one",
     )
     tee.add_argument(
+        "--amd-kds",
+        metavar="URL",
+        default=os.environ.get("ENCLAVE_AMD_KDS") or None,
+        help="sev-snp: the AMD KDS to fetch the VCEK and chain from when the report carries no"
+        " certificates, and the CRL; 'off' attaches nothing"
+        f" (env ENCLAVE_AMD_KDS; default {DEFAULT_KDS_URL})",
+    )
+    tee.add_argument(
         "--gramine-root",
         type=Path,
         metavar="DIR",
@@ -230,12 +240,24 @@ def _tee_options(args: argparse.Namespace) -> TeeOptions | None:
             raise UsageError("--tsm-report and --tsm-entry are for --platform tdx or sev-snp")
     elif given:
         raise UsageError("--tsm-report, --tsm-entry and --gramine-root are for tdx, sev-snp and sgx")
+    if args.amd_kds is not None and args.platform != "sev-snp":
+        raise UsageError("--amd-kds is for --platform sev-snp")
     return TeeOptions(
         tsm_report=args.tsm_report,
         tsm_entry=args.tsm_entry,
         gramine_root=args.gramine_root,
         pccs_url=args.pccs,
+        amd_kds=_kds_url(args.amd_kds) if args.platform == "sev-snp" else None,
     )
+
+
+def _kds_url(url: str | None) -> str | None:
+    if url == "off":
+        return None
+    try:
+        return check_base_url(url or DEFAULT_KDS_URL)
+    except ValueError as exc:
+        raise UsageError(f"--amd-kds: {exc}") from None
 
 
 def _tpm_flags(parser: argparse.ArgumentParser, *, serve: bool) -> None:

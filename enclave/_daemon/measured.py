@@ -9,6 +9,7 @@ daemon runs without their libraries (libtss2 for ``tpm``) on other platforms.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
@@ -81,6 +82,7 @@ class TeeOptions:
     gramine_root: Path | None = None
     # tdx, sgx: the PCS (or PCCS) the attester fetches its quotes' collateral from; None: none.
     pccs_url: str | None = None
+    amd_kds: str | None = None  # sev-snp: AMD KDS base URL, to attach the certificates a report lacks
 
 
 def attester_factory(
@@ -101,12 +103,20 @@ def attester_factory(
 
 def _open_tee(platform: str, options: TeeOptions) -> Attester:
     from enclave._daemon import tsm
+    from enclave.collateral._cache import MemoryCache
+    from enclave.collateral._http import get as http_get
+    from enclave.collateral.amd_kds import AmdKds
 
     collateral = _intel_collateral(options.pccs_url) if platform != "sev-snp" else None
     if platform == SGX_PLATFORM:
         return tsm.GramineAttester(options.gramine_root or tsm.GRAMINE_ROOT, collateral=collateral)
     configfs = tsm.ConfigfsTsm(options.tsm_report or tsm.TSM_REPORT_ROOT, entry=options.tsm_entry)
-    return tsm.TsmAttester(platform, tsm=configfs, collateral=collateral)
+    kds = None
+    if options.amd_kds:
+        # Attestation waits for this: short timeouts, and KDS left alone a while after failing.
+        fetch = functools.partial(http_get, attempts=2, timeout=5.0)
+        kds = AmdKds(options.amd_kds, cache=MemoryCache(), fetch=fetch)
+    return tsm.TsmAttester(platform, tsm=configfs, collateral=collateral, amd_kds=kds)
 
 
 def _intel_collateral(pccs_url: str | None) -> CollateralSource | None:

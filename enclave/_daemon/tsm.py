@@ -15,7 +15,10 @@ quote goes alone and relying parties use their own copy.
 Every root path is a parameter so tests can point it at a directory shaped
 like configfs. The TDX attester extends RTMR3 with each log event where the
 kernel offers a writable RTMR file; it always ships the log, so a verifier can
-replay it.
+replay it. When an SEV-SNP report comes without certificates (the host set no
+certificate table) and an AMD KDS is configured, the attester fetches the
+VCEK, the ASK/ARK chain and the CRL and attaches them: they are AMD-signed, so
+anyone may carry them, and every relying party checks them.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from cryptography.hazmat.primitives import serialization
 from enclave._daemon.errors import ConfigError
 from enclave.attestation import Attester, Evidence
 from enclave.attestation.dcap_freshness import attach
+from enclave.collateral._http import CollateralServiceError
+from enclave.collateral.amd_kds import AmdKds
 from enclave.errors import EnclaveError, EvidenceError
 
 logger = logging.getLogger(__name__)
@@ -146,6 +151,7 @@ class TsmAttester(Attester):
         tsm: ConfigfsTsm | None = None,
         rtmr_file: Path | None = TDX_RTMR3_FILE,
         collateral: CollateralSource | None = None,
+        amd_kds: AmdKds | None = None,
     ) -> None:
         if platform not in ("tdx", "sev-snp"):
             raise ConfigError(f"configfs-tsm attests tdx or sev-snp, not {platform!r}")
@@ -155,6 +161,7 @@ class TsmAttester(Attester):
         self._tsm = tsm or ConfigfsTsm()
         self._rtmr_file = rtmr_file if platform == "tdx" else None
         self._collateral = collateral
+        self._amd_kds = amd_kds if platform == "sev-snp" else None
 
     def extend(self, event_digests: Mapping[str, bytes]) -> None:
         if self._rtmr_file is None or not self._rtmr_file.exists():
@@ -178,7 +185,20 @@ class TsmAttester(Attester):
             if chain:
                 parts["cert_chain"] = chain
         logger.debug("SEV-SNP report from provider %s", provider or "unknown")
+        if self._amd_kds is not None:
+            parts.update(self._amd_collateral(parts))
         return Evidence(platform="sev-snp", parts=parts)
+
+    def _amd_collateral(self, parts: dict[str, bytes]) -> dict[str, bytes]:
+        """The VCEK and chain the report lacks, and the CRL, from AMD KDS; nothing when it fails."""
+        assert self._amd_kds is not None
+        try:
+            return self._amd_kds.collateral_for(Evidence(platform="sev-snp", parts=parts), require_crl=False)
+        except (CollateralServiceError, EvidenceError) as exc:
+            logger.warning(
+                "AMD collateral not attached to the evidence (%s): relying parties must fetch it", exc
+            )
+            return {}
 
 
 class GramineAttester(Attester):

@@ -17,8 +17,13 @@ certificates from AMD KDS or the host's certificate table and passes them in):
 4. The report's ECDSA P-384/SHA-384 signature (R, S little-endian) over
    ``report[0:0x2A0]`` verifies with the VCEK/VLEK public key.
 
-Not checked: AMD's CRLs (revoked ASKs/VCEKs) and whether the TCB is current;
-both need collateral from AMD KDS that is not passed in yet.
+5. When the ARK-signed CRL is given (collateral or evidence part ``crl``), it
+   must be signed by that ARK, current at ``now``, and list neither the
+   ASK/ASVK nor the VCEK/VLEK (``sev_snp_crl``); without it, revocation is
+   named as not checked.
+
+Not checked: whether the TCB is current against AMD's latest (no AMD
+collateral states it).
 
 The measurement log: SNP has no register a guest can extend after launch, so
 ``PlatformClaims.log_register`` is None and ``appraise`` does not replay the
@@ -29,11 +34,8 @@ code that wrote it.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import MappingProxyType
@@ -44,11 +46,19 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from cryptography.utils import CryptographyDeprecationWarning
-from cryptography.x509.oid import NameOID, SignatureAlgorithmOID
+from cryptography.x509.oid import SignatureAlgorithmOID
 
 from enclave.attestation.certificates import check_validity
 from enclave.attestation.interface import Evidence, PlatformClaims, Verifier
+from enclave.attestation.sev_snp_certs import (
+    TCB_OIDS,
+    EndorsementKey,
+    common_name,
+    endorsement_key,
+    load_certificates,
+    sha256_fingerprint,
+)
+from enclave.attestation.sev_snp_crl import COLLATERAL_CRL, check_crl
 from enclave.attestation.sev_snp_report import Product, SigningKey, SnpReport, TcbVersion, parse_report
 from enclave.errors import BindingError, EvidenceError
 
@@ -56,8 +66,6 @@ PLATFORM = "sev-snp"
 PART_REPORT = "report"
 PART_VCEK = "vcek"  # the VCEK or VLEK, DER or PEM (a PEM bundle may carry the chain too)
 COLLATERAL_CERT_CHAIN = "cert_chain"  # PEM bundle: ASK and/or ASVK, and the ARK
-MAX_CERT_INPUT_BYTES = 64 * 1024
-MAX_CERTS = 8
 
 # SHA-256 over the DER of AMD's root keys, as published by AMD KDS
 # (https://kdsintf.amd.com/vcek/v1/<product>/cert_chain) and bundled identically
@@ -70,36 +78,11 @@ ARK_SHA256: Mapping[Product, str] = MappingProxyType(
     }
 )
 
-_AMD = "1.3.6.1.4.1.3704.1"
-OID_PRODUCT_NAME = x509.ObjectIdentifier(f"{_AMD}.2")
-OID_HWID = x509.ObjectIdentifier(f"{_AMD}.4")
-OID_CSP_ID = x509.ObjectIdentifier(f"{_AMD}.5")
-TCB_OIDS: Mapping[str, x509.ObjectIdentifier] = MappingProxyType(
-    {
-        "bootloader": x509.ObjectIdentifier(f"{_AMD}.3.1"),
-        "tee": x509.ObjectIdentifier(f"{_AMD}.3.2"),
-        "snp": x509.ObjectIdentifier(f"{_AMD}.3.3"),
-        "microcode": x509.ObjectIdentifier(f"{_AMD}.3.8"),
-        "fmc": x509.ObjectIdentifier(f"{_AMD}.3.9"),
-    }
-)
 # CHIP_ID bytes the hwID covers: Turin VCEKs carry an 8-byte hwID.
 _HWID_SIZE = {Product.MILAN: 64, Product.GENOA: 64, Product.TURIN: 8}
 # CPUID family reported by version 3 reports.
 _CPU_FAMILY = {Product.MILAN: 0x19, Product.GENOA: 0x19, Product.TURIN: 0x1A}
 _PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
-
-
-@dataclass(frozen=True)
-class EndorsementKey:
-    """A VCEK or VLEK certificate and the AMD extensions it carries."""
-
-    kind: SigningKey
-    certificate: x509.Certificate
-    product_name: str | None  # e.g. "Milan-B0", "Genoa", "Turin"
-    hwid: bytes | None  # VCEK only
-    tcb: Mapping[str, int]  # component name -> SPL, from the .3.x extensions present
-    csp_id: str | None  # VLEK only
 
 
 @dataclass(frozen=True)
@@ -111,10 +94,18 @@ class VerifiedReport:
     endorsement: EndorsementKey
     ark_sha256: str
     checks: tuple[str, ...]
+    crl_checked: bool = False
 
     @property
     def reported_tcb(self) -> TcbVersion:
         return TcbVersion.decode(self.report.reported_tcb, self.product)
+
+    def not_checked(self) -> dict[str, str]:
+        """What could not be established from what was given, by topic."""
+        gaps = {"tcb_currency": "no AMD collateral states the latest TCB"}
+        if not self.crl_checked:
+            gaps = {"revocation": "no AMD CRL was given: ASK/VCEK revocation not checked", **gaps}
+        return gaps
 
     def details(self) -> dict[str, Any]:
         """Every parsed field plus what was verified, JSON-friendly."""
@@ -126,7 +117,7 @@ class VerifiedReport:
             csp_id=self.endorsement.csp_id,
             ark_sha256=self.ark_sha256,
             checks=list(self.checks),
-            not_checked=["AMD CRL (revocation of ASK/VCEK)", "TCB currency against AMD's latest"],
+            not_checked=list(self.not_checked().values()),
         )
         return out
 
@@ -139,12 +130,15 @@ def verify_report(
     now: datetime,
     roots: Sequence[bytes] | None = None,
     product: Product | None = None,
+    crl: bytes | None = None,
 ) -> VerifiedReport:
     """Verify a raw report, its VCEK/VLEK (DER or PEM) and the ASK/ASVK/ARK PEM bundle.
 
     ``roots`` (DER or PEM ARKs) replaces the pinned ``ARK_SHA256``; ``product``
-    insists on one product. Raises ``EvidenceError`` naming the first failure,
-    ``ValueError`` for a naive ``now`` or ``roots`` that are not ARKs.
+    insists on one product; ``crl`` (the ARK-signed CRL, DER or PEM) is checked
+    and refuses the report when stale, badly signed or listing the chain.
+    Raises ``EvidenceError`` naming the first failure, ``ValueError`` for a
+    naive ``now`` or ``roots`` that are not ARKs.
     """
     if now.tzinfo is None or now.utcoffset() is None:
         raise ValueError("now must be a timezone-aware datetime")
@@ -154,23 +148,28 @@ def verify_report(
     if parsed.mask_chip_key:
         raise EvidenceError("SEV-SNP report KEY_INFO.MASK_CHIP_KEY is set: it carries no VCEK signature")
 
-    leaf, *extra = _load_certificates(vcek, "VCEK/VLEK")
-    candidates = extra + (_load_certificates(chain, "certificate chain") if chain else [])
+    leaf, *extra = load_certificates(vcek, "VCEK/VLEK")
+    candidates = extra + (load_certificates(chain, "certificate chain") if chain else [])
     anchors: dict[str, Product | None]
     if roots is None:
         anchors = {fp: p for p, fp in ARK_SHA256.items()}
     else:
-        root_certs = [c for r in roots for c in _load_certificates(r, "trusted root")]
+        root_certs = [c for r in roots for c in load_certificates(r, "trusted root")]
         if not root_certs:
             raise ValueError("an empty list of trusted roots trusts nothing")
         for root in root_certs:
-            if root.subject != root.issuer or not _common_name(root).startswith("ARK-"):
-                raise ValueError(f"trusted root {_common_name(root)!r} is not a self-issued AMD ARK")
-        anchors = {_sha256(c): None for c in root_certs}
+            if root.subject != root.issuer or not common_name(root).startswith("ARK-"):
+                raise ValueError(f"trusted root {common_name(root)!r} is not a self-issued AMD ARK")
+        anchors = {sha256_fingerprint(c): None for c in root_certs}
         candidates += root_certs
 
     checks: list[str] = []
-    chain_product, ark_sha256 = _verify_chain(leaf, candidates, parsed.signing_key, anchors, now, checks)
+    chain_product, ark_sha256, ark, middle = _verify_chain(
+        leaf, candidates, parsed.signing_key, anchors, now, checks
+    )
+    if crl is not None:
+        revocable = ((middle, common_name(middle)), (leaf, parsed.signing_key.name))
+        checks.append(check_crl(crl, ark=ark, revocable=revocable, now=now))
     if product is not None and product is not chain_product:
         raise EvidenceError(f"certificate chain is for {chain_product.value}, expected {product.value}")
     key = endorsement_key(leaf, parsed.signing_key)
@@ -189,7 +188,12 @@ def verify_report(
         f"report signature (ECDSA P-384, SHA-384) over bytes 0..0x2A0 verified by the {key.kind.name}"
     )
     return VerifiedReport(
-        report=parsed, product=chain_product, endorsement=key, ark_sha256=ark_sha256, checks=tuple(checks)
+        report=parsed,
+        product=chain_product,
+        endorsement=key,
+        ark_sha256=ark_sha256,
+        checks=tuple(checks),
+        crl_checked=crl is not None,
     )
 
 
@@ -231,35 +235,14 @@ def check_reported_tcb(report: SnpReport, key: EndorsementKey, product: Product)
     return f"REPORTED_TCB {tcb.raw:#018x} equals the {key.kind.name} TCB ({product.value} layout)"
 
 
-def endorsement_key(cert: x509.Certificate, kind: SigningKey) -> EndorsementKey:
-    """Read the AMD extensions of a VCEK or VLEK certificate."""
-    name = kind.name
-    tcb: dict[str, int] = {}
-    for component, oid in TCB_OIDS.items():
-        value = _extension(cert, oid, name)
-        if value is not None:
-            tcb[component] = _der_small_int(value, f"{name} {component} TCB extension")
-    product_name = _extension(cert, OID_PRODUCT_NAME, name)
-    csp_id = _extension(cert, OID_CSP_ID, name)
-    hwid = _extension(cert, OID_HWID, name)
-    if hwid is not None and len(hwid) in (10, 66) and hwid[0] == 0x04 and hwid[1] == len(hwid) - 2:
-        hwid = hwid[2:]  # newer KDS certificates wrap hwID in a DER OCTET STRING
-    return EndorsementKey(
-        kind=kind,
-        certificate=cert,
-        product_name=None if product_name is None else _der_ia5(product_name, f"{name} productName"),
-        hwid=hwid,
-        tcb=MappingProxyType(tcb),
-        csp_id=None if csp_id is None else _der_ia5(csp_id, f"{name} CSP_ID"),
-    )
-
-
 class SevSnpVerifier(Verifier):
     """``Verifier`` for SEV-SNP evidence.
 
     Evidence parts: ``report`` (raw 1184 bytes) and ``vcek`` (VCEK or VLEK, DER
     or PEM). Collateral (or evidence part) ``cert_chain``: PEM with the ASK or
-    ASVK and the ARK. ``vcek`` may come as collateral instead.
+    ASVK and the ARK; ``crl``: the ARK-signed CRL. ``vcek`` may come as
+    collateral instead. The relying party's own collateral wins over what the
+    evidence carries.
     """
 
     platform = PLATFORM
@@ -283,8 +266,15 @@ class SevSnpVerifier(Verifier):
         if vcek is None:
             raise EvidenceError(f"{PLATFORM} evidence lacks its {PART_VCEK!r} part (nor is it in collateral)")
         chain = extra.get(COLLATERAL_CERT_CHAIN, evidence.parts.get(COLLATERAL_CERT_CHAIN))
+        crl = extra.get(COLLATERAL_CRL, evidence.parts.get(COLLATERAL_CRL))
         verified = verify_report(
-            evidence.part(PART_REPORT), vcek, chain, now=now, roots=self._roots, product=self._product
+            evidence.part(PART_REPORT),
+            vcek,
+            chain,
+            now=now,
+            roots=self._roots,
+            product=self._product,
+            crl=crl,
         )
         report = verified.report
         if not hmac.compare_digest(report.report_data, report_data):
@@ -308,45 +298,6 @@ class SevSnpVerifier(Verifier):
         )
 
 
-@contextmanager
-def _zero_serial_tolerated() -> Iterator[None]:
-    """Silence only cryptography's warning about a non-positive serial number.
-
-    AMD KDS issues every VCEK with serial number 0, which RFC 5280 forbids;
-    cryptography (48 and later) warns when it parses one and may refuse it in a
-    future release (``_load_certificates`` then raises ``EvidenceError``). The
-    filter is scoped to this block and to that one message, so every other
-    warning still surfaces. ``catch_warnings`` swaps the process-wide filter
-    list, so a warning filter another thread installs meanwhile is undone.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore",
-            message=r"Parsed a serial number which wasn't positive",
-            category=CryptographyDeprecationWarning,
-        )
-        yield
-
-
-def _load_certificates(data: bytes, what: str) -> list[x509.Certificate]:
-    if not isinstance(data, bytes | bytearray):
-        raise EvidenceError(f"{what} must be bytes, not {type(data).__name__}")
-    if len(data) > MAX_CERT_INPUT_BYTES:
-        raise EvidenceError(f"{what} is {len(data)} bytes, over the {MAX_CERT_INPUT_BYTES}-byte limit")
-    data = bytes(data)
-    try:
-        with _zero_serial_tolerated():
-            if data.lstrip().startswith(b"-----BEGIN"):
-                certs = x509.load_pem_x509_certificates(data)
-            else:
-                certs = [x509.load_der_x509_certificate(data)]
-    except ValueError as exc:
-        raise EvidenceError(f"{what} does not parse as an X.509 certificate (DER or PEM): {exc}") from None
-    if len(certs) > MAX_CERTS:
-        raise EvidenceError(f"{what} holds {len(certs)} certificates, more than {MAX_CERTS}")
-    return certs
-
-
 def _verify_chain(
     leaf: x509.Certificate,
     candidates: list[x509.Certificate],
@@ -354,23 +305,23 @@ def _verify_chain(
     anchors: Mapping[str, Product | None],
     now: datetime,
     checks: list[str],
-) -> tuple[Product, str]:
-    """Check leaf <- ASK/ASVK <- ARK; return the product and the ARK fingerprint."""
+) -> tuple[Product, str, x509.Certificate, x509.Certificate]:
+    """Check leaf <- ASK/ASVK <- ARK; return the product, ARK fingerprint, ARK and ASK/ASVK."""
     leaf_cn = f"SEV-{kind.name}"
-    if _common_name(leaf) != leaf_cn:
+    if common_name(leaf) != leaf_cn:
         raise EvidenceError(
-            f"report KEY_INFO says {kind.name} but the certificate is {_common_name(leaf)!r}, not {leaf_cn!r}"
+            f"report KEY_INFO says {kind.name} but the certificate is {common_name(leaf)!r}, not {leaf_cn!r}"
         )
     middle = _issuer_of(leaf, candidates, "ASK" if kind is SigningKey.VCEK else "ASVK")
-    middle_cn = _common_name(middle)
+    middle_cn = common_name(middle)
     prefix = "SEV-" if kind is SigningKey.VCEK else "SEV-VLEK-"
     product = _product_named(middle_cn, prefix)
     ark = _issuer_of(middle, candidates, "ARK")
-    if ark.subject != ark.issuer or _common_name(ark) != f"ARK-{product.value}":
+    if ark.subject != ark.issuer or common_name(ark) != f"ARK-{product.value}":
         raise EvidenceError(
-            f"{middle_cn} is issued by {_common_name(ark)!r}, not the self-signed ARK-{product.value}"
+            f"{middle_cn} is issued by {common_name(ark)!r}, not the self-signed ARK-{product.value}"
         )
-    fingerprint = _sha256(ark)
+    fingerprint = sha256_fingerprint(ark)
     if fingerprint not in anchors:
         raise EvidenceError(f"ARK-{product.value} (sha256 {fingerprint}) is not a trusted AMD root")
     pinned = anchors[fingerprint]
@@ -383,7 +334,7 @@ def _verify_chain(
         (leaf, middle, kind.name),
     ):
         _check_pss_signature(cert, issuer, label)
-        checks.append(f"{label} signature (RSA-PSS SHA-384, salt 48) verified with {_common_name(issuer)}")
+        checks.append(f"{label} signature (RSA-PSS SHA-384, salt 48) verified with {common_name(issuer)}")
     for cert, label in ((ark, f"ARK-{product.value}"), (middle, middle_cn)):
         try:
             is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
@@ -397,13 +348,13 @@ def _verify_chain(
     key = leaf.public_key()
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP384R1):
         raise EvidenceError(f"{kind.name} public key is not an ECDSA P-384 key")
-    return product, fingerprint
+    return product, fingerprint, ark, middle
 
 
 def _issuer_of(cert: x509.Certificate, candidates: list[x509.Certificate], label: str) -> x509.Certificate:
     found = {c.public_bytes(serialization.Encoding.DER): c for c in candidates if c.subject == cert.issuer}
     if not found:
-        raise EvidenceError(f"certificate chain lacks the {label} that issued {_common_name(cert)!r}")
+        raise EvidenceError(f"certificate chain lacks the {label} that issued {common_name(cert)!r}")
     if len(found) > 1:
         raise EvidenceError(f"certificate chain holds {len(found)} different {label}s named {cert.issuer}")
     return next(iter(found.values()))
@@ -420,11 +371,11 @@ def _check_pss_signature(cert: x509.Certificate, issuer: x509.Certificate, label
         raise EvidenceError(f"{label} signature does not use SHA-384")
     key = issuer.public_key()
     if not isinstance(key, rsa.RSAPublicKey):
-        raise EvidenceError(f"{_common_name(issuer)} key is not RSA")
+        raise EvidenceError(f"{common_name(issuer)} key is not RSA")
     try:
         key.verify(cert.signature, cert.tbs_certificate_bytes, _PSS, hashes.SHA384())
     except InvalidSignature:
-        raise EvidenceError(f"{label} signature does not verify with {_common_name(issuer)}") from None
+        raise EvidenceError(f"{label} signature does not verify with {common_name(issuer)}") from None
 
 
 def _verify_report_signature(report: SnpReport, key: EndorsementKey) -> None:
@@ -442,43 +393,3 @@ def _product_named(common_name: str, prefix: str) -> Product:
         if common_name == prefix + product.value:
             return product
     raise EvidenceError(f"{common_name!r} is not an AMD {prefix}<Milan|Genoa|Turin> certificate")
-
-
-def _common_name(cert: x509.Certificate) -> str:
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return str(names[0].value) if len(names) == 1 else ""
-
-
-def _sha256(cert: x509.Certificate) -> str:
-    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
-
-
-def _extension(cert: x509.Certificate, oid: x509.ObjectIdentifier, what: str) -> bytes | None:
-    try:
-        value = cert.extensions.get_extension_for_oid(oid).value
-    except x509.ExtensionNotFound:
-        return None
-    except (ValueError, x509.DuplicateExtension) as exc:  # malformed or duplicated extensions
-        raise EvidenceError(f"{what} extensions do not parse: {exc}") from None
-    if not isinstance(value, x509.UnrecognizedExtension):
-        raise EvidenceError(f"{what} extension {oid.dotted_string} has an unexpected type")
-    return value.value
-
-
-def _der_small_int(value: bytes, what: str) -> int:
-    """A DER INTEGER of 0..255 (the TCB security patch levels)."""
-    if len(value) < 3 or value[0] != 0x02 or value[1] != len(value) - 2 or value[1] > 2:
-        raise EvidenceError(f"{what} is not a small DER INTEGER: {value.hex()}")
-    number = int.from_bytes(value[2:], "big", signed=True)
-    if not 0 <= number <= 0xFF:
-        raise EvidenceError(f"{what} is {number}, outside 0..255")
-    return number
-
-
-def _der_ia5(value: bytes, what: str) -> str:
-    if len(value) < 2 or value[0] != 0x16 or value[1] != len(value) - 2 or value[1] >= 0x80:
-        raise EvidenceError(f"{what} is not a short DER IA5String: {value.hex()}")
-    try:
-        return value[2:].decode("ascii")
-    except UnicodeDecodeError:
-        raise EvidenceError(f"{what} is not ASCII") from None

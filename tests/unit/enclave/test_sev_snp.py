@@ -27,14 +27,13 @@ from hypothesis import strategies as st
 from enclave.attestation.interface import Evidence
 from enclave.attestation.sev_snp import (
     ARK_SHA256,
-    EndorsementKey,
     SevSnpVerifier,
     VerifiedReport,
     check_chip_id,
     check_reported_tcb,
-    endorsement_key,
     verify_report,
 )
+from enclave.attestation.sev_snp_certs import EndorsementKey, endorsement_key
 from enclave.attestation.sev_snp_report import Product, SigningKey, TcbVersion, parse_report
 from enclave.errors import BindingError, EvidenceError
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,14 +22,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
-from enclave.attestation.sev_snp import (
-    OID_CSP_ID,
-    OID_HWID,
-    OID_PRODUCT_NAME,
-    TCB_OIDS,
-    VerifiedReport,
-    verify_report,
-)
+from enclave.attestation.sev_snp import VerifiedReport, verify_report
+from enclave.attestation.sev_snp_certs import OID_CSP_ID, OID_HWID, OID_PRODUCT_NAME, TCB_OIDS
 from enclave.attestation.sev_snp_report import Product, SigningKey
 from enclave.errors import EvidenceError
 
@@ -73,7 +68,7 @@ def _cert(
         .subject_name(_name(cn))
         .issuer_name(_name(issuer_cn))
         .public_key(public_key)
-        .serial_number(1)
+        .serial_number(_serial(cn))
         .not_valid_before(valid[0])
         .not_valid_after(valid[1])
     )
@@ -82,6 +77,11 @@ def _cert(
     for oid, value in extensions:
         builder = builder.add_extension(x509.UnrecognizedExtension(oid, value), critical=False)
     return builder.sign(signer, hashes.SHA384(), rsa_padding=rsa_padding)
+
+
+def _serial(cn: str) -> int:
+    """A distinct serial per certificate name, so a CRL entry names exactly one of them."""
+    return int.from_bytes(hashlib.sha256(cn.encode()).digest()[:8], "big") >> 1
 
 
 def _der_int(n: int) -> bytes:
