@@ -163,7 +163,8 @@ MISUSE = [
     ("tpm-with-evidence", ["--platform", "tpm", "quote.bin", *TPM_FILES], "does not take EVIDENCE"),
     ("tdx-with-tpm-options", ["--platform", "tdx", TDX_QUOTE, "--quote", "q.bin"], "does not take --quote"),
     ("sgx-with-certs", ["--platform", "sgx", TDX_QUOTE, "--certs", "c.pem"], "does not take --certs"),
-    ("sev-snp-with-collateral", ["--platform", "sev-snp", "r.bin", "--collateral", "c.json"], "--collateral"),
+    ("sev-snp-with-pccs", ["--platform", "sev-snp", "r.bin", "--pccs"], "does not take --pccs"),
+    ("tdx-with-amd-kds", ["--platform", "tdx", TDX_QUOTE, "--amd-kds"], "does not take --amd-kds"),
     ("sev-snp-with-nonce", ["--platform", "sev-snp", "r.bin", "--nonce", "00"], "does not take --nonce"),
     (
         "unknown-collateral-name",

@@ -85,5 +85,5 @@ def test_enclave_serve_refuses_a_misplaced_or_bad_kds_url(
     ca.write_bytes(CertAuthority("custodian test CA").pem)
     argv = ["serve", "--custodian", "127.0.0.1:1", "--custodian-ca", str(ca), "--deployment", "d"]
     argv += ["--token", "t", "--listen", "127.0.0.1:0", "--platform", platform, "--amd-kds", url]
-    assert main(argv) == 1
+    assert main(argv) == 2
     assert message in capsys.readouterr().err
