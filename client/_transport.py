@@ -16,6 +16,8 @@ from client.errors import (
 )
 from enclave import identity
 
+_ZEROIZED = "zeroized its model and keys after a suspension or a long custodian outage"
+
 
 def fetch_certificate(address: str, *, timeout: float) -> bytes:
     """The enclave's TLS certificate (PEM), read from a handshake without verifying it.
@@ -30,18 +32,24 @@ def fetch_certificate(address: str, *, timeout: float) -> bytes:
     context.verify_mode = ssl.CERT_NONE  # the certificate is appraised, then pinned
     context.set_alpn_protocols(["h2"])
     try:
-        with (
-            socket.create_connection((host, port), timeout=timeout) as raw,
-            context.wrap_socket(raw, server_hostname=identity.ENCLAVE_TLS_NAME) as tls,
-        ):
-            der = tls.getpeercert(binary_form=True)
-    except ssl.SSLError as exc:
-        raise EnclaveUnavailableError(f"TLS handshake with the enclave at {address} failed: {exc}") from exc
+        raw = socket.create_connection((host, port), timeout=timeout)
     except ConnectionRefusedError as exc:
         raise EnclaveNotListeningError(
             f"nothing is listening at {address} (connection refused): the enclave is stopped, or it "
-            "zeroized its model and keys after a suspension or a long custodian outage and closed its "
-            "port; try again once it has enrolled again"
+            f"{_ZEROIZED}; try again once it has enrolled again"
+        ) from exc
+    except OSError as exc:
+        raise EnclaveUnavailableError(f"cannot reach enclave at {address}: {exc}") from exc
+    try:
+        with raw, context.wrap_socket(raw, server_hostname=identity.ENCLAVE_TLS_NAME) as tls:
+            der = tls.getpeercert(binary_form=True)
+    except ssl.SSLError as exc:
+        raise EnclaveUnavailableError(f"TLS handshake with the enclave at {address} failed: {exc}") from exc
+    except (ConnectionResetError, TimeoutError) as exc:
+        what = "closed the connection" if isinstance(exc, ConnectionResetError) else "did not answer"
+        raise EnclaveNotListeningError(
+            f"the enclave at {address} {what} before its TLS handshake: it is starting or stopping, "
+            f"or it {_ZEROIZED} and is enrolling again; try again once it has enrolled again"
         ) from exc
     except OSError as exc:
         raise EnclaveUnavailableError(f"cannot reach enclave at {address}: {exc}") from exc

@@ -27,6 +27,7 @@ from custodian.admin_access import DEFAULT_ADMIN_CERT_DAYS, MAX_ADMIN_CERT_DAYS
 from custodian.console import Console, RemoteAdmin
 from custodian.data_dir import write_private
 from custodian.errors import ConsoleError
+from custodian.output_file import write_replacing
 from enclave.identity import private_key_pem
 
 _REMOTE = (
@@ -158,7 +159,7 @@ def _admin_cert(args: argparse.Namespace) -> None:
     except BaseException:
         key_path.unlink(missing_ok=True)
         raise
-    _replace(ca_path, issued.custodian_ca)
+    write_replacing(ca_path, issued.custodian_ca)  # another administrator's files may hold it
     files = {"key": str(key_path), "certificate": str(cert_path), "custodian_ca": str(ca_path)}
     emit(
         args,
@@ -180,14 +181,6 @@ def _write_new(path: Path, data: bytes) -> None:
         raise ConsoleError(f"{path} exists; remove it or choose another --out") from None
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
-
-
-def _replace(path: Path, data: bytes) -> None:
-    """Write ``path`` whole or not at all (the CA may be there from another administrator's files)."""
-    partial = path.with_name(path.name + ".partial")
-    partial.unlink(missing_ok=True)
-    _write_new(partial, data)
-    partial.replace(path)
 
 
 def _read(path: str) -> bytes:

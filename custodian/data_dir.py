@@ -6,8 +6,10 @@ the custodian use their key (a pre-created all-zero ``kek`` lets its creator
 decrypt every model sealed afterwards), so before using the directory the
 custodian checks, like ssh with ``~/.ssh`` and Vault with its plugin directory:
 
-- the directory and ``models/`` belong to the custodian's user and are open to
-  no one else (0700), and are real directories, not symbolic links;
+- the directory, ``models/`` and ``collateral/`` belong to the custodian's user
+  and are open to no one else (0700), and are real directories, not symbolic
+  links (the documents under ``collateral/`` are signed by their vendor and
+  checked at every use, so they are not checked here file by file);
 - every file in them belongs to that user, is a regular file (not a link) and
   is not writable by group or others; what an older version left readable
   (certificates and the ledger at 0644) is tightened to 0600;
@@ -30,6 +32,9 @@ PRIVATE_FILE = 0o600
 PRIVATE_DIRECTORY = 0o700
 # Subdirectories the custodian itself makes; any other directory in the data directory is refused.
 SUBDIRECTORIES = ("models",)
+# Subdirectories of vendor-signed documents (the collateral caches): checked as directories, their
+# contents not file by file, since every document is checked against its vendor's pinned root at use.
+SIGNED_SUBDIRECTORIES = ("collateral",)
 
 
 def prepare(data: Path, *, uid: int | None = None) -> None:
@@ -42,9 +47,15 @@ def prepare(data: Path, *, uid: int | None = None) -> None:
         if not sub.is_symlink():
             sub.mkdir(mode=PRIVATE_DIRECTORY, exist_ok=True)
         _check_directory(sub, owner, follow=False)
+    for name in SIGNED_SUBDIRECTORIES:
+        sub = data / name
+        if not sub.is_symlink():
+            sub.mkdir(mode=PRIVATE_DIRECTORY, exist_ok=True)
+        _check_directory(sub, owner, follow=False)
+    skipped = {*SUBDIRECTORIES, *SIGNED_SUBDIRECTORIES}
     for directory in (data, *(data / name for name in SUBDIRECTORIES)):
         with os.scandir(directory) as entries:
-            paths = [Path(e.path) for e in entries if not (directory == data and e.name in SUBDIRECTORIES)]
+            paths = [Path(e.path) for e in entries if not (directory == data and e.name in skipped)]
         for path in paths:
             _check_file(path, owner)
 

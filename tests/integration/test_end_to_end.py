@@ -185,7 +185,14 @@ def test_query_cli_says_what_happened_to_an_enclave_zeroized_by_a_suspension(
     poll(lambda: enclave.metric("custos_enclave_zeroizations_total", reason="suspended") == 1, deadline=60)
     assert query_main(argv) == 1
     (line,) = capsys.readouterr().err.splitlines()
-    assert line.startswith(f"custos-query: nothing is listening at {enclave.address} (connection refused)")
+    # Refused between its attempts to enrol again; reset or unanswered while an attempt holds the port.
+    assert line.startswith(
+        (
+            f"custos-query: nothing is listening at {enclave.address} (connection refused)",
+            f"custos-query: the enclave at {enclave.address} closed the connection before its TLS",
+            f"custos-query: the enclave at {enclave.address} did not answer before its TLS",
+        )
+    ), line
     assert "zeroized its model and keys after a suspension" in line
     system.custodian.console("resume", name)
     assert poll(lambda: query_main(argv) == 0, deadline=90, interval=0.5)

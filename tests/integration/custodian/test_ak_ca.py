@@ -15,7 +15,7 @@ from cryptography import x509
 from custodian.authority import CertificateAuthority
 from enclave.attestation import ReferenceValues, measurement
 from protos import custos_pb2 as pb
-from tests.integration.custodian.harness import Running, running
+from tests.integration.custodian.harness import Running, onnx_model, running
 from tests.unit.custodian.fake_enclave import ca_der
 
 
@@ -33,7 +33,7 @@ def _tpm_manifest(custodian_ca_pem: bytes) -> str:
 async def _end_user_ak_roots(r: Running, name: str) -> str:
     async def upload() -> AsyncIterator[pb.ModelUpload]:
         yield pb.ModelUpload(name=f"{name}-model")
-        yield pb.ModelUpload(data=b"\0" * 3000)
+        yield pb.ModelUpload(data=onnx_model(3000))
 
     await r.admin.AddModel(upload())
     await r.admin.CreateDeployment(

@@ -19,7 +19,7 @@ import pytest
 from custodian.cli import main
 from enclave.attestation import Evidence, ReferenceValues
 from protos import custos_pb2 as pb
-from tests.integration.custodian.harness import Running, running
+from tests.integration.custodian.harness import Running, onnx_model, running
 from tests.unit.collateral.fake_kds import (
     GOSEV_CHIP_ID,
     GOSEV_REPORT,
@@ -40,7 +40,7 @@ def kds() -> Iterator[FakeKds]:
 async def _lend_sev_snp(r: Running) -> str:
     async def upload() -> Any:
         yield pb.ModelUpload(name="m")
-        yield pb.ModelUpload(data=b"model bytes")
+        yield pb.ModelUpload(data=onnx_model(3000))
 
     await r.admin.AddModel(upload())
     manifest = ReferenceValues(

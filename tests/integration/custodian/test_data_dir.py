@@ -130,3 +130,14 @@ def test_certificates_and_ledger_an_older_version_left_0644_are_tightened(tmp_pa
     _start(data)
     for name in ("custodian-ca.pem", "ledger.sqlite3"):
         assert stat.S_IMODE((data / name).stat().st_mode) == 0o600
+
+
+def test_the_collateral_cache_survives_a_restart_and_must_be_private(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    _start(data)
+    assert (data / "collateral" / "intel").is_dir()
+    (data / "collateral" / "intel" / "tdx-qe-identity.json").write_bytes(b"{}")
+    _start(data)  # the cache directory the first start made is the custodian's own
+    (data / "collateral").chmod(0o777)
+    with pytest.raises(ConfigError, match=r"collateral is mode 0777, open to other users"):
+        _start(data)

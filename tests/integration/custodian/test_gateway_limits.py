@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ import pytest
 
 from custodian.gateway import FETCH_BURST, MAX_STREAMS_PER_INSTANCE
 from protos import custos_pb2 as pb
-from tests.integration.custodian.harness import running
+from tests.integration.custodian.harness import onnx_model, running
 
 
 def _counted(r: Any, name: str, **labels: str) -> float:
@@ -23,7 +22,7 @@ def _counted(r: Any, name: str, **labels: str) -> float:
 def test_fetch_model_is_rate_limited_per_instance(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with running(tmp_path) as r:
-            token = await r.lend("d", model=os.urandom(10_000))
+            token = await r.lend("d", model=onnx_model(10_000))
             _, _, gateway = await r.enrol("d", token)
             _, _, other = await r.enrol("d", token)
             for _ in range(FETCH_BURST):

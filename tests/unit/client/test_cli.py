@@ -235,7 +235,17 @@ def test_help_documents_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> No
 
 def test_help_describes_every_argument_with_its_default_and_range() -> None:
     described = {action.dest: action.help or "" for action in _parser()._actions if action.dest != "help"}
-    assert set(described) == {"enclave", "manifest", "input", "top", "timeout", "json", "verbose", "pccs", "amd_kds"}
+    assert set(described) == {
+        "enclave",
+        "manifest",
+        "input",
+        "top",
+        "timeout",
+        "json",
+        "verbose",
+        "pccs",
+        "amd_kds",
+    }
     for dest, text in described.items():
         assert "default" in text or dest == "input", dest
     assert "PNG or JPEG file of 1 byte to 8 MiB" in described["input"]
