@@ -32,7 +32,7 @@ from client.errors import ClientError, VerificationRefusedError
 from enclave.attestation import ReferenceValues
 from enclave.attestation.manifest import UNMEASURED_OS_WARNING
 from enclave.attestation.sim import SIMULATION_WARNING
-from enclave.collateral._http import check_base_url
+from enclave.collateral._http import service_url_argument
 from enclave.collateral.amd_kds import DEFAULT_KDS_URL
 from enclave.collateral.cache import CollateralCache
 from enclave.collateral.intel import IntelCollateral
@@ -77,16 +77,6 @@ def _address(text: str) -> str:
     except ClientError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
-
-
-def kds_url(text: str) -> str | None:
-    """``--amd-kds``: an http(s) base URL, or ``off`` (None)."""
-    if text == "off":
-        return None
-    try:
-        return check_base_url(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _seconds(text: str) -> float:
@@ -158,7 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--amd-kds",
         metavar="URL|off",
-        type=kds_url,
+        type=service_url_argument,
         default=os.environ.get("CUSTOS_AMD_KDS") or DEFAULT_KDS_URL,
         help="sev-snp: fetch AMD's CRL (and the certificates the evidence lacks) from this KDS; 'off' uses"
         " only what the evidence carries (default: $CUSTOS_AMD_KDS, else %(default)s)",

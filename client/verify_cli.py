@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from client.api import load_manifest
-from client.cli import kds_url
 from client.errors import ClientError
 from client.evidence import (
     EvidenceReport,
@@ -30,7 +29,7 @@ from client.evidence import (
 )
 from enclave.attestation.dcap import COLLATERAL_NAMES
 from enclave.attestation.dcap_quote import decode_quote_text
-from enclave.collateral._http import CollateralServiceError
+from enclave.collateral._http import CollateralServiceError, service_url_argument
 from enclave.collateral.amd_kds import DEFAULT_KDS_URL, AmdKds
 from enclave.collateral.cache import CollateralCache
 from enclave.collateral.intel import CollateralUnavailableError, IntelCollateral
@@ -150,7 +149,7 @@ def _parser() -> argparse.ArgumentParser:
         "--amd-kds",
         metavar="URL",
         nargs="?",
-        type=kds_url,
+        type=service_url_argument,
         const=DEFAULT_KDS_URL,
         help="sev-snp: fetch the CRL, and the certificates not given, from this AMD KDS"
         f" (without URL: {DEFAULT_KDS_URL}; default: none)",

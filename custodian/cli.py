@@ -46,7 +46,7 @@ from custodian.config import (
 from custodian.console import Console
 from custodian.errors import CustodianError
 from custodian.server import CustodianServer
-from enclave.collateral._http import check_base_url
+from enclave.collateral._http import service_url_argument
 from enclave.collateral.amd_kds import DEFAULT_KDS_URL
 from enclave.collateral.intel_pcs import INTEL_PCS_URL, pccs_argument
 from enclave.errors import EnclaveError
@@ -54,16 +54,6 @@ from enclave.errors import EnclaveError
 logger = logging.getLogger("custodian")
 
 DEFAULT_DATA = "custodian-data"
-
-
-def _kds(text: str) -> str | None:
-    """``--amd-kds``: an http(s) base URL, or ``off`` (None)."""
-    if text == "off":
-        return None
-    try:
-        return check_base_url(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _global_options(parser: argparse.ArgumentParser, *, here: bool) -> None:
@@ -162,7 +152,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--amd-kds",
         metavar="URL|off",
-        type=_kds,
+        type=service_url_argument,
         default=os.environ.get("CUSTODIAN_AMD_KDS") or DEFAULT_KDS_URL,
         help="AMD KDS for SEV-SNP enrolments: the VCEK and chain a report lacks, and the CRL, cached"
         " under DATA/collateral/amd; 'off' uses only what the evidence carries"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import logging
 import random
@@ -60,6 +61,16 @@ def check_base_url(base: str) -> str:
     if parsed.query or parsed.fragment:
         raise ValueError(f"a service base URL takes no query or fragment: {base[:200]!r}")
     return base.rstrip("/")
+
+
+def service_url_argument(text: str) -> str | None:
+    """The value of a service flag (``--pccs``, ``--amd-kds``): a base URL, or ``off`` (None: none)."""
+    if text == "off":
+        return None
+    try:
+        return check_base_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def get(

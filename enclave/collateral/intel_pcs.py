@@ -18,7 +18,6 @@ verifying, which documents a quote needs (TDX or SGX, FMSPC, which PCK CA).
 
 from __future__ import annotations
 
-import argparse
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,14 +51,8 @@ __all__ = [
 ]
 
 
-def pccs_argument(text: str) -> str | None:
-    """The value of a ``--pccs`` flag: a PCS or PCCS base URL, or ``off`` (None: fetch nothing)."""
-    if text == "off":
-        return None
-    try:
-        return _http.check_base_url(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"--pccs: {exc}") from None
+# The value of a ``--pccs`` flag: a PCS or PCCS base URL, or ``off`` (None: fetch nothing).
+pccs_argument = _http.service_url_argument
 
 
 @dataclass(frozen=True)
