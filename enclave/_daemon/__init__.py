@@ -13,5 +13,7 @@ Shape, from the bottom up: ``config`` (one frozen dataclass of bounds),
 session: lease, usage reports signed as receipts, control stream);
 ``inference`` (the gRPC servicer) with ``status`` (errors to gRPC codes, in one
 place) and ``metrics``; ``daemon`` ties them together (and zeroizes and enrols
-again when the lease cannot be renewed) and ``cli`` parses flags.
+again when the lease cannot be renewed) and ``cli`` parses flags, with the
+platform flags in ``tpm_flags`` and ``tee_flags`` and the ``ENCLAVE_*``
+defaults in ``env_flags``.
 """
