@@ -33,60 +33,26 @@ from PIL import Image
 from enclave._daemon.boot_chain import components_text
 from enclave._daemon.config import DaemonConfig, custodian_ca_der
 from enclave._daemon.daemon import Daemon, Ready
+from enclave._daemon.env_flags import env_flag
 from enclave._daemon.errors import ConfigError, UsageError
 from enclave._daemon.hardening import protect_process
 from enclave._daemon.measured import (
     ATTESTER_PLATFORMS,
-    DEFAULT_QUOTE_PCRS,
     SGX_PLATFORM,
     TPM_PLATFORM,
     TSM_PLATFORMS,
-    TeeOptions,
     attester_factory,
     parse_assignments,
     reference_values,
 )
-from enclave._daemon.tpm_flags import add_manifest_tpm_flags, boot_chain_of, tpm_manifest_inputs
-from enclave._daemon.tpm_flags import tpm_options as _tpm_options
+from enclave._daemon.tee_flags import add_tee_flags, tee_options
+from enclave._daemon.tpm_flags import add_tpm_flags, boot_chain_of, tpm_manifest_inputs, tpm_options
 from enclave.attestation import ReferenceValues
 from enclave.attestation.manifest import UNMEASURED_OS_WARNING
 from enclave.attestation.sim import SIMULATION_WARNING
-from enclave.attestation.tpm import DEFAULT_APP_PCR
-from enclave.collateral._http import check_base_url
-from enclave.collateral.amd_kds import DEFAULT_KDS_URL
-from enclave.collateral.intel_pcs import INTEL_PCS_URL, pccs_argument
 from enclave.errors import EnclaveError
 
 logger = logging.getLogger("enclave")
-
-_ENV = {
-    "custodian": "ENCLAVE_CUSTODIAN",
-    "custodian_ca": "ENCLAVE_CUSTODIAN_CA",
-    "deployment": "ENCLAVE_DEPLOYMENT",
-    "token": "ENCLAVE_TOKEN",
-    "listen": "ENCLAVE_LISTEN",
-    "platform": "ENCLAVE_PLATFORM",
-    "metrics": "ENCLAVE_METRICS",
-    "ready_file": "ENCLAVE_READY_FILE",
-    "tpm": "ENCLAVE_TPM",
-    "pccs": "ENCLAVE_PCCS",
-}
-_TPM_KEY_TYPES = ("rsa", "ecc")
-
-
-def _env_flag(parser: argparse._ActionsContainer, flag: str, *, required: bool, **kwargs: object) -> None:
-    """A flag that defaults from its environment variable, required only when that is unset too."""
-    dest = flag.lstrip("-").replace("-", "_")
-    env = _ENV[dest]
-    default = os.environ.get(env) or kwargs.pop("default", None)
-    help_text = f"{kwargs.pop('help')} (env {env})"
-    parser.add_argument(
-        flag,
-        default=default,
-        required=required and default is None,
-        help=help_text,
-        **kwargs,  # type: ignore[arg-type]
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write the manifest (reference values, TOML) that the custodian approves for a "
         "deployment and that end users check this enclave against.",
     )
-    _env_flag(
+    env_flag(
         manifest,
         "--platform",
         required=False,
@@ -120,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=ATTESTER_PLATFORMS,
         help="attestation platform",
     )
-    _env_flag(
+    env_flag(
         manifest,
         "--custodian-ca",
         required=True,
@@ -128,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="custodian TLS CA certificate (PEM) the enclave will pin",
     )
     manifest.add_argument("--out", required=True, metavar="FILE", help="where to write the manifest")
-    _tpm_flags(manifest, serve=False)
+    add_tpm_flags(manifest, serve=False)
     manifest.set_defaults(usage=manifest.format_usage)
     manifest.add_argument(
         "--register",
@@ -147,19 +113,19 @@ def build_parser() -> argparse.ArgumentParser:
         "attested TLS, reserving one unit of quota per inference. SIGTERM or SIGINT stops taking calls "
         "and sends the final usage report.",
     )
-    _env_flag(
+    env_flag(
         serve, "--custodian", required=True, metavar="HOST:PORT", help="the custodian's enrolment listener"
     )
-    _env_flag(
+    env_flag(
         serve,
         "--custodian-ca",
         required=True,
         metavar="FILE",
         help="custodian TLS CA certificate (PEM), pinned and measured",
     )
-    _env_flag(serve, "--deployment", required=True, metavar="NAME", help="deployment to serve")
-    _env_flag(serve, "--token", required=True, metavar="TOKEN", help="the deployment's join token")
-    _env_flag(
+    env_flag(serve, "--deployment", required=True, metavar="NAME", help="deployment to serve")
+    env_flag(serve, "--token", required=True, metavar="TOKEN", help="the deployment's join token")
+    env_flag(
         serve,
         "--listen",
         required=True,
@@ -167,21 +133,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="inference endpoint, bound before enrolling; port 0 to 65535, 0 picks a free one; "
         "a port in use is an error",
     )
-    _env_flag(
+    env_flag(
         serve,
         "--platform",
         required=True,
         choices=ATTESTER_PLATFORMS,
         help="attestation platform, required (sim is for development only: it proves nothing)",
     )
-    _env_flag(
+    env_flag(
         serve,
         "--metrics",
         required=False,
         metavar="HOST:PORT",
         help="Prometheus metrics endpoint (default: none)",
     )
-    _env_flag(
+    env_flag(
         serve,
         "--ready-file",
         required=False,
@@ -189,105 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="written (atomically, JSON) once serving: bound addresses, instance id, model hash; "
         "removed on exit (default: none)",
     )
-    _tpm_flags(serve, serve=True)
+    add_tpm_flags(serve, serve=True)
     serve.set_defaults(usage=serve.format_usage)
-    tee = serve.add_argument_group("platforms tdx, sev-snp, sgx")
-    tee.add_argument(
-        "--tsm-report",
-        type=Path,
-        metavar="DIR",
-        help="tdx, sev-snp: the configfs-tsm report directory (default /sys/kernel/config/tsm/report)",
-    )
-    tee.add_argument(
-        "--tsm-entry",
-        type=Path,
-        metavar="DIR",
-        help="tdx, sev-snp: use this configfs-tsm report entry as it is instead of making one",
-    )
-    tee.add_argument(
-        "--amd-kds",
-        metavar="URL",
-        default=os.environ.get("ENCLAVE_AMD_KDS") or None,
-        help="sev-snp: the AMD KDS to fetch the VCEK and chain from when the report carries no"
-        " certificates, and the CRL; 'off' attaches nothing"
-        f" (env ENCLAVE_AMD_KDS; default {DEFAULT_KDS_URL})",
-    )
-    tee.add_argument(
-        "--gramine-root",
-        type=Path,
-        metavar="DIR",
-        help="sgx: Gramine's attestation interface (default /dev/attestation)",
-    )
-    _env_flag(
-        tee,
-        "--pccs",
-        required=False,
-        default=INTEL_PCS_URL,
-        type=pccs_argument,
-        metavar="URL|off",
-        help="tdx, sgx: the Intel PCS or a PCCS whose collateral the evidence carries (default Intel's)",
-    )
+    add_tee_flags(serve)
     return parser
-
-
-def _tee_options(args: argparse.Namespace) -> TeeOptions | None:
-    given = args.tsm_report or args.tsm_entry or args.gramine_root
-    if args.platform in TSM_PLATFORMS:
-        if args.gramine_root:
-            raise UsageError("--gramine-root is for --platform sgx")
-    elif args.platform == SGX_PLATFORM:
-        if args.tsm_report or args.tsm_entry:
-            raise UsageError("--tsm-report and --tsm-entry are for --platform tdx or sev-snp")
-    elif given:
-        raise UsageError("--tsm-report, --tsm-entry and --gramine-root are for tdx, sev-snp and sgx")
-    if args.amd_kds is not None and args.platform != "sev-snp":
-        raise UsageError("--amd-kds is for --platform sev-snp")
-    return TeeOptions(
-        tsm_report=args.tsm_report,
-        tsm_entry=args.tsm_entry,
-        gramine_root=args.gramine_root,
-        pccs_url=args.pccs,
-        amd_kds=_kds_url(args.amd_kds) if args.platform == "sev-snp" else None,
-    )
-
-
-def _kds_url(url: str | None) -> str | None:
-    if url == "off":
-        return None
-    try:
-        return check_base_url(url or DEFAULT_KDS_URL)
-    except ValueError as exc:
-        raise UsageError(f"--amd-kds: {exc}") from None
-
-
-def _tpm_flags(parser: argparse.ArgumentParser, *, serve: bool) -> None:
-    group = parser.add_argument_group("platform tpm")
-    _env_flag(
-        group,
-        "--tpm",
-        required=False,
-        metavar="TCTI",
-        help="the TPM, as a TCTI string: device:/dev/tpmrm0, swtpm:host=127.0.0.1,port=2321, mssim:...",
-    )
-    group.add_argument(
-        "--tpm-pcr",
-        type=int,
-        default=DEFAULT_APP_PCR,
-        metavar="N",
-        help=f"application PCR the measurement log is extended into, 0 to 23 (default {DEFAULT_APP_PCR})",
-    )
-    if serve:
-        group.add_argument(
-            "--tpm-key", choices=_TPM_KEY_TYPES, default="rsa", help="EK and AK key type (default rsa)"
-        )
-    group.add_argument(
-        "--tpm-quote-pcrs",
-        metavar="LIST",
-        help=f"boot PCRs quoted besides the application PCR (default {DEFAULT_QUOTE_PCRS}: the classic "
-        "and the UKI boot chains up to the OS)",
-    )
-    if not serve:
-        add_manifest_tpm_flags(group)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -328,7 +199,7 @@ def _manifest(args: argparse.Namespace) -> int:
     if args.platform == TPM_PLATFORM:
         registers, ek_roots = tpm_manifest_inputs(args)
     else:
-        _tpm_options(args, serve=False)
+        tpm_options(args, serve=False)
     if args.register and args.platform not in (*TSM_PLATFORMS, SGX_PLATFORM):
         raise UsageError("--register is for --platform tdx, sev-snp or sgx")
     if args.platform in (*TSM_PLATFORMS, SGX_PLATFORM):
@@ -387,9 +258,7 @@ def _serve(args: argparse.Namespace) -> int:
         metrics_listen=args.metrics,
         ready_file=Path(args.ready_file) if args.ready_file else None,
     )
-    new_attester = attester_factory(
-        config.platform, tpm=_tpm_options(args, serve=True), tee=_tee_options(args)
-    )
+    new_attester = attester_factory(config.platform, tpm=tpm_options(args, serve=True), tee=tee_options(args))
     attester = new_attester()
     if attester.simulated:
         print(f"WARNING: SIMULATION. {SIMULATION_WARNING}", file=sys.stderr, flush=True)

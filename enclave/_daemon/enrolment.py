@@ -36,9 +36,10 @@ from enclave._daemon.errors import (
     DeploymentSuspendedError,
     EnrolmentRefusedError,
     ProtocolError,
+    TpmDeviceError,
 )
 from enclave._daemon.measured import MeasuredIdentity
-from enclave._daemon.tpm_device import TpmAttester, TpmDeviceError
+from enclave._daemon.tpm_device import TpmAttester
 from enclave.errors import EvidenceError
 from enclave.identity import ENCLAVE_TLS_NAME, private_key_pem, public_key_der
 from protos import custos_pb2, custos_pb2_grpc

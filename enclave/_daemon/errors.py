@@ -21,6 +21,10 @@ class ListenError(ConfigError):
     """A listener could not be bound (the address is in use, or not this host's)."""
 
 
+class TpmDeviceError(DaemonError):
+    """The TPM could not be opened or refused a command; the message names the step."""
+
+
 class InvalidInputError(DaemonError):
     """An inference input was refused before it used any quota. The message says why."""
 

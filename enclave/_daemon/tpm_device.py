@@ -1,9 +1,9 @@
 """The TPM 2.0 attester: quotes over an application PCR, and credential activation for enrolment.
 
-The only module that talks to a TPM. It goes through tpm2-pytss (ESAPI over a
-TCTI: ``device:/dev/tpmrm0``, ``swtpm:host=127.0.0.1,port=2321``,
-``mssim:...``), imported when a :class:`TpmAttester` is opened, so the daemon
-runs without libtss2 unless ``--platform tpm`` is chosen.
+It reaches the TPM through a :class:`~enclave._daemon.tpm_connection.TpmConnection`
+(tpm2-pytss, imported when a :class:`TpmAttester` is opened, and the handle
+hygiene that needs no resource manager); these two modules are the only ones
+that talk to a TPM.
 
 What it does with the TPM:
 
@@ -30,34 +30,27 @@ What it does with the TPM:
 * ``activate_credential``: ``TPM2_ActivateCredential`` with the EK authorised
   by ``PolicySecret(TPM_RH_ENDORSEMENT)``.
 
-No resource manager is assumed: keys are context-saved once created, and each
-operation loads what it needs and flushes every transient handle (keys and
-sessions) in a ``finally``, so at most two object slots are used at a time. A
-key whose saved context no longer loads (the TPM was reset) is re-created
-from its template and must come out identical. Calls are serialised by a lock.
+Calls are serialised by a lock.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import re
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
-from types import ModuleType
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from enclave._daemon.errors import DaemonError
+from enclave._daemon.errors import TpmDeviceError
+from enclave._daemon.tpm_connection import TpmConnection
 from enclave.attestation.claims import canonical_json
 from enclave.attestation.interface import REPORT_DATA_SIZE, Attester, Evidence
 from enclave.attestation.tpm import DEFAULT_APP_PCR, PLATFORM, qualifying_data, verify_quote
 from enclave.attestation.tpm_ak import load_ak, load_certificates
 from enclave.attestation.tpm_credential import object_name
-from enclave.attestation.tpm_structures import DIGEST_SIZES, HASH_IDS, parse_public
+from enclave.attestation.tpm_structures import DIGEST_SIZES, HASH_IDS
 from enclave.errors import EvidenceError
 
 logger = logging.getLogger(__name__)
@@ -74,14 +67,7 @@ _EK_TEMPLATES = {"rsa": "EK-RSA2048", "ecc": "EK-ECC256"}
 _AK_TEMPLATES = {"rsa": "rsa2048:rsassa-sha256:null", "ecc": "ecc256:ecdsa-sha256:null"}
 _EXTEND_BANKS = ("sha1", "sha256", "sha384", "sha512")
 _QUOTE_ATTEMPTS = 3
-_NV_INDEX_FIRST = 0x01000000
-_NV_INDEX_LAST = 0x01FFFFFF
-_DEFAULT_NV_BUFFER = 512
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
-
-
-class TpmDeviceError(DaemonError):
-    """The TPM could not be opened or refused a command; the message names the step."""
 
 
 def parse_pcr_list(text: str) -> tuple[int, ...]:
@@ -96,26 +82,6 @@ def parse_pcr_list(text: str) -> tuple[int, ...]:
             raise ValueError(f"PCR range {part!r} is not within 0-{MAX_PCR}")
         pcrs.update(range(first, last + 1))
     return tuple(sorted(pcrs))
-
-
-def _load_tss() -> tuple[ModuleType, ModuleType]:
-    """tpm2-pytss and its utils, imported on first use (they need the libtss2 shared libraries)."""
-    try:
-        return importlib.import_module("tpm2_pytss"), importlib.import_module("tpm2_pytss.utils")
-    except ImportError as exc:
-        raise TpmDeviceError(
-            f"the tpm platform needs tpm2-pytss and the libtss2 libraries (pip install tpm2-pytss): {exc}"
-        ) from exc
-
-
-@dataclass
-class _Key:
-    """A primary key the attester re-loads for each operation."""
-
-    label: str
-    template: Any  # TPM2B_PUBLIC
-    public: bytes  # TPMT_PUBLIC, as created
-    context: Any  # TPMS_CONTEXT from TPM2_ContextSave
 
 
 class TpmAttester(Attester):
@@ -152,26 +118,25 @@ class TpmAttester(Attester):
         self.app_pcr = app_pcr
         self.quote_pcrs = tuple(sorted({app_pcr, *quote_pcrs}))
         self.key_type = key_type
-        self._tss, self._utils = _load_tss()
         self._lock = threading.Lock()
         self._log_started = False
         self._log_start: bytes | None = None  # the PCR's value before this attester's first extend
         self._ak_certificate: dict[str, bytes] = {}
-        self._esys = self._open(tcti)
+        self._tpm = tpm = TpmConnection(tcti)
         try:
-            self._esys.startup(self._tss.TPM2_SU.CLEAR)  # ESAPI reports "already started" as success
+            tpm.esys.startup(tpm.tss.TPM2_SU.CLEAR)  # ESAPI reports "already started" as success
             if endorsement_auth:
-                self._esys.tr_set_auth(self._tss.ESYS_TR.ENDORSEMENT, endorsement_auth)
+                tpm.esys.tr_set_auth(tpm.tss.ESYS_TR.ENDORSEMENT, endorsement_auth)
             self._banks = self._allocated_banks()
             self.log_bank = self._pick_log_bank()
             self.ek_certificate, ek_template = self._ek_template()
-            self._ek = self._create_primary("EK", ek_template)
-            self._ak = self._create_primary("AK", self._ak_template())
-        except self._tss.TSS2_Exception as exc:
-            self._esys.close()
+            self._ek = tpm.create_primary("EK", ek_template)
+            self._ak = tpm.create_primary("AK", self._ak_template())
+        except tpm.tss.TSS2_Exception as exc:
+            tpm.close()
             raise TpmDeviceError(f"setting up the TPM over {tcti!r} failed: {exc}") from exc
         except BaseException:
-            self._esys.close()
+            tpm.close()
             raise
         logger.info(
             "TPM ready: %s EK and AK, log in PCR %d (%s bank), quoting PCRs %s",
@@ -230,6 +195,7 @@ class TpmAttester(Attester):
     def extend(self, event_digests: Mapping[str, bytes]) -> None:
         if self.log_bank not in event_digests:
             raise ValueError(f"the event has no {self.log_bank} digest for the TPM's log bank")
+        tss = self._tpm.tss
         values = []
         for bank in self._banks:
             digest = event_digests.get(bank)
@@ -237,14 +203,12 @@ class TpmAttester(Attester):
                 continue
             if len(digest) != DIGEST_SIZES[bank]:
                 raise ValueError(f"{bank} digest is {len(digest)} bytes, expected {DIGEST_SIZES[bank]}")
-            values.append(
-                self._tss.TPMT_HA(hashAlg=HASH_IDS[bank], digest=self._tss.TPMU_HA(**{bank: digest}))
-            )
+            values.append(tss.TPMT_HA(hashAlg=HASH_IDS[bank], digest=tss.TPMU_HA(**{bank: digest})))
         with self._lock:
             if not self._log_started:
                 self._check_log_pcr_unextended()
-            with self._command(f"extending PCR {self.app_pcr}"):
-                self._esys.pcr_extend(self._pcr_handle(self.app_pcr), self._tss.TPML_DIGEST_VALUES(values))
+            with self._tpm.command(f"extending PCR {self.app_pcr}"):
+                self._tpm.esys.pcr_extend(self._pcr_handle(self.app_pcr), tss.TPML_DIGEST_VALUES(values))
             self._log_started = True
 
     def collect(self, report_data: bytes) -> Evidence:
@@ -255,7 +219,7 @@ class TpmAttester(Attester):
             failure: EvidenceError | None = None
             for _ in range(_QUOTE_ATTEMPTS):
                 quote, signature = self._quote(nonce)
-                pcrs = {self.log_bank: self._read_pcrs(self.log_bank, self.quote_pcrs)}
+                pcrs = {self.log_bank: self._tpm.read_pcrs(self.log_bank, self.quote_pcrs)}
                 try:
                     verify_quote(quote, signature, self._ak.public, pcrs, nonce=nonce)
                 except EvidenceError as exc:  # a PCR was extended between the quote and the read
@@ -283,7 +247,7 @@ class TpmAttester(Attester):
         if chosen not in self._banks:
             raise ValueError(f"PCR bank {chosen} is not allocated on this TPM")
         with self._lock:
-            return self._read_pcrs(chosen, tuple(sorted(set(indices or self.quote_pcrs))))
+            return self._tpm.read_pcrs(chosen, tuple(sorted(set(indices or self.quote_pcrs))))
 
     def activate_credential(self, credential_blob: bytes, encrypted_secret: bytes) -> bytes:
         """``TPM2_ActivateCredential``: the secret of a credential made for this TPM's EK and AK.
@@ -292,17 +256,18 @@ class TpmAttester(Attester):
         ``TPM2B_ENCRYPTED_SECRET`` that
         :func:`enclave.attestation.tpm_credential.make_credential` returns.
         """
-        tss = self._tss
-        blob = self._unmarshal(tss.TPM2B_ID_OBJECT, credential_blob, "credential blob")
-        secret = self._unmarshal(tss.TPM2B_ENCRYPTED_SECRET, encrypted_secret, "encrypted secret")
+        tpm = self._tpm
+        tss = tpm.tss
+        blob = tpm.unmarshal(tss.TPM2B_ID_OBJECT, credential_blob, "credential blob")
+        secret = tpm.unmarshal(tss.TPM2B_ENCRYPTED_SECRET, encrypted_secret, "encrypted secret")
         with (
             self._lock,
-            self._loaded(self._ak) as ak,
-            self._loaded(self._ek) as ek,
-            self._ek_session() as session,
+            tpm.loaded(self._ak) as ak,
+            tpm.loaded(self._ek) as ek,
+            tpm.ek_session(self._ek) as session,
         ):
             try:
-                cert_info = self._esys.activate_credential(
+                cert_info = tpm.esys.activate_credential(
                     ak, ek, blob, secret, session1=tss.ESYS_TR.PASSWORD, session2=session
                 )
             except tss.TSS2_Exception as exc:
@@ -314,7 +279,7 @@ class TpmAttester(Attester):
 
     def close(self) -> None:
         with self._lock:
-            self._esys.close()
+            self._tpm.close()
 
     def __enter__(self) -> TpmAttester:
         return self
@@ -324,15 +289,9 @@ class TpmAttester(Attester):
 
     # --- setup ---
 
-    def _open(self, tcti: str) -> Any:
-        try:
-            return self._tss.ESAPI(tcti)
-        except self._tss.TSS2_Exception as exc:
-            raise TpmDeviceError(f"cannot open the TPM through TCTI {tcti!r}: {exc}") from exc
-
     def _allocated_banks(self) -> tuple[str, ...]:
         """The banks (of those the verifier knows) in which the application PCR is allocated."""
-        _, capabilities = self._esys.get_capability(self._tss.TPM2_CAP.PCRS, 0, 1)
+        _, capabilities = self._tpm.esys.get_capability(self._tpm.tss.TPM2_CAP.PCRS, 0, 1)
         allocated = []
         for selection in capabilities.data.assignedPCR:
             bitmap = bytes(selection.pcrSelect)[: selection.sizeofSelect]
@@ -356,13 +315,13 @@ class TpmAttester(Attester):
 
     def _ek_template(self) -> tuple[bytes | None, Any]:
         """The EK certificate (if any) and the EK template, per the TCG EK Credential Profile."""
-        certificate, template = self._utils.create_ek_template(
-            _EK_TEMPLATES[self.key_type], self._nv_reader()
+        certificate, template = self._tpm.utils.create_ek_template(
+            _EK_TEMPLATES[self.key_type], self._tpm.nv_reader()
         )
         return (bytes(certificate) if certificate else None), template
 
     def _ak_template(self) -> Any:
-        tss = self._tss
+        tss = self._tpm.tss
         attributes = (
             tss.TPMA_OBJECT.FIXEDTPM
             | tss.TPMA_OBJECT.FIXEDPARENT
@@ -375,145 +334,14 @@ class TpmAttester(Attester):
             _AK_TEMPLATES[self.key_type], objectAttributes=attributes, nameAlg="sha256"
         )
 
-    def _create_primary(self, label: str, template: Any) -> _Key:
-        handle, public = self._create(label, template)
-        try:
-            context = self._esys.context_save(handle)
-        finally:
-            self._flush(handle)
-        return _Key(label=label, template=template, public=public, context=context)
-
-    def _create(self, label: str, template: Any) -> tuple[Any, bytes]:
-        with self._command(f"creating the {label} (TPM2_CreatePrimary, endorsement hierarchy)"):
-            handle, public, *_ = self._esys.create_primary(None, template, self._tss.ESYS_TR.ENDORSEMENT)
-        return handle, bytes(public.publicArea.marshal())
-
-    # --- NV ---
-
-    def _nv_reader(self) -> Callable[[int], bytes]:
-        """An NV read callback for ``create_ek_template`` that never probes undefined indices."""
-        defined = self._nv_indices()
-
-        def read(index: int) -> bytes:
-            if int(index) not in defined:
-                raise self._utils.NoSuchIndex(index)
-            return self._nv_read(int(index))
-
-        return read
-
-    def _nv_indices(self) -> set[int]:
-        tss = self._tss
-        found: set[int] = set()
-        start, more = _NV_INDEX_FIRST, True
-        while more:
-            with self._command("listing NV indices"):
-                more, data = self._esys.get_capability(tss.TPM2_CAP.HANDLES, start, 64)
-            handles = [int(h) for h in data.data.handles]
-            found.update(h for h in handles if h <= _NV_INDEX_LAST)
-            if not handles or handles[-1] >= _NV_INDEX_LAST:
-                break
-            start = handles[-1] + 1
-        return found
-
-    def _nv_read(self, index: int) -> bytes:
-        tss = self._tss
-        with self._command(f"reading NV index {index:#010x}"):
-            _, properties = self._esys.get_capability(
-                tss.TPM2_CAP.TPM_PROPERTIES, tss.TPM2_PT_NV.BUFFER_MAX, 1
-            )
-            chunk = next(
-                (
-                    int(p.value)
-                    for p in properties.data.tpmProperties
-                    if p.property == tss.TPM2_PT_NV.BUFFER_MAX
-                ),
-                _DEFAULT_NV_BUFFER,
-            )
-            handle = self._esys.tr_from_tpmpublic(index)
-            try:
-                public, _ = self._esys.nv_read_public(handle)
-                size = int(public.nvPublic.dataSize)
-                data = b""
-                while len(data) < size:
-                    data += bytes(self._esys.nv_read(handle, min(chunk, size - len(data)), len(data)))
-            finally:
-                self._esys.tr_close(handle)
-        return data
-
-    # --- per-operation handles ---
-
-    @contextmanager
-    def _command(self, what: str) -> Iterator[None]:
-        try:
-            yield
-        except self._tss.TSS2_Exception as exc:
-            raise TpmDeviceError(f"{what} failed: {exc}") from exc
-
-    @contextmanager
-    def _loaded(self, key: _Key) -> Iterator[Any]:
-        """The key loaded from its saved context (or re-created), flushed afterwards."""
-        handle = self._load(key)
-        try:
-            yield handle
-        finally:
-            self._flush(handle)
-
-    def _load(self, key: _Key) -> Any:
-        try:
-            return self._esys.context_load(key.context)
-        except self._tss.TSS2_Exception as exc:
-            logger.info("TPM no longer loads the saved %s context (%s); re-creating it", key.label, exc)
-        handle, public = self._create(key.label, key.template)
-        try:
-            if public != key.public:
-                raise TpmDeviceError(
-                    f"the re-created {key.label} differs from the original: "
-                    "the TPM's endorsement seed changed"
-                )
-            with self._command(f"saving the {key.label} context"):
-                key.context = self._esys.context_save(handle)
-        except BaseException:
-            self._flush(handle)
-            raise
-        return handle
-
-    def _flush(self, handle: Any) -> None:
-        try:
-            self._esys.flush_context(handle)
-        except self._tss.TSS2_Exception as exc:  # never mask the error that brought us here
-            logger.warning("could not flush a TPM transient handle: %s", exc)
-
-    @contextmanager
-    def _ek_session(self) -> Iterator[Any]:
-        """A policy session satisfying the EK's authPolicy: PolicySecret(TPM_RH_ENDORSEMENT)."""
-        tss = self._tss
-        name_alg = parse_public(self._ek.public).name_alg
-        with self._command("starting the EK policy session"):
-            session = self._esys.start_auth_session(
-                tss.ESYS_TR.NONE,
-                tss.ESYS_TR.NONE,
-                tss.TPM2_SE.POLICY,
-                tss.TPMT_SYM_DEF(algorithm=tss.TPM2_ALG.NULL),
-                name_alg,
-            )
-        try:
-            with self._command("authorising the EK (TPM2_PolicySecret, endorsement hierarchy)"):
-                self._esys.policy_secret(tss.ESYS_TR.ENDORSEMENT, session)
-            yield session
-        finally:
-            self._flush(session)
-
     # --- PCRs and quotes ---
 
     def _pcr_handle(self, index: int) -> Any:
-        return getattr(self._tss.ESYS_TR, f"PCR{index}")
-
-    def _selection(self, bank: str, indices: Sequence[int]) -> Any:
-        return self._tss.TPML_PCR_SELECTION.parse(f"{bank}:{','.join(map(str, indices))}")
+        return getattr(self._tpm.tss.ESYS_TR, f"PCR{index}")
 
     def _check_log_pcr_unextended(self) -> None:
         """The application PCR holds nothing but the log so far (none, or the earlier instances')."""
-        value = self._read_pcrs(self.log_bank, (self.app_pcr,))[self.app_pcr]
+        value = self._tpm.read_pcrs(self.log_bank, (self.app_pcr,))[self.app_pcr]
         if self._log_start is None and value != bytes(len(value)):
             raise TpmDeviceError(
                 f"PCR {self.app_pcr} ({self.log_bank}) was already extended since the TPM last reset, so the "
@@ -525,45 +353,16 @@ class TpmAttester(Attester):
                 "else extended it, so the log would not replay; reboot"
             )
 
-    def _read_pcrs(self, bank: str, indices: Sequence[int]) -> dict[int, bytes]:
-        """PCR values; TPM2_PCR_Read returns at most eight per call, so ask until all came back."""
-        values: dict[int, bytes] = {}
-        wanted = [i for i in indices if i not in values]
-        while wanted:
-            with self._command(f"reading PCRs {bank}:{wanted}"):
-                _, selection, digests = self._esys.pcr_read(self._selection(bank, wanted))
-            returned = [
-                i
-                for sel in selection
-                for i in range(8 * int(sel.sizeofSelect))
-                if bytes(sel.pcrSelect)[i // 8] >> (i % 8) & 1
-            ]
-            if not returned:
-                raise TpmDeviceError(f"the TPM returned no value for PCRs {bank}:{wanted}")
-            for index, digest in zip(returned, digests, strict=True):
-                values[index] = bytes(digest)
-            wanted = [i for i in indices if i not in values]
-        return values
-
     def _quote(self, qualifying: bytes) -> tuple[bytes, bytes]:
-        tss = self._tss
-        with self._loaded(self._ak) as ak:
+        tpm = self._tpm
+        with tpm.loaded(self._ak) as ak:
             try:
-                quote, signature = self._esys.quote(
-                    ak, self._selection(self.log_bank, self.quote_pcrs), qualifying
+                quote, signature = tpm.esys.quote(
+                    ak, tpm.pcr_selection(self.log_bank, self.quote_pcrs), qualifying
                 )
-            except tss.TSS2_Exception as exc:
+            except tpm.tss.TSS2_Exception as exc:
                 raise TpmDeviceError(f"TPM2_Quote failed: {exc}") from exc
         return bytes(quote), bytes(signature.marshal())
-
-    def _unmarshal(self, kind: Any, data: bytes, what: str) -> Any:
-        try:
-            value, consumed = kind.unmarshal(bytes(data))
-        except self._tss.TSS2_Exception as exc:
-            raise TpmDeviceError(f"{what} does not parse: {exc}") from exc
-        if consumed != len(data):
-            raise TpmDeviceError(f"{what} has {len(data) - consumed} trailing bytes")
-        return value
 
 
 def _pcr_json(pcrs: Mapping[str, Mapping[int, bytes]]) -> bytes:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from enclave._daemon.boot_chain import pinned_components, read_event_log
+from enclave._daemon.env_flags import env_flag
 from enclave._daemon.errors import ConfigError, UsageError
 from enclave._daemon.measured import (
     DEFAULT_QUOTE_PCRS,
@@ -16,9 +17,43 @@ from enclave._daemon.measured import (
     tpm_boot_registers,
 )
 from enclave.attestation import ReferenceValues
+from enclave.attestation.tpm import DEFAULT_APP_PCR
+
+_TPM_KEY_TYPES = ("rsa", "ecc")
 
 
-def add_manifest_tpm_flags(group: argparse._ArgumentGroup) -> None:
+def add_tpm_flags(parser: argparse.ArgumentParser, *, serve: bool) -> None:
+    """The tpm flags of ``enclave serve`` (``serve``) or ``enclave manifest``, in a group of their own."""
+    group = parser.add_argument_group("platform tpm")
+    env_flag(
+        group,
+        "--tpm",
+        required=False,
+        metavar="TCTI",
+        help="the TPM, as a TCTI string: device:/dev/tpmrm0, swtpm:host=127.0.0.1,port=2321, mssim:...",
+    )
+    group.add_argument(
+        "--tpm-pcr",
+        type=int,
+        default=DEFAULT_APP_PCR,
+        metavar="N",
+        help=f"application PCR the measurement log is extended into, 0 to 23 (default {DEFAULT_APP_PCR})",
+    )
+    if serve:
+        group.add_argument(
+            "--tpm-key", choices=_TPM_KEY_TYPES, default="rsa", help="EK and AK key type (default rsa)"
+        )
+    group.add_argument(
+        "--tpm-quote-pcrs",
+        metavar="LIST",
+        help=f"boot PCRs quoted besides the application PCR (default {DEFAULT_QUOTE_PCRS}: the classic "
+        "and the UKI boot chains up to the OS)",
+    )
+    if not serve:
+        _add_manifest_tpm_flags(group)
+
+
+def _add_manifest_tpm_flags(group: argparse._ArgumentGroup) -> None:
     """The tpm flags only ``enclave manifest`` takes."""
     group.add_argument(
         "--pcr-value",

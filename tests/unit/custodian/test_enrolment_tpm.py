@@ -18,8 +18,9 @@ from custodian.enrolment import CredentialChallenge, Enrolled
 from custodian.errors import RefusedError
 from enclave._daemon.config import custodian_ca_der
 from enclave._daemon.enrolment import certificate_request
+from enclave._daemon.errors import TpmDeviceError
 from enclave._daemon.measured import MeasuredIdentity
-from enclave._daemon.tpm_device import TpmAttester, TpmDeviceError
+from enclave._daemon.tpm_device import TpmAttester
 from enclave.attestation import ReferenceValues, appraise, measurement
 from enclave.attestation.tpm_ak import TCG_KP_AIK_CERTIFICATE, load_ak
 from tests import tpm_support

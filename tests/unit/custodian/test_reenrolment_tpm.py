@@ -20,8 +20,9 @@ import pytest
 from custodian.enrolment import CredentialChallenge, Enrolled
 from enclave._daemon.config import custodian_ca_der
 from enclave._daemon.enrolment import certificate_request
+from enclave._daemon.errors import TpmDeviceError
 from enclave._daemon.measured import MeasuredIdentity
-from enclave._daemon.tpm_device import TpmAttester, TpmDeviceError
+from enclave._daemon.tpm_device import TpmAttester
 from enclave.attestation import AttestedClaims, ReferenceValues, measurement
 from enclave.errors import BindingError
 from tests import tpm_support

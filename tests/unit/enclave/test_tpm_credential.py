@@ -23,7 +23,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import NameOID
 
-from enclave._daemon.tpm_device import TpmAttester, TpmDeviceError
+from enclave._daemon.errors import TpmDeviceError
+from enclave._daemon.tpm_device import TpmAttester
 from enclave.attestation.tpm_credential import (
     EkParameters,
     _credential_blob,

@@ -26,7 +26,8 @@ from cryptography.x509.oid import NameOID
 
 from custodian.authority import CertificateAuthority
 from enclave import identity
-from enclave._daemon.tpm_device import TpmAttester, TpmDeviceError, parse_pcr_list
+from enclave._daemon.errors import TpmDeviceError
+from enclave._daemon.tpm_device import TpmAttester, parse_pcr_list
 from enclave.attestation import AttestedClaims, Evidence, ReferenceValues, appraise
 from enclave.attestation.claims import replay
 from enclave.attestation.measurement import code_event, config_event, model_event
@@ -344,7 +345,7 @@ def test_keys_are_recreated_after_a_tpm_reset(
     ak_public, report_data = attester.ak_public, os.urandom(64)
     attester.collect(report_data)
     tpm.init()
-    attester._esys.startup(attester._tss.TPM2_SU.CLEAR)  # what the platform does after TPM_Init
+    attester._tpm.esys.startup(attester._tpm.tss.TPM2_SU.CLEAR)  # what the platform does after TPM_Init
     # The saved key contexts no longer load after a TPM Reset; the same keys are derived again.
     evidence = attester.collect(report_data)
     assert evidence.parts["ak"] == ak_public
@@ -360,8 +361,8 @@ def test_a_changed_endorsement_seed_is_an_error(
     tpm = start_swtpm()
     attester = open_attester(tpm)
     tpm.init()
-    attester._esys.startup(attester._tss.TPM2_SU.CLEAR)
-    attester._esys.change_eps()  # a new endorsement primary seed, as re-provisioning the TPM gives
+    attester._tpm.esys.startup(attester._tpm.tss.TPM2_SU.CLEAR)
+    attester._tpm.esys.change_eps()  # a new endorsement primary seed, as re-provisioning the TPM gives
     with pytest.raises(TpmDeviceError, match="re-created AK differs from the original"):
         attester.collect(os.urandom(64))
 
