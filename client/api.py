@@ -46,8 +46,8 @@ from enclave import identity
 from enclave.attestation import Appraisal, Evidence, ReferenceValues, appraise
 from enclave.attestation.certificates import check_validity
 from enclave.attestation.manifest import MAX_MANIFEST_BYTES
-from enclave.collateral._cache import MemoryCache
 from enclave.collateral.amd_kds import AmdKds
+from enclave.collateral.cache import CollateralCache
 from enclave.errors import EnclaveError
 from protos import custos_pb2, custos_pb2_grpc
 
@@ -246,7 +246,7 @@ def connect(
     reference = load_manifest(manifest)
     when = now or datetime.datetime.now(datetime.UTC)
     try:
-        kds = AmdKds(amd_kds, cache=MemoryCache()) if amd_kds is not None else None
+        kds = AmdKds(amd_kds, cache=CollateralCache(None)) if amd_kds is not None else None
     except ValueError as exc:
         raise ClientError(f"amd_kds: {exc}") from None
     if reference.platform == "sev-snp" and kds is not None:

@@ -11,9 +11,10 @@ the custodian appraises the evidence with what it carries, and says why in the
 log.
 
 AMD's (sev-snp: VCEK, chain, CRL) comes from AMD's KDS (``--amd-kds``),
-cached under ``DATA/collateral/amd/``; served from the cache while KDS is
-unreachable (``custos_custodian_collateral_cache_fallbacks_total``), and with
-no CRL to be had at all the enrolment is refused (reason ``collateral``).
+cached under ``DATA/collateral/amd/`` (``amd-vcek-*.der``, ``amd-cert-chain-*.pem``,
+``amd-crl-*.der``: :mod:`enclave.collateral.amd_kds`); the CRL is served from the
+cache while KDS is unreachable (``custos_custodian_collateral_cache_fallbacks_total``),
+and with no CRL to be had at all the enrolment is refused (reason ``collateral``).
 
 Fetching does blocking I/O: the enrolment calls :meth:`for_evidence` in a
 worker thread.
@@ -26,7 +27,6 @@ from pathlib import Path
 
 from custodian.metrics import CustodianMetrics
 from enclave.attestation import Evidence
-from enclave.collateral._cache import DiskCache
 from enclave.collateral.amd_kds import AmdKds
 from enclave.collateral.cache import CollateralCache
 from enclave.collateral.intel import IntelCollateral
@@ -58,7 +58,7 @@ class CustodianCollateral:
             fallbacks = metrics.collateral_cache_fallbacks.labels("amd")
             amd = AmdKds(
                 amd_kds_url,
-                cache=DiskCache(data_dir / "collateral" / "amd"),
+                cache=CollateralCache(data_dir / "collateral" / "amd"),
                 on_fallback=lambda _: fallbacks.inc(),
             )
 

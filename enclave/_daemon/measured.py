@@ -103,9 +103,9 @@ def attester_factory(
 
 def _open_tee(platform: str, options: TeeOptions) -> Attester:
     from enclave._daemon import tsm
-    from enclave.collateral._cache import MemoryCache
     from enclave.collateral._http import get as http_get
     from enclave.collateral.amd_kds import AmdKds
+    from enclave.collateral.cache import CollateralCache
 
     collateral = _intel_collateral(options.pccs_url) if platform != "sev-snp" else None
     if platform == SGX_PLATFORM:
@@ -115,7 +115,7 @@ def _open_tee(platform: str, options: TeeOptions) -> Attester:
     if options.amd_kds:
         # Attestation waits for this: short timeouts, and KDS left alone a while after failing.
         fetch = functools.partial(http_get, attempts=2, timeout=5.0)
-        kds = AmdKds(options.amd_kds, cache=MemoryCache(), fetch=fetch)
+        kds = AmdKds(options.amd_kds, cache=CollateralCache(None), fetch=fetch)
     return tsm.TsmAttester(platform, tsm=configfs, collateral=collateral, amd_kds=kds)
 
 

@@ -15,10 +15,16 @@ VCEK from the wrong product cannot pass the verifier anyway). A VLEK cannot be
 fetched by chip: KDS hands VLEKs only to the cloud provider, so a VLEK-signed
 report must carry its VLEK.
 
-Nothing fetched is trusted; :mod:`enclave.attestation.sev_snp` checks it all
-against the pinned ARKs. The checks here only keep a wrong document out of
-the cache: a VCEK must name the requested hwid and TCB, a chain's ARK must be
-a pinned root, a CRL must be signed by that ARK and current.
+The documents are kept in a :class:`~enclave.collateral.cache.CollateralCache`
+under plain names: ``amd-vcek-{product}-{hwid}-{tcb}.der`` (hwid in hex, the
+raw REPORTED_TCB as 16 hex digits), ``amd-cert-chain-{product}-{vcek|vlek}.pem``
+and ``amd-crl-{product}-{vcek|vlek}.der``.
+
+Nothing fetched or cached is trusted; :mod:`enclave.attestation.sev_snp` checks
+it all against the pinned ARKs. The checks here only keep a wrong document out
+of use and out of the cache: a VCEK must name the requested hwid and TCB, a
+chain's ARK must be a pinned root, a fetched CRL must be signed by that ARK and
+current.
 """
 
 from __future__ import annotations
@@ -42,8 +48,8 @@ from enclave.attestation.sev_snp_certs import (
 from enclave.attestation.sev_snp_crl import COLLATERAL_CRL, check_crl, load_crl
 from enclave.attestation.sev_snp_report import Product, SigningKey, SnpReport, TcbVersion, parse_report
 from enclave.collateral import _http
-from enclave.collateral._cache import DocumentCache
 from enclave.collateral._http import CollateralServiceError
+from enclave.collateral.cache import MAX_DOCUMENT_BYTES, CollateralCache, CollateralCacheError
 from enclave.errors import EvidenceError
 
 logger = logging.getLogger(__name__)
@@ -54,6 +60,8 @@ _HWID_SIZE = {Product.MILAN: 64, Product.GENOA: 64, Product.TURIN: 8}
 _V2_PRODUCTS = (Product.MILAN, Product.GENOA)
 
 Fetch = Callable[[str], _http.Response]
+# Checks a document from KDS or the cache (raising EvidenceError) and gives the bytes to use and keep.
+Accept = Callable[[bytes], bytes]
 
 
 def product_from_cpuid(report: SnpReport) -> Product | None:
@@ -96,29 +104,32 @@ def vcek_query(product: Product, chip_id: bytes, tcb: TcbVersion) -> tuple[str, 
 
 @dataclass(frozen=True)
 class CacheFallback:
-    """A document served from the cache because KDS could not be reached."""
+    """A document served from the cache because KDS could not be reached or gave no usable answer."""
 
-    key: str
+    name: str  # the document's name in the cache
     error: str
 
 
 class AmdKds:
     """Fetches and caches AMD's SEV-SNP collateral.
 
-    ``cache`` keeps VCEKs (keyed by product, hwid and TCB) and chains for good,
-    and each CRL until halfway between its thisUpdate and nextUpdate, then
-    fetches it again. When KDS cannot be reached, a cached document is served
-    (and ``on_fallback`` told); with nothing cached, the error is raised. After
-    KDS was found unreachable it is not asked again for ``quiet_seconds``, so
-    that an outage does not hold every attestation for the HTTP timeouts.
-    ``roots`` replaces the pinned ARKs and exists for test fixtures only.
+    ``cache`` (in memory when not given) keeps VCEKs and chains for good, each
+    checked again when read, and each CRL until halfway between its thisUpdate
+    and nextUpdate, then fetches it again. When KDS cannot be reached, a cached
+    CRL is served (and ``on_fallback`` told); with nothing cached, the error is
+    raised. A document larger than the cache's limit (1 MiB) is refused; one
+    the cache cannot keep (a write error) is used as fetched, with a warning.
+    After KDS was found unreachable it is not asked again for
+    ``quiet_seconds``, so that an outage does not hold every attestation for
+    the HTTP timeouts. ``roots`` replaces the pinned ARKs and exists for test
+    fixtures only.
     """
 
     def __init__(
         self,
         base_url: str = DEFAULT_KDS_URL,
         *,
-        cache: DocumentCache | None = None,
+        cache: CollateralCache | None = None,
         fetch: Fetch | None = None,
         clock: Callable[[], datetime.datetime] | None = None,
         on_fallback: Callable[[CacheFallback], None] | None = None,
@@ -128,8 +139,8 @@ class AmdKds:
         self.base_url = _http.check_base_url(base_url)
         self._quiet = datetime.timedelta(seconds=quiet_seconds)
         self._unreachable: tuple[datetime.datetime, CollateralServiceError] | None = None
-        self._cache = cache
-        self._fetch: Fetch = fetch or (lambda url: _http.get(url))
+        self._cache = cache if cache is not None else CollateralCache(None)
+        self._fetch: Fetch = fetch or (lambda url: _http.get(url, max_bytes=MAX_DOCUMENT_BYTES))
         self._clock = clock or (lambda: datetime.datetime.now(datetime.UTC))
         self._on_fallback = on_fallback
         self._roots: dict[str, Product | None]
@@ -144,33 +155,34 @@ class AmdKds:
     def vcek(self, product: Product, chip_id: bytes, tcb: TcbVersion) -> bytes:
         """The DER VCEK for ``chip_id`` at ``tcb`` (REPORTED_TCB, decoded for ``product``)."""
         path, query = vcek_query(product, chip_id, tcb)
-        key = f"vcek/{product.value}/{path.rsplit('/', 1)[1]}/{tcb.raw:016x}.der"
         hwid = chip_id[: _HWID_SIZE[product]]
+        name = f"amd-vcek-{product.value}-{hwid.hex()}-{tcb.raw:016x}.der"
 
-        def check(body: bytes) -> None:
-            cert = load_certificates(body, "VCEK from KDS")[0]
+        def accept(body: bytes) -> bytes:
+            cert = load_certificates(body, "VCEK")[0]
             found = endorsement_key(cert, SigningKey.VCEK)
             if found.hwid != hwid or dict(found.tcb) != tcb.components():
-                raise EvidenceError(f"KDS answered with a VCEK for another chip or TCB ({path})")
+                raise EvidenceError("not the VCEK of this chip at this TCB")
+            return cert.public_bytes(serialization.Encoding.DER)  # KDS sends DER; a PEM answer too
 
-        cached = self._cache.get(key) if self._cache is not None else None
+        cached = self._cached(name, accept)
         if cached is not None:
             return cached
-        body = self._get(_http.join(self.base_url, path, query), key, check, fallback=False)
-        return _der(body)
+        return self._get(_http.join(self.base_url, path, query), name, accept, fallback=False)
 
     def cert_chain(self, product: Product, kind: SigningKey = SigningKey.VCEK) -> bytes:
         """The PEM bundle ASK (or ASVK) then ARK for ``product``."""
-        key = f"cert_chain/{_kind_path(kind)}/{product.value}.pem"
-        cached = self._cache.get(key) if self._cache is not None else None
+        name = f"amd-cert-chain-{product.value}-{_kind_path(kind)}.pem"
+
+        def accept(body: bytes) -> bytes:
+            self._trusted_ark(body, product)
+            return body
+
+        cached = self._cached(name, accept)
         if cached is not None:
             return cached
         url = _http.join(self.base_url, f"/{_kind_path(kind)}/v1/{product.value}/cert_chain")
-
-        def check(body: bytes) -> None:
-            self._trusted_ark(body, product)
-
-        return self._get(url, key, check, fallback=False)
+        return self._get(url, name, accept, fallback=False)
 
     def crl(
         self, product: Product, kind: SigningKey = SigningKey.VCEK, *, chain: bytes | None = None
@@ -180,17 +192,19 @@ class AmdKds:
         ``chain`` (ASK/ASVK and ARK, PEM) names the ARK to check it with; its ARK
         must be pinned. Without it the chain is fetched (or read from the cache).
         """
-        key = f"crl/{_kind_path(kind)}/{product.value}.der"
-        cached = self._cache.get(key) if self._cache is not None else None
+        name = f"amd-crl-{product.value}-{_kind_path(kind)}.der"
+        # Not checked here: the verifier checks it against the chain's ARK, and a stale one refuses.
+        cached = self._cached(name, bytes)
         if cached is not None and not self._due(cached):
             return cached
         ark = self._trusted_ark(chain or self.cert_chain(product, kind), product)
 
-        def check(body: bytes) -> None:
+        def accept(body: bytes) -> bytes:
             check_crl(body, ark=ark, revocable=(), now=self._clock())
+            return body
 
         url = _http.join(self.base_url, f"/{_kind_path(kind)}/v1/{product.value}/crl")
-        return self._get(url, key, check, fallback=True)
+        return self._get(url, name, accept, fallback=True)
 
     # -- what a report needs -------------------------------------------------
 
@@ -244,24 +258,37 @@ class AmdKds:
 
     # -- internals -------------------------------------------------------------
 
-    def _get(self, url: str, key: str, check: Callable[[bytes], None], *, fallback: bool) -> bytes:
+    def _get(self, url: str, name: str, accept: Accept, *, fallback: bool) -> bytes:
         try:
             body = self._fetch_unless_quiet(url)
         except CollateralServiceError as exc:
-            cached = self._cache.get(key) if (self._cache is not None and fallback) else None
+            cached = self._cached(name, bytes) if fallback else None
             if cached is None:
                 raise
-            logger.warning("AMD KDS unreachable (%s): serving %s from the cache", exc, key)
+            logger.warning("AMD KDS failed (%s): serving %s from the cache", exc, name)
             if self._on_fallback is not None:
-                self._on_fallback(CacheFallback(key=key, error=str(exc)))
+                self._on_fallback(CacheFallback(name=name, error=str(exc)))
             return cached
         try:
-            check(body)
+            document = accept(body)
         except EvidenceError as exc:
             raise EvidenceError(f"{url}: {exc}") from None
-        if self._cache is not None:
-            self._cache.put(key, body)
-        return body
+        try:
+            self._cache.write(name, document)
+        except CollateralCacheError as exc:
+            logger.warning("AMD %s not cached (%s); using it as fetched", name, exc)
+        return document
+
+    def _cached(self, name: str, accept: Accept) -> bytes | None:
+        """The cached document, if it can be read and ``accept`` takes it; else None (logged)."""
+        try:
+            data = self._cache.read(name)
+            return accept(data) if data is not None else None
+        except CollateralCacheError as exc:
+            logger.warning("AMD collateral cache not read (%s); asking KDS", exc)
+        except EvidenceError as exc:
+            logger.warning("ignoring the cached %s: %s", name, exc)
+        return None
 
     def _fetch_unless_quiet(self, url: str) -> bytes:
         now = self._clock()
@@ -276,6 +303,10 @@ class AmdKds:
                 self._unreachable = (now, exc)
             raise
         self._unreachable = None
+        if len(body) > MAX_DOCUMENT_BYTES:  # refused before any parsing, and more than the cache keeps
+            raise CollateralServiceError(
+                f"{url}: the answer exceeds {MAX_DOCUMENT_BYTES} bytes", url=url, status=200
+            )
         return body
 
     def _trusted_ark(self, chain: bytes, product: Product) -> x509.Certificate:
@@ -302,11 +333,6 @@ class AmdKds:
 
 def _kind_path(kind: SigningKey) -> str:
     return "vlek" if kind is SigningKey.VLEK else "vcek"
-
-
-def _der(body: bytes) -> bytes:
-    """KDS serves VCEKs as DER; normalise a PEM answer to DER."""
-    return load_certificates(body, "VCEK")[0].public_bytes(serialization.Encoding.DER)
 
 
 def _product_of_endorsement(vcek: bytes, kind: SigningKey) -> Product | None:

@@ -1,6 +1,7 @@
 """An on-disk store of collateral documents, exactly as their service sent them.
 
-One file per document, named by the caller (e.g. ``tdx-tcb-00806F050000.json``);
+One file per document, named by the caller (e.g. ``tdx-tcb-00806F050000.json``,
+``amd-crl-Milan-vcek.der``);
 a header a service sent beside the body (an issuer chain) is a file of its own.
 Writes are atomic (a temporary file, fsync, rename), so a crash leaves the old
 copy or the new one, never half of one. Nothing stored here is trusted: the
@@ -25,7 +26,9 @@ from enclave.errors import EnclaveError
 logger = logging.getLogger(__name__)
 
 MAX_DOCUMENT_BYTES = 1024 * 1024
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# A plain file name: no "/", no leading dot (so never "." or ".."), short enough that the temporary
+# ".NAME.XXXXXXXX" stays under the 255-byte limit of file systems (an AMD VCEK's name is 164).
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
 
 class CollateralCacheError(EnclaveError):

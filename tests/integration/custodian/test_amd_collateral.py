@@ -21,9 +21,11 @@ from enclave.attestation import Evidence, ReferenceValues
 from protos import custos_pb2 as pb
 from tests.integration.custodian.harness import Running, onnx_model, running
 from tests.unit.collateral.fake_kds import (
-    GOSEV_CHIP_ID,
+    GOSEV_CHAIN,
+    GOSEV_CHAIN_NAME,
     GOSEV_REPORT,
     GOSEV_VCEK,
+    GOSEV_VCEK_NAME,
     GOSEV_VCEK_PATH,
     FakeKds,
     serving,
@@ -88,9 +90,9 @@ def test_the_custodian_fetches_what_the_report_lacks_and_requires_the_crl(
             assert _refusals(r, "collateral") == 1
             assert kds.requests == [GOSEV_VCEK_PATH, "/vcek/v1/Milan/cert_chain", "/vcek/v1/Milan/crl"]
             cache = tmp_path / "data" / "collateral" / "amd"
-            assert (cache / "cert_chain" / "vcek" / "Milan.pem").is_file()
-            [vcek] = (cache / "vcek" / "Milan" / GOSEV_CHIP_ID.hex()).iterdir()
-            assert vcek.read_bytes() == GOSEV_VCEK.read_bytes()
+            assert sorted(p.name for p in cache.iterdir()) == [GOSEV_CHAIN_NAME, GOSEV_VCEK_NAME]
+            assert (cache / GOSEV_VCEK_NAME).read_bytes() == GOSEV_VCEK.read_bytes()
+            assert (cache / GOSEV_CHAIN_NAME).read_bytes() == GOSEV_CHAIN.read_bytes()
 
             # With a CRL in the evidence, the fetched VCEK and chain verify, and the CRL is checked next.
             kds.down()

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from enclave.attestation.sev_snp_report import parse_report
+
 VECTORS = Path(__file__).resolve().parents[3].parent / "shared" / "vectors" / "sev-snp"
 # gosev_attestation.bin: a version 2 Milan report, CHIP_ID below, REPORTED_TCB bl=2 tee=0 snp=5 ucode=68;
 # gosev_vcek.testcer.der is its VCEK as KDS served it (../shared/vectors/MANIFEST.md).
@@ -21,6 +23,11 @@ GOSEV_VCEK = VECTORS / "gosev_vcek.testcer.der"
 GOSEV_CHAIN = VECTORS / "gosev_milan_ask_ark.pem"
 GOSEV_CHIP_ID = GOSEV_REPORT.read_bytes()[0x1A0:0x1E0]
 GOSEV_VCEK_PATH = f"/vcek/v1/Milan/{GOSEV_CHIP_ID.hex()}?blSPL=2&teeSPL=0&snpSPL=5&ucodeSPL=68"
+# The names AmdKds caches them under: product, hwid and the raw REPORTED_TCB.
+GOSEV_VCEK_NAME = (
+    f"amd-vcek-Milan-{GOSEV_CHIP_ID.hex()}-{parse_report(GOSEV_REPORT.read_bytes()).reported_tcb:016x}.der"
+)
+GOSEV_CHAIN_NAME = "amd-cert-chain-Milan-vcek.pem"
 
 
 class FakeKds:

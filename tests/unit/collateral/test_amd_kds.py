@@ -3,24 +3,26 @@
 from __future__ import annotations
 
 import datetime
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from enclave.attestation import Evidence
 from enclave.attestation.sev_snp import verify_report
+from enclave.attestation.sev_snp_certs import load_certificates
 from enclave.attestation.sev_snp_report import Product, SigningKey, TcbVersion, parse_report
 from enclave.collateral import _http
-from enclave.collateral._cache import DiskCache
 from enclave.collateral._http import CollateralServiceError
 from enclave.collateral.amd_kds import AmdKds, CacheFallback, product_from_cpuid, vcek_query
+from enclave.collateral.cache import MAX_DOCUMENT_BYTES, CollateralCache
 from enclave.errors import EvidenceError
 from tests.unit.collateral.fake_kds import (
     GOSEV_CHAIN,
-    GOSEV_CHIP_ID,
+    GOSEV_CHAIN_NAME,
     GOSEV_REPORT,
     GOSEV_VCEK,
+    GOSEV_VCEK_NAME,
     GOSEV_VCEK_PATH,
     VECTORS,
     FakeKds,
@@ -42,8 +44,10 @@ def kds() -> Iterator[FakeKds]:
         yield fake
 
 
-def _client(kds: FakeKds, cache: Path | None = None, **kw: object) -> AmdKds:
-    return AmdKds(kds.url, cache=DiskCache(cache) if cache else None, fetch=_fetch, **kw)  # type: ignore[arg-type]
+def _client(kds: FakeKds, cache: Path | CollateralCache | None = None, **kw: object) -> AmdKds:
+    if isinstance(cache, Path):
+        cache = CollateralCache(cache)
+    return AmdKds(kds.url, cache=cache, fetch=_fetch, **kw)  # type: ignore[arg-type]
 
 
 def _report_only(report: bytes) -> Evidence:
@@ -84,12 +88,9 @@ def test_cached_documents_are_served_without_asking_and_while_kds_is_down(
     assert kds.requests[asked:] == ["/vcek/v1/Milan/crl"]  # only the CRL, which KDS lacks here
     kds.down()
     assert _client(kds, tmp_path).collateral_for(report, require_crl=False) == first
-    files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
-    assert files == [
-        "cert_chain/vcek/Milan.pem",
-        f"vcek/Milan/{GOSEV_CHIP_ID.hex()}/{parse_report(report.parts['report']).reported_tcb:016x}.der",
-    ]
-    assert all(oct(p.stat().st_mode & 0o777) == "0o600" for p in tmp_path.rglob("*") if p.is_file())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [GOSEV_CHAIN_NAME, GOSEV_VCEK_NAME]
+    assert (tmp_path / GOSEV_VCEK_NAME).read_bytes() == GOSEV_VCEK.read_bytes()
+    assert all(oct(p.stat().st_mode & 0o777) == "0o600" for p in tmp_path.iterdir())
 
 
 def test_kds_down_and_nothing_cached_is_an_error_naming_the_url(kds: FakeKds, tmp_path: Path) -> None:
@@ -110,9 +111,65 @@ def test_a_chip_kds_does_not_know_is_refused(kds: FakeKds) -> None:
 
 def test_a_vcek_for_another_chip_or_tcb_is_refused_and_not_cached(kds: FakeKds, tmp_path: Path) -> None:
     kds.documents[GOSEV_VCEK_PATH] = (VECTORS / "trustee_test-vcek.der").read_bytes()
-    with pytest.raises(EvidenceError, match="KDS answered with a VCEK for another chip or TCB"):
+    with pytest.raises(EvidenceError, match=r"/vcek/v1/Milan/\w+\?.*: not the VCEK of this chip at this TCB"):
         _client(kds, tmp_path).collateral_for(_report_only(GOSEV_REPORT.read_bytes()), require_crl=False)
-    assert not list(tmp_path.rglob("*.der"))
+    assert not (tmp_path / GOSEV_VCEK_NAME).exists()
+
+
+def test_a_cached_document_that_fails_its_check_is_fetched_again_and_replaced(
+    kds: FakeKds, tmp_path: Path
+) -> None:
+    (tmp_path / GOSEV_VCEK_NAME).write_bytes((VECTORS / "trustee_test-vcek.der").read_bytes())
+    (tmp_path / GOSEV_CHAIN_NAME).write_bytes(_fake().chain)  # under an ARK that is not pinned
+    found = _client(kds, tmp_path).collateral_for(_report_only(GOSEV_REPORT.read_bytes()), require_crl=False)
+    assert (found["vcek"], found["cert_chain"]) == (GOSEV_VCEK.read_bytes(), GOSEV_CHAIN.read_bytes())
+    assert kds.requests[:2] == [GOSEV_VCEK_PATH, "/vcek/v1/Milan/cert_chain"]
+    assert (tmp_path / GOSEV_VCEK_NAME).read_bytes() == GOSEV_VCEK.read_bytes()
+    assert (tmp_path / GOSEV_CHAIN_NAME).read_bytes() == GOSEV_CHAIN.read_bytes()
+
+
+def test_a_vcek_kds_sends_as_pem_is_served_and_cached_as_der(kds: FakeKds, tmp_path: Path) -> None:
+    kds.documents[GOSEV_VCEK_PATH] = _pem(load_certificates(GOSEV_VCEK.read_bytes(), "VCEK")[0])
+    found = _client(kds, tmp_path).collateral_for(_report_only(GOSEV_REPORT.read_bytes()), require_crl=False)
+    assert found["vcek"] == (tmp_path / GOSEV_VCEK_NAME).read_bytes() == GOSEV_VCEK.read_bytes()
+
+
+@pytest.mark.parametrize(
+    "cache",
+    [
+        pytest.param(lambda d: CollateralCache(d, read_only=True), id="read-only"),
+        pytest.param(lambda d: _occupied(CollateralCache(d)), id="names-taken-by-directories"),
+    ],
+)
+def test_a_cache_that_fails_does_not_turn_a_good_fetch_into_a_refusal(
+    kds: FakeKds, tmp_path: Path, cache: Callable[[Path], CollateralCache], caplog: pytest.LogCaptureFixture
+) -> None:
+    found = _client(kds, cache(tmp_path)).collateral_for(
+        _report_only(GOSEV_REPORT.read_bytes()), require_crl=False
+    )
+    assert (found["vcek"], found["cert_chain"]) == (GOSEV_VCEK.read_bytes(), GOSEV_CHAIN.read_bytes())
+    assert f"AMD {GOSEV_VCEK_NAME} not cached" in caplog.text
+    assert f"AMD {GOSEV_CHAIN_NAME} not cached" in caplog.text
+
+
+def _occupied(cache: CollateralCache) -> CollateralCache:
+    """A cache whose documents' names are directories: every read and write of them fails."""
+    assert cache.directory is not None
+    for name in (GOSEV_VCEK_NAME, GOSEV_CHAIN_NAME):
+        (cache.directory / name).mkdir()
+    return cache
+
+
+def test_an_answer_over_the_cache_limit_is_refused_before_parsing_and_not_cached(tmp_path: Path) -> None:
+    def huge(url: str) -> _http.Response:
+        return _http.Response(body=b"-----BEGIN CERTIFICATE-----" + b"A" * MAX_DOCUMENT_BYTES)
+
+    client = AmdKds("http://127.0.0.1:9", cache=CollateralCache(tmp_path), fetch=huge)
+    with pytest.raises(
+        CollateralServiceError, match=r"/vcek/v1/Milan/cert_chain: the answer exceeds 1048576 bytes"
+    ):
+        client.cert_chain(Product.MILAN)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_chain_under_an_unpinned_ark_is_refused(kds: FakeKds) -> None:
@@ -217,7 +274,7 @@ def test_kds_down_serves_the_cached_crl_and_says_so(
     kds.down()
     clock.now = NOW + 5 * DAY
     assert client.crl(Product.MILAN) == cached
-    assert [f.key for f in fallbacks] == ["crl/vcek/Milan.der"]
+    assert [f.name for f in fallbacks] == ["amd-crl-Milan-vcek.der"]
     assert "not reachable" in fallbacks[0].error
 
 
@@ -229,7 +286,7 @@ def test_a_stale_or_forged_crl_from_kds_is_refused_and_not_cached(
     client = _client(kds, tmp_path, clock=_Clock(NOW), roots=fake.roots)  # type: ignore[attr-defined]
     with pytest.raises(EvidenceError, match="/vcek/v1/Milan/crl: AMD CRL is stale"):
         client.crl(Product.MILAN)
-    assert not (tmp_path / "crl").exists()
+    assert not (tmp_path / "amd-crl-Milan-vcek.der").exists()
 
 
 def test_the_crl_is_required_unless_the_evidence_carries_one(synthetic: tuple[FakeKds, object]) -> None:

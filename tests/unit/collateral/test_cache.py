@@ -27,13 +27,21 @@ def test_memory_cache_keeps_documents_without_a_directory() -> None:
     assert cache.read("rootcacrl.der") == b"\x30\x00"
 
 
-@pytest.mark.parametrize("name", ["../escape", "a/b", "", ".hidden", "x" * 200, "nul\x00"])
+@pytest.mark.parametrize("name", ["../escape", "a/b", "", ".hidden", "..", "x" * 201, "nul\x00"])
 def test_names_that_are_not_plain_file_names_are_refused(tmp_path: Path, name: str) -> None:
     cache = CollateralCache(tmp_path)
     with pytest.raises(CollateralCacheError, match="plain document name"):
         cache.write(name, b"x")
     with pytest.raises(CollateralCacheError, match="plain document name"):
         cache.read(name)
+
+
+def test_the_longest_name_fits_the_file_system_with_its_temporary_file(tmp_path: Path) -> None:
+    cache = CollateralCache(tmp_path)
+    name = "amd-vcek-" + "f" * 187 + ".der"  # 200 characters
+    cache.write(name, b"x")
+    assert cache.read(name) == b"x"
+    assert [p.name for p in tmp_path.iterdir()] == [name]
 
 
 def test_a_read_only_directory_is_read_and_never_written(tmp_path: Path) -> None:

@@ -21,8 +21,8 @@ from enclave._daemon.tsm import ConfigfsTsm, TsmAttester
 from enclave.attestation.sev_snp import SevSnpVerifier
 from enclave.attestation.sev_snp_report import parse_report
 from enclave.collateral import _http
-from enclave.collateral._cache import MemoryCache
 from enclave.collateral.amd_kds import AmdKds
+from enclave.collateral.cache import CollateralCache
 from tests.unit.collateral.fake_kds import GOSEV_CHAIN, GOSEV_REPORT, GOSEV_VCEK, FakeKds, serving
 from tests.unit.enclave.fake_custodian import CertAuthority
 
@@ -43,7 +43,7 @@ def _attester(tmp_path: Path, kds: FakeKds) -> TsmAttester:
     entry = tmp_path / "entry0"
     entry.mkdir()
     shutil.copy(GOSEV_REPORT, entry / "outblob")
-    client = AmdKds(kds.url, cache=MemoryCache(), fetch=_fetch)
+    client = AmdKds(kds.url, cache=CollateralCache(None), fetch=_fetch)
     return TsmAttester("sev-snp", tsm=ConfigfsTsm(entry=entry), amd_kds=client)
 
 
