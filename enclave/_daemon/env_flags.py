@@ -23,7 +23,8 @@ def env_flag(parser: argparse._ActionsContainer, flag: str, *, required: bool, *
     """A flag that defaults from its environment variable, required only when that is unset too."""
     dest = flag.lstrip("-").replace("-", "_")
     env = _ENV[dest]
-    default = os.environ.get(env) or kwargs.pop("default", None)
+    fallback = kwargs.pop("default", None)  # popped first: an env value must not leave it in kwargs
+    default = os.environ.get(env) or fallback
     help_text = f"{kwargs.pop('help')} (env {env})"
     parser.add_argument(
         flag,

@@ -71,6 +71,18 @@ def test_flags_default_from_the_environment(
     assert ReferenceValues.from_toml(out.read_text()).platform == "sim"
 
 
+def test_flags_with_a_built_in_default_take_their_environment_value(
+    ca_file: tuple[Path, CertAuthority], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ENCLAVE_PLATFORM (manifest) and ENCLAVE_PCCS (serve) once crashed argparse set-up with a TypeError
+    monkeypatch.setenv("ENCLAVE_CUSTODIAN_CA", str(ca_file[0]))
+    monkeypatch.setenv("ENCLAVE_PLATFORM", "sim")
+    monkeypatch.setenv("ENCLAVE_PCCS", "https://pccs.example:8081")
+    out = tmp_path / "m.toml"
+    assert main(["manifest", "--out", str(out)]) == 0
+    assert ReferenceValues.from_toml(out.read_text()).platform == "sim"
+
+
 @pytest.mark.parametrize(
     "argv",
     [
