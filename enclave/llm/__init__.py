@@ -1,0 +1,1 @@
+"""Language models in the enclave: loading from memory and generating tokens."""
