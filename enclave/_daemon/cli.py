@@ -45,10 +45,10 @@ from enclave._daemon.measured import (
     parse_assignments,
     reference_values,
 )
-from enclave._daemon.tee_flags import add_tee_flags, tee_options
+from enclave._daemon.tee_flags import add_tee_flags, evaluation_number, tee_options
 from enclave._daemon.tpm_flags import add_tpm_flags, boot_chain_of, tpm_manifest_inputs, tpm_options
 from enclave.attestation import ReferenceValues
-from enclave.attestation.manifest import UNMEASURED_OS_WARNING
+from enclave.attestation.manifest import DCAP_PLATFORMS, UNMEASURED_OS_WARNING
 from enclave.attestation.sim import SIMULATION_WARNING
 from enclave.errors import EnclaveError
 
@@ -103,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=HEX",
         help="tdx, sev-snp, sgx: a register's reference value (e.g. mrtd=..., measurement=..., "
         "mrenclave=...), as the operator measured it; repeatable",
+    )
+    manifest.add_argument(
+        "--min-tcb-evaluation-data-number",
+        type=evaluation_number,
+        metavar="N",
+        help="tdx, sgx: refuse TCB info and QE identity from an earlier TCB evaluation than N"
+        " (1 to 4294967295), so that old but unexpired collateral cannot hide a TCB recovery",
     )
 
     serve = commands.add_parser(
@@ -204,6 +211,8 @@ def _manifest(args: argparse.Namespace) -> int:
         raise UsageError("--register is for --platform tdx, sev-snp or sgx")
     if args.platform in (*TSM_PLATFORMS, SGX_PLATFORM):
         registers = parse_assignments(args.register, "--register")
+    if args.min_tcb_evaluation_data_number is not None and args.platform not in DCAP_PLATFORMS:
+        raise UsageError("--min-tcb-evaluation-data-number is for --platform tdx or sgx")
     reference = reference_values(
         args.platform,
         ca_der,
@@ -211,6 +220,7 @@ def _manifest(args: argparse.Namespace) -> int:
         tpm_app_pcr=args.tpm_pcr,
         tpm_ek_roots=ek_roots,
         allow_unmeasured_os=args.platform == TPM_PLATFORM and args.allow_unmeasured_os,
+        min_tcb_evaluation_data_number=args.min_tcb_evaluation_data_number,
     )
     reference = ReferenceValues.from_toml(reference.to_toml())  # what the custodian will read
     boot_chain = boot_chain_of(args, reference)
@@ -230,6 +240,7 @@ def _manifest(args: argparse.Namespace) -> int:
                     "code_sha384": reference.code_sha384,
                     "registers": dict(reference.registers),
                     "allow_unmeasured_os": reference.allow_unmeasured_os,
+                    "min_tcb_evaluation_data_number": reference.min_tcb_evaluation_data_number,
                     "boot_chain": boot_chain,
                 }
             )

@@ -142,6 +142,7 @@ def reference_values(
     tpm_app_pcr: int = DEFAULT_APP_PCR,
     tpm_ek_roots: str = "",
     allow_unmeasured_os: bool = False,
+    min_tcb_evaluation_data_number: int | None = None,
 ) -> ReferenceValues:
     """The manifest of this build on ``platform``, trusting the given custodian CA.
 
@@ -169,6 +170,7 @@ def reference_values(
         tpm_app_pcr=tpm_app_pcr,
         tpm_ek_roots=tpm_ek_roots,
         allow_unmeasured_os=allow_unmeasured_os,
+        min_tcb_evaluation_data_number=min_tcb_evaluation_data_number,
     )
 
 

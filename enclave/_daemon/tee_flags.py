@@ -83,3 +83,14 @@ def _kds_url(url: str | None) -> str | None:
         return check_base_url(url or DEFAULT_KDS_URL)
     except ValueError as exc:
         raise UsageError(f"--amd-kds: {exc}") from None
+
+
+def evaluation_number(text: str) -> int:
+    """``--min-tcb-evaluation-data-number``: Intel's TCB evaluation numbers are 32-bit and start at 1."""
+    try:
+        number = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= number <= 0xFFFFFFFF:
+        raise argparse.ArgumentTypeError(f"{number} is out of range (1 to 4294967295)")
+    return number

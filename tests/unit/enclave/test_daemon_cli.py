@@ -305,3 +305,33 @@ def test_a_closed_pipe_is_no_error(ca_file: tuple[Path, CertAuthority], tmp_path
     process.wait(timeout=60)
     assert "Traceback" not in stderr, stderr
     assert "BrokenPipe" not in stderr, stderr
+
+
+def test_manifest_pins_a_minimum_tcb_evaluation_for_tdx(
+    ca_file: tuple[Path, CertAuthority], tmp_path: Path
+) -> None:
+    out = tmp_path / "tdx.toml"
+    registers = [f"--register={name}={'ab' * 48}" for name in ("mrtd", "rtmr0", "rtmr1", "rtmr2")]
+    argv = ["manifest", "--platform", "tdx", "--custodian-ca", str(ca_file[0]), "--out", str(out)]
+    assert main([*argv, *registers, "--min-tcb-evaluation-data-number", "17"]) == 0
+    assert ReferenceValues.from_toml(out.read_text()).min_tcb_evaluation_data_number == 17
+
+
+@pytest.mark.parametrize(
+    ("platform", "number"),
+    [("sim", "17"), ("tdx", "0"), ("tdx", "4294967296"), ("tdx", "seventeen")],
+)
+def test_a_minimum_tcb_evaluation_outside_tdx_sgx_or_its_range_is_misuse(
+    ca_file: tuple[Path, CertAuthority], tmp_path: Path, platform: str, number: str
+) -> None:
+    out = tmp_path / "m.toml"
+    argv = ["manifest", "--platform", platform, "--custodian-ca", str(ca_file[0]), "--out", str(out)]
+    registers = [f"--register={name}={'ab' * 48}" for name in ("mrtd", "rtmr0", "rtmr1", "rtmr2")]
+    try:
+        code = main(
+            [*argv, *(registers if platform == "tdx" else []), "--min-tcb-evaluation-data-number", number]
+        )
+    except SystemExit as exited:  # argparse's own refusals exit; ours return the code
+        code = exited.code  # type: ignore[assignment]
+    assert code == 2
+    assert not out.exists()
