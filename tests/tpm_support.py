@@ -180,11 +180,11 @@ class Swtpm:
             if self._process.poll() is not None:
                 self._reap()
                 return False
-            try:  # the control channel: probing it does not disturb the TPM
-                with socket.create_connection(("127.0.0.1", self.port + 1), timeout=1):
-                    return True
-            except OSError:
-                time.sleep(0.02)
+            # Both ports listening, read from the kernel's table: a connection to the TPM's own port
+            # would take swtpm's one client slot, and the control port alone can be up first.
+            if _listening(self.port) and _listening(self.port + 1):
+                return True
+            time.sleep(0.02)
         self.stop()
         pytest.fail(f"swtpm did not listen within {STARTUP_WAIT_S} s")
 
@@ -218,6 +218,16 @@ class Swtpm:
     def tools_env(self) -> dict[str, str]:
         """Environment for tpm2-tools against this TPM."""
         return {**os.environ, "TPM2TOOLS_TCTI": self.tcti}
+
+
+def _listening(port: int) -> bool:
+    """Whether a socket listens on 127.0.0.1:``port`` (``/proc/net/tcp``, state 0A)."""
+    wanted = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp") as table:
+        return any(
+            fields[1] == wanted and fields[3] == "0A"
+            for fields in (line.split() for line in table.readlines()[1:])
+        )
 
 
 def _free_port_pair() -> int:
