@@ -1,4 +1,4 @@
-"""The custodian's services wired over a real SQLite ledger in a temp dir, with a settable clock."""
+"""The custodian's services over a real ledger (SQLite in a temp dir or PostgreSQL) and a settable clock."""
 
 from __future__ import annotations
 
@@ -150,10 +150,13 @@ class AnyBytesLoad:
 
 
 @asynccontextmanager
-async def custody(tmp_path: Path, *, clock: Clock | None = None, **config: Any) -> AsyncIterator[Custody]:
+async def custody(
+    tmp_path: Path, *, clock: Clock | None = None, database: str | Path | None = None, **config: Any
+) -> AsyncIterator[Custody]:
+    """The services over the ledger at ``database`` (default: SQLite in ``tmp_path``)."""
     clock = clock or Clock()
     settings = CustodianConfig(data_dir=tmp_path, **config)
-    ledger = await Ledger.open(tmp_path / "ledger.sqlite3", now=clock)
+    ledger = await Ledger.open(database or tmp_path / "ledger.sqlite3", now=clock)
     try:
         store = ModelStore.open(
             tmp_path,
