@@ -10,8 +10,8 @@ the last writer committed, and the record it writes back is the one it read.
 That is the lock SQLite's ``BEGIN IMMEDIATE`` takes, now across machines; a
 grouped commit (``Ledger.grouped``) takes it once for every usage report in the
 group. Taking it first, before any row, also means there is one lock order and
-no deadlock. Within one replica, writers also queue on an ``asyncio.Lock``
-rather than each holding a pooled connection while it waits.
+no deadlock. Within one replica, transactions queue on an ``asyncio.Lock``
+and run on one connection, kept open between them.
 
 Schema migrations run under a session advisory lock: the first replica to
 start migrates, the others wait for it and find nothing left to do.
@@ -19,7 +19,7 @@ start migrates, the others wait for it and find nothing left to do.
 A connection that fails (the database restarted, the network cut) makes the
 transaction fail with ``LedgerError`` ("ledger is unavailable"), which callers
 report as ``UNAVAILABLE``; nothing is acknowledged that was not committed. The
-pool replaces broken connections on the next transaction.
+next transaction opens a new connection.
 
 The database URL may hold a password: it is never logged nor put in an error
 (``redact``).
@@ -48,8 +48,6 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = len(MIGRATIONS)
 # Session advisory lock held while migrating (an arbitrary constant: "custos" in ASCII, then 1).
 MIGRATION_LOCK = 0x637573746F7301
-# Connections per replica: one writer at a time, plus readers (the console, the audit stream).
-POOL_SIZE = 4
 CONNECT_TIMEOUT_SECONDS = 10.0
 
 # What a lost or refused connection looks like to asyncpg.
@@ -137,14 +135,14 @@ class PostgresLedger(Ledger):
     """A PostgreSQL database shared with other replicas; this replica's writers queue on one lock."""
 
     def __init__(
-        self, pool: asyncpg.Pool, url: str, now: Callable[[], datetime], *, readonly: bool = False
+        self, conn: asyncpg.Connection, url: str, now: Callable[[], datetime], *, readonly: bool = False
     ) -> None:
         super().__init__(now)
-        self._pool = pool
+        self._url = url
         self._where = redact(url)
         self._readonly = readonly
         self._lock = asyncio.Lock()
-        self._conn: asyncpg.Connection | None = None
+        self._conn: asyncpg.Connection | None = conn
 
     @classmethod
     async def connect(
@@ -152,26 +150,22 @@ class PostgresLedger(Ledger):
     ) -> PostgresLedger:
         where = redact(url)
         try:
-            pool = await asyncpg.create_pool(
-                url, min_size=1, max_size=POOL_SIZE, timeout=CONNECT_TIMEOUT_SECONDS, command_timeout=None
-            )
+            conn = await _connect(url)
         except (*_UNAVAILABLE, asyncpg.PostgresError, ValueError) as exc:
             raise LedgerError(f"cannot open the ledger at {where}: {_reason(exc)}") from None
         try:
-            async with pool.acquire() as conn:
-                await _migrate(conn, where, readonly=readonly)
+            await _migrate(conn, where, readonly=readonly)
         except BaseException:
-            await pool.close()
+            conn.terminate()
             raise
-        return cls(pool, url, now, readonly=readonly)
+        return cls(conn, url, now, readonly=readonly)
 
     async def close(self) -> None:
         await self._finish_groups()
         async with self._lock:
-            if self._conn is not None and not self._conn.is_closed():
-                await _release(self._pool, self._conn)
+            if self._conn is not None:
+                await _close(self._conn)
             self._conn = None
-            await self._pool.close()
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:
@@ -202,11 +196,12 @@ class PostgresLedger(Ledger):
                 raise
 
     async def _connection(self) -> asyncpg.Connection:
-        """The connection this replica's transactions run on, kept between them (no pool reset each time)."""
+        """The connection this replica's transactions run on, opened again if it was lost."""
         if self._conn is None or self._conn.is_closed():
+            self._conn = None
             try:
-                self._conn = await self._pool.acquire(timeout=CONNECT_TIMEOUT_SECONDS)
-            except (*_UNAVAILABLE, asyncpg.PostgresError) as exc:
+                self._conn = await _connect(self._url)
+            except (*_UNAVAILABLE, asyncpg.PostgresError, ValueError) as exc:
                 raise LedgerError(f"ledger is unavailable: {_reason(exc)}") from None
         return self._conn
 
@@ -239,9 +234,13 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-async def _release(pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
+async def _connect(url: str) -> asyncpg.Connection:
+    return await asyncpg.connect(url, timeout=CONNECT_TIMEOUT_SECONDS, command_timeout=None)
+
+
+async def _close(conn: asyncpg.Connection) -> None:
     try:
-        await pool.release(conn)
+        await conn.close(timeout=CONNECT_TIMEOUT_SECONDS)
     except (*_UNAVAILABLE, asyncpg.PostgresError):
         conn.terminate()
 
