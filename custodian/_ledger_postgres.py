@@ -119,6 +119,42 @@ class PostgresTransaction(Transaction):
         if changed != 1:
             raise ConflictError(f"{what} already exists")
 
+    # ------------------------------------------- what replicas share (custodian.replica)
+
+    async def shared_keys(self) -> dict[str, tuple[bytes, bytes]]:
+        """Every shared key by name: (the key wrapped by the master key, its certificate or b"")."""
+        rows = await self._all("SELECT name, wrapped, certificate FROM shared_keys")
+        return {r["name"]: (bytes(r["wrapped"]), bytes(r["certificate"])) for r in rows}
+
+    async def add_shared_key(self, name: str, wrapped: bytes, certificate: bytes) -> None:
+        await self._insert(
+            f"shared key {name!r}", "INSERT INTO shared_keys VALUES (?, ?, ?)", (name, wrapped, certificate)
+        )
+
+    async def add_sealed_chunk(self, model_id: bytes, chunk: int, ciphertext: bytes) -> None:
+        await self._insert(
+            f"chunk {chunk} of model {model_id.hex()}",
+            "INSERT INTO sealed_chunks VALUES (?, ?, ?, ?)",
+            (model_id, chunk, ciphertext, self.now.timestamp()),
+        )
+
+    async def sealed_chunk(self, model_id: bytes, chunk: int) -> bytes | None:
+        row = await self._one(
+            "SELECT ciphertext FROM sealed_chunks WHERE model_id = ? AND chunk = ?", (model_id, chunk)
+        )
+        return bytes(row["ciphertext"]) if row else None
+
+    async def remove_sealed(self, model_id: bytes) -> int:
+        return await self._run("DELETE FROM sealed_chunks WHERE model_id = ?", (model_id,))
+
+    async def remove_orphaned_chunks(self, written_before: float) -> int:
+        """Chunks no model record names, written before ``written_before`` (older than any upload)."""
+        return await self._run(
+            "DELETE FROM sealed_chunks WHERE written_at < ?"
+            " AND model_id NOT IN (SELECT model_id FROM models)",
+            (written_before,),
+        )
+
     async def _read_audit_head(self) -> tuple[int, bytes]:
         if self._locked_head is None:
             raise LedgerError("a read-only ledger transaction cannot append to the audit log")

@@ -12,6 +12,11 @@ record methods' statements (``custodian.ledger``) run unchanged on both, plus:
   replica: the chain never forks and has no gaps, and writers are serialised
   as SQLite's ``BEGIN IMMEDIATE`` serialises them, so no read-modify-write
   loses an update.
+
+Version 2 holds what a single custodian keeps in its data directory and every
+replica must share (``custodian.replica``): the CA keys and the key-encryption
+key, each wrapped by the master key (never in clear), and the sealed models'
+ciphertext chunks.
 """
 
 MIGRATIONS = (
@@ -112,5 +117,19 @@ MIGRATIONS = (
         FOR EACH ROW EXECUTE FUNCTION custos_append_only('receipts are append-only');
     CREATE TRIGGER receipts_append_only_truncate BEFORE TRUNCATE ON receipts
         FOR EACH STATEMENT EXECUTE FUNCTION custos_append_only('receipts are append-only');
+    """,
+    """
+    CREATE TABLE shared_keys (
+        name TEXT PRIMARY KEY,
+        wrapped BYTEA NOT NULL,
+        certificate BYTEA NOT NULL
+    );
+    CREATE TABLE sealed_chunks (
+        model_id BYTEA NOT NULL,
+        chunk BIGINT NOT NULL,
+        ciphertext BYTEA NOT NULL,
+        written_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (model_id, chunk)
+    );
     """,
 )

@@ -50,6 +50,7 @@ from custodian._rows import (
 )
 from custodian._schema import MIGRATIONS
 from custodian.audit import GENESIS, AuditEntry, AuditValue
+from custodian.config import is_postgres_url
 from custodian.errors import LedgerError
 from custodian.records import (
     LEASE_STATES,
@@ -81,11 +82,6 @@ SCHEMA_VERSION = len(MIGRATIONS)
 GROUP_LIMIT = 256
 
 T = TypeVar("T")
-
-
-def is_postgres_url(database: str | Path) -> bool:
-    """Whether ``database`` names a PostgreSQL database rather than an SQLite file."""
-    return isinstance(database, str) and database.startswith(("postgresql://", "postgres://"))
 
 
 class Transaction(ABC):

@@ -11,6 +11,8 @@ checks it before anything in it is used), created on first start:
     kek                     key-encryption key of the models' data keys
     ledger.sqlite3          the ledger (WAL)
     models/                 sealed models
+    master.key              with --database (replicas on PostgreSQL), instead of the CA keys, kek,
+                            ledger and models, which the database holds (the keys wrapped by this one)
     admin.sock              admin API (0600)
     endpoints.json          where it listens, written once it serves, removed when it stops
 """
@@ -34,7 +36,7 @@ import grpc
 import grpc.aio
 from prometheus_client import start_http_server
 
-from custodian import data_dir
+from custodian import data_dir, replica
 from custodian._status import StatusInterceptor
 from custodian.admin import Admin
 from custodian.admin_access import AdminAccess
@@ -130,17 +132,27 @@ class CustodianServer:
         data = config.data_dir
         data_dir.prepare(data, uid=owner_uid)
         self._lock = _lock(data / "custodian.lock")
-        tls_ca = CertificateAuthority.load_or_create(data, "custodian-ca", "Custos custodian CA", now=now())
-        enclave_ca = CertificateAuthority.load_or_create(data, "enclave-ca", "Custos enclave CA", now=now())
-        ak_ca = CertificateAuthority.load_or_create(data, "ak-ca", "Custos TPM AK CA", now=now())
+        chunk_size, max_bytes = config.model_chunk_size, config.max_model_bytes
+        if config.database is None:
+            tls_ca = CertificateAuthority.load_or_create(
+                data, "custodian-ca", "Custos custodian CA", now=now()
+            )
+            enclave_ca = CertificateAuthority.load_or_create(
+                data, "enclave-ca", "Custos enclave CA", now=now()
+            )
+            ak_ca = CertificateAuthority.load_or_create(data, "ak-ca", "Custos TPM AK CA", now=now())
+            admin_ca = CertificateAuthority.load_or_create(data, "admin-ca", "Custos admin CA", now=now())
+            # SQLite gives the -wal and -shm files the mode of the database file.
+            data_dir.create_private(data / "ledger.sqlite3")
+            ledger = self._ledger = await Ledger.open(data / "ledger.sqlite3", now=now)
+            store = ModelStore.open(data, ledger, chunk_size=chunk_size, max_bytes=max_bytes)
+        else:
+            ledger = self._ledger = await Ledger.open(config.database, now=now)
+            keys = await replica.shared_keys(ledger, config.master_key_path, now=now())
+            tls_ca, enclave_ca, ak_ca, admin_ca = keys.tls_ca, keys.enclave_ca, keys.ak_ca, keys.admin_ca
+            store = ModelStore.shared(ledger, keys.kek, chunk_size=chunk_size, max_bytes=max_bytes)
         self.custodian_ca_pem = tls_ca.pem
-        # SQLite gives the -wal and -shm files the mode of the database file.
-        data_dir.create_private(data / "ledger.sqlite3")
-        ledger = self._ledger = await Ledger.open(data / "ledger.sqlite3", now=now)
-        store = ModelStore.open(
-            data, ledger, chunk_size=config.model_chunk_size, max_bytes=config.max_model_bytes
-        )
-        store.remove_orphans({m.model_id for m in await store.models()})
+        await store.remove_orphans()
 
         bus = ControlBus()
         self.metrics.watch_streams.set_function(lambda: bus.streams)
@@ -190,7 +202,6 @@ class CustodianServer:
         )
 
         admin = self._server(_ADMIN_MAX_MESSAGE)
-        admin_ca = CertificateAuthority.load_or_create(data, "admin-ca", "Custos admin CA", now=now())
         admin_port = None
         if config.admin_listen is not None:
             admin_port = _bind(

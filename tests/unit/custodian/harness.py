@@ -16,7 +16,7 @@ from custodian.control import ControlBus
 from custodian.deployments import Deployments
 from custodian.enrolment import Enrolment
 from custodian.leases import Leases, LeaseView
-from custodian.ledger import InstanceRecord, Ledger
+from custodian.ledger import InstanceRecord, Ledger, is_postgres_url
 from custodian.metering import UsageClaim
 from custodian.metrics import CustodianMetrics
 from custodian.model_check import ModelInput
@@ -158,13 +158,12 @@ async def custody(
     settings = CustodianConfig(data_dir=tmp_path, **config)
     ledger = await Ledger.open(database or tmp_path / "ledger.sqlite3", now=clock)
     try:
-        store = ModelStore.open(
-            tmp_path,
-            ledger,
-            chunk_size=settings.model_chunk_size,
-            max_bytes=settings.max_model_bytes,
-            start_check=AnyBytesLoad.start,
-        )
+        sizes = {"chunk_size": settings.model_chunk_size, "max_bytes": settings.max_model_bytes}
+        if database is not None and is_postgres_url(database):
+            # Replicas keep the sealed chunks in the database (the shared KEK: test_replica.py).
+            store = ModelStore.shared(ledger, os.urandom(32), **sizes, start_check=AnyBytesLoad.start)
+        else:
+            store = ModelStore.open(tmp_path, ledger, **sizes, start_check=AnyBytesLoad.start)
         bus, metrics = ControlBus(), CustodianMetrics()
         tls_ca = CertificateAuthority.load_or_create(
             tmp_path, "custodian-ca", "test custodian CA", now=clock()

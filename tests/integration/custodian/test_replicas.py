@@ -1,0 +1,151 @@
+"""Custodian replicas on one PostgreSQL database, as real processes: shared keys, one ledger, any replica.
+
+The database is a real PostgreSQL server the harness started (``tests/postgres_support``);
+each replica is ``custodian serve --database URL`` with a data directory of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from client import connect
+from testkit.processes import (
+    DIGITS_MODEL,
+    DIGITS_SAMPLES,
+    Custodian,
+    Enclave,
+    enclave_manifest,
+    isolated_env,
+    poll,
+    run,
+    running,
+    script,
+)
+from tests.postgres_support import Postgres
+
+pytestmark = pytest.mark.integration
+
+
+def _replica(tmp: Path, name: str, env: dict[str, str], url: str) -> Custodian:
+    return Custodian(tmp / name, env, extra_args=["--database", url])
+
+
+def _custodian(env: dict[str, str], *args: str) -> tuple[int, str, str]:
+    result = run([script("custodian"), *args], env, check=False)
+    return result.returncode, result.stdout, result.stderr
+
+
+def test_a_second_replica_needs_the_master_key_then_serves_what_the_first_one_holds(
+    tmp_path: Path, postgres: Postgres
+) -> None:
+    url = postgres.new_database()
+    env = isolated_env(tmp_path)
+    first, second = _replica(tmp_path, "a", env, url), _replica(tmp_path, "b", env, url)
+    enclave = Enclave(tmp_path / "enclave", env)
+    with running(first, second, enclave):
+        first.start()
+        master = tmp_path / "a" / "master.key"
+        assert stat.S_IMODE(master.stat().st_mode) == 0o600
+        assert not (tmp_path / "a" / "ledger.sqlite3").exists()
+        assert not list((tmp_path / "a").glob("*-ca.key"))
+
+        # A replica without the master key refuses, and says which file it needs.
+        serve = ["serve", "--data", str(tmp_path / "b"), "--database", url, "--listen", "127.0.0.1:0"]
+        code, _, err = _custodian(env, *serve)
+        assert code == 1, err
+        assert f"no master key at {tmp_path / 'b' / 'master.key'}" in err
+        assert "--master-key FILE" in err
+        init = ["replica", "init", "--data", str(tmp_path / "b"), "--database", url]
+        code, _, err = _custodian(env, *init)
+        assert code == 1
+        assert "no master key at" in err
+        # Another key is not this database's.
+        other = tmp_path / "other.key"
+        other.write_bytes(os.urandom(32))
+        other.chmod(0o600)
+        code, _, err = _custodian(env, *init, "--master-key", str(other))
+        assert code == 1
+        assert "is not this database's master key" in err
+        # With a copy of the first replica's file, it is ready.
+        shutil.copy(master, tmp_path / "b" / "master.key")
+        (tmp_path / "b" / "master.key").chmod(0o600)
+        code, out, err = _custodian(env, *init)
+        assert code == 0, err
+        assert out.startswith("ready:")
+        second.start()
+
+        # One CA, one set of models and deployments, whichever replica is asked.
+        assert first.ca_pem() == second.ca_pem()
+        ca = first.ca_file()
+        first.console("model", "add", str(DIGITS_MODEL), "--name", "digits")
+        assert [m["name"] for m in second.console("model", "list")] == ["digits"]
+        manifest = enclave_manifest(tmp_path / "enclave.toml", ca, env)
+        token = second.console("deployment", "create", "d", "--model", "digits", "--manifest", str(manifest))[
+            "join_token"
+        ]
+        first.console("grant", "d", "5")
+        second.console("grant", "d", "3")
+
+        # An enclave enrols with the second replica and gets the model the first one sealed.
+        enclave.start(second, ca, "d", token)
+        end_user = tmp_path / "end-user.toml"
+        first.console("deployment", "manifest", "d", "--out", str(end_user))
+        with connect(enclave.address, end_user) as conn:
+            for _ in range(3):
+                assert conn.infer_image((DIGITS_SAMPLES / "digit-3.png").read_bytes()).top[0].label == "three"
+        poll(lambda: first.usage("d")["used"] == 3)
+        usage = second.usage("d")
+        assert usage["granted_total"] == 8
+
+    for log in (first.log, second.log, enclave.log):
+        assert postgres.password not in log.read_text()
+
+
+def test_grants_and_revokes_on_two_replicas_at_once_add_up_exactly(
+    tmp_path: Path, postgres: Postgres
+) -> None:
+    url = postgres.new_database()
+    env = isolated_env(tmp_path)
+    first, second = _replica(tmp_path, "a", env, url), _replica(tmp_path, "b", env, url)
+    with running(first, second):
+        first.start()
+        (tmp_path / "b").mkdir(mode=0o700)
+        shutil.copy(tmp_path / "a" / "master.key", tmp_path / "b" / "master.key")
+        second.start()
+        ca = first.ca_file()
+        first.console("model", "add", str(DIGITS_MODEL), "--name", "digits")
+        manifest = enclave_manifest(tmp_path / "enclave.toml", ca, env)
+        first.console("deployment", "create", "d", "--model", "digits", "--manifest", str(manifest))
+        first.console("grant", "d", "1000")
+
+        def change(i: int) -> None:
+            replica = (first, second)[i % 2]
+            if i % 3 == 2:
+                replica.console("revoke", "d", "7")
+            else:
+                replica.console("grant", "d", str(10 + i))
+
+        calls = range(24)
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(change, calls))
+        granted = 1000 + sum(10 + i for i in calls if i % 3 != 2)
+        revoked = 7 * sum(1 for i in calls if i % 3 == 2)
+        for replica in (first, second):
+            usage = replica.usage("d")
+            assert (usage["granted_total"], usage["revoked"]) == (granted, revoked)
+            assert usage["balance"] == granted - revoked
+
+    # One audit chain, read from the database with no replica running, and verified offline.
+    export = tmp_path / "audit.jsonl"
+    code, _, err = _custodian(env, "audit", "export", "--database", url, "--out", str(export))
+    assert code == 0, err
+    code, _, err = _custodian(env, "audit", "verify", str(export), "--json")
+    assert code == 0, err
+    grants = [line for line in export.read_text().splitlines() if '"quota.grant"' in line]
+    assert len(grants) == 1 + sum(1 for i in calls if i % 3 != 2)
