@@ -49,6 +49,8 @@ SCHEMA_VERSION = len(MIGRATIONS)
 # Session advisory lock held while migrating (an arbitrary constant: "custos" in ASCII, then 1).
 MIGRATION_LOCK = 0x637573746F7301
 CONNECT_TIMEOUT_SECONDS = 10.0
+# The LISTEN/NOTIFY channel of control pushes; the payload is a deployment's name.
+CONTROL_CHANNEL = "custos_control"
 
 # What a lost or refused connection looks like to asyncpg.
 _UNAVAILABLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
@@ -118,6 +120,10 @@ class PostgresTransaction(Transaction):
             raise LedgerError(f"ledger statement failed: {_reason(exc)}") from exc
         if changed != 1:
             raise ConflictError(f"{what} already exists")
+
+    async def notify(self, deployment: str) -> None:
+        # Delivered at commit, to every session listening (custodian._control_postgres); never if rolled back.
+        await self._run("SELECT pg_notify(?, ?)", (CONTROL_CHANNEL, deployment))
 
     # ------------------------------------------- what replicas share (custodian.replica)
 

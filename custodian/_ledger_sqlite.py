@@ -95,6 +95,9 @@ class SqliteTransaction(Transaction):
         except sqlite3.IntegrityError as exc:
             raise ConflictError(f"{what} already exists") from exc
 
+    async def notify(self, deployment: str) -> None:
+        """One custodian, no replica to tell: its own control bus is woken by the caller."""
+
 
 class SqliteLedger(Ledger):
     """One SQLite database; transactions are serialised on one connection."""

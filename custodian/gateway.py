@@ -224,7 +224,11 @@ class Gateway(pb_grpc.EnclaveGatewayServicer):
             while True:
                 changed = await subscription.wait(heartbeat_interval(view.valid_for_seconds))
                 view = await self._leases.touch(instance.instance_id)
-                yield pb.ControlEvent(lease=lease_message(view)) if changed else _heartbeat(view)
+                if changed:
+                    self._metrics.control_pushes.inc()
+                    yield pb.ControlEvent(lease=lease_message(view))
+                else:
+                    yield _heartbeat(view)
 
     async def _caller(self, context: Context) -> InstanceRecord:
         """The enrolled instance behind the call's client certificate.

@@ -363,6 +363,12 @@ class Transaction(ABC):
         row = await self._one("SELECT * FROM receipts WHERE instance_id = ? AND seq = ?", (instance_id, seq))
         return receipt_row(row) if row else None
 
+    # ----------------------------------------------------------- control pushes
+
+    @abstractmethod
+    async def notify(self, deployment: str) -> None:
+        """Tell every replica, once this transaction commits, that ``deployment``'s state changed."""
+
     # ------------------------------------------------------------------- audit
 
     async def audit(self, actor: str, action: str, subject: str, detail: Mapping[str, AuditValue]) -> None:

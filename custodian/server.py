@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -56,6 +56,9 @@ from custodian.metrics import CustodianMetrics
 from custodian.model_store import ModelStore
 from custodian.roster import Roster
 from protos import custos_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from custodian._control_postgres import ControlListener
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +96,7 @@ class CustodianServer:
         self._ledger: Ledger | None = None
         self._servers: list[grpc.aio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
+        self._listener: ControlListener | None = None
         self._http: WSGIServer | None = None
         self._socket: Path | None = None
         self._endpoints_file: Path | None = None
@@ -156,6 +160,11 @@ class CustodianServer:
 
         bus = ControlBus()
         self.metrics.watch_streams.set_function(lambda: bus.streams)
+        if config.database is not None:
+            from custodian._control_postgres import ControlListener  # imports asyncpg: replicas only
+
+            self._listener = ControlListener(config.database, bus)
+            self._listener.start()
         if collateral is None:
             own = CustodianCollateral.open(
                 data,
@@ -289,6 +298,9 @@ class CustodianServer:
         for server in self._servers:
             await server.stop(grace)
         self._servers.clear()
+        if self._listener is not None:
+            await self._listener.stop()
+            self._listener = None
         if self._socket is not None:
             self._socket.unlink(missing_ok=True)
             self._socket = None

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from client import connect
+from client.errors import SuspendedError
 from testkit.processes import (
     DIGITS_MODEL,
     DIGITS_SAMPLES,
@@ -94,14 +95,28 @@ def test_a_second_replica_needs_the_master_key_then_serves_what_the_first_one_ho
 
         # An enclave enrols with the second replica and gets the model the first one sealed.
         enclave.start(second, ca, "d", token)
-        end_user = tmp_path / "end-user.toml"
+        end_user, image = tmp_path / "end-user.toml", (DIGITS_SAMPLES / "digit-3.png").read_bytes()
         first.console("deployment", "manifest", "d", "--out", str(end_user))
         with connect(enclave.address, end_user) as conn:
             for _ in range(3):
-                assert conn.infer_image((DIGITS_SAMPLES / "digit-3.png").read_bytes()).top[0].label == "three"
+                assert conn.infer_image(image).top[0].label == "three"
         poll(lambda: first.usage("d")["used"] == 3)
         usage = second.usage("d")
         assert usage["granted_total"] == 8
+
+        # A suspension taken by the first replica is pushed by the second, on whose stream the
+        # enclave is: only a notification from the database can wake that stream (the first
+        # replica has no stream to push on; heartbeats are not counted as pushes).
+        pushes = "custos_custodian_control_pushes_total"
+        before = second.metric(pushes)
+        first.console("suspend", "d")
+        poll(lambda: second.metric(pushes) > before)
+        assert first.metric(pushes) == 0
+        with connect(enclave.address, end_user) as conn:
+            with pytest.raises(SuspendedError):
+                poll(lambda: conn.infer_image(image) and False, deadline=5)
+        first.console("resume", "d")
+        poll(lambda: second.metric(pushes) > before + 1)
 
     for log in (first.log, second.log, enclave.log):
         assert postgres.password not in log.read_text()

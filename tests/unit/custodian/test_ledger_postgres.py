@@ -14,8 +14,10 @@ from dataclasses import replace
 import asyncpg
 import pytest
 
+from custodian._control_postgres import ControlListener
 from custodian._ledger_postgres import SCHEMA_VERSION, redact
 from custodian.audit_stream import LedgerAudit, check_tail
+from custodian.control import ControlBus
 from custodian.errors import LedgerError
 from custodian.ledger import Ledger, Transaction
 from custodian.quota import Account
@@ -205,5 +207,61 @@ def test_a_restarted_database_fails_transactions_meanwhile_then_serves_again(own
             assert (await check_tail(LedgerAudit(ledger), None)).length == 2
         finally:
             await ledger.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_committed_change_wakes_every_replicas_streams_and_a_rolled_back_one_none(
+    postgres: Postgres,
+) -> None:
+    url = postgres.new_database()
+
+    async def notify_then_fail(ledger: Ledger) -> None:
+        async with ledger.transaction() as tx:
+            await tx.notify("d")
+            raise RuntimeError("rolled back")
+
+    async def scenario() -> None:
+        ledger = await Ledger.open(url, now=Clock())
+        bus = ControlBus()
+        listener = ControlListener(url, bus)
+        listener.start()
+        try:
+            await asyncio.wait_for(listener.listening.wait(), 10)
+            with bus.subscribe("i", "d") as subscription, bus.subscribe("j", "other") as bystander:
+                await subscription.wait(0)  # the wake-up every stream gets when the listener connects
+                await bystander.wait(0)
+                with pytest.raises(RuntimeError):
+                    await notify_then_fail(ledger)
+                assert not await subscription.wait(0.5)
+                async with ledger.transaction() as tx:
+                    await tx.notify("d")
+                assert await subscription.wait(1.0)
+                assert not await bystander.wait(0.2)
+        finally:
+            await listener.stop()
+            await ledger.close()
+
+    asyncio.run(scenario())
+
+
+def test_the_listener_reconnects_after_a_restart_and_wakes_every_stream(own_cluster: Postgres) -> None:
+    url = own_cluster.new_database()
+
+    async def scenario() -> None:
+        bus = ControlBus()
+        listener = ControlListener(url, bus)
+        listener.start()
+        try:
+            await asyncio.wait_for(listener.listening.wait(), 10)
+            with bus.subscribe("i", "d") as subscription:
+                await subscription.wait(0)
+                await asyncio.to_thread(own_cluster.stop_server)
+                await asyncio.to_thread(own_cluster.start_server)
+                # Whatever was notified while it was away is lost: the stream reads its state again.
+                assert await subscription.wait(15)
+                await asyncio.wait_for(listener.listening.wait(), 10)
+        finally:
+            await listener.stop()
 
     asyncio.run(scenario())
