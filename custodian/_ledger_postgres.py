@@ -49,6 +49,8 @@ SCHEMA_VERSION = len(MIGRATIONS)
 # Session advisory lock held while migrating (an arbitrary constant: "custos" in ASCII, then 1).
 MIGRATION_LOCK = 0x637573746F7301
 CONNECT_TIMEOUT_SECONDS = 10.0
+# Session advisory lock of the replica that runs the jobs that must run once ("custos", then 2).
+SINGLETON_LOCK = 0x637573746F7302
 # The LISTEN/NOTIFY channel of control pushes; the payload is a deployment's name.
 CONTROL_CHANNEL = "custos_control"
 
@@ -185,6 +187,8 @@ class PostgresLedger(Ledger):
         self._readonly = readonly
         self._lock = asyncio.Lock()
         self._conn: asyncpg.Connection | None = conn
+        # The connection holding the singletons' lock (None: not held).
+        self._singletons_on: asyncpg.Connection | None = None
 
     @classmethod
     async def connect(
@@ -236,6 +240,23 @@ class PostgresLedger(Ledger):
             except BaseException:
                 await self._rollback(conn)
                 raise
+
+    async def runs_singletons(self) -> bool:
+        """Whether this replica holds the singletons' advisory lock, taking it if it is free.
+
+        A session lock on this replica's connection: it goes when the replica dies or loses the
+        connection, and another replica takes it at its next sweep.
+        """
+        if self._readonly:
+            return False
+        async with self._lock:
+            conn = await self._connection()
+            if self._singletons_on is conn:
+                return True
+            async with _postgres_errors("ledger is unavailable"):
+                held = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", SINGLETON_LOCK))
+            self._singletons_on = conn if held else None
+            return held
 
     async def _connection(self) -> asyncpg.Connection:
         """The connection this replica's transactions run on, opened again if it was lost."""

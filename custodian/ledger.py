@@ -452,6 +452,13 @@ class Ledger(ABC):
         """The ledger's clock, without a transaction: for checks that need the time and no record."""
         return self._now()
 
+    async def runs_singletons(self) -> bool:
+        """Whether this process is the one to run the jobs that must run once (the lease sweep).
+
+        One SQLite custodian always is; among replicas, one at a time is.
+        """
+        return True
+
     async def _finish_groups(self) -> None:
         """Wait for the grouped work already queued (call first in ``close``)."""
         if self._grouping is not None:

@@ -252,7 +252,7 @@ class CustodianServer:
         for server in self._servers:
             await server.start()
         self._sweeper = asyncio.create_task(
-            _sweep(config.sweep_interval_seconds, leases, enrolment, deployments, self.metrics)
+            _sweep(config.sweep_interval_seconds, ledger, leases, enrolment, deployments, self.metrics)
         )
         self.endpoints = Endpoints(
             enrolment=replace(config.listen, port=enrolment_port),
@@ -346,16 +346,26 @@ def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredent
 
 
 async def _sweep(
-    interval: float, leases: Leases, enrolment: Enrolment, deployments: Deployments, metrics: CustodianMetrics
+    interval: float,
+    ledger: Ledger,
+    leases: Leases,
+    enrolment: Enrolment,
+    deployments: Deployments,
+    metrics: CustodianMetrics,
 ) -> None:
     """Expire unrefreshed leases, purge stale challenges and refresh the deployment gauges, forever."""
 
     async def refresh_gauges() -> None:
         metrics.observe_deployments(await deployments.usage())
 
+    async def expire_and_purge() -> None:
+        # Run once among replicas: whichever holds the ledger's singleton lock (SQLite: always us).
+        if await ledger.runs_singletons():
+            await leases.expire_due()
+            await enrolment.purge_challenges()
+
     jobs = (
-        ("expiring leases", leases.expire_due),
-        ("purging challenges", enrolment.purge_challenges),
+        ("expiring leases and purging challenges", expire_and_purge),
         ("refreshing deployment gauges", refresh_gauges),
     )
     while True:

@@ -265,3 +265,23 @@ def test_the_listener_reconnects_after_a_restart_and_wakes_every_stream(own_clus
             await listener.stop()
 
     asyncio.run(scenario())
+
+
+def test_one_replica_at_a_time_runs_the_singletons_and_another_takes_over_when_it_goes(
+    postgres: Postgres,
+) -> None:
+    url = postgres.new_database()
+
+    async def scenario() -> None:
+        first = await Ledger.open(url, now=Clock())
+        second = await Ledger.open(url, now=Clock())
+        try:
+            assert await first.runs_singletons()
+            assert not await second.runs_singletons()
+            assert await first.runs_singletons()  # still held, by the same session
+            await first.close()
+            assert await second.runs_singletons()
+        finally:
+            await second.close()
+
+    asyncio.run(scenario())
