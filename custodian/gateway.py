@@ -107,7 +107,7 @@ class Gateway(pb_grpc.EnclaveGatewayServicer):
 
     async def GetChallenge(self, request: pb.ChallengeRequest, context: Context) -> pb.Challenge:
         nonce, ttl = await self._enrolment.challenge(request.deployment)
-        return pb.Challenge(nonce=nonce, expires_in_seconds=ttl)
+        return pb.Challenge(nonce=nonce, expires_in_seconds=ttl, mtls_port=self._mtls_port)
 
     async def Enrol(self, request: pb.EnrolRequest, context: Context) -> pb.Enrolment:
         enrolled = await self._enrolment.enrol(

@@ -49,18 +49,24 @@ class Challenge(_message.Message):
 
     NONCE_FIELD_NUMBER: _builtins.int
     EXPIRES_IN_SECONDS_FIELD_NUMBER: _builtins.int
+    MTLS_PORT_FIELD_NUMBER: _builtins.int
     nonce: _builtins.bytes
     expires_in_seconds: _builtins.int
     """Seconds the nonce stays valid; it is single-use."""
+    mtls_port: _builtins.int
+    """Port of this custodian's mutual-TLS gateway (as in Enrolment): an enrolled enclave failing
+    over to another replica of the custodian asks it for a challenge to learn where to go.
+    """
     def __init__(
         self,
         *,
         nonce: _builtins.bytes = ...,
         expires_in_seconds: _builtins.int = ...,
+        mtls_port: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_in_seconds", b"expires_in_seconds", "nonce", b"nonce"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_in_seconds", b"expires_in_seconds", "mtls_port", b"mtls_port", "nonce", b"nonce"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import stat
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -164,3 +165,59 @@ def test_grants_and_revokes_on_two_replicas_at_once_add_up_exactly(
     assert code == 0, err
     grants = [line for line in export.read_text().splitlines() if '"quota.grant"' in line]
     assert len(grants) == 1 + sum(1 for i in calls if i % 3 != 2)
+
+
+def test_kill_9_of_the_replica_an_enclave_is_on_mid_burst_moves_it_and_nothing_is_lost(
+    tmp_path: Path, postgres: Postgres
+) -> None:
+    url = postgres.new_database()
+    env = isolated_env(tmp_path)
+    first, second = _replica(tmp_path, "a", env, url), _replica(tmp_path, "b", env, url)
+    enclave = Enclave(tmp_path / "enclave", env)
+    with running(first, second, enclave):
+        first.start()
+        (tmp_path / "b").mkdir(mode=0o700)
+        shutil.copy(tmp_path / "a" / "master.key", tmp_path / "b" / "master.key")
+        second.start()
+        ca = first.ca_file()
+        first.console("model", "add", str(DIGITS_MODEL), "--name", "digits")
+        manifest = enclave_manifest(tmp_path / "enclave.toml", ca, env)
+        created = first.console(
+            "deployment",
+            "create",
+            "d",
+            "--model",
+            "digits",
+            "--manifest",
+            str(manifest),
+            "--lease-size",
+            "20",
+        )
+        first.console("grant", "d", "100000")
+        # Enrolled with the first replica, the enclave knows both.
+        enclave.start([first, second], ca, "d", created["join_token"])
+        end_user = tmp_path / "end-user.toml"
+        second.console("deployment", "manifest", "d", "--out", str(end_user))
+        image = (DIGITS_SAMPLES / "digit-3.png").read_bytes()
+        served = 0
+        with connect(enclave.address, end_user) as conn:
+            for i in range(120):
+                if i == 40:
+                    first.stop(signal.SIGKILL)  # mid-burst, the replica the enclave is on
+                conn.infer_image(image)  # end users see nothing: every call is served
+                served += 1
+            poll(lambda: enclave.metric("custos_enclave_custodian_failovers_total") >= 1)
+            for _ in range(40):
+                conn.infer_image(image)
+                served += 1
+        enclave.stop()  # the final report, to the second replica
+        usage = second.usage("d")
+        assert usage["used"] == served
+        assert usage["unreported"] == 0
+        assert usage["balance"] + usage["leased"] + usage["used"] + usage["revoked"] == 100000
+
+    export = tmp_path / "audit.jsonl"
+    code, _, err = _custodian(env, "audit", "export", "--database", url, "--out", str(export))
+    assert code == 0, err
+    code, out, err = _custodian(env, "audit", "verify", str(export))
+    assert code == 0, err + out
