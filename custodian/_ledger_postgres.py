@@ -40,7 +40,7 @@ import asyncpg
 
 from custodian._rows import Row
 from custodian._schema_postgres import MIGRATIONS
-from custodian.errors import ConflictError, LedgerError
+from custodian.errors import ConflictError, LedgerError, LedgerUnavailableError
 from custodian.ledger import Ledger, Transaction
 
 logger = logging.getLogger(__name__)
@@ -54,8 +54,14 @@ SINGLETON_LOCK = 0x637573746F7302
 # The LISTEN/NOTIFY channel of control pushes; the payload is a deployment's name.
 CONTROL_CHANNEL = "custos_control"
 
-# What a lost or refused connection looks like to asyncpg.
-_UNAVAILABLE = (OSError, asyncio.TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
+# What a lost or refused connection, or a server shutting down or starting, looks like to asyncpg.
+_UNAVAILABLE = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+)
 _PLACEHOLDER = re.compile(r"\?")
 _translated: dict[str, str] = {}
 
@@ -118,7 +124,9 @@ class PostgresTransaction(Transaction):
             changed = _changed(await self._conn.execute(_sql(f"{sql} ON CONFLICT DO NOTHING"), *params))
         except asyncpg.IntegrityConstraintViolationError as exc:
             raise ConflictError(f"{what} conflicts with the ledger: {exc}") from exc
-        except (*_UNAVAILABLE, asyncpg.PostgresError) as exc:
+        except _UNAVAILABLE as exc:
+            raise LedgerUnavailableError(f"ledger is unavailable: {_reason(exc)}") from exc
+        except asyncpg.PostgresError as exc:
             raise LedgerError(f"ledger statement failed: {_reason(exc)}") from exc
         if changed != 1:
             raise ConflictError(f"{what} already exists")
@@ -265,7 +273,7 @@ class PostgresLedger(Ledger):
             try:
                 self._conn = await _connect(self._url)
             except (*_UNAVAILABLE, asyncpg.PostgresError, ValueError) as exc:
-                raise LedgerError(f"ledger is unavailable: {_reason(exc)}") from None
+                raise LedgerUnavailableError(f"ledger is unavailable: {_reason(exc)}") from None
         return self._conn
 
     async def _rollback(self, conn: asyncpg.Connection) -> None:
@@ -287,7 +295,9 @@ async def _postgres_errors(what: str) -> AsyncIterator[None]:
     """Database failures as ``LedgerError``; the caller's own errors pass unchanged."""
     try:
         yield
-    except (*_UNAVAILABLE, asyncpg.PostgresError) as exc:
+    except _UNAVAILABLE as exc:
+        raise LedgerUnavailableError(f"ledger is unavailable: {_reason(exc)}") from exc
+    except asyncpg.PostgresError as exc:
         raise LedgerError(f"{what}: {_reason(exc)}") from exc
 
 

@@ -17,6 +17,7 @@ not under ``/usr/lib/postgresql/*/bin`` or on the PATH.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import pwd
@@ -25,6 +26,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,8 +164,9 @@ class Postgres:
         finally:
             shutil.rmtree(self.directory, ignore_errors=True)
 
-    def url(self, database: str = "postgres") -> str:
-        return f"postgresql://{SUPERUSER}:{self.password}@127.0.0.1:{self.port}/{database}"
+    def url(self, database: str = "postgres", *, port: int | None = None) -> str:
+        """The URL of ``database``; ``port``: through a proxy (``TcpProxy``) on that port."""
+        return f"postgresql://{SUPERUSER}:{self.password}@127.0.0.1:{port or self.port}/{database}"
 
     def new_database(self) -> str:
         """A fresh, empty database; its URL."""
@@ -178,3 +181,57 @@ class Postgres:
 
         asyncio.run(create())
         return self.url(name)
+
+
+class TcpProxy:
+    """A loopback TCP forwarder to the cluster: cutting it cuts one client off the database."""
+
+    def __init__(self, target_port: int) -> None:
+        self._target = ("127.0.0.1", target_port)
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._server.getsockname()[1]
+        self._open: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._cut = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            with self._lock:
+                if self._cut:
+                    client.close()
+                    continue
+                upstream = socket.create_connection(self._target)
+                self._open += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        """Drop every connection through it, and refuse new ones (as a network partition would)."""
+        with self._lock:
+            self._cut = True
+            for s in self._open:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            self._open.clear()
+
+    def close(self) -> None:
+        self.cut()
+        self._server.close()

@@ -29,7 +29,7 @@ from testkit.processes import (
     running,
     script,
 )
-from tests.postgres_support import Postgres
+from tests.postgres_support import Postgres, TcpProxy
 
 pytestmark = pytest.mark.integration
 
@@ -221,3 +221,47 @@ def test_kill_9_of_the_replica_an_enclave_is_on_mid_burst_moves_it_and_nothing_i
     assert code == 0, err
     code, out, err = _custodian(env, "audit", "verify", str(export))
     assert code == 0, err + out
+
+
+def test_a_replica_cut_off_from_the_database_refuses_work_and_says_why_the_other_carries_on(
+    tmp_path: Path, postgres: Postgres
+) -> None:
+    url = postgres.new_database()
+    proxy = TcpProxy(postgres.port)
+    env = isolated_env(tmp_path)
+    cut_off = _replica(tmp_path, "a", env, postgres.url(url.rsplit("/", 1)[1], port=proxy.port))
+    other = _replica(tmp_path, "b", env, url)
+    enclave = Enclave(tmp_path / "enclave", env)
+    try:
+        with running(cut_off, other, enclave):
+            cut_off.start()
+            (tmp_path / "b").mkdir(mode=0o700)
+            shutil.copy(tmp_path / "a" / "master.key", tmp_path / "b" / "master.key")
+            other.start()
+            ca = cut_off.ca_file()
+            cut_off.console("model", "add", str(DIGITS_MODEL), "--name", "digits")
+            manifest = enclave_manifest(tmp_path / "enclave.toml", ca, env)
+            token = cut_off.console(
+                "deployment", "create", "d", "--model", "digits", "--manifest", str(manifest)
+            )["join_token"]
+            cut_off.console("grant", "d", "1000")
+            enclave.start([cut_off, other], ca, "d", token)
+            end_user = tmp_path / "end-user.toml"
+            other.console("deployment", "manifest", "d", "--out", str(end_user))
+            image = (DIGITS_SAMPLES / "digit-3.png").read_bytes()
+
+            proxy.cut()
+            code, out, err = _custodian(env, "--data", str(tmp_path / "a"), "usage", "--json")
+            assert code == 1
+            assert "ledger is unavailable" in out + err
+            assert postgres.password not in out + err
+            with connect(enclave.address, end_user) as conn:
+                for _ in range(30):
+                    conn.infer_image(image)
+                poll(lambda: enclave.metric("custos_enclave_custodian_failovers_total") >= 1)
+                poll(lambda: other.usage("d")["used"] == 30)
+            other.console("grant", "d", "5")
+            assert other.usage("d")["granted_total"] == 1005
+        assert "ledger is unavailable" in cut_off.log.read_text()
+    finally:
+        proxy.close()
