@@ -21,7 +21,7 @@ from custodian.control import ControlBus
 from custodian.errors import LedgerError
 from custodian.ledger import Ledger, Transaction
 from custodian.quota import Account
-from tests.postgres_support import Postgres
+from tests.postgres_support import Postgres, start_postgres
 from tests.unit.custodian.harness import Clock
 from tests.unit.custodian.test_ledger import _deployment, _model
 
@@ -177,7 +177,7 @@ def test_redact_hides_only_the_password() -> None:
 @pytest.fixture
 def own_cluster() -> Iterator[Postgres]:
     """A cluster of this test's own: it is stopped and started again."""
-    cluster = Postgres.start()
+    cluster = start_postgres()
     try:
         yield cluster
     finally:
