@@ -46,8 +46,18 @@ GRANT = 10**11
 class Setup:
     label: str
     replicas: list[Custodian]
-    reporters: list[Reporter]
+    instances: list[SimInstance]
+    deployment: str
+    sha384: bytes
     database_pids: list[int]
+
+    def reporters(self) -> list[Reporter]:
+        """One per instance, on its gateway channel (made inside the event loop that uses it)."""
+        host = self.replicas[0].gateway.rpartition(":")[0]
+        return [
+            Reporter(i.key, i.instance_id, self.deployment, self.sha384, i.gateway_channel(host))
+            for i in self.instances
+        ]
 
 
 def _postgres_pids(cluster: Postgres) -> list[int]:
@@ -111,10 +121,6 @@ def _instances(bench: Bench, replicas: list[Custodian], label: str) -> tuple[lis
     return instances, name, bytes.fromhex(sha384)
 
 
-def _reporters(instances: list[SimInstance], deployment: str, sha384: bytes, host: str) -> list[Reporter]:
-    return [Reporter(i.key, i.instance_id, deployment, sha384, i.gateway_channel(host)) for i in instances]
-
-
 def run(bench: Bench) -> list[Row]:
     if bin_dir() is None:
         bench.notes.append("replicas: not run, no PostgreSQL (apt-get install postgresql)")
@@ -135,11 +141,8 @@ def run(bench: Bench) -> list[Row]:
             ):
                 bench.say(f"replicas: enrolling {bench.settings.ledger_instances} instances ({label})")
                 instances, deployment, sha384 = _instances(bench, replicas, label)
-                host = replicas[0].gateway.rpartition(":")[0]
                 database = [] if label == "sqlite" else _postgres_pids(cluster)
-                setups.append(
-                    Setup(label, replicas, _reporters(instances, deployment, sha384, host), database)
-                )
+                setups.append(Setup(label, replicas, instances, deployment, sha384, database))
             return asyncio.run(_measure(bench, setups))
     finally:
         cluster.close()
@@ -160,19 +163,20 @@ async def _measure(bench: Bench, setups: list[Setup]) -> list[Row]:
     async def report(r: Reporter) -> None:
         await r.report()
 
+    reporters = {setup.label: setup.reporters() for setup in setups}
     try:
-        for setup in setups:
-            await asyncio.gather(*(r.acquire() for r in setup.reporters))
-            await asyncio.gather(*(r.report() for r in setup.reporters))
+        for group in reporters.values():
+            await asyncio.gather(*(r.acquire() for r in group))
+            await asyncio.gather(*(r.report() for r in group))
         ahead = math.ceil(SIGN_AHEAD_RATE * seconds / bench.settings.ledger_instances)
         bench.say(f"replicas: {rounds} rounds of saturation on sqlite, postgresql-1, postgresql-2")
         for _ in range(rounds):
             for setup in setups:
-                for reporter in setup.reporters:
+                for reporter in reporters[setup.label]:
                     reporter.presign(ahead)
                 pids = [r.pid for r in setup.replicas]
                 custodian, database = _cpu(pids), _cpu(setup.database_pids)
-                load = await _closed_loop(setup.reporters, report, seconds)
+                load = await _closed_loop(reporters[setup.label], report, seconds)
                 calls = max(1, len(load.latencies))
                 results[setup.label].append(
                     Round(
@@ -183,8 +187,8 @@ async def _measure(bench: Bench, setups: list[Setup]) -> list[Row]:
                     )
                 )
     finally:
-        for setup in setups:
-            for reporter in setup.reporters:
+        for group in reporters.values():
+            for reporter in group:
                 await reporter.channel.close(None)
     return _rows(bench, results)
 
