@@ -29,19 +29,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from custodian._rows import Row
+from custodian._postgres_tx import (
+    _UNAVAILABLE,
+    CONTROL_CHANNEL,
+    PostgresTransaction,
+    _postgres_errors,
+    _reason,
+)
 from custodian._schema_postgres import MIGRATIONS
-from custodian.errors import ConflictError, LedgerError, LedgerUnavailableError
+from custodian.errors import LedgerError, LedgerUnavailableError
 from custodian.ledger import Ledger, Transaction
+
+__all__ = ["CONTROL_CHANNEL", "PostgresLedger", "PostgresTransaction", "redact"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,19 +57,6 @@ MIGRATION_LOCK = 0x637573746F7301
 CONNECT_TIMEOUT_SECONDS = 10.0
 # Session advisory lock of the replica that runs the jobs that must run once ("custos", then 2).
 SINGLETON_LOCK = 0x637573746F7302
-# The LISTEN/NOTIFY channel of control pushes; the payload is a deployment's name.
-CONTROL_CHANNEL = "custos_control"
-
-# What a lost or refused connection, or a server shutting down or starting, looks like to asyncpg.
-_UNAVAILABLE = (
-    OSError,
-    asyncio.TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.OperatorInterventionError,
-)
-_PLACEHOLDER = re.compile(r"\?")
-_translated: dict[str, str] = {}
 
 
 def redact(url: str) -> str:
@@ -77,110 +70,6 @@ def redact(url: str) -> str:
         return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
     except ValueError:
         return "the PostgreSQL database"
-
-
-def _sql(statement: str) -> str:
-    """The statement with ``?`` placeholders numbered as PostgreSQL wants them (``$1``, ``$2``...)."""
-    translated = _translated.get(statement)
-    if translated is None:
-        count = iter(range(1, statement.count("?") + 1))
-        translated = _translated[statement] = _PLACEHOLDER.sub(lambda _: f"${next(count)}", statement)
-    return translated
-
-
-def _changed(status: str) -> int:
-    """The row count of a command status such as ``UPDATE 1`` or ``INSERT 0 1``."""
-    last = status.rsplit(" ", 1)[-1]
-    return int(last) if last.isdigit() else 0
-
-
-class PostgresTransaction(Transaction):
-    _LEASE_AGE = "age"
-
-    def __init__(self, conn: asyncpg.Connection, now: datetime, head: tuple[int, bytes] | None) -> None:
-        super().__init__(now)
-        self._conn = conn
-        self._audit_head = head
-        # The head as locked: written back at commit if this transaction appended to the log.
-        self._locked_head = head
-
-    async def _one(self, sql: str, params: tuple[Any, ...] = ()) -> Row | None:
-        async with _postgres_errors("ledger statement failed"):
-            row: Row | None = await self._conn.fetchrow(_sql(sql), *params)
-        return row
-
-    async def _all(self, sql: str, params: tuple[Any, ...] = ()) -> list[Row]:
-        async with _postgres_errors("ledger statement failed"):
-            rows: list[Row] = await self._conn.fetch(_sql(sql), *params)
-        return rows
-
-    async def _run(self, sql: str, params: tuple[Any, ...] = ()) -> int:
-        async with _postgres_errors("ledger statement failed"):
-            return _changed(await self._conn.execute(_sql(sql), *params))
-
-    async def _insert(self, what: str, sql: str, params: tuple[Any, ...]) -> None:
-        # ON CONFLICT keeps the transaction usable after a duplicate, as SQLite's does.
-        try:
-            changed = _changed(await self._conn.execute(_sql(f"{sql} ON CONFLICT DO NOTHING"), *params))
-        except asyncpg.IntegrityConstraintViolationError as exc:
-            raise ConflictError(f"{what} conflicts with the ledger: {exc}") from exc
-        except _UNAVAILABLE as exc:
-            raise LedgerUnavailableError(f"ledger is unavailable: {_reason(exc)}") from exc
-        except asyncpg.PostgresError as exc:
-            raise LedgerError(f"ledger statement failed: {_reason(exc)}") from exc
-        if changed != 1:
-            raise ConflictError(f"{what} already exists")
-
-    async def notify(self, deployment: str) -> None:
-        # Delivered at commit, to every session listening (custodian._control_postgres); never if rolled back.
-        await self._run("SELECT pg_notify(?, ?)", (CONTROL_CHANNEL, deployment))
-
-    # ------------------------------------------- what replicas share (custodian.replica)
-
-    async def shared_keys(self) -> dict[str, tuple[bytes, bytes]]:
-        """Every shared key by name: (the key wrapped by the master key, its certificate or b"")."""
-        rows = await self._all("SELECT name, wrapped, certificate FROM shared_keys")
-        return {r["name"]: (bytes(r["wrapped"]), bytes(r["certificate"])) for r in rows}
-
-    async def add_shared_key(self, name: str, wrapped: bytes, certificate: bytes) -> None:
-        await self._insert(
-            f"shared key {name!r}", "INSERT INTO shared_keys VALUES (?, ?, ?)", (name, wrapped, certificate)
-        )
-
-    async def add_sealed_chunk(self, model_id: bytes, chunk: int, ciphertext: bytes) -> None:
-        await self._insert(
-            f"chunk {chunk} of model {model_id.hex()}",
-            "INSERT INTO sealed_chunks VALUES (?, ?, ?, ?)",
-            (model_id, chunk, ciphertext, self.now.timestamp()),
-        )
-
-    async def sealed_chunk(self, model_id: bytes, chunk: int) -> bytes | None:
-        row = await self._one(
-            "SELECT ciphertext FROM sealed_chunks WHERE model_id = ? AND chunk = ?", (model_id, chunk)
-        )
-        return bytes(row["ciphertext"]) if row else None
-
-    async def remove_sealed(self, model_id: bytes) -> int:
-        return await self._run("DELETE FROM sealed_chunks WHERE model_id = ?", (model_id,))
-
-    async def remove_orphaned_chunks(self, written_before: float) -> int:
-        """Chunks no model record names, written before ``written_before`` (older than any upload)."""
-        return await self._run(
-            "DELETE FROM sealed_chunks WHERE written_at < ?"
-            " AND model_id NOT IN (SELECT model_id FROM models)",
-            (written_before,),
-        )
-
-    async def _read_audit_head(self) -> tuple[int, bytes]:
-        if self._locked_head is None:
-            raise LedgerError("a read-only ledger transaction cannot append to the audit log")
-        # A savepoint was rolled back: the head row is still locked by us, the log has the truth.
-        return await super()._read_audit_head()
-
-    async def _write_head(self) -> None:
-        if self._audit_head is not None and self._audit_head != self._locked_head:
-            seq, digest = self._audit_head
-            await self._conn.execute("UPDATE audit_head SET seq = $1, hash = $2", seq, digest)
 
 
 class PostgresLedger(Ledger):
@@ -241,8 +130,8 @@ class PostgresLedger(Ledger):
                 except BaseException:
                     await self._rollback(conn)
                     raise
+                await tx._before_commit()
                 async with _postgres_errors("ledger commit failed"):
-                    await tx._write_head()
                     await conn.execute("COMMIT")
                 self._commits += 1
             except BaseException:
@@ -286,25 +175,14 @@ class PostgresLedger(Ledger):
             conn.terminate()
 
     async def _savepoint(self, tx: Transaction, statement: str) -> None:
+        # What a piece wrote is kept in the transaction (custodian._postgres_tx): so is its savepoint.
         assert isinstance(tx, PostgresTransaction)
-        await tx._conn.execute(statement)
-
-
-@asynccontextmanager
-async def _postgres_errors(what: str) -> AsyncIterator[None]:
-    """Database failures as ``LedgerError``; the caller's own errors pass unchanged."""
-    try:
-        yield
-    except _UNAVAILABLE as exc:
-        raise LedgerUnavailableError(f"ledger is unavailable: {_reason(exc)}") from exc
-    except asyncpg.PostgresError as exc:
-        raise LedgerError(f"{what}: {_reason(exc)}") from exc
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, asyncio.TimeoutError):
-        return "timed out"
-    return str(exc) or type(exc).__name__
+        if statement.startswith("SAVEPOINT"):
+            tx._set_mark()
+        elif statement.startswith("ROLLBACK"):
+            await tx._roll_back_to_mark()
+        elif statement.startswith("RELEASE"):
+            await tx._release_mark()
 
 
 async def _connect(url: str) -> asyncpg.Connection:
