@@ -135,6 +135,8 @@ class PostgresTransaction(Transaction):
         # The head as locked: written back at commit if this transaction appended to the log.
         self._locked_head = head
         self._kept = _Kept()
+        # Receipts read from the table (they never change): a prefetched one serves its lookup.
+        self._receipts_read: dict[tuple[str, int], ReceiptRecord] = {}
         # A grouped piece's savepoint: what was kept when it started, the head then, and whether
         # the database's SAVEPOINT was sent (only once the piece wrote something).
         self._mark: tuple[_Kept, tuple[int, bytes] | None] | None = None
@@ -179,6 +181,30 @@ class PostgresTransaction(Transaction):
             raise ConflictError(f"{what} already exists")
 
     # ------------------------------------------------ records kept until commit
+
+    async def prefetch_report(self, instance_id: str, lease_id: str) -> None:
+        """The instance, its deployment, the lease and the instance's last receipt, in one round trip."""
+        if instance_id in self._kept.instances and lease_id in self._kept.leases:
+            return
+        row = await self._fetchrow(
+            "SELECT i AS instance, d AS deployment, l AS lease, r AS receipt FROM instances i"
+            " LEFT JOIN deployments d ON d.name = i.deployment"
+            " LEFT JOIN leases l ON l.lease_id = ?"
+            " LEFT JOIN receipts r ON r.instance_id = i.instance_id AND r.seq = i.last_seq"
+            " WHERE i.instance_id = ?",
+            (lease_id, instance_id),
+        )
+        if row is None:
+            return
+        # What this transaction already holds is newer than the table: keep it.
+        instance = instance_row(row["instance"])
+        self._kept.instances.setdefault(instance_id, instance)
+        if row["deployment"] is not None:
+            self._kept.deployments.setdefault(instance.deployment, deployment_row(row["deployment"]))
+        if row["lease"] is not None and lease_id not in self._kept.leases:
+            self._keep_lease(lease_row(row["lease"]))
+        if row["receipt"] is not None:
+            self._receipts_read[(instance_id, instance.last_seq)] = receipt_row(row["receipt"])
 
     async def deployment(self, name: str) -> DeploymentRecord | None:
         if name not in self._kept.deployments:
@@ -273,7 +299,7 @@ class PostgresTransaction(Transaction):
         self._kept.receipts[key] = r
 
     async def receipt(self, instance_id: str, seq: int) -> ReceiptRecord | None:
-        kept = self._kept.receipts.get((instance_id, seq))
+        kept = self._kept.receipts.get((instance_id, seq)) or self._receipts_read.get((instance_id, seq))
         if kept is not None:
             return kept
         # The receipts kept back are the ones above: the table has every other.
@@ -381,6 +407,7 @@ class PostgresTransaction(Transaction):
             async with _postgres_errors("ledger statement failed"):
                 await self._conn.execute("ROLLBACK TO SAVEPOINT work")
                 await self._conn.execute("RELEASE SAVEPOINT work")
+            self._receipts_read.clear()  # some may have been written by the writes undone
         self._kept, self._audit_head = self._mark
         self._mark, self._mark_sent = None, False
 

@@ -132,6 +132,7 @@ class Leases:
     async def _report(
         self, tx: Transaction, instance_id: str, claim: UsageClaim, receipt: Receipt
     ) -> LeaseView:
+        await tx.prefetch_report(instance_id, receipt.lease)
         instance, deployment = await _load(tx, instance_id)
         checked = await check_claim(tx, instance, deployment, claim, receipt)
         lease, last_seq = checked.lease, instance.last_seq

@@ -363,6 +363,11 @@ class Transaction(ABC):
         row = await self._one("SELECT * FROM receipts WHERE instance_id = ? AND seq = ?", (instance_id, seq))
         return receipt_row(row) if row else None
 
+    @abstractmethod
+    async def prefetch_report(self, instance_id: str, lease_id: str) -> None:
+        """A hint: a usage report of this instance for this lease is next. A backend whose every
+        statement is a round trip may read what the report reads all at once."""
+
     # ----------------------------------------------------------- control pushes
 
     @abstractmethod

@@ -29,7 +29,7 @@ from testkit.processes import (
     running,
     script,
 )
-from tests.postgres_support import Postgres, TcpProxy
+from tests.postgres_support import Postgres, TcpProxy, start_postgres
 
 pytestmark = pytest.mark.integration
 
@@ -265,3 +265,50 @@ def test_a_replica_cut_off_from_the_database_refuses_work_and_says_why_the_other
         assert "ledger is unavailable" in cut_off.log.read_text()
     finally:
         proxy.close()
+
+
+def test_the_database_restarted_under_load_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    cluster = start_postgres()  # its own: it is stopped and started again
+    try:
+        url = cluster.new_database()
+        env = isolated_env(tmp_path)
+        first, second = _replica(tmp_path, "a", env, url), _replica(tmp_path, "b", env, url)
+        enclave = Enclave(tmp_path / "enclave", env)
+        with running(first, second, enclave):
+            first.start()
+            (tmp_path / "b").mkdir(mode=0o700)
+            shutil.copy(tmp_path / "a" / "master.key", tmp_path / "b" / "master.key")
+            second.start()
+            ca = first.ca_file()
+            first.console("model", "add", str(DIGITS_MODEL), "--name", "digits")
+            manifest = enclave_manifest(tmp_path / "enclave.toml", ca, env)
+            created = first.console(
+                "deployment", "create", "d", "--model", "digits", "--manifest", str(manifest),
+                "--lease-size", "200",
+            )  # fmt: skip
+            first.console("grant", "d", "100000")
+            enclave.start([first, second], ca, "d", created["join_token"])
+            end_user = tmp_path / "end-user.toml"
+            first.console("deployment", "manifest", "d", "--out", str(end_user))
+            image = (DIGITS_SAMPLES / "digit-3.png").read_bytes()
+            served = 0
+            with connect(enclave.address, end_user) as conn:
+                for i in range(90):
+                    if i == 30:
+                        cluster.stop_server()
+                    if i == 60:
+                        cluster.start_server()
+                    conn.infer_image(image)  # served from the lease while the database is away
+                    served += 1
+            # Every inference served is counted once the replicas are back: nothing was lost.
+            poll(lambda: first.usage("d")["used"] == served, deadline=60)
+            enclave.stop()
+            usage = second.usage("d")
+            assert (usage["used"], usage["unreported"]) == (served, 0)
+        export = tmp_path / "audit.jsonl"
+        code, _, err = _custodian(env, "audit", "export", "--database", url, "--out", str(export))
+        assert code == 0, err
+        code, out, err = _custodian(env, "audit", "verify", str(export))
+        assert code == 0, err + out
+    finally:
+        cluster.close()
