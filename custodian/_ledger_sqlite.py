@@ -98,6 +98,9 @@ class SqliteTransaction(Transaction):
     async def notify(self, deployment: str) -> None:
         """One custodian, no replica to tell: its own control bus is woken by the caller."""
 
+    async def stream_seen(self, instance_id: str, replica: str) -> None:
+        """One custodian: its own control bus knows which streams it holds."""
+
     async def prefetch_report(self, instance_id: str, lease_id: str) -> None:
         """Each statement is a few microseconds on this thread: nothing to gain."""
 

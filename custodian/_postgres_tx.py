@@ -34,7 +34,7 @@ from typing import Any
 
 import asyncpg
 
-from custodian._rows import Row, deployment_row, instance_row, lease_row, model_row, receipt_row, ts
+from custodian._rows import Row, deployment_row, dt, instance_row, lease_row, model_row, receipt_row, ts
 from custodian.audit import AuditEntry, AuditValue
 from custodian.errors import ConflictError, LedgerError, LedgerUnavailableError
 from custodian.ledger import Transaction
@@ -103,11 +103,18 @@ class _Kept:
     dirty_leases: set[str] = field(default_factory=set)
     receipts: dict[tuple[str, int], ReceiptRecord] = field(default_factory=dict)
     audit: list[tuple[Any, ...]] = field(default_factory=list)
+    # Instance id -> (replica, seen at): control streams seen (custodian enclaves).
+    streams: dict[str, tuple[str, float]] = field(default_factory=dict)
 
     @property
     def unsent(self) -> bool:
         return bool(
-            self.dirty_deployments or self.dirty_instances or self.dirty_leases or self.receipts or self.audit
+            self.dirty_deployments
+            or self.dirty_instances
+            or self.dirty_leases
+            or self.receipts
+            or self.audit
+            or self.streams
         )
 
     def copy(self) -> _Kept:
@@ -122,6 +129,7 @@ class _Kept:
             set(self.dirty_leases),
             dict(self.receipts),
             list(self.audit),
+            dict(self.streams),
         )
 
 
@@ -290,6 +298,13 @@ class PostgresTransaction(Transaction):
         self._keep_lease(lease)
         self._kept.dirty_leases.add(lease.lease_id)
 
+    async def stream_seen(self, instance_id: str, replica: str) -> None:
+        self._kept.streams[instance_id] = (replica, ts(self.now))
+
+    async def streams(self) -> dict[str, tuple[str, datetime]]:
+        rows = await self._all("SELECT instance_id, replica, seen_at FROM control_streams")
+        return {r["instance_id"]: (r["replica"], dt(r["seen_at"])) for r in rows}
+
     async def add_receipt(self, r: ReceiptRecord) -> None:
         key = (r.instance_id, r.seq)
         if key in self._kept.receipts:
@@ -375,6 +390,12 @@ class PostgresTransaction(Transaction):
                         for r in kept.receipts.values()
                     ],
                 )
+            if kept.streams:
+                await self._conn.executemany(
+                    "INSERT INTO control_streams VALUES ($1, $2, $3) ON CONFLICT (instance_id)"
+                    " DO UPDATE SET replica = excluded.replica, seen_at = excluded.seen_at",
+                    [(i, replica, at) for i, (replica, at) in sorted(kept.streams.items())],
+                )
             if kept.audit:
                 await self._conn.executemany(
                     "INSERT INTO audit VALUES ($1, $2, $3, $4, $5, $6, $7)", kept.audit
@@ -384,6 +405,7 @@ class PostgresTransaction(Transaction):
         kept.dirty_leases.clear()
         kept.receipts.clear()
         kept.audit.clear()
+        kept.streams.clear()
 
     async def _before_commit(self) -> None:
         await self._send_kept()

@@ -132,4 +132,13 @@ MIGRATIONS = (
         PRIMARY KEY (model_id, chunk)
     );
     """,
+    # Which replica holds each instance's control stream, refreshed at every keep-alive
+    # (custodian enclaves shows it); a row not refreshed for a while belongs to a replica gone.
+    """
+    CREATE TABLE control_streams (
+        instance_id TEXT PRIMARY KEY REFERENCES instances(instance_id),
+        replica TEXT NOT NULL,
+        seen_at DOUBLE PRECISION NOT NULL
+    );
+    """,
 )

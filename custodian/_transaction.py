@@ -319,6 +319,16 @@ class Transaction(ABC):
     async def notify(self, deployment: str) -> None:
         """Tell every replica, once this transaction commits, that ``deployment``'s state changed."""
 
+    # ---------------------------------------------------- replicas' control streams
+
+    @abstractmethod
+    async def stream_seen(self, instance_id: str, replica: str) -> None:
+        """Record that ``replica`` holds the instance's control stream now (replicas only)."""
+
+    async def streams(self) -> dict[str, tuple[str, datetime]]:
+        """Instance id -> (the replica that last held its control stream, when); empty for one custodian."""
+        return {}
+
     # ------------------------------------------------------------------- audit
 
     async def audit(self, actor: str, action: str, subject: str, detail: Mapping[str, AuditValue]) -> None:

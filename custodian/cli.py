@@ -393,7 +393,9 @@ _ENCLAVE_COLUMNS = (
 def _enclaves(args: argparse.Namespace) -> None:
     with _console(args) as console:
         enclaves = [plain(e) for e in console.enclaves(args.deployment)]
-    emit(args, enclaves, table(enclaves, _ENCLAVE_COLUMNS))
+    # Among replicas, which one holds each enclave's control stream.
+    columns = (*_ENCLAVE_COLUMNS, "replica") if any(e["replica"] for e in enclaves) else _ENCLAVE_COLUMNS
+    emit(args, enclaves, table(enclaves, columns))
 
 
 if __name__ == "__main__":

@@ -99,6 +99,8 @@ class Gateway(pb_grpc.EnclaveGatewayServicer):
         self._bus = bus
         self._metrics = metrics
         self._mtls_port = mtls_port
+        # Among replicas, this one's name (HOST:PORT of its enrolment listener), set once it listens.
+        self.replica = ""
         # Authenticated callers by client certificate (CN and PEM): see ``_caller``.
         self._callers: dict[tuple[bytes, bytes], InstanceRecord] = {}
         self._fetches = Rate(burst=FETCH_BURST, per_second=FETCH_PER_SECOND, clock=monotonic)
@@ -219,11 +221,11 @@ class Gateway(pb_grpc.EnclaveGatewayServicer):
             self._watches.hold(instance.instance_id),
             self._bus.subscribe(instance.instance_id, instance.deployment) as subscription,
         ):
-            view = await self._leases.touch(instance.instance_id)
+            view = await self._leases.touch(instance.instance_id, replica=self.replica)
             yield _heartbeat(view)
             while True:
                 changed = await subscription.wait(heartbeat_interval(view.valid_for_seconds))
-                view = await self._leases.touch(instance.instance_id)
+                view = await self._leases.touch(instance.instance_id, replica=self.replica)
                 if changed:
                     self._metrics.control_pushes.inc()
                     yield pb.ControlEvent(lease=lease_message(view))

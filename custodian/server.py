@@ -25,6 +25,7 @@ import fcntl
 import json
 import logging
 import os
+import socket as socket_module
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -197,18 +198,19 @@ class CustodianServer:
             str(config.gateway_listen),
             grpc.ssl_server_credentials(pair, root_certificates=enclave_ca.pem, require_client_auth=True),
         )
-        pb_grpc.add_EnclaveGatewayServicer_to_server(
-            Gateway(
-                enrolment=enrolment,
-                leases=leases,
-                deployments=deployments,
-                store=store,
-                bus=bus,
-                metrics=self.metrics,
-                mtls_port=gateway_port,
-            ),
-            gateway,
+        servicer = Gateway(
+            enrolment=enrolment,
+            leases=leases,
+            deployments=deployments,
+            store=store,
+            bus=bus,
+            metrics=self.metrics,
+            mtls_port=gateway_port,
         )
+        # Among replicas, each is named by its enrolment listener (what enclaves are given).
+        replica_name = "" if config.database is None else _replica_name(config.listen, enrolment_port)
+        servicer.replica = replica_name
+        pb_grpc.add_EnclaveGatewayServicer_to_server(servicer, gateway)
 
         admin = self._server(_ADMIN_MAX_MESSAGE)
         admin_port = None
@@ -231,7 +233,7 @@ class CustodianServer:
             Admin(
                 store=store,
                 deployments=deployments,
-                roster=Roster(ledger, bus),
+                roster=Roster(ledger, bus, replica=replica_name),
                 access=AdminAccess(ledger, admin_ca, tls_ca.pem),
                 custodian_ca_pem=tls_ca.pem,
                 socket=str(socket),
@@ -327,6 +329,11 @@ def _lock(path: os.PathLike[str]) -> IO[bytes]:
         handle.close()
         raise ConfigError(f"another custodian is already serving {os.path.dirname(path)}") from None
     return handle
+
+
+def _replica_name(listen: Address, port: int) -> str:
+    host = listen.host if listen.host not in ("0.0.0.0", "::", "") else socket_module.gethostname()  # noqa: S104
+    return str(Address(host, port))
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -104,6 +104,9 @@ def test_a_second_replica_needs_the_master_key_then_serves_what_the_first_one_ho
         poll(lambda: first.usage("d")["used"] == 3)
         usage = second.usage("d")
         assert usage["granted_total"] == 8
+        # Every replica lists the fleet, and says which replica holds the enclave's stream.
+        (listed,) = first.console("enclaves")
+        assert (listed["state"], listed["replica"]) == ("connected", second.enrolment)
 
         # A suspension taken by the first replica is pushed by the second, on whose stream the
         # enclave is: only a notification from the database can wake that stream (the first
@@ -207,6 +210,7 @@ def test_kill_9_of_the_replica_an_enclave_is_on_mid_burst_moves_it_and_nothing_i
                 conn.infer_image(image)  # end users see nothing: every call is served
                 served += 1
             poll(lambda: enclave.metric("custos_enclave_custodian_failovers_total") >= 1)
+            poll(lambda: second.console("enclaves")[0]["replica"] == second.enrolment)
             for _ in range(40):
                 conn.infer_image(image)
                 served += 1
