@@ -32,7 +32,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
@@ -60,14 +60,14 @@ SINGLETON_LOCK = 0x637573746F7302
 
 
 def redact(url: str) -> str:
-    """``url`` without its password, for messages."""
+    """``url`` without its password (in the user part or a ``password=`` parameter), for messages."""
     try:
         parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        netloc = parts.netloc.rsplit("@", 1)[1]
-        user = parts.username or ""
-        return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+        if parts.password is not None:
+            netloc = parts.netloc.rsplit("@", 1)[1]
+            parts = parts._replace(netloc=f"{parts.username or ''}:***@{netloc}")
+        query = [(k, "***" if k.lower() == "password" else v) for k, v in parse_qsl(parts.query)]
+        return urlunsplit(parts._replace(query=urlencode(query, safe="*")))
     except ValueError:
         return "the PostgreSQL database"
 

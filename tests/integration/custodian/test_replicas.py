@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from client import connect
-from client.errors import SuspendedError
+from client.errors import QuotaExhaustedError, SuspendedError
 from testkit.processes import (
     DIGITS_MODEL,
     DIGITS_SAMPLES,
@@ -316,3 +316,69 @@ def test_the_database_restarted_under_load_loses_nothing_acknowledged(tmp_path: 
         assert code == 0, err + out
     finally:
         cluster.close()
+
+
+def test_reports_grants_and_revokes_on_both_replicas_at_once_keep_the_books_exact(
+    tmp_path: Path, postgres: Postgres
+) -> None:
+    url = postgres.new_database()
+    env = isolated_env(tmp_path)
+    first, second = _replica(tmp_path, "a", env, url), _replica(tmp_path, "b", env, url)
+    enclaves = [Enclave(tmp_path / "enclave-a", env), Enclave(tmp_path / "enclave-b", env)]
+    with running(first, second, *enclaves):
+        first.start()
+        (tmp_path / "b").mkdir(mode=0o700)
+        shutil.copy(tmp_path / "a" / "master.key", tmp_path / "b" / "master.key")
+        second.start()
+        ca = first.ca_file()
+        first.console("model", "add", str(DIGITS_MODEL), "--name", "digits")
+        manifest = enclave_manifest(tmp_path / "enclave.toml", ca, env)
+        token = first.console(
+            "deployment",
+            "create",
+            "d",
+            "--model",
+            "digits",
+            "--manifest",
+            str(manifest),
+            "--lease-size",
+            "10",
+        )["join_token"]
+        first.console("grant", "d", "150")
+        # One enclave on each replica, reporting (and topping up) there.
+        for enclave, replica in zip(enclaves, (first, second), strict=True):
+            enclave.start(replica, ca, "d", token)
+        end_user = tmp_path / "end-user.toml"
+        first.console("deployment", "manifest", "d", "--out", str(end_user))
+        image = (DIGITS_SAMPLES / "digit-3.png").read_bytes()
+
+        def burst(enclave: Enclave) -> int:
+            served = 0
+            with connect(enclave.address, end_user) as conn:
+                for _ in range(60):
+                    try:
+                        conn.infer_image(image)
+                        served += 1
+                    except QuotaExhaustedError:
+                        pass
+            return served
+
+        def admin(i: int) -> None:
+            if i % 2:
+                second.console("revoke", "d", "5")
+            else:
+                first.console("grant", "d", "20")
+
+        with ThreadPoolExecutor(6) as pool:
+            bursts = [pool.submit(burst, e) for e in enclaves]
+            list(pool.map(admin, range(12)))
+            served = sum(b.result() for b in bursts)
+        for enclave in enclaves:
+            enclave.stop()  # final reports: every lease closed
+        usage = second.usage("d")
+        assert usage["used"] == served
+        assert usage["leased"] == usage["unreported"] == 0
+        assert usage["granted_total"] == 150 + 6 * 20
+        assert (
+            usage["granted_total"] + usage["overdrawn"] == usage["balance"] + usage["used"] + usage["revoked"]
+        )

@@ -172,6 +172,9 @@ def test_a_database_it_cannot_open_is_named_without_its_password(postgres: Postg
 def test_redact_hides_only_the_password() -> None:
     assert redact("postgresql://u:pw@h:5/db?sslmode=require") == "postgresql://u:***@h:5/db?sslmode=require"
     assert redact("postgresql://h/db") == "postgresql://h/db"
+    assert redact("postgresql://u@h/db?password=pw&sslmode=require") == (
+        "postgresql://u@h/db?password=***&sslmode=require"
+    )
 
 
 @pytest.fixture
