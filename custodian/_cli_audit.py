@@ -111,11 +111,21 @@ def _audit_export(args: argparse.Namespace) -> None:
     )
 
 
+def _ledger_file(data: Path) -> Path:
+    path = data / "ledger.sqlite3"
+    if not path.exists() and (data / "master.key").exists():
+        raise ConsoleError(
+            f"{data} is the data directory of a replica on PostgreSQL: its ledger is in the database;"
+            " give --database URL (or CUSTODIAN_DATABASE)"
+        )
+    return path
+
+
 def _run(args: argparse.Namespace, work: Callable[[AuditSource], Awaitable[T]]) -> T:
     """Run ``work`` on the audit log: over ``--admin`` when given, else ``--database`` or the ledger file."""
 
     async def local() -> T:
-        ledger = await Ledger.open(args.database or args.data / "ledger.sqlite3", readonly=True)
+        ledger = await Ledger.open(args.database or _ledger_file(args.data), readonly=True)
         try:
             return await work(LedgerAudit(ledger))
         finally:

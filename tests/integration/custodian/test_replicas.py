@@ -160,6 +160,10 @@ def test_grants_and_revokes_on_two_replicas_at_once_add_up_exactly(
             assert (usage["granted_total"], usage["revoked"]) == (granted, revoked)
             assert usage["balance"] == granted - revoked
 
+    # A replica's data directory has no ledger file: the console says where the log is.
+    code, _, err = _custodian(env, "--data", str(tmp_path / "a"), "audit")
+    assert code == 1
+    assert "give --database URL" in err
     # One audit chain, read from the database with no replica running, and verified offline.
     export = tmp_path / "audit.jsonl"
     code, _, err = _custodian(env, "audit", "export", "--database", url, "--out", str(export))
