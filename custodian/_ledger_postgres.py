@@ -1,7 +1,10 @@
 """The ledger's PostgreSQL backend: one database shared by several custodian replicas.
 
-This is the only module that touches PostgreSQL (through ``asyncpg``);
-``custodian.ledger`` has the interface and the record methods' SQL.
+Only the ``_postgres`` modules import ``asyncpg``: this one (connections,
+migrations, the transaction's lock), ``_postgres_tx`` and ``_postgres_kept``
+(what a transaction reads and writes) and ``_control_postgres`` (LISTEN);
+``custodian.ledger`` has the interface, ``custodian._transaction`` the record
+methods' SQL.
 
 Writers are serialised across replicas by the audit chain's head row
 (``custodian._schema_postgres``): every transaction that writes locks it with
