@@ -8,9 +8,17 @@ refuse it with a traceback, or the custodian would refuse it after the fact.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 
-from custodian.config import GRACE_BOUNDS, LEASE_SIZE_BOUNDS, MAX_GRANT_UNITS, MAX_ZEROIZE_AFTER, Address
+from custodian.config import (
+    GRACE_BOUNDS,
+    LEASE_SIZE_BOUNDS,
+    MAX_GRANT_UNITS,
+    MAX_ZEROIZE_AFTER,
+    Address,
+    is_postgres_url,
+)
 from custodian.errors import ConfigError
 
 
@@ -40,3 +48,24 @@ units = whole_number(1, MAX_GRANT_UNITS)
 offline_grace = whole_number(*GRACE_BOUNDS, zero_means_default=True)
 lease_size = whole_number(*LEASE_SIZE_BOUNDS, zero_means_default=True)
 zeroize_after = whole_number(GRACE_BOUNDS[0], MAX_ZEROIZE_AFTER, zero_means_default=True)
+
+DATABASE_ENV = "CUSTODIAN_DATABASE"
+
+
+def database_url(text: str) -> str:
+    if not is_postgres_url(text):
+        # Not the value itself: it may be a URL with a password, mistyped.
+        raise argparse.ArgumentTypeError(
+            "must be a PostgreSQL URL, postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
+        )
+    return text
+
+
+def add_database_option(parser: argparse.ArgumentParser, *, what: str) -> None:
+    parser.add_argument(
+        "--database",
+        metavar="URL",
+        type=database_url,
+        default=os.environ.get(DATABASE_ENV) or None,
+        help=f"{what} (env {DATABASE_ENV}; default: DATA/ledger.sqlite3)",
+    )

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from custodian._audit_remote import RemoteAudit
+from custodian._cli_args import add_database_option
 from custodian.audit_file import verify_file
 from custodian.audit_stream import AuditSource, Exported, LedgerAudit, Tail, check_tail, export
 from custodian.console import RemoteAdmin
@@ -49,6 +50,7 @@ def add_audit_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     audit.add_argument(
         "--last", type=count, default=20, help="entries to print (default %(default)s; 0: all)"
     )
+    add_database_option(audit, what="read the log from this PostgreSQL database (replicas)")
     audit.set_defaults(run=_audit)
     audit_actions = audit.add_subparsers(dest="action", metavar="ACTION")
     export = audit_actions.add_parser(
@@ -60,6 +62,7 @@ def add_audit_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     export.add_argument(
         "--since", help="first entry to export: an entry number, or an ISO 8601 time (default: all)"
     )
+    add_database_option(export, what="read the log from this PostgreSQL database (replicas)")
     export.set_defaults(run=_audit_export)
     check = audit_actions.add_parser(
         "verify",
@@ -108,11 +111,21 @@ def _audit_export(args: argparse.Namespace) -> None:
     )
 
 
+def _ledger_file(data: Path) -> Path:
+    path = data / "ledger.sqlite3"
+    if not path.exists() and (data / "master.key").exists():
+        raise ConsoleError(
+            f"{data} is the data directory of a replica on PostgreSQL: its ledger is in the database;"
+            " give --database URL (or CUSTODIAN_DATABASE)"
+        )
+    return path
+
+
 def _run(args: argparse.Namespace, work: Callable[[AuditSource], Awaitable[T]]) -> T:
-    """Run ``work`` on the audit log: over ``--admin`` when given, else the ledger file in ``--data``."""
+    """Run ``work`` on the audit log: over ``--admin`` when given, else ``--database`` or the ledger file."""
 
     async def local() -> T:
-        ledger = await Ledger.open(args.data / "ledger.sqlite3", readonly=True)
+        ledger = await Ledger.open(args.database or _ledger_file(args.data), readonly=True)
         try:
             return await work(LedgerAudit(ledger))
         finally:

@@ -1,14 +1,23 @@
-"""Rows of the ledger's SQLite tables to records and back (timestamps are stored as POSIX seconds)."""
+"""Rows of the ledger's tables to records and back (timestamps are stored as POSIX seconds).
+
+Both backends' rows (``sqlite3.Row``, ``asyncpg.Record``) are read by column name.
+"""
 
 from __future__ import annotations
 
 import json
-import sqlite3
 from datetime import UTC, datetime
+from typing import Any, Protocol
 
 from custodian.audit import AuditEntry
 from custodian.quota import Account, Allotment
 from custodian.records import DeploymentRecord, InstanceRecord, LeaseRecord, ModelRecord, ReceiptRecord
+
+
+class Row(Protocol):
+    """A fetched row, read by column name."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
 
 
 def ts(value: datetime) -> float:
@@ -19,7 +28,7 @@ def dt(value: float) -> datetime:
     return datetime.fromtimestamp(value, UTC)
 
 
-def model_row(r: sqlite3.Row) -> ModelRecord:
+def model_row(r: Row) -> ModelRecord:
     return ModelRecord(
         model_id=bytes(r["model_id"]),
         name=r["name"],
@@ -33,7 +42,7 @@ def model_row(r: sqlite3.Row) -> ModelRecord:
     )
 
 
-def deployment_row(r: sqlite3.Row) -> DeploymentRecord:
+def deployment_row(r: Row) -> DeploymentRecord:
     account = Account(
         balance=r["balance"],
         granted=r["granted"],
@@ -56,7 +65,7 @@ def deployment_row(r: sqlite3.Row) -> DeploymentRecord:
     )
 
 
-def instance_row(r: sqlite3.Row) -> InstanceRecord:
+def instance_row(r: Row) -> InstanceRecord:
     return InstanceRecord(
         instance_id=r["instance_id"],
         deployment=r["deployment"],
@@ -68,7 +77,7 @@ def instance_row(r: sqlite3.Row) -> InstanceRecord:
     )
 
 
-def lease_row(r: sqlite3.Row) -> LeaseRecord:
+def lease_row(r: Row) -> LeaseRecord:
     return LeaseRecord(
         lease_id=r["lease_id"],
         instance_id=r["instance_id"],
@@ -79,7 +88,7 @@ def lease_row(r: sqlite3.Row) -> LeaseRecord:
     )
 
 
-def receipt_row(r: sqlite3.Row) -> ReceiptRecord:
+def receipt_row(r: Row) -> ReceiptRecord:
     return ReceiptRecord(
         instance_id=r["instance_id"],
         seq=r["seq"],
@@ -92,7 +101,7 @@ def receipt_row(r: sqlite3.Row) -> ReceiptRecord:
     )
 
 
-def audit_row(r: sqlite3.Row) -> AuditEntry:
+def audit_row(r: Row) -> AuditEntry:
     return AuditEntry(
         seq=r["seq"],
         at=r["at"],

@@ -21,6 +21,7 @@ from custodian.errors import (
     ConflictError,
     CustodianError,
     InvalidRequestError,
+    LedgerUnavailableError,
     NotFoundError,
     RefusedError,
     SuspendedError,
@@ -43,6 +44,7 @@ _CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (AttestationError, grpc.StatusCode.PERMISSION_DENIED),
     (BusyError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (CollateralServiceError, grpc.StatusCode.UNAVAILABLE),
+    (LedgerUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (SuspendedError, grpc.StatusCode.FAILED_PRECONDITION),
 )
 

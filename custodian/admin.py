@@ -223,4 +223,5 @@ def _enclave(e: EnclaveStatus) -> pb.EnclaveInfo:
         last_receipt_seq=e.last_receipt_seq,
         last_receipt_used=e.last_receipt_used,
         last_receipt_at=_iso(e.last_receipt_at),
+        replica=e.replica,
     )

@@ -64,18 +64,36 @@ class CertificateAuthority:
         key_path, cert_path = directory / f"{stem}.key", directory / f"{stem}.pem"
         if key_path.exists() or cert_path.exists():
             try:
-                key = serialization.load_pem_private_key(read_private(key_path), password=None)
-                certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
-            except (OSError, ValueError) as exc:
+                key_pem, cert_pem = read_private(key_path), cert_path.read_bytes()
+            except OSError as exc:
                 raise ConfigError(f"cannot load the {stem} in {directory}: {exc}") from exc
-            public = certificate.public_key()
-            if (
-                not isinstance(key, ec.EllipticCurvePrivateKey)
-                or not isinstance(public, ec.EllipticCurvePublicKey)
-                or public_key_der(key) != public_key_der(public)
-            ):
-                raise ConfigError(f"{key_path} does not match {cert_path}")
-            return cls(key, certificate)
+            return cls.from_pem(key_pem, cert_pem, f"the {stem} in {directory}")
+        ca = cls.create(common_name, now=now)
+        write_private(key_path, ca.key_pem)
+        write_private(cert_path, ca.pem)
+        logger.info("created %s (%s)", cert_path, common_name)
+        return ca
+
+    @classmethod
+    def from_pem(cls, key_pem: bytes, cert_pem: bytes, what: str) -> CertificateAuthority:
+        """A CA from its key and certificate (PEM); ``what`` names them in an error."""
+        try:
+            key = serialization.load_pem_private_key(key_pem, password=None)
+            certificate = x509.load_pem_x509_certificate(cert_pem)
+        except ValueError as exc:
+            raise ConfigError(f"cannot load {what}: {exc}") from exc
+        public = certificate.public_key()
+        if (
+            not isinstance(key, ec.EllipticCurvePrivateKey)
+            or not isinstance(public, ec.EllipticCurvePublicKey)
+            or public_key_der(key) != public_key_der(public)
+        ):
+            raise ConfigError(f"the key of {what} does not match its certificate")
+        return cls(key, certificate)
+
+    @classmethod
+    def create(cls, common_name: str, *, now: datetime.datetime) -> CertificateAuthority:
+        """A new CA: a fresh P-256 key and a self-signed certificate, in memory."""
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
         certificate = (
@@ -91,10 +109,12 @@ class CertificateAuthority:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA256())
         )
-        write_private(key_path, private_key_pem(key))
-        write_private(cert_path, certificate.public_bytes(serialization.Encoding.PEM))
-        logger.info("created %s (%s)", cert_path, common_name)
         return cls(key, certificate)
+
+    @property
+    def key_pem(self) -> bytes:
+        """The CA's private key, PEM: only to be written 0600 or wrapped."""
+        return private_key_pem(self._key)
 
     @property
     def pem(self) -> bytes:

@@ -39,6 +39,7 @@ from custodian._cli_admin import (
 from custodian._cli_audit import add_audit_commands, emit
 from custodian._cli_deployment import add_deployment_commands
 from custodian._cli_output import ConsoleParser, failure, plain, reader_gone, table
+from custodian._cli_replica import add_replica_commands, add_serve_options, check_serve_options
 from custodian.config import (
     MAX_GRANT_UNITS,
     CustodianConfig,
@@ -158,6 +159,7 @@ def _parser() -> argparse.ArgumentParser:
         " under DATA/collateral/amd; 'off' uses only what the evidence carries"
         " (env CUSTODIAN_AMD_KDS; default %(default)s)",
     )
+    add_serve_options(serve)
     serve.set_defaults(run=_serve)
 
     commands.add_parser(
@@ -219,6 +221,7 @@ def _parser() -> argparse.ArgumentParser:
     enclaves.set_defaults(run=_enclaves)
     add_audit_commands(commands, common)
     add_admin_cert_command(commands, common)
+    add_replica_commands(commands, common)
     return parser
 
 
@@ -230,6 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "revoke" and (args.units is None) == (not args.all):
         parser.error("revoke takes either UNITS or --all")
     check_remote_options(parser, args)
+    check_serve_options(parser, args)
     level = logging.DEBUG if args.verbose else logging.INFO if args.command == "serve" else logging.WARNING
     logging.basicConfig(
         level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -276,6 +280,8 @@ def _serve(args: argparse.Namespace) -> None:
         pccs_url=args.pccs,
         collateral_dir=args.collateral_dir,
         amd_kds=args.amd_kds,
+        database=args.database,
+        master_key=args.master_key,
     )
     asyncio.run(_run_server(config, as_json=args.json))
 
@@ -387,7 +393,9 @@ _ENCLAVE_COLUMNS = (
 def _enclaves(args: argparse.Namespace) -> None:
     with _console(args) as console:
         enclaves = [plain(e) for e in console.enclaves(args.deployment)]
-    emit(args, enclaves, table(enclaves, _ENCLAVE_COLUMNS))
+    # Among replicas, which one holds each enclave's control stream.
+    columns = (*_ENCLAVE_COLUMNS, "replica") if any(e["replica"] for e in enclaves) else _ENCLAVE_COLUMNS
+    emit(args, enclaves, table(enclaves, columns))
 
 
 if __name__ == "__main__":

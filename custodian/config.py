@@ -25,6 +25,11 @@ MESSAGE_BYTES_BOUNDS = (64 << 10, 64 << 20)
 MAX_GRANT_UNITS = 10**12
 
 
+def is_postgres_url(database: str | Path) -> bool:
+    """Whether ``database`` names a PostgreSQL database rather than an SQLite file."""
+    return isinstance(database, str) and database.startswith(("postgresql://", "postgres://"))
+
+
 @dataclass(frozen=True)
 class Address:
     host: str
@@ -68,6 +73,11 @@ class CustodianConfig:
     collateral_dir: Path | None = None
     # AMD KDS for SEV-SNP collateral (VCEK, chain, CRL), cached under DATA/collateral/amd; None: off.
     amd_kds: str | None = None
+    # A postgresql:// URL: the ledger, the shared keys and the sealed models of several replicas
+    # (custodian.replica); None: SQLite and files in the data directory.
+    database: str | None = None
+    # The master key that wraps the replicas' shared keys; None: DATA/master.key.
+    master_key: Path | None = None
 
     def __post_init__(self) -> None:
         _within("nonce_ttl_seconds", self.nonce_ttl_seconds, *NONCE_TTL_BOUNDS)
@@ -82,6 +92,10 @@ class CustodianConfig:
                 check_base_url(self.amd_kds)
             except ValueError as exc:
                 raise ConfigError(f"amd_kds: {exc}") from None
+        if self.database is not None and not is_postgres_url(self.database):
+            raise ConfigError("database must be a postgresql:// URL")
+        if self.master_key is not None and self.database is None:
+            raise ConfigError("a master key is for replicas on PostgreSQL: give --database too")
         if not 0.05 <= self.sweep_interval_seconds <= 60:
             raise ConfigError("sweep_interval_seconds must be between 0.05 and 60")
         if self.mtls_listen is None and self.listen.port == 65535:
@@ -94,6 +108,10 @@ class CustodianConfig:
         if self.mtls_listen is not None:
             return self.mtls_listen
         return Address(self.listen.host, self.listen.port + 1 if self.listen.port else 0)
+
+    @property
+    def master_key_path(self) -> Path:
+        return self.master_key if self.master_key is not None else self.data_dir / "master.key"
 
     @property
     def admin_socket(self) -> Path:

@@ -57,6 +57,11 @@ class ControlBus:
             if subscription.deployment == deployment:
                 subscription.wake()
 
+    def notify_all(self) -> None:
+        """Wake every stream: after a gap in what this bus heard (a replica's listener reconnected)."""
+        for subscription in self._subscriptions:
+            subscription.wake()
+
     def connected(self, instance_id: str) -> bool:
         return any(s.instance_id == instance_id for s in self._subscriptions)
 

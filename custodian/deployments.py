@@ -177,6 +177,7 @@ class Deployments:
                 name,
                 {"units": units, "balance": deployment.account.balance, "origin": origin},
             )
+            await tx.notify(name)
             usage = await _usage(tx, deployment)
         self._metrics.units_granted.inc(units)
         self._bus.notify(name)
@@ -205,6 +206,7 @@ class Deployments:
                 name,
                 {"requested": "all" if everything else units, "revoked": changed, "origin": origin},
             )
+            await tx.notify(name)
             usage = await _usage(tx, deployment)
         self._metrics.units_revoked.inc(changed)
         self._bus.notify(name)
@@ -222,6 +224,7 @@ class Deployments:
             await tx.update_deployment(deployment)
             action = "deployment.suspend" if suspended else "deployment.resume"
             await tx.audit(ADMIN, action, name, {"origin": origin})
+            await tx.notify(name)
             usage = await _usage(tx, deployment)
         logger.info("deployment %s %s", name, "suspended" if suspended else "resumed")
         self._bus.notify(name)

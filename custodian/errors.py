@@ -47,5 +47,10 @@ class LedgerError(CustodianError):
     """The ledger is unreadable, from a newer version, or its audit chain is broken."""
 
 
+class LedgerUnavailableError(LedgerError):
+    """The ledger's database cannot be reached now (a replica cut off from PostgreSQL): try again,
+    or another replica."""
+
+
 class ConsoleError(CustodianError):
     """The console could not reach the custodian, or the custodian refused the command."""

@@ -99,6 +99,8 @@ class Gateway(pb_grpc.EnclaveGatewayServicer):
         self._bus = bus
         self._metrics = metrics
         self._mtls_port = mtls_port
+        # Among replicas, this one's name (HOST:PORT of its enrolment listener), set once it listens.
+        self.replica = ""
         # Authenticated callers by client certificate (CN and PEM): see ``_caller``.
         self._callers: dict[tuple[bytes, bytes], InstanceRecord] = {}
         self._fetches = Rate(burst=FETCH_BURST, per_second=FETCH_PER_SECOND, clock=monotonic)
@@ -107,7 +109,7 @@ class Gateway(pb_grpc.EnclaveGatewayServicer):
 
     async def GetChallenge(self, request: pb.ChallengeRequest, context: Context) -> pb.Challenge:
         nonce, ttl = await self._enrolment.challenge(request.deployment)
-        return pb.Challenge(nonce=nonce, expires_in_seconds=ttl)
+        return pb.Challenge(nonce=nonce, expires_in_seconds=ttl, mtls_port=self._mtls_port)
 
     async def Enrol(self, request: pb.EnrolRequest, context: Context) -> pb.Enrolment:
         enrolled = await self._enrolment.enrol(
@@ -219,12 +221,16 @@ class Gateway(pb_grpc.EnclaveGatewayServicer):
             self._watches.hold(instance.instance_id),
             self._bus.subscribe(instance.instance_id, instance.deployment) as subscription,
         ):
-            view = await self._leases.touch(instance.instance_id)
+            view = await self._leases.touch(instance.instance_id, replica=self.replica)
             yield _heartbeat(view)
             while True:
                 changed = await subscription.wait(heartbeat_interval(view.valid_for_seconds))
-                view = await self._leases.touch(instance.instance_id)
-                yield pb.ControlEvent(lease=lease_message(view)) if changed else _heartbeat(view)
+                view = await self._leases.touch(instance.instance_id, replica=self.replica)
+                if changed:
+                    self._metrics.control_pushes.inc()
+                    yield pb.ControlEvent(lease=lease_message(view))
+                else:
+                    yield _heartbeat(view)
 
     async def _caller(self, context: Context) -> InstanceRecord:
         """The enrolled instance behind the call's client certificate.

@@ -132,6 +132,7 @@ class Leases:
     async def _report(
         self, tx: Transaction, instance_id: str, claim: UsageClaim, receipt: Receipt
     ) -> LeaseView:
+        await tx.prefetch_report(instance_id, receipt.lease)
         instance, deployment = await _load(tx, instance_id)
         checked = await check_claim(tx, instance, deployment, claim, receipt)
         lease, last_seq = checked.lease, instance.last_seq
@@ -157,9 +158,12 @@ class Leases:
             self._metrics.receipts.inc()
         return lease_view(deployment, lease if lease.active else await tx.active_lease(instance_id))
 
-    async def touch(self, instance_id: str) -> LeaseView:
-        """Keep-alive from the control stream: refresh the lease's expiry and the instance's last contact."""
+    async def touch(self, instance_id: str, *, replica: str = "") -> LeaseView:
+        """Keep-alive from the control stream: refresh the lease's expiry and the instance's last contact
+        (and, among replicas, record that ``replica`` holds the stream)."""
         async with self._ledger.transaction() as tx:
+            if replica:
+                await tx.stream_seen(instance_id, replica)
             instance, deployment = await _load(tx, instance_id)
             lease = await tx.active_lease(instance_id)
             if lease is not None:

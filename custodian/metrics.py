@@ -121,6 +121,11 @@ class CustodianMetrics:
             "custos_custodian_model_bytes_pushed_total", "Ciphertext bytes of models pushed", registry=r
         )
         self.watch_streams = Gauge("custos_custodian_watch_streams", "Control streams open", registry=r)
+        self.control_pushes = Counter(
+            "custos_custodian_control_pushes_total",
+            "Lease changes pushed on control streams when a deployment changed (heartbeats not counted)",
+            registry=r,
+        )
         self.collateral_stale = Gauge(
             "custos_custodian_collateral_stale",
             "1 while a cached Intel collateral document is served because its service is unreachable",

@@ -1,10 +1,16 @@
 """The model store: models encrypted at rest, ready to be pushed as they are.
 
 ``add`` seals an uploaded model with a fresh data key (``enclave.envelope``),
-writes the ciphertext chunks back to back in ``models/<model id>.sealed`` and
-records the model with its data key wrapped by the key-encryption key
-(``kek`` in the data directory, 0600). The plaintext is never written. Chunk
-``i`` sits at offset ``i * (chunk_size + 16)``, so the file needs no framing.
+stores the ciphertext chunks and records the model with its data key wrapped
+by the key-encryption key. The plaintext is never written. Where the chunks
+and the KEK live depends on the ledger:
+
+- a single custodian (``ModelStore.open``): chunks back to back in
+  ``models/<model id>.sealed`` (chunk ``i`` at offset ``i * (chunk_size +
+  16)``, so the file needs no framing), the KEK in ``DATA/kek`` (0600);
+- replicas (``ModelStore.shared``): chunks as rows of the PostgreSQL ledger
+  (``custodian._sealed_rows``), which every replica reads; the KEK is shared,
+  wrapped by the master key (``custodian.replica``).
 """
 
 from __future__ import annotations
@@ -51,10 +57,27 @@ class LoadCheck(Protocol):
 StartCheck = Callable[[], Awaitable[LoadCheck]]
 
 
+class SealedWriter(Protocol):
+    """Where one model's ciphertext chunks go while it is added."""
+
+    async def write(self, chunks: list[SealedChunk]) -> None: ...
+    async def finish(self) -> None: ...
+    async def discard(self) -> None: ...
+
+
+class SealedStorage(Protocol):
+    """Where sealed models are kept: files in the data directory, or rows every replica reads."""
+
+    async def writer(self, model_id: bytes) -> SealedWriter: ...
+    def chunks(self, model: ModelRecord) -> AsyncGenerator[SealedChunk, None]: ...
+    async def remove(self, model_id: bytes) -> None: ...
+    async def remove_orphans(self, known: set[bytes]) -> None: ...
+
+
 class ModelStore:
     def __init__(
         self,
-        directory: Path,
+        sealed: SealedStorage,
         kek: bytes,
         ledger: Ledger,
         *,
@@ -62,7 +85,7 @@ class ModelStore:
         max_bytes: int,
         start_check: StartCheck = ModelCheck.start,
     ) -> None:
-        self._directory = directory
+        self._sealed = sealed
         self._kek = kek
         self._ledger = ledger
         self._chunk_size = chunk_size
@@ -90,11 +113,35 @@ class ModelStore:
         directory = data_dir / "models"
         directory.mkdir(mode=0o700, exist_ok=True)
         return cls(
-            directory, kek, ledger, chunk_size=chunk_size, max_bytes=max_bytes, start_check=start_check
+            SealedFiles(directory),
+            kek,
+            ledger,
+            chunk_size=chunk_size,
+            max_bytes=max_bytes,
+            start_check=start_check,
         )
 
-    def _path(self, model_id: bytes) -> Path:
-        return self._directory / f"{model_id.hex()}.sealed"
+    @classmethod
+    def shared(
+        cls,
+        ledger: Ledger,
+        kek: bytes,
+        *,
+        chunk_size: int,
+        max_bytes: int,
+        start_check: StartCheck = ModelCheck.start,
+    ) -> ModelStore:
+        """The store of replicas: chunks in the (PostgreSQL) ledger, the shared KEK."""
+        from custodian._sealed_rows import SealedRows  # imports asyncpg: only for replicas
+
+        return cls(
+            SealedRows(ledger),
+            kek,
+            ledger,
+            chunk_size=chunk_size,
+            max_bytes=max_bytes,
+            start_check=start_check,
+        )
 
     async def add(
         self, name: str, data: AsyncIterable[bytes], *, actor: str, origin: str = ""
@@ -110,9 +157,7 @@ class ModelStore:
                 raise ConflictError(f"model {name!r} already exists")
         data_key, model_id = new_data_key(), new_model_id()
         sealer = ModelSealer(data_key, model_id, self._chunk_size)
-        path = self._path(model_id)
-        partial = path.with_suffix(".partial")
-        handle = await asyncio.to_thread(_create, partial)
+        writer = await self._sealed.writer(model_id)
         check = await self._start_check()
         try:
             try:
@@ -120,18 +165,16 @@ class ModelStore:
                     if sealer.size + len(part) > self._max_bytes:
                         raise InvalidRequestError(f"model is larger than the {self._max_bytes}-byte limit")
                     await check.feed(part)
-                    await asyncio.to_thread(_seal, sealer, handle, part)
+                    await writer.write(await asyncio.to_thread(_seal, sealer, part))
                 if sealer.size == 0:
                     raise InvalidRequestError("model is empty")
                 inputs = await check.result()
-                await asyncio.to_thread(_seal, sealer, handle, None)
-                await asyncio.to_thread(os.fsync, handle.fileno())
+                await writer.write([await asyncio.to_thread(sealer.finish)])
             finally:
-                handle.close()
                 await check.stop()
-            await asyncio.to_thread(partial.rename, path)
+            await writer.finish()
         except BaseException:
-            partial.unlink(missing_ok=True)
+            await writer.discard()
             raise
         async with self._ledger.transaction() as tx:
             record = ModelRecord(
@@ -148,7 +191,7 @@ class ModelStore:
             try:
                 await tx.add_model(record)
             except ConflictError:
-                path.unlink(missing_ok=True)
+                await self._sealed.remove(model_id)
                 raise
             await tx.audit(
                 actor,
@@ -169,8 +212,38 @@ class ModelStore:
         async with self._ledger.transaction() as tx:
             return await tx.models()
 
-    async def chunks(self, model: ModelRecord) -> AsyncGenerator[SealedChunk, None]:
+    def chunks(self, model: ModelRecord) -> AsyncGenerator[SealedChunk, None]:
         """The stored ciphertext chunks, in order, exactly as they are at rest."""
+        return self._sealed.chunks(model)
+
+    def wrap_for(self, model: ModelRecord, public_key: bytes, instance_id: str) -> bytes:
+        """The model's data key wrapped to an instance's attested key (SPKI DER)."""
+        recipient = serialization.load_der_public_key(public_key)
+        if not isinstance(recipient, ec.EllipticCurvePublicKey):
+            raise LedgerError(f"instance {instance_id} has no EC key on record")
+        data_key = open_at_rest(self._kek, model.wrapped_key, model.model_id)
+        return wrap_key(data_key, recipient, model.model_id + instance_id.encode())
+
+    async def remove_orphans(self) -> None:
+        """Delete sealed models no model record names (left by a crash between write and commit)."""
+        await self._sealed.remove_orphans({m.model_id for m in await self.models()})
+
+
+class SealedFiles:
+    """Sealed models as files in ``DATA/models``, one per model, chunks back to back."""
+
+    def __init__(self, directory: Path) -> None:
+        self._directory = directory
+
+    def _path(self, model_id: bytes) -> Path:
+        return self._directory / f"{model_id.hex()}.sealed"
+
+    async def writer(self, model_id: bytes) -> SealedWriter:
+        path = self._path(model_id)
+        partial = path.with_suffix(".partial")
+        return _FileWriter(await asyncio.to_thread(_create, partial), partial, path)
+
+    async def chunks(self, model: ModelRecord) -> AsyncGenerator[SealedChunk, None]:
         path = self._path(model.model_id)
         expected = model.size + model.chunk_count * TAG_SIZE
         try:
@@ -186,16 +259,13 @@ class ModelStore:
                 ciphertext = await asyncio.to_thread(handle.read, length)
                 yield SealedChunk(index, index == model.chunk_count - 1, ciphertext)
 
-    def wrap_for(self, model: ModelRecord, public_key: bytes, instance_id: str) -> bytes:
-        """The model's data key wrapped to an instance's attested key (SPKI DER)."""
-        recipient = serialization.load_der_public_key(public_key)
-        if not isinstance(recipient, ec.EllipticCurvePublicKey):
-            raise LedgerError(f"instance {instance_id} has no EC key on record")
-        data_key = open_at_rest(self._kek, model.wrapped_key, model.model_id)
-        return wrap_key(data_key, recipient, model.model_id + instance_id.encode())
+    async def remove(self, model_id: bytes) -> None:
+        await asyncio.to_thread(self._path(model_id).unlink, missing_ok=True)
 
-    def remove_orphans(self, known: set[bytes]) -> None:
-        """Delete sealed files no model record names (left by a crash between write and commit)."""
+    async def remove_orphans(self, known: set[bytes]) -> None:
+        await asyncio.to_thread(self._remove_orphans, known)
+
+    def _remove_orphans(self, known: set[bytes]) -> None:
         for path in self._directory.iterdir():
             with contextlib.suppress(ValueError):
                 if path.suffix == ".partial" or bytes.fromhex(path.stem) not in known:
@@ -203,12 +273,31 @@ class ModelStore:
                     path.unlink()
 
 
+class _FileWriter:
+    def __init__(self, handle: BinaryIO, partial: Path, path: Path) -> None:
+        self._handle = handle
+        self._partial = partial
+        self._path = path
+
+    async def write(self, chunks: list[SealedChunk]) -> None:
+        await asyncio.to_thread(self._handle.writelines, [c.ciphertext for c in chunks])
+
+    async def finish(self) -> None:
+        await asyncio.to_thread(self._handle.flush)
+        await asyncio.to_thread(os.fsync, self._handle.fileno())
+        self._handle.close()
+        await asyncio.to_thread(self._partial.rename, self._path)
+
+    async def discard(self) -> None:
+        self._handle.close()
+        await asyncio.to_thread(self._partial.unlink, missing_ok=True)
+
+
+def _seal(sealer: ModelSealer, part: bytes) -> list[SealedChunk]:
+    """Seal one uploaded part (off the event loop): the chunks it completed."""
+    return list(sealer.update(part))
+
+
 def _create(path: Path) -> BinaryIO:
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     return os.fdopen(os.open(path, flags, PRIVATE_FILE), "wb")
-
-
-def _seal(sealer: ModelSealer, handle: BinaryIO, part: bytes | None) -> None:
-    """Seal and write one uploaded part (off the event loop); ``None`` seals the final chunk."""
-    for chunk in sealer.update(part) if part is not None else [sealer.finish()]:
-        handle.write(chunk.ciphertext)

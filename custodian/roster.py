@@ -1,6 +1,8 @@
 """The enclave listing: every enrolled instance, its link state, its lease and its last receipt.
 
-``state`` is ``connected`` while the instance holds a control stream open,
+``state`` is ``connected`` while the instance holds a control stream open
+(on this custodian, or among replicas on any replica that refreshed it within
+``STREAM_FRESH``: ``replica`` names it),
 ``stopped`` once its last lease closed with a final report (an instance never
 comes back after that: a restarted enclave enrols anew), and ``offline``
 otherwise, since ``last_seen``. After a custodian restart every instance is
@@ -10,7 +12,7 @@ otherwise, since ``last_seen``. After a custodian restart every instance is
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from custodian.control import ControlBus
 from custodian.errors import NotFoundError
@@ -36,23 +38,38 @@ class EnclaveStatus:
     last_receipt_seq: int
     last_receipt_used: int
     last_receipt_at: datetime | None
+    # Among replicas: the one holding its control stream ("" for a single custodian, or none).
+    replica: str = ""
+
+
+# A replica refreshes the streams it holds at every keep-alive (every 5 s at most): one not
+# refreshed for two of them and a second is held by no replica (that replica went away).
+STREAM_FRESH = timedelta(seconds=11)
 
 
 class Roster:
-    def __init__(self, ledger: Ledger, bus: ControlBus) -> None:
+    def __init__(self, ledger: Ledger, bus: ControlBus, *, replica: str = "") -> None:
         self._ledger = ledger
         self._bus = bus
+        self._replica = replica
 
     async def enclaves(self, deployment: str | None = None) -> list[EnclaveStatus]:
         async with self._ledger.transaction() as tx:
             if deployment and await tx.deployment(deployment) is None:
                 raise NotFoundError(f"no deployment {deployment!r}")
-            return [await self._status(tx, i) for i in await tx.instances(deployment or None)]
+            streams = await tx.streams()
+            return [await self._status(tx, i, streams) for i in await tx.instances(deployment or None)]
 
-    async def _status(self, tx: Transaction, instance: InstanceRecord) -> EnclaveStatus:
+    async def _status(
+        self, tx: Transaction, instance: InstanceRecord, streams: dict[str, tuple[str, datetime]]
+    ) -> EnclaveStatus:
         lease = await tx.latest_lease(instance.instance_id)
         receipt = await tx.receipt(instance.instance_id, instance.last_seq) if instance.last_seq else None
-        connected = self._bus.connected(instance.instance_id)
+        here = self._bus.connected(instance.instance_id)
+        held = streams.get(instance.instance_id)
+        elsewhere = held is not None and held[0] != self._replica and tx.now - held[1] <= STREAM_FRESH
+        connected = here or elsewhere
+        replica = self._replica if here else held[0] if held is not None and elsewhere else ""
         if connected:
             state = "connected"
         elif lease is not None and lease.state == "closed":
@@ -77,4 +94,5 @@ class Roster:
             last_receipt_seq=receipt.seq if receipt else 0,
             last_receipt_used=receipt.used if receipt else 0,
             last_receipt_at=receipt.received_at if receipt else None,
+            replica=replica,
         )

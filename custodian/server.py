@@ -11,6 +11,8 @@ checks it before anything in it is used), created on first start:
     kek                     key-encryption key of the models' data keys
     ledger.sqlite3          the ledger (WAL)
     models/                 sealed models
+    master.key              with --database (replicas on PostgreSQL), instead of the CA keys, kek,
+                            ledger and models, which the database holds (the keys wrapped by this one)
     admin.sock              admin API (0600)
     endpoints.json          where it listens, written once it serves, removed when it stops
 """
@@ -23,18 +25,19 @@ import fcntl
 import json
 import logging
 import os
+import socket as socket_module
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIServer
 
 import grpc
 import grpc.aio
 from prometheus_client import start_http_server
 
-from custodian import data_dir
+from custodian import data_dir, replica
 from custodian._status import StatusInterceptor
 from custodian.admin import Admin
 from custodian.admin_access import AdminAccess
@@ -54,6 +57,9 @@ from custodian.metrics import CustodianMetrics
 from custodian.model_store import ModelStore
 from custodian.roster import Roster
 from protos import custos_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from custodian._control_postgres import ControlListener
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +97,7 @@ class CustodianServer:
         self._ledger: Ledger | None = None
         self._servers: list[grpc.aio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
+        self._listener: ControlListener | None = None
         self._http: WSGIServer | None = None
         self._socket: Path | None = None
         self._endpoints_file: Path | None = None
@@ -130,20 +137,35 @@ class CustodianServer:
         data = config.data_dir
         data_dir.prepare(data, uid=owner_uid)
         self._lock = _lock(data / "custodian.lock")
-        tls_ca = CertificateAuthority.load_or_create(data, "custodian-ca", "Custos custodian CA", now=now())
-        enclave_ca = CertificateAuthority.load_or_create(data, "enclave-ca", "Custos enclave CA", now=now())
-        ak_ca = CertificateAuthority.load_or_create(data, "ak-ca", "Custos TPM AK CA", now=now())
+        chunk_size, max_bytes = config.model_chunk_size, config.max_model_bytes
+        if config.database is None:
+            tls_ca = CertificateAuthority.load_or_create(
+                data, "custodian-ca", "Custos custodian CA", now=now()
+            )
+            enclave_ca = CertificateAuthority.load_or_create(
+                data, "enclave-ca", "Custos enclave CA", now=now()
+            )
+            ak_ca = CertificateAuthority.load_or_create(data, "ak-ca", "Custos TPM AK CA", now=now())
+            admin_ca = CertificateAuthority.load_or_create(data, "admin-ca", "Custos admin CA", now=now())
+            # SQLite gives the -wal and -shm files the mode of the database file.
+            data_dir.create_private(data / "ledger.sqlite3")
+            ledger = self._ledger = await Ledger.open(data / "ledger.sqlite3", now=now)
+            store = ModelStore.open(data, ledger, chunk_size=chunk_size, max_bytes=max_bytes)
+        else:
+            ledger = self._ledger = await Ledger.open(config.database, now=now)
+            keys = await replica.shared_keys(ledger, config.master_key_path, now=now())
+            tls_ca, enclave_ca, ak_ca, admin_ca = keys.tls_ca, keys.enclave_ca, keys.ak_ca, keys.admin_ca
+            store = ModelStore.shared(ledger, keys.kek, chunk_size=chunk_size, max_bytes=max_bytes)
         self.custodian_ca_pem = tls_ca.pem
-        # SQLite gives the -wal and -shm files the mode of the database file.
-        data_dir.create_private(data / "ledger.sqlite3")
-        ledger = self._ledger = await Ledger.open(data / "ledger.sqlite3", now=now)
-        store = ModelStore.open(
-            data, ledger, chunk_size=config.model_chunk_size, max_bytes=config.max_model_bytes
-        )
-        store.remove_orphans({m.model_id for m in await store.models()})
+        await store.remove_orphans()
 
         bus = ControlBus()
         self.metrics.watch_streams.set_function(lambda: bus.streams)
+        if config.database is not None:
+            from custodian._control_postgres import ControlListener  # imports asyncpg: replicas only
+
+            self._listener = ControlListener(config.database, bus)
+            self._listener.start()
         if collateral is None:
             own = CustodianCollateral.open(
                 data,
@@ -176,21 +198,21 @@ class CustodianServer:
             str(config.gateway_listen),
             grpc.ssl_server_credentials(pair, root_certificates=enclave_ca.pem, require_client_auth=True),
         )
-        pb_grpc.add_EnclaveGatewayServicer_to_server(
-            Gateway(
-                enrolment=enrolment,
-                leases=leases,
-                deployments=deployments,
-                store=store,
-                bus=bus,
-                metrics=self.metrics,
-                mtls_port=gateway_port,
-            ),
-            gateway,
+        servicer = Gateway(
+            enrolment=enrolment,
+            leases=leases,
+            deployments=deployments,
+            store=store,
+            bus=bus,
+            metrics=self.metrics,
+            mtls_port=gateway_port,
         )
+        # Among replicas, each is named by its enrolment listener (what enclaves are given).
+        replica_name = "" if config.database is None else _replica_name(config.listen, enrolment_port)
+        servicer.replica = replica_name
+        pb_grpc.add_EnclaveGatewayServicer_to_server(servicer, gateway)
 
         admin = self._server(_ADMIN_MAX_MESSAGE)
-        admin_ca = CertificateAuthority.load_or_create(data, "admin-ca", "Custos admin CA", now=now())
         admin_port = None
         if config.admin_listen is not None:
             admin_port = _bind(
@@ -211,7 +233,7 @@ class CustodianServer:
             Admin(
                 store=store,
                 deployments=deployments,
-                roster=Roster(ledger, bus),
+                roster=Roster(ledger, bus, replica=replica_name),
                 access=AdminAccess(ledger, admin_ca, tls_ca.pem),
                 custodian_ca_pem=tls_ca.pem,
                 socket=str(socket),
@@ -232,7 +254,7 @@ class CustodianServer:
         for server in self._servers:
             await server.start()
         self._sweeper = asyncio.create_task(
-            _sweep(config.sweep_interval_seconds, leases, enrolment, deployments, self.metrics)
+            _sweep(config.sweep_interval_seconds, ledger, leases, enrolment, deployments, self.metrics)
         )
         self.endpoints = Endpoints(
             enrolment=replace(config.listen, port=enrolment_port),
@@ -278,6 +300,9 @@ class CustodianServer:
         for server in self._servers:
             await server.stop(grace)
         self._servers.clear()
+        if self._listener is not None:
+            await self._listener.stop()
+            self._listener = None
         if self._socket is not None:
             self._socket.unlink(missing_ok=True)
             self._socket = None
@@ -306,6 +331,11 @@ def _lock(path: os.PathLike[str]) -> IO[bytes]:
     return handle
 
 
+def _replica_name(listen: Address, port: int) -> str:
+    host = listen.host if listen.host not in ("0.0.0.0", "::", "") else socket_module.gethostname()  # noqa: S104
+    return str(Address(host, port))
+
+
 def _write_atomically(path: Path, text: str) -> None:
     partial = path.with_suffix(".partial")
     partial.unlink(missing_ok=True)
@@ -323,16 +353,26 @@ def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredent
 
 
 async def _sweep(
-    interval: float, leases: Leases, enrolment: Enrolment, deployments: Deployments, metrics: CustodianMetrics
+    interval: float,
+    ledger: Ledger,
+    leases: Leases,
+    enrolment: Enrolment,
+    deployments: Deployments,
+    metrics: CustodianMetrics,
 ) -> None:
     """Expire unrefreshed leases, purge stale challenges and refresh the deployment gauges, forever."""
 
     async def refresh_gauges() -> None:
         metrics.observe_deployments(await deployments.usage())
 
+    async def expire_and_purge() -> None:
+        # Run once among replicas: whichever holds the ledger's singleton lock (SQLite: always us).
+        if await ledger.runs_singletons():
+            await leases.expire_due()
+            await enrolment.purge_challenges()
+
     jobs = (
-        ("expiring leases", leases.expire_due),
-        ("purging challenges", enrolment.purge_challenges),
+        ("expiring leases and purging challenges", expire_and_purge),
         ("refreshing deployment gauges", refresh_gauges),
     )
     while True:

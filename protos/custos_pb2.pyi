@@ -49,18 +49,24 @@ class Challenge(_message.Message):
 
     NONCE_FIELD_NUMBER: _builtins.int
     EXPIRES_IN_SECONDS_FIELD_NUMBER: _builtins.int
+    MTLS_PORT_FIELD_NUMBER: _builtins.int
     nonce: _builtins.bytes
     expires_in_seconds: _builtins.int
     """Seconds the nonce stays valid; it is single-use."""
+    mtls_port: _builtins.int
+    """Port of this custodian's mutual-TLS gateway (as in Enrolment): an enrolled enclave failing
+    over to another replica of the custodian asks it for a challenge to learn where to go.
+    """
     def __init__(
         self,
         *,
         nonce: _builtins.bytes = ...,
         expires_in_seconds: _builtins.int = ...,
+        mtls_port: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_in_seconds", b"expires_in_seconds", "nonce", b"nonce"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_in_seconds", b"expires_in_seconds", "mtls_port", b"mtls_port", "nonce", b"nonce"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1001,6 +1007,7 @@ class EnclaveInfo(_message.Message):
     LAST_RECEIPT_SEQ_FIELD_NUMBER: _builtins.int
     LAST_RECEIPT_USED_FIELD_NUMBER: _builtins.int
     LAST_RECEIPT_AT_FIELD_NUMBER: _builtins.int
+    REPLICA_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     deployment: _builtins.str
     platform: _builtins.str
@@ -1021,6 +1028,10 @@ class EnclaveInfo(_message.Message):
     last_receipt_seq: _builtins.int
     last_receipt_used: _builtins.int
     last_receipt_at: _builtins.str
+    replica: _builtins.str
+    """With replicas on PostgreSQL: the replica whose control stream it holds, while connected
+    (HOST:PORT of that replica's enrolment listener); empty for a single custodian.
+    """
     def __init__(
         self,
         *,
@@ -1041,10 +1052,11 @@ class EnclaveInfo(_message.Message):
         last_receipt_seq: _builtins.int = ...,
         last_receipt_used: _builtins.int = ...,
         last_receipt_at: _builtins.str = ...,
+        replica: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "deployment", b"deployment", "enrolled_at", b"enrolled_at", "instance_id", b"instance_id", "key_sha256", b"key_sha256", "last_receipt_at", b"last_receipt_at", "last_receipt_seq", b"last_receipt_seq", "last_receipt_used", b"last_receipt_used", "last_seen", b"last_seen", "lease_expires_at", b"lease_expires_at", "lease_id", b"lease_id", "lease_limit", b"lease_limit", "lease_state", b"lease_state", "lease_used", b"lease_used", "offline_since", b"offline_since", "platform", b"platform", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connected", b"connected", "deployment", b"deployment", "enrolled_at", b"enrolled_at", "instance_id", b"instance_id", "key_sha256", b"key_sha256", "last_receipt_at", b"last_receipt_at", "last_receipt_seq", b"last_receipt_seq", "last_receipt_used", b"last_receipt_used", "last_seen", b"last_seen", "lease_expires_at", b"lease_expires_at", "lease_id", b"lease_id", "lease_limit", b"lease_limit", "lease_state", b"lease_state", "lease_used", b"lease_used", "offline_since", b"offline_since", "platform", b"platform", "replica", b"replica", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -251,7 +251,7 @@ class Enclave(Process):
 
     def start(
         self,
-        custodian: Custodian,
+        custodian: Custodian | Sequence[Custodian],
         ca: Path,
         deployment: str,
         token: str,
@@ -260,11 +260,13 @@ class Enclave(Process):
         platform: str = "sim",
         extra_args: Sequence[str] = (),
     ) -> Enclave:
+        # Several custodians: the replicas of one, tried in order (enclave serve --custodian A,B).
+        replicas = [custodian] if isinstance(custodian, Custodian) else list(custodian)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.ready_file.unlink(missing_ok=True)
         argv = [
             script("enclave"), "serve",
-            "--custodian", custodian.enrolment,
+            "--custodian", ",".join(c.enrolment for c in replicas),
             "--custodian-ca", str(ca),
             "--deployment", deployment,
             "--listen", "127.0.0.1:0",

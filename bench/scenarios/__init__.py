@@ -7,9 +7,9 @@ from types import ModuleType
 
 from bench._context import Bench
 from bench._stats import Row
-from bench.scenarios import attestation, cold_start, inference, ledger, provisioning
+from bench.scenarios import attestation, cold_start, inference, ledger, provisioning, replicas
 
 Scenario = Callable[[Bench], list[Row]]
 
-MODULES: tuple[ModuleType, ...] = (inference, provisioning, ledger, attestation, cold_start)
+MODULES: tuple[ModuleType, ...] = (inference, provisioning, ledger, replicas, attestation, cold_start)
 SCENARIOS: dict[str, Scenario] = {module.NAME: module.run for module in MODULES}

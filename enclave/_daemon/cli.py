@@ -121,7 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
         "and sends the final usage report.",
     )
     env_flag(
-        serve, "--custodian", required=True, metavar="HOST:PORT", help="the custodian's enrolment listener"
+        serve,
+        "--custodian",
+        required=True,
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="the custodian's enrolment listener; several, separated by commas, for its replicas"
+        " (tried in order; the link moves to the next when its replica goes away)",
     )
     env_flag(
         serve,

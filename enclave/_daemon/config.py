@@ -25,6 +25,10 @@ def parse_address(value: str, *, what: str) -> tuple[str, int]:
     return host, int(port)
 
 
+# Addresses --custodian may list (replicas of one custodian).
+MAX_CUSTODIANS = 16
+
+
 def _default_threads() -> int:
     return max(1, min(4, (os.cpu_count() or 1) // 2))
 
@@ -72,8 +76,18 @@ class DaemonConfig:
     reconnect_max: float = 5.0
     shutdown_grace: float = 5.0
 
+    @property
+    def custodians(self) -> tuple[str, ...]:
+        """The enrolment addresses of the custodian's replicas, in the order given (``--custodian``)."""
+        return tuple(address.strip() for address in self.custodian.split(","))
+
     def __post_init__(self) -> None:
-        parse_address(self.custodian, what="--custodian")
+        if not 0 < len(self.custodians) <= MAX_CUSTODIANS or not all(self.custodians):
+            raise ConfigError(
+                f"--custodian takes 1 to {MAX_CUSTODIANS} addresses HOST:PORT, separated by commas"
+            )
+        for address in self.custodians:
+            parse_address(address, what="--custodian")
         parse_address(self.listen, what="--listen")
         if self.metrics_listen is not None:
             parse_address(self.metrics_listen, what="--metrics")

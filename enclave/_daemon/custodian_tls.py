@@ -18,10 +18,10 @@ from enclave._daemon.config import DaemonConfig, parse_address
 from enclave._daemon.errors import CustodianCertificateError
 
 
-async def check_custodian_certificate(config: DaemonConfig, server_name: str) -> None:
-    """Raise ``CustodianCertificateError`` when the custodian answers with a certificate the pinned
-    CA does not vouch for; return quietly when it verifies or cannot be reached at all."""
-    host, port = parse_address(config.custodian, what="--custodian")
+async def check_custodian_certificate(config: DaemonConfig, server_name: str, address: str) -> None:
+    """Raise ``CustodianCertificateError`` when the custodian at ``address`` answers with a certificate
+    the pinned CA does not vouch for; return quietly when it verifies or cannot be reached at all."""
+    host, port = parse_address(address, what="--custodian")
     context = ssl.create_default_context(cadata=config.custodian_ca_pem.decode("ascii", errors="replace"))
     try:
         async with asyncio.timeout(config.call_timeout):
@@ -31,7 +31,7 @@ async def check_custodian_certificate(config: DaemonConfig, server_name: str) ->
     except ssl.SSLCertVerificationError as exc:
         reason = exc.verify_message or exc.reason or "verification failed"
         raise CustodianCertificateError(
-            f"the custodian's certificate at {config.custodian} does not chain to --custodian-ca ({reason})"
+            f"the custodian's certificate at {address} does not chain to --custodian-ca ({reason})"
         ) from None
     except (OSError, TimeoutError):
         return  # not reachable (or not speaking TLS): the caller's retry decides

@@ -73,6 +73,8 @@ class Enrolment:
     offline_grace: int
     lease_size: int
     gateway: str  # HOST:PORT of the mutual-TLS gateway
+    # The enrolment address (one of --custodian's) that issued it.
+    custodian: str = ""
     # Seconds without a renewed lease (or suspended past the grace) before zeroizing.
     zeroize_after: int = 0
 
@@ -95,14 +97,28 @@ def gateway_credentials(
 async def enrol(config: DaemonConfig, identity: MeasuredIdentity) -> Enrolment:
     """Enrol, or raise ``EnrolmentRefusedError`` (with the reason) or ``CustodianUnreachableError``.
 
+    The custodian's addresses (its replicas) are tried in order: one that cannot be reached
+    within the connect timeout passes the enrolment to the next; a refusal is final.
     A custodian that answers busy (``RESOURCE_EXHAUSTED``) is asked again from a new challenge,
     with backoff and jitter, for as long as it keeps answering: busy is not a refusal.
     """
+    addresses = config.custodians
+    for number, address in enumerate(addresses, 1):
+        try:
+            return await _enrol_at(config, identity, address)
+        except CustodianUnreachableError as exc:
+            if number == len(addresses):
+                raise
+            logger.warning("%s; trying the next custodian address, %s", exc, addresses[number])
+    raise AssertionError("unreachable: the configuration holds at least one address")
+
+
+async def _enrol_at(config: DaemonConfig, identity: MeasuredIdentity, address: str) -> Enrolment:
     delay = config.reconnect_initial
     jitter = random.Random()  # noqa: S311 -- jitter, not a secret
     while True:
         try:
-            return await _enrol_once(config, identity)
+            return await _enrol_once(config, identity, address)
         except _CustodianBusyError as exc:
             wait = jitter.uniform(delay / 2, delay)
             logger.warning("custodian busy (%s), enrolling again in %.1f s", exc, wait)
@@ -114,13 +130,11 @@ class _CustodianBusyError(Exception):
     """The custodian answered ``RESOURCE_EXHAUSTED``: try the whole enrolment again later."""
 
 
-async def _enrol_once(config: DaemonConfig, identity: MeasuredIdentity) -> Enrolment:
+async def _enrol_once(config: DaemonConfig, identity: MeasuredIdentity, address: str) -> Enrolment:
     credentials = grpc.ssl_channel_credentials(root_certificates=config.custodian_ca_pem)
-    async with grpc.aio.secure_channel(
-        config.custodian, credentials, options=channel_options(config)
-    ) as channel:
+    async with grpc.aio.secure_channel(address, credentials, options=channel_options(config)) as channel:
         stub = custos_pb2_grpc.EnclaveGatewayStub(channel)
-        challenge = await _challenge(stub, config)
+        challenge = await _challenge(stub, config, address)
         if len(challenge.nonce) not in _NONCE_SIZES:
             raise ProtocolError(f"custodian challenge nonce is {len(challenge.nonce)} bytes")
         evidence, claims = await asyncio.to_thread(identity.attest, "enrol", challenge.nonce)
@@ -146,8 +160,8 @@ async def _enrol_once(config: DaemonConfig, identity: MeasuredIdentity) -> Enrol
                 )
                 reply = await stub.ActivateCredential(activation, timeout=config.call_timeout)
         except grpc.aio.AioRpcError as exc:
-            raise _enrol_error(exc, config) from None
-    enrolment = _check_enrolment(reply, identity, config)
+            raise _enrol_error(exc, address) from None
+    enrolment = _check_enrolment(reply, identity, address)
     if reply.ak_certificate:
         if tpm is None:
             raise ProtocolError("custodian sent an AK certificate to an enclave without a TPM")
@@ -168,6 +182,22 @@ def _activate(tpm: TpmAttester, credential: custos_pb2.CredentialChallenge) -> b
         return b""
 
 
+async def gateway_of(config: DaemonConfig, address: str) -> str:
+    """Where the custodian replica at ``address`` (an enrolment listener) has its gateway: HOST:PORT.
+
+    Asked with a challenge, which costs the custodian nothing and records nothing.
+    """
+    credentials = grpc.ssl_channel_credentials(root_certificates=config.custodian_ca_pem)
+    async with grpc.aio.secure_channel(address, credentials, options=channel_options(config)) as channel:
+        stub = custos_pb2_grpc.EnclaveGatewayStub(channel)
+        request = custos_pb2.ChallengeRequest(deployment=config.deployment)
+        challenge = await stub.GetChallenge(request, timeout=config.call_timeout)
+    if not 0 < challenge.mtls_port <= 65535:
+        raise ProtocolError(f"custodian at {address} named no gateway port (an older custodian?)")
+    host, _ = parse_address(address, what="--custodian")
+    return f"{host}:{challenge.mtls_port}"
+
+
 def certificate_request(key: ec.EllipticCurvePrivateKey) -> bytes:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ENCLAVE_TLS_NAME)])
     csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
@@ -175,7 +205,7 @@ def certificate_request(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 async def _challenge(
-    stub: custos_pb2_grpc.EnclaveGatewayAsyncStub, config: DaemonConfig
+    stub: custos_pb2_grpc.EnclaveGatewayAsyncStub, config: DaemonConfig, address: str
 ) -> custos_pb2.Challenge:
     """GetChallenge, retried while the custodian is not reachable, up to ``connect_timeout``."""
     deadline = time.monotonic() + config.connect_timeout
@@ -185,9 +215,11 @@ async def _challenge(
         try:
             return await stub.GetChallenge(request, timeout=config.call_timeout)
         except grpc.aio.AioRpcError as exc:
-            error = _enrol_error(exc, config)
+            error = _enrol_error(exc, address)
             if isinstance(error, CustodianUnreachableError):
-                await check_custodian_certificate(config, CUSTODIAN_TLS_NAME)  # a wrong CA: say so at once
+                await check_custodian_certificate(
+                    config, CUSTODIAN_TLS_NAME, address
+                )  # a wrong CA: say so at once
             if isinstance(error, EnrolmentRefusedError) or time.monotonic() + delay >= deadline:
                 raise error from None
             logger.info("custodian not reachable yet (%s), retrying in %.1f s", exc.code().name, delay)
@@ -195,7 +227,7 @@ async def _challenge(
         delay = min(delay * 2, config.reconnect_max)
 
 
-def _enrol_error(exc: grpc.aio.AioRpcError, config: DaemonConfig) -> DaemonError:
+def _enrol_error(exc: grpc.aio.AioRpcError, address: str) -> DaemonError:
     """The error to raise for a failed call; a busy custodian raises ``_CustodianBusyError`` here."""
     details = exc.details() or exc.code().name
     if exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -204,12 +236,10 @@ def _enrol_error(exc: grpc.aio.AioRpcError, config: DaemonConfig) -> DaemonError
         return DeploymentSuspendedError(f"custodian refused enrolment for now: {details}")
     if exc.code() in _REFUSALS:
         return EnrolmentRefusedError(f"custodian refused enrolment ({exc.code().name}): {details}")
-    return CustodianUnreachableError(f"cannot reach the custodian at {config.custodian}: {details}")
+    return CustodianUnreachableError(f"cannot reach the custodian at {address}: {details}")
 
 
-def _check_enrolment(
-    reply: custos_pb2.Enrolment, identity: MeasuredIdentity, config: DaemonConfig
-) -> Enrolment:
+def _check_enrolment(reply: custos_pb2.Enrolment, identity: MeasuredIdentity, address: str) -> Enrolment:
     instance_id = reply.instance_id
     if not 0 < len(instance_id) <= _MAX_INSTANCE_ID or not set(instance_id) <= _INSTANCE_ID_CHARS:
         raise ProtocolError("custodian issued an unusable instance id")
@@ -221,13 +251,14 @@ def _check_enrolment(
         raise ProtocolError("custodian issued a certificate for another key")
     if not 0 < reply.mtls_port <= 65535:
         raise ProtocolError(f"custodian named gateway port {reply.mtls_port}")
-    host, _ = parse_address(config.custodian, what="--custodian")
+    host, _ = parse_address(address, what="--custodian")
     return Enrolment(
         instance_id=instance_id,
         certificate_pem=reply.certificate,
         offline_grace=reply.offline_grace_seconds,
         lease_size=reply.lease_size,
         gateway=f"{host}:{reply.mtls_port}",
+        custodian=address,
         zeroize_after=reply.zeroize_after_seconds or ZEROIZE_GRACES * reply.offline_grace_seconds,
     )
 

@@ -35,7 +35,8 @@ import random
 import grpc
 
 from enclave._daemon.config import DaemonConfig
-from enclave._daemon.enrolment import Enrolment, channel_options, gateway_credentials
+from enclave._daemon.enrolment import Enrolment, channel_options, gateway_credentials, gateway_of
+from enclave._daemon.errors import ProtocolError
 from enclave._daemon.lease import Lease, LeaseTerms
 from enclave._daemon.measured import MeasuredIdentity
 from enclave._daemon.metrics import DaemonMetrics
@@ -48,6 +49,10 @@ logger = logging.getLogger(__name__)
 
 # Codes (``Refusal.code``) with which the custodian refuses a report for good; retrying cannot help.
 _REPORT_REFUSALS = frozenset({"INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "PERMISSION_DENIED"})
+
+
+# Codes of a custodian replica that is gone or cannot reach its database: try another one.
+_GONE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 
 class _ReportStreamError(Exception):
@@ -111,21 +116,10 @@ class CustodianLink:
         self._metrics = metrics
         self._rng = rng
         self._reconnect_max = reconnect_cap(config, enrolment.offline_grace)
-        # gRPC's channel backs off on its own between connection attempts (up to two minutes by
-        # default), and fails calls at once meanwhile: it must come back as soon as ours would.
-        backoff_ms = round(self._reconnect_max * 1000)
-        self._channel = grpc.aio.secure_channel(
-            enrolment.gateway,
-            gateway_credentials(config, identity, enrolment),
-            options=[
-                *channel_options(config),
-                ("grpc.initial_reconnect_backoff_ms", round(config.reconnect_initial * 1000)),
-                ("grpc.min_reconnect_backoff_ms", round(config.reconnect_initial * 1000)),
-                ("grpc.max_reconnect_backoff_ms", backoff_ms),
-            ],
-        )
+        addresses = config.custodians
+        self._replica = addresses.index(enrolment.custodian) if enrolment.custodian in addresses else 0
+        self._channel, self._stub = self._open(enrolment.gateway)
         self._outage = Outage(logger, "custodian unreachable")
-        self._stub = custos_pb2_grpc.EnclaveGatewayStub(self._channel)
         lease.topup_size = enrolment.lease_size
         self.model_sha384 = b""
         # One report at a time, in receipt order.
@@ -144,6 +138,48 @@ class CustodianLink:
         ) = None
         self.connected = False
         self._closed = False
+
+    def _open(self, gateway: str) -> tuple[grpc.aio.Channel, custos_pb2_grpc.EnclaveGatewayAsyncStub]:
+        # gRPC's channel backs off on its own between connection attempts (up to two minutes by
+        # default), and fails calls at once meanwhile: it must come back as soon as ours would.
+        backoff_ms = round(self._reconnect_max * 1000)
+        channel = grpc.aio.secure_channel(
+            gateway,
+            gateway_credentials(self._config, self._identity, self.enrolment),
+            options=[
+                *channel_options(self._config),
+                ("grpc.initial_reconnect_backoff_ms", round(self._config.reconnect_initial * 1000)),
+                ("grpc.min_reconnect_backoff_ms", round(self._config.reconnect_initial * 1000)),
+                ("grpc.max_reconnect_backoff_ms", backoff_ms),
+            ],
+        )
+        return channel, custos_pb2_grpc.EnclaveGatewayStub(channel)
+
+    async def _fail_over(self) -> None:
+        """Move to the next of the custodian's replicas, if ``--custodian`` lists several.
+
+        The instance, its lease and its receipt chain are the custodian's, in the ledger every
+        replica shares, and its client certificate is from the CA they share: on the new replica
+        the link goes on where it stopped (the lease acquired again, then the reports).
+        """
+        addresses = self._config.custodians
+        if len(addresses) < 2:
+            return
+        self._replica = (self._replica + 1) % len(addresses)
+        address = addresses[self._replica]
+        try:
+            gateway = await gateway_of(self._config, address)
+        except grpc.aio.AioRpcError as exc:
+            self._outage.failed(f"custodian replica {address}: {exc.code().name}")
+            return
+        except ProtocolError as exc:
+            self._outage.failed(str(exc))
+            return
+        old, (self._channel, self._stub) = self._channel, self._open(gateway)
+        self._drop_report_stream()
+        await old.close(None)
+        self._metrics.failovers.inc()
+        logger.warning("moved to the custodian replica at %s (gateway %s)", address, gateway)
 
     # --------------------------------------------------------------- calls
 
@@ -334,6 +370,8 @@ class CustodianLink:
                     break
                 except grpc.aio.AioRpcError as exc:
                     self._outage.failed(exc.code().name)
+                    if exc.code() in _GONE:
+                        await self._fail_over()
             await self.report()
             self._outage.over("reconnected to the custodian")
 

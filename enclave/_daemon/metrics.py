@@ -49,6 +49,11 @@ class DaemonMetrics:
             "1 while the control stream to the custodian is open.",
             registry=self.registry,
         )
+        self.failovers = Counter(
+            "custos_enclave_custodian_failovers",
+            "Times the link moved to another of the custodian's replicas (--custodian lists several).",
+            registry=self.registry,
+        )
         self.zeroizations = Counter(
             "custos_enclave_zeroizations",
             "Times the model and the keys were dropped, by reason (suspended, offline).",

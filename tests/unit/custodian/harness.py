@@ -1,4 +1,4 @@
-"""The custodian's services wired over a real SQLite ledger in a temp dir, with a settable clock."""
+"""The custodian's services over a real ledger (SQLite in a temp dir or PostgreSQL) and a settable clock."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from custodian.control import ControlBus
 from custodian.deployments import Deployments
 from custodian.enrolment import Enrolment
 from custodian.leases import Leases, LeaseView
-from custodian.ledger import InstanceRecord, Ledger
+from custodian.ledger import InstanceRecord, Ledger, is_postgres_url
 from custodian.metering import UsageClaim
 from custodian.metrics import CustodianMetrics
 from custodian.model_check import ModelInput
@@ -150,18 +150,20 @@ class AnyBytesLoad:
 
 
 @asynccontextmanager
-async def custody(tmp_path: Path, *, clock: Clock | None = None, **config: Any) -> AsyncIterator[Custody]:
+async def custody(
+    tmp_path: Path, *, clock: Clock | None = None, database: str | Path | None = None, **config: Any
+) -> AsyncIterator[Custody]:
+    """The services over the ledger at ``database`` (default: SQLite in ``tmp_path``)."""
     clock = clock or Clock()
     settings = CustodianConfig(data_dir=tmp_path, **config)
-    ledger = await Ledger.open(tmp_path / "ledger.sqlite3", now=clock)
+    ledger = await Ledger.open(database or tmp_path / "ledger.sqlite3", now=clock)
     try:
-        store = ModelStore.open(
-            tmp_path,
-            ledger,
-            chunk_size=settings.model_chunk_size,
-            max_bytes=settings.max_model_bytes,
-            start_check=AnyBytesLoad.start,
-        )
+        sizes = {"chunk_size": settings.model_chunk_size, "max_bytes": settings.max_model_bytes}
+        if database is not None and is_postgres_url(database):
+            # Replicas keep the sealed chunks in the database (the shared KEK: test_replica.py).
+            store = ModelStore.shared(ledger, os.urandom(32), **sizes, start_check=AnyBytesLoad.start)
+        else:
+            store = ModelStore.open(tmp_path, ledger, **sizes, start_check=AnyBytesLoad.start)
         bus, metrics = ControlBus(), CustodianMetrics()
         tls_ca = CertificateAuthority.load_or_create(
             tmp_path, "custodian-ca", "test custodian CA", now=clock()

@@ -42,9 +42,11 @@ CREATE_REFUSALS: list[tuple[str, dict[str, Any], type[Exception]]] = [
 @pytest.mark.parametrize(
     ("changes", "error"), [r[1:] for r in CREATE_REFUSALS], ids=[r[0] for r in CREATE_REFUSALS]
 )
-def test_create_refuses(tmp_path: Path, changes: dict[str, Any], error: type[Exception]) -> None:
+def test_create_refuses(
+    tmp_path: Path, ledger_db: str | Path, changes: dict[str, Any], error: type[Exception]
+) -> None:
     async def scenario() -> None:
-        async with custody(tmp_path) as c:
+        async with custody(tmp_path, database=ledger_db) as c:
             await c.upload("m", b"model")
             await c.lend("taken")
             args: dict[str, Any] = {
@@ -64,9 +66,9 @@ def test_create_refuses(tmp_path: Path, changes: dict[str, Any], error: type[Exc
     asyncio.run(scenario())
 
 
-def test_the_approved_manifest_allows_the_deployments_model(tmp_path: Path) -> None:
+def test_the_approved_manifest_allows_the_deployments_model(tmp_path: Path, ledger_db: str | Path) -> None:
     async def scenario() -> None:
-        async with custody(tmp_path) as c:
+        async with custody(tmp_path, database=ledger_db) as c:
             model = await c.upload("m", b"model bytes")
             await c.deployments.create(
                 "d", model="m", manifest=sim_manifest(c.tls_ca.pem), offline_grace_seconds=0, lease_size=0
@@ -80,9 +82,9 @@ def test_the_approved_manifest_allows_the_deployments_model(tmp_path: Path) -> N
     asyncio.run(scenario())
 
 
-def test_a_rotated_token_replaces_the_old_one(tmp_path: Path) -> None:
+def test_a_rotated_token_replaces_the_old_one(tmp_path: Path, ledger_db: str | Path) -> None:
     async def scenario() -> None:
-        async with custody(tmp_path) as c:
+        async with custody(tmp_path, database=ledger_db) as c:
             old = await c.lend("d")
             new = await c.deployments.rotate_token("d")
             assert new != old
@@ -93,9 +95,11 @@ def test_a_rotated_token_replaces_the_old_one(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
-def test_grant_adds_and_revoke_takes_the_balance_then_leases_and_wakes_watchers(tmp_path: Path) -> None:
+def test_grant_adds_and_revoke_takes_the_balance_then_leases_and_wakes_watchers(
+    tmp_path: Path, ledger_db: str | Path
+) -> None:
     async def scenario() -> None:
-        async with custody(tmp_path) as c:
+        async with custody(tmp_path, database=ledger_db) as c:
             token = await c.lend("d", units=100, lease_size=60)
             await c.lend("other")
             instance, enclave = await c.enrol("d", token)
@@ -136,9 +140,9 @@ def test_grant_adds_and_revoke_takes_the_balance_then_leases_and_wakes_watchers(
     ids=["revoke-neither", "revoke-both", "grant-zero", "grant-unknown", "suspend-unknown", "usage-unknown",
          "enclaves-unknown", "manifest-unknown", "rotate-unknown"],
 )  # fmt: skip
-def test_admin_misuse(tmp_path: Path, call: Any, error: type[CustodianError]) -> None:
+def test_admin_misuse(tmp_path: Path, ledger_db: str | Path, call: Any, error: type[CustodianError]) -> None:
     async def scenario() -> None:
-        async with custody(tmp_path) as c:
+        async with custody(tmp_path, database=ledger_db) as c:
             await c.lend("d", units=10)
             with pytest.raises(error):
                 await call(c)
@@ -146,9 +150,11 @@ def test_admin_misuse(tmp_path: Path, call: Any, error: type[CustodianError]) ->
     asyncio.run(scenario())
 
 
-def test_suspend_stops_the_model_push_at_once_and_resume_restores_it(tmp_path: Path) -> None:
+def test_suspend_stops_the_model_push_at_once_and_resume_restores_it(
+    tmp_path: Path, ledger_db: str | Path
+) -> None:
     async def scenario() -> None:
-        async with custody(tmp_path) as c:
+        async with custody(tmp_path, database=ledger_db) as c:
             token = await c.lend("d", units=10)
             instance_id, enclave = await c.enrol("d", token)
             instance = await c.enrolment.authenticate(instance_id, enclave.public_key)
@@ -166,9 +172,9 @@ def test_suspend_stops_the_model_push_at_once_and_resume_restores_it(tmp_path: P
     asyncio.run(scenario())
 
 
-def test_enclaves_listing_shows_leases_and_open_streams(tmp_path: Path) -> None:
+def test_enclaves_listing_shows_leases_and_open_streams(tmp_path: Path, ledger_db: str | Path) -> None:
     async def scenario() -> None:
-        async with custody(tmp_path) as c:
+        async with custody(tmp_path, database=ledger_db) as c:
             token = await c.lend("d", units=10)
             await c.lend("e")
             first, enclave = await c.enrol("d", token)
@@ -213,9 +219,9 @@ def test_enclaves_listing_shows_leases_and_open_streams(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
-def test_usage_adds_up_and_counts_only_live_instances(tmp_path: Path) -> None:
+def test_usage_adds_up_and_counts_only_live_instances(tmp_path: Path, ledger_db: str | Path) -> None:
     async def scenario() -> None:
-        async with custody(tmp_path) as c:
+        async with custody(tmp_path, database=ledger_db) as c:
             token = await c.lend("d", units=1000, lease_size=100)
             stopping, stopping_enclave = await c.enrol("d", token)
             vanishing, _ = await c.enrol("d", token)

@@ -12,9 +12,9 @@ from custodian.metering import ReceiptRefusedError, UsageClaim
 from tests.unit.custodian.harness import custody, sample
 
 
-def test_acquire_opens_one_lease_per_instance_and_refreshes_it(tmp_path: Path) -> None:
+def test_acquire_opens_one_lease_per_instance_and_refreshes_it(tmp_path: Path, ledger_db: str | Path) -> None:
     async def scenario() -> None:
-        async with custody(tmp_path) as c:
+        async with custody(tmp_path, database=ledger_db) as c:
             token = await c.lend("d", units=150, lease_size=100)
             instance, _ = await c.enrol("d", token)
             first = await c.leases.acquire(instance)
@@ -38,9 +38,9 @@ def test_acquire_opens_one_lease_per_instance_and_refreshes_it(tmp_path: Path) -
     asyncio.run(scenario())
 
 
-def test_a_suspended_deployment_leases_nothing(tmp_path: Path) -> None:
+def test_a_suspended_deployment_leases_nothing(tmp_path: Path, ledger_db: str | Path) -> None:
     async def scenario() -> None:
-        async with custody(tmp_path) as c:
+        async with custody(tmp_path, database=ledger_db) as c:
             token = await c.lend("d", units=150)
             instance, enclave = await c.enrol("d", token)
             await c.deployments.suspend("d")
@@ -52,9 +52,11 @@ def test_a_suspended_deployment_leases_nothing(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
-def test_reports_are_cumulative_and_a_retried_receipt_counts_once(tmp_path: Path) -> None:
+def test_reports_are_cumulative_and_a_retried_receipt_counts_once(
+    tmp_path: Path, ledger_db: str | Path
+) -> None:
     async def scenario() -> None:
-        async with custody(tmp_path) as c:
+        async with custody(tmp_path, database=ledger_db) as c:
             token = await c.lend("d", units=500, lease_size=100)
             instance, enclave = await c.enrol("d", token)
             lease = await c.leases.acquire(instance)
@@ -92,10 +94,10 @@ def test_reports_are_cumulative_and_a_retried_receipt_counts_once(tmp_path: Path
     ("used", "message"), [(5, "backwards"), (101, "above the lease limit")], ids=["backwards", "above-limit"]
 )
 def test_impossible_usage_is_refused_and_does_not_spend_the_sequence(
-    tmp_path: Path, used: int, message: str
+    tmp_path: Path, ledger_db: str | Path, used: int, message: str
 ) -> None:
     async def scenario() -> None:
-        async with custody(tmp_path) as c:
+        async with custody(tmp_path, database=ledger_db) as c:
             token = await c.lend("d", units=100)
             instance, enclave = await c.enrol("d", token)
             lease = await c.leases.acquire(instance)
@@ -110,9 +112,11 @@ def test_impossible_usage_is_refused_and_does_not_spend_the_sequence(
     asyncio.run(scenario())
 
 
-def test_an_unknown_instance_or_sequence_out_of_range_is_refused(tmp_path: Path) -> None:
+def test_an_unknown_instance_or_sequence_out_of_range_is_refused(
+    tmp_path: Path, ledger_db: str | Path
+) -> None:
     async def scenario() -> None:
-        async with custody(tmp_path) as c:
+        async with custody(tmp_path, database=ledger_db) as c:
             token = await c.lend("d", units=10)
             instance, enclave = await c.enrol("d", token)
             lease = await c.leases.acquire(instance)
@@ -127,9 +131,11 @@ def test_an_unknown_instance_or_sequence_out_of_range_is_refused(tmp_path: Path)
     asyncio.run(scenario())
 
 
-def test_an_unrefreshed_lease_is_charged_in_full_and_a_late_receipt_settles_it(tmp_path: Path) -> None:
+def test_an_unrefreshed_lease_is_charged_in_full_and_a_late_receipt_settles_it(
+    tmp_path: Path, ledger_db: str | Path
+) -> None:
     async def scenario() -> None:
-        async with custody(tmp_path) as c:
+        async with custody(tmp_path, database=ledger_db) as c:
             token = await c.lend("d", units=100, grace=30, lease_size=40)
             instance, enclave = await c.enrol("d", token)
             lease = await c.leases.acquire(instance)
@@ -157,9 +163,11 @@ def test_an_unrefreshed_lease_is_charged_in_full_and_a_late_receipt_settles_it(t
     asyncio.run(scenario())
 
 
-def test_usage_served_before_a_revoke_arrived_is_counted_even_past_the_balance(tmp_path: Path) -> None:
+def test_usage_served_before_a_revoke_arrived_is_counted_even_past_the_balance(
+    tmp_path: Path, ledger_db: str | Path
+) -> None:
     async def scenario() -> None:
-        async with custody(tmp_path) as c:
+        async with custody(tmp_path, database=ledger_db) as c:
             token = await c.lend("d", units=100, lease_size=100)
             instance, enclave = await c.enrol("d", token)
             lease = await c.leases.acquire(instance)
@@ -179,9 +187,11 @@ def test_usage_served_before_a_revoke_arrived_is_counted_even_past_the_balance(t
     asyncio.run(scenario())
 
 
-def test_a_restarted_custodian_gives_active_leases_a_fresh_grace(tmp_path: Path) -> None:
+def test_a_restarted_custodian_gives_active_leases_a_fresh_grace(
+    tmp_path: Path, ledger_db: str | Path
+) -> None:
     async def scenario() -> None:
-        async with custody(tmp_path) as c:
+        async with custody(tmp_path, database=ledger_db) as c:
             token = await c.lend("d", units=100, grace=30)
             instance, _ = await c.enrol("d", token)
             await c.leases.acquire(instance)
@@ -195,9 +205,9 @@ def test_a_restarted_custodian_gives_active_leases_a_fresh_grace(tmp_path: Path)
     asyncio.run(scenario())
 
 
-def test_concurrent_acquires_never_lease_more_than_the_balance(tmp_path: Path) -> None:
+def test_concurrent_acquires_never_lease_more_than_the_balance(tmp_path: Path, ledger_db: str | Path) -> None:
     async def scenario() -> None:
-        async with custody(tmp_path) as c:
+        async with custody(tmp_path, database=ledger_db) as c:
             token = await c.lend("d", units=55, lease_size=10)
             instances = [(await c.enrol("d", token))[0] for _ in range(8)]
             leases = await asyncio.gather(*(c.leases.acquire(i) for i in instances))

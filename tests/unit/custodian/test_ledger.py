@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from custodian import ledger as ledger_module
+from custodian import _ledger_sqlite as ledger_module
 from custodian.audit_stream import LedgerAudit, check_tail
 from custodian.errors import ConflictError, LedgerError
 from custodian.ledger import (
@@ -65,9 +65,9 @@ async def _add_instance_with_lease(ledger: Ledger, lease: LeaseRecord) -> None:
         await tx.add_lease(lease)
 
 
-def test_records_round_trip_and_names_are_unique(tmp_path: Path) -> None:
+def test_records_round_trip_and_names_are_unique(ledger_db: str | Path) -> None:
     async def scenario() -> None:
-        ledger = await Ledger.open(tmp_path / "l.db", now=Clock())
+        ledger = await Ledger.open(ledger_db, now=Clock())
         try:
             model = _model()
             async with ledger.transaction() as tx:
@@ -86,9 +86,9 @@ def test_records_round_trip_and_names_are_unique(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
-def test_a_lease_is_written_whole_and_never_becomes_active_again(tmp_path: Path) -> None:
+def test_a_lease_is_written_whole_and_never_becomes_active_again(ledger_db: str | Path) -> None:
     async def scenario() -> None:
-        ledger = await Ledger.open(tmp_path / "l.db", now=Clock())
+        ledger = await Ledger.open(ledger_db, now=Clock())
         try:
             now = Clock().now
             lease = LeaseRecord("l1", "i1", "d", Allotment(limit=5, peak=5, used=0), "active", now)
@@ -112,7 +112,7 @@ def test_a_lease_is_written_whole_and_never_becomes_active_again(tmp_path: Path)
     asyncio.run(scenario())
 
 
-def test_a_failed_transaction_leaves_nothing_behind(tmp_path: Path) -> None:
+def test_a_failed_transaction_leaves_nothing_behind(ledger_db: str | Path) -> None:
     async def fail_midway(ledger: Ledger) -> None:
         async with ledger.transaction() as tx:
             await tx.add_model(_model())
@@ -120,7 +120,7 @@ def test_a_failed_transaction_leaves_nothing_behind(tmp_path: Path) -> None:
             raise RuntimeError("boom")
 
     async def scenario() -> None:
-        ledger = await Ledger.open(tmp_path / "l.db", now=Clock())
+        ledger = await Ledger.open(ledger_db, now=Clock())
         try:
             with pytest.raises(RuntimeError):
                 await fail_midway(ledger)
@@ -133,9 +133,9 @@ def test_a_failed_transaction_leaves_nothing_behind(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
-def test_audit_log_chains_and_verifies(tmp_path: Path) -> None:
+def test_audit_log_chains_and_verifies(ledger_db: str | Path) -> None:
     async def scenario() -> None:
-        ledger = await Ledger.open(tmp_path / "l.db", now=Clock())
+        ledger = await Ledger.open(ledger_db, now=Clock())
         try:
             for i in range(3):
                 async with ledger.transaction() as tx:
@@ -263,13 +263,13 @@ def test_an_older_ledger_migrates_forward_and_keeps_its_records(tmp_path: Path) 
     asyncio.run(scenario())
 
 
-def test_reopening_keeps_everything(tmp_path: Path) -> None:
+def test_reopening_keeps_everything(ledger_db: str | Path) -> None:
     async def scenario() -> None:
-        ledger = await Ledger.open(tmp_path / "l.db", now=Clock())
+        ledger = await Ledger.open(ledger_db, now=Clock())
         async with ledger.transaction() as tx:
             await tx.add_model(_model())
         await ledger.close()
-        ledger = await Ledger.open(tmp_path / "l.db", now=Clock())
+        ledger = await Ledger.open(ledger_db, now=Clock())
         try:
             async with ledger.transaction() as tx:
                 assert [m.name for m in await tx.models()] == ["m"]
@@ -280,10 +280,10 @@ def test_reopening_keeps_everything(tmp_path: Path) -> None:
 
 
 def test_grouped_work_shares_one_commit_and_a_failing_piece_undoes_only_its_own_writes(
-    tmp_path: Path,
+    ledger_db: str | Path,
 ) -> None:
     async def scenario() -> None:
-        ledger = await Ledger.open(tmp_path / "l.db", now=Clock())
+        ledger = await Ledger.open(ledger_db, now=Clock())
         try:
             models = [_model(f"m{i}") for i in range(6)]
 

@@ -121,10 +121,10 @@ ATTACKS: list[tuple[str, Attack, str]] = [
 
 @pytest.mark.parametrize(("attack", "reason"), [a[1:] for a in ATTACKS], ids=[a[0] for a in ATTACKS])
 def test_a_bad_receipt_is_refused_recorded_and_changes_nothing(
-    tmp_path: Path, attack: Attack, reason: str
+    tmp_path: Path, ledger_db: str | Path, attack: Attack, reason: str
 ) -> None:
     async def scenario() -> None:
-        async with custody(tmp_path) as c:
+        async with custody(tmp_path, database=ledger_db) as c:
             token = await c.lend("d", units=100, lease_size=20)
             mine, me = await c.enrol("d", token)
             theirs, other = await c.enrol("d", token)
@@ -155,9 +155,9 @@ def test_a_bad_receipt_is_refused_recorded_and_changes_nothing(
     asyncio.run(scenario())
 
 
-def test_receipts_from_two_instances_chain_separately(tmp_path: Path) -> None:
+def test_receipts_from_two_instances_chain_separately(tmp_path: Path, ledger_db: str | Path) -> None:
     async def scenario() -> None:
-        async with custody(tmp_path) as c:
+        async with custody(tmp_path, database=ledger_db) as c:
             token = await c.lend("d", units=100, lease_size=20)
             first, one = await c.enrol("d", token)
             second, two = await c.enrol("d", token)
@@ -189,11 +189,13 @@ async def _huge_signature(
 
 
 @pytest.mark.parametrize("attack", [_huge_lease_id, _huge_signature], ids=["lease-id", "signature"])
-def test_an_oversized_report_is_refused_with_a_small_audit_entry(tmp_path: Path, attack: Attack) -> None:
+def test_an_oversized_report_is_refused_with_a_small_audit_entry(
+    tmp_path: Path, ledger_db: str | Path, attack: Attack
+) -> None:
     """Issue 13 item 2: the lease id was written verbatim, up to the 1 MiB message size."""
 
     async def scenario() -> None:
-        async with custody(tmp_path) as c:
+        async with custody(tmp_path, database=ledger_db) as c:
             token = await c.lend("d", units=100, lease_size=20)
             mine, me = await c.enrol("d", token)
             _, other = await c.enrol("d", token)
@@ -209,11 +211,13 @@ def test_an_oversized_report_is_refused_with_a_small_audit_entry(tmp_path: Path,
     asyncio.run(scenario())
 
 
-def test_refused_reports_are_all_counted_and_a_sample_per_instance_audited(tmp_path: Path) -> None:
+def test_refused_reports_are_all_counted_and_a_sample_per_instance_audited(
+    tmp_path: Path, ledger_db: str | Path
+) -> None:
     """Issue 13 item 2: 200 format refusals added 205 MB to the append-only log."""
 
     async def scenario() -> None:
-        async with custody(tmp_path) as c:
+        async with custody(tmp_path, database=ledger_db) as c:
             token = await c.lend("d", units=100, lease_size=20)
             mine, me = await c.enrol("d", token)
             theirs, other = await c.enrol("d", token)

@@ -108,7 +108,7 @@ def test_orphans_from_a_crash_are_removed(tmp_path: Path) -> None:
             record = await c.upload("net", b"abcdef")
             (tmp_path / "models" / f"{bytes(16).hex()}.sealed").write_bytes(b"left over")
             (tmp_path / "models" / f"{bytes(16).hex()}.partial").write_bytes(b"half")
-            c.store.remove_orphans({m.model_id for m in await c.store.models()})
+            await c.store.remove_orphans()
             assert [p.name for p in (tmp_path / "models").iterdir()] == [f"{record.model_id.hex()}.sealed"]
 
     asyncio.run(scenario())

@@ -161,6 +161,23 @@ def test_domain_errors_print_one_line_and_exit_1(
     assert not any("Traceback" in line for line in err)
 
 
+@pytest.mark.parametrize(
+    ("custodian", "message"),
+    [
+        pytest.param("h:1,,h:2", "--custodian takes 1 to 16 addresses", id="empty-address"),
+        pytest.param(",".join(f"h:{p}" for p in range(1, 18)), "1 to 16 addresses", id="too-many"),
+        pytest.param("h:1,h", "--custodian must be HOST:PORT, got 'h'", id="one-bad-address"),
+    ],
+)
+def test_a_bad_list_of_custodian_replicas_is_named(
+    custodian: str, message: str, ca_file: tuple[Path, CertAuthority], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(serve_argv(ca_file[0], **{"--custodian": custodian})) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("enclave: error: ")
+    assert message in err[-1]
+
+
 def test_serve_until_sigterm_sends_the_final_report(tmp_path: Path) -> None:
     gateway = FakeGateway(model=tiny_classifier().data, balance=50, lease_size=10)
     ca = tmp_path / "ca.pem"

@@ -1,8 +1,10 @@
-"""Issue 13 item 1: an enclave that meets a busy custodian enrols later instead of exiting."""
+"""Issue 13 item 1: an enclave that meets a busy custodian enrols later instead of exiting; issue 15: an
+unreachable replica passes the enrolment to the next address."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 
 from enclave._daemon.enrolment import enrol
 from tests.unit.enclave.fake_custodian import FakeCustodian, FakeGateway
@@ -46,3 +48,19 @@ def test_a_busy_answer_to_enrol_starts_again_from_a_fresh_challenge() -> None:
     asyncio.run(run())
     # The first challenge met a busy Enrol and was never spent; the second one enrolled.
     assert (gateway.issued, len(gateway.challenges), len(gateway.instances)) == (2, 1, 1)
+
+
+def test_enrolment_passes_an_unreachable_replica_to_the_next_address() -> None:
+    gateway = FakeGateway(model=MODEL)
+    with socket.socket() as taken:  # a port nothing listens on
+        taken.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{taken.getsockname()[1]}"
+
+    async def run() -> None:
+        async with FakeCustodian(gateway) as custodian:
+            config = make_config(gateway, f"{dead},{custodian.address}", connect_timeout=1.0)
+            enrolment = await enrol(config, measured_identity(gateway))
+            assert enrolment.custodian == custodian.address
+            assert list(gateway.instances) == [enrolment.instance_id]
+
+    asyncio.run(run())
