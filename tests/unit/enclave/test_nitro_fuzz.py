@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from enclave._daemon.nitro_attest import nsm_attestation_document
 from enclave.attestation import nitro
 from enclave.attestation.nitro_document import decode_document_text, parse_document
 from enclave.errors import EvidenceError
@@ -140,3 +141,28 @@ def test_malformed_envelopes_are_named(raw: bytes, message: str) -> None:
 def test_nesting_too_deep_for_the_decoder_is_an_evidence_error() -> None:
     with pytest.raises(EvidenceError):
         parse_document(b"\x81" * 20_000 + b"\x00")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\x5b" + (2**62).to_bytes(8, "big"),
+        b"\x9b" + (2**62).to_bytes(8, "big"),
+        b"\xbb" + (2**62).to_bytes(8, "big"),
+        b"\x84\x9b" + (2**40).to_bytes(8, "big"),
+    ],
+    ids=["bytes", "array", "map", "nested-array"],
+)
+def test_huge_declared_lengths_are_refused_at_once(raw: bytes) -> None:
+    with pytest.raises(EvidenceError, match="not valid CBOR"):
+        parse_document(raw)
+
+
+@FUZZ
+@given(response=st.one_of(st.binary(max_size=256), _VALUES.map(cbor2.dumps)))
+def test_nsm_responses_give_evidence_errors_only(response: bytes) -> None:
+    try:
+        document = nsm_attestation_document(response)
+    except EvidenceError:
+        return
+    assert isinstance(document, bytes)
