@@ -16,13 +16,14 @@ from typing import Any
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from enclave.attestation import Evidence, ReferenceValues, dcap, policy, sev_snp, tpm, tpm_ak
+from enclave.attestation import Evidence, ReferenceValues, dcap, nitro, policy, sev_snp, tpm, tpm_ak
 from enclave.attestation.dcap_pck import PCK_CA_CNS, TCB_SIGNING_CN
 from enclave.attestation.dcap_quote import decode_quote_text, parse_quote
+from enclave.attestation.nitro_document import decode_document_text, parse_document
 from enclave.attestation.sev_snp_report import Product, parse_report
 from enclave.attestation.tpm_structures import parse_attest
 from enclave.collateral.amd_kds import AmdKds
-from enclave.errors import EnclaveError, EvidenceError
+from enclave.errors import BindingError, EnclaveError, EvidenceError
 
 
 @dataclass
@@ -259,6 +260,42 @@ def check_tpm(inputs: TpmInputs, *, now: datetime) -> EvidenceReport:
     )
 
 
+def check_nitro(document_file: bytes, *, at: datetime | None, nonce: bytes | None) -> EvidenceReport:
+    """Verify a Nitro attestation document (raw CBOR or base64) at ``at``, or at its own time.
+
+    With ``at``, the document must also not be from after it. ``nonce``: what
+    the document's nonce must be (freshness is otherwise not checked).
+    """
+    verified = nitro.verify_document(decode_document_text(document_file), at=at, now=at)
+    document = verified.document
+    done = list(verified.checks)
+    not_done: dict[str, str] = {}
+    if nonce is not None:
+        if document.nonce != nonce:
+            raise BindingError("the document's nonce is not the --nonce given")
+        done.append("nonce equals --nonce")
+    else:
+        not_done["nonce"] = "no --nonce given: freshness not checked"
+    if at is None:
+        not_done["time"] = (
+            f"a recorded document, checked at its own time ({document.timestamp.isoformat()});"
+            " --at TIME checks it at another"
+        )
+    if verified.debug:
+        not_done["debug"] = (
+            "the enclave runs in debug mode (PCRs 0-2 all zero): its memory and console are open to the"
+            " parent instance; a manifest refuses it unless it sets allow_debug = true"
+        )
+    return EvidenceReport(
+        platform=verified.platform,
+        verified=True,
+        claims=_hexify(verified.details()),
+        checks_done=done,
+        checks_not_done=not_done,
+        registers=verified.registers(),
+    )
+
+
 def compare_registers(report: EvidenceReport, manifest: ReferenceValues) -> None:
     """Add every mismatch between the manifest (platform, registers, TCB status, debug, guest
     policy) and the evidence. A manifest that accepts only some TCB statuses requires the TCB
@@ -289,6 +326,8 @@ def refused(platform: str, error: EnclaveError, evidence: bytes) -> EvidenceRepo
             report.claims = {"unverified": _hexify(parsed.to_dict(Product.MILAN))}
         elif platform == "tpm":
             report.claims = {"unverified": _hexify(parse_attest(evidence).to_dict())}
+        elif platform == "nitro":
+            report.claims = {"unverified": parse_document(decode_document_text(evidence)).to_dict()}
     except EnclaveError:
         pass  # nothing more to show than the reason
     return report

@@ -21,6 +21,7 @@ from client.evidence import (
     EvidenceReport,
     TpmInputs,
     check_dcap,
+    check_nitro,
     check_sev_snp,
     check_tpm,
     compare_registers,
@@ -48,6 +49,7 @@ examples:
   custos-verify --platform sev-snp report.bin --certs vcek.der --certs ask_ark.pem [--collateral crl.der]
   custos-verify --platform sev-snp report.bin --amd-kds      # VCEK, chain and CRL from AMD KDS
   custos-verify --platform tpm --quote q.bin --signature s.bin --ak ak.pem --pcrs pcrs.json --nonce 00ff
+  custos-verify --platform nitro attestation.b64 --manifest enclave.toml   # checked at its own time
 
 DCAP collateral files are recognised by content: PCS tcbInfo / enclaveIdentity
 JSON, dcap-qvl's combined collateral JSON, CRLs (DER or PEM) by their issuer
@@ -55,21 +57,24 @@ JSON, dcap-qvl's combined collateral JSON, CRLs (DER or PEM) by their issuer
 Signing, PCK CA); or name them: NAME=FILE. --pccs [URL] fetches what the quote
 needs. Collateral that is not given is reported as not checked. For SEV-SNP,
 --collateral names AMD's CRL ([crl=]FILE); --amd-kds [URL] fetches the CRL and
-the certificates not given.
+the certificates not given. A Nitro attestation document (raw CBOR or base64)
+is checked at its own timestamp unless --at names another time; its
+certificates live about three hours.
 """
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="custos-verify",
-        description="Parse and verify TEE evidence (TDX, SGX, SEV-SNP, TPM 2.0) and print its claims.",
+        description="Parse and verify TEE evidence (TDX, SGX, SEV-SNP, TPM 2.0, AWS Nitro) and print its"
+        " claims.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--platform",
         required=True,
-        choices=("tdx", "sgx", "sev-snp", "tpm"),
+        choices=("tdx", "sgx", "sev-snp", "tpm", "nitro"),
         help="the kind of evidence (required); it decides which other options apply",
     )
     parser.add_argument(
@@ -78,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="EVIDENCE",
         help="tdx, sgx, sev-snp: the quote or attestation report file (raw bytes, hex or 0x-hex); "
+        "nitro: the attestation document (raw CBOR or base64), of Nitro Enclaves or NitroTPM; "
         "tpm takes --quote, --signature and --ak instead",
     )
     parser.add_argument(
@@ -106,7 +112,11 @@ def _parser() -> argparse.ArgumentParser:
         help="sev-snp: the VCEK, then its chain (ASK, ARK); tpm: the CA certificates --ak-cert must "
         "chain to; repeatable (default: none)",
     )
-    parser.add_argument("--at", metavar="TIME", help="verification time, ISO 8601 (default: now)")
+    parser.add_argument(
+        "--at",
+        metavar="TIME",
+        help="verification time, ISO 8601 (default: now; nitro: the document's own timestamp)",
+    )
     parser.add_argument(
         "--manifest",
         type=Path,
@@ -133,7 +143,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--nonce",
         metavar="HEX",
-        help="tpm: the expected qualifying data (default: none; freshness is reported as not checked)",
+        help="tpm: the expected qualifying data; nitro: the expected document nonce (default: none;"
+        " freshness is reported as not checked)",
     )
     parser.add_argument(
         "--ak-cert",
@@ -163,6 +174,7 @@ _PLATFORM_INPUTS = {
     "sgx": {"evidence", "collateral", "pccs"},
     "sev-snp": {"evidence", "certs", "collateral", "amd_kds"},
     "tpm": {"quote", "signature", "ak", "pcrs", "nonce", "ak_cert", "certs"},
+    "nitro": {"evidence", "nonce"},
 }
 
 
@@ -240,6 +252,15 @@ def _check(
     if args.evidence is None:
         parser.error(f"--platform {args.platform} needs an EVIDENCE file")
     evidence = args.evidence.read_bytes()
+    if args.platform == "nitro":
+        try:
+            return check_nitro(
+                evidence,
+                at=now if args.at is not None else None,
+                nonce=bytes.fromhex(args.nonce) if args.nonce else None,
+            )
+        except EnclaveError as exc:
+            return refused("nitro", exc, evidence)
     try:
         if args.platform == "sev-snp":
             return check_sev_snp(
@@ -270,8 +291,23 @@ def _text(report: EvidenceReport) -> str:
     lines += ["checks done:", *(f"  - {c}" for c in report.checks_done)]
     if report.checks_not_done:
         lines += ["not checked:", *(f"  - {k}: {v}" for k, v in report.checks_not_done.items())]
+    if report.platform.startswith("nitro-") and report.verified:
+        lines += _nitro_summary(report.claims)
     lines += ["claims:", json.dumps(report.claims, indent=2, sort_keys=True)]
     return "\n".join(lines)
+
+
+def _nitro_summary(claims: dict[str, Any]) -> list[str]:
+    """Module, time, PCRs and chain of a Nitro document, for a person (the claims hold it all)."""
+    lines = [
+        f"module: {claims['module_id']}",
+        f"time: {claims['timestamp']} ({claims['timestamp_ms']} ms)",
+        f"{claims['pcrs_field']}:",
+        *(f"  {index:>2}  {value}" for index, value in claims["pcrs"].items()),
+        "chain (root first):",
+    ]
+    lines += [f"  - {c['subject']}  {c['not_before']} .. {c['not_after']}" for c in claims["chain"]]
+    return lines
 
 
 def _failure(error: Exception, *, as_json: bool) -> int:

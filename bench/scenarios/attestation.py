@@ -43,6 +43,7 @@ from bench._tls import SERVER_NAME
 from enclave.attestation import AttestedClaims, Evidence, tpm
 from enclave.attestation.dcap_quote import parse_quote
 from enclave.attestation.measurement import code_event, config_event
+from enclave.attestation.nitro_document import parse_document
 from enclave.attestation.platforms import PLATFORMS, verifier_for
 from enclave.attestation.sim import SimAttester
 from enclave.attestation.tpm_ak import load_ak
@@ -155,6 +156,40 @@ def _sev_snp_sample() -> Sample:
         floor,
         "ECDSA P-384 + 3 RSA-PSS verifies",
     )
+
+
+def _nitro_enclave_sample() -> Sample:
+    """A real Nitro Enclaves document (nitrite's test data, us-east-1), checked at its own time."""
+    raw = base64.b64decode(_vector("nitro/blocky_nitro_attestation.b64"))
+    document = parse_document(raw)
+    chain = [x509.load_der_x509_certificate(der) for der in (*document.cabundle, document.certificate)]
+    links = [(chain[max(i - 1, 0)], cert) for i, cert in enumerate(chain)]
+    leaf_key = chain[-1].public_key()
+    assert isinstance(leaf_key, ec.EllipticCurvePublicKey)
+    r, s = int.from_bytes(document.signature[:48], "big"), int.from_bytes(document.signature[48:], "big")
+    signature = encode_dss_signature(r, s)
+    signed = document.signed_bytes()
+
+    def floor() -> None:
+        for issuer, cert in links:
+            issuer_key = issuer.public_key()
+            assert isinstance(issuer_key, ec.EllipticCurvePublicKey)
+            issuer_key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(hashes.SHA384()))
+        leaf_key.verify(signature, signed, ec.ECDSA(hashes.SHA384()))
+
+    assert document.nonce is not None
+    return Sample(
+        Evidence(platform="nitro-enclave", parts={"document": raw}),
+        document.nonce,
+        document.timestamp,
+        None,
+        floor,
+        "6 ECDSA P-384 verifies",
+    )
+
+
+def _nitro_tpm_sample() -> Sample:
+    raise VectorsMissingError("../shared/vectors has no NitroTPM document (its verifier is nitro-enclave's)")
 
 
 def _ecdsa_raw(signature: bytes) -> bytes:
@@ -280,6 +315,8 @@ PLATFORM_CASES: dict[str, Callable[[], Sample]] = {
         "sgx", "sgx/dcapqvl_sgx_quote.bin", "sgx/dcapqvl_sgx_quote_collateral.json", "2025-06-20"
     ),
     "tpm": _tpm_sample,
+    "nitro-enclave": _nitro_enclave_sample,
+    "nitro-tpm": _nitro_tpm_sample,
 }
 
 

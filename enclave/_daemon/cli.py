@@ -38,9 +38,8 @@ from enclave._daemon.errors import ConfigError, UsageError
 from enclave._daemon.hardening import protect_process
 from enclave._daemon.measured import (
     ATTESTER_PLATFORMS,
-    SGX_PLATFORM,
+    REGISTER_PLATFORMS,
     TPM_PLATFORM,
-    TSM_PLATFORMS,
     attester_factory,
     parse_assignments,
     reference_values,
@@ -101,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME=HEX",
-        help="tdx, sev-snp, sgx: a register's reference value (e.g. mrtd=..., measurement=..., "
-        "mrenclave=...), as the operator measured it; repeatable",
+        help="tdx, sev-snp, sgx, nitro-enclave, nitro-tpm: a register's reference value (e.g. mrtd=...,"
+        " measurement=..., mrenclave=..., pcr0=...), as the operator measured it; repeatable",
     )
     manifest.add_argument(
         "--min-tcb-evaluation-data-number",
@@ -212,9 +211,9 @@ def _manifest(args: argparse.Namespace) -> int:
         registers, ek_roots = tpm_manifest_inputs(args)
     else:
         tpm_options(args, serve=False)
-    if args.register and args.platform not in (*TSM_PLATFORMS, SGX_PLATFORM):
-        raise UsageError("--register is for --platform tdx, sev-snp or sgx")
-    if args.platform in (*TSM_PLATFORMS, SGX_PLATFORM):
+    if args.register and args.platform not in REGISTER_PLATFORMS:
+        raise UsageError(f"--register is for --platform {', '.join(REGISTER_PLATFORMS)}")
+    if args.platform in REGISTER_PLATFORMS:
         registers = parse_assignments(args.register, "--register")
     if args.min_tcb_evaluation_data_number is not None and args.platform not in DCAP_PLATFORMS:
         raise UsageError("--min-tcb-evaluation-data-number is for --platform tdx or sgx")

@@ -35,7 +35,12 @@ logger = logging.getLogger(__name__)
 TPM_PLATFORM = "tpm"
 TSM_PLATFORMS = ("sev-snp", "tdx")
 SGX_PLATFORM = "sgx"
-ATTESTER_PLATFORMS = tuple(sorted((sim.PLATFORM, TPM_PLATFORM, SGX_PLATFORM, *TSM_PLATFORMS)))
+NITRO_PLATFORMS = ("nitro-enclave", "nitro-tpm")
+ATTESTER_PLATFORMS = tuple(
+    sorted((sim.PLATFORM, TPM_PLATFORM, SGX_PLATFORM, *TSM_PLATFORMS, *NITRO_PLATFORMS))
+)
+# Platforms whose manifest registers the operator gives (--register), as measured elsewhere.
+REGISTER_PLATFORMS = (*TSM_PLATFORMS, SGX_PLATFORM, *NITRO_PLATFORMS)
 # Registers a platform sets before the enclave runs, which a manifest pins.
 _BOOT_REGISTERS: dict[str, dict[str, str]] = {sim.PLATFORM: {sim.BOOT_REGISTER: sim.BOOT_MEASUREMENT.hex()}}
 # Quoted besides the application PCR unless told otherwise: both boot chains of OS_PCR_SETS.
@@ -83,6 +88,8 @@ class TeeOptions:
     # tdx, sgx: the PCS (or PCCS) the attester fetches its quotes' collateral from; None: none.
     pccs_url: str | None = None
     amd_kds: str | None = None  # sev-snp: AMD KDS base URL, to attach the certificates a report lacks
+    nsm_device: Path | None = None  # nitro-enclave: the Nitro Secure Module (default /dev/nsm)
+    nitro_tpm_attest: str | None = None  # nitro-tpm: AWS's tool (default: nitro-tpm-attest on PATH)
 
 
 def attester_factory(
@@ -93,6 +100,9 @@ def attester_factory(
         return sim.SimAttester
     if platform in TSM_PLATFORMS or platform == SGX_PLATFORM:
         return lambda: _open_tee(platform, tee or TeeOptions())
+    if platform in NITRO_PLATFORMS:
+        options = tee or TeeOptions()
+        return lambda: _open_nitro(platform, options)
     if platform == TPM_PLATFORM:
         if tpm is None:
             raise ConfigError("--platform tpm needs --tpm TCTI (e.g. device:/dev/tpmrm0)")
@@ -117,6 +127,12 @@ def _open_tee(platform: str, options: TeeOptions) -> Attester:
         fetch = functools.partial(http_get, attempts=2, timeout=5.0)
         kds = AmdKds(options.amd_kds, cache=CollateralCache(None), fetch=fetch)
     return tsm.TsmAttester(platform, tsm=configfs, collateral=collateral, amd_kds=kds)
+
+
+def _open_nitro(platform: str, options: TeeOptions) -> Attester:
+    from enclave._daemon.nitro_attest import open_nitro
+
+    return open_nitro(platform, nsm_device=options.nsm_device, tpm_tool=options.nitro_tpm_attest)
 
 
 def _intel_collateral(pccs_url: str | None) -> CollateralSource | None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from enclave._daemon.env_flags import env_flag
 from enclave._daemon.errors import UsageError
-from enclave._daemon.measured import SGX_PLATFORM, TSM_PLATFORMS, TeeOptions
+from enclave._daemon.measured import NITRO_PLATFORMS, SGX_PLATFORM, TSM_PLATFORMS, TeeOptions
 from enclave.collateral._http import check_base_url
 from enclave.collateral.amd_kds import DEFAULT_KDS_URL
 from enclave.collateral.intel_pcs import INTEL_PCS_URL, pccs_argument
@@ -52,11 +52,25 @@ def add_tee_flags(parser: argparse.ArgumentParser) -> None:
         metavar="URL|off",
         help="tdx, sgx: the Intel PCS or a PCCS whose collateral the evidence carries (default Intel's)",
     )
+    nitro = parser.add_argument_group("platforms nitro-enclave, nitro-tpm (AWS)")
+    nitro.add_argument(
+        "--nsm-device",
+        type=Path,
+        metavar="PATH",
+        help="nitro-enclave: the Nitro Secure Module device (default /dev/nsm)",
+    )
+    nitro.add_argument(
+        "--nitro-tpm-attest",
+        metavar="PATH",
+        help="nitro-tpm: AWS's nitro-tpm-attest tool (default: nitro-tpm-attest on PATH)",
+    )
 
 
 def tee_options(args: argparse.Namespace) -> TeeOptions | None:
     """Where the tdx, sev-snp and sgx attesters find their interfaces; each flag only on its platforms."""
     given = args.tsm_report or args.tsm_entry or args.gramine_root
+    if args.platform in NITRO_PLATFORMS and given:
+        raise UsageError("--tsm-report, --tsm-entry and --gramine-root are for tdx, sev-snp and sgx")
     if args.platform in TSM_PLATFORMS:
         if args.gramine_root:
             raise UsageError("--gramine-root is for --platform sgx")
@@ -67,7 +81,13 @@ def tee_options(args: argparse.Namespace) -> TeeOptions | None:
         raise UsageError("--tsm-report, --tsm-entry and --gramine-root are for tdx, sev-snp and sgx")
     if args.amd_kds is not None and args.platform != "sev-snp":
         raise UsageError("--amd-kds is for --platform sev-snp")
+    if args.nsm_device is not None and args.platform != "nitro-enclave":
+        raise UsageError("--nsm-device is for --platform nitro-enclave")
+    if args.nitro_tpm_attest is not None and args.platform != "nitro-tpm":
+        raise UsageError("--nitro-tpm-attest is for --platform nitro-tpm")
     return TeeOptions(
+        nsm_device=args.nsm_device,
+        nitro_tpm_attest=args.nitro_tpm_attest,
         tsm_report=args.tsm_report,
         tsm_entry=args.tsm_entry,
         gramine_root=args.gramine_root,

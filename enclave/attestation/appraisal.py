@@ -80,7 +80,7 @@ def appraise(
     if deployment is not None and parsed_claims.deployment != deployment:
         raise BindingError(f"claims are for deployment {parsed_claims.deployment!r}, expected {deployment!r}")
 
-    verifier = manifest_verifier(reference, trust_ak=tpm_credential)
+    verifier = manifest_verifier(reference, trust_ak=tpm_credential, live=nonce is not None)
     platform_claims = verifier.verify(
         parsed_evidence, report_data=parsed_claims.report_data(), now=now, collateral=collateral
     )

@@ -34,7 +34,7 @@ MAX_MANIFEST_BYTES = 64 * 1024
 _HEX = re.compile(r"^[0-9a-f]*$")
 DEFAULT_TCB_STATUSES = ("UpToDate",)
 DCAP_PLATFORMS = ("sgx", "tdx")
-TEE_PLATFORMS = ("sev-snp", "sgx", "tdx")
+TEE_PLATFORMS = ("nitro-enclave", "sev-snp", "sgx", "tdx")
 UNMEASURED_OS_WARNING = (
     "UNMEASURED OS allowed: this tpm manifest pins no boot chain up to the OS, so whoever has root"
     " on the borrower's machine can extend the PCRs as the enclave would and take the model"
@@ -48,6 +48,11 @@ IDENTITY_REGISTERS: dict[str, tuple[tuple[str, ...], ...]] = {
     "tdx": (("mrtd",), ("rtmr0",), ("rtmr1",), ("rtmr2",)),
     "sgx": (("mrenclave", "mrsigner"),),
     "sev-snp": (("measurement",),),
+    # The enclave image file, its kernel and boot ramdisk, its application (AWS Nitro Enclaves).
+    "nitro-enclave": (("pcr0",), ("pcr1",), ("pcr2",)),
+    # An attestable image: boot loader and unified kernel image, Secure Boot policy, and the
+    # kernel command line and initrd as systemd-stub measures them (AWS attestable AMIs).
+    "nitro-tpm": (("pcr4",), ("pcr7",), ("pcr12",)),
 }
 
 
@@ -66,7 +71,8 @@ class ReferenceValues:
     # certificate in the evidence must chain to (the custodian's enclave CA, which certifies
     # an AK after credential activation; the custodian adds it to end users' manifests).
     # Platforms tdx and sgx: the DCAP TCB statuses accepted (a quote whose TCB status was not
-    # evaluated, for lack of TCB info collateral, is refused). Platforms tdx, sgx, sev-snp:
+    # evaluated, for lack of TCB info collateral, is refused). Platforms tdx, sgx, sev-snp,
+    # nitro-enclave:
     # whether a debug TD, enclave or guest is accepted.
     accepted_tcb_statuses: tuple[str, ...] = DEFAULT_TCB_STATUSES
     allow_debug: bool = False

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
+from enclave.attestation import nitro
 from enclave.attestation.interface import Verifier
 from enclave.attestation.manifest import ReferenceValues
 from enclave.attestation.sev_snp import SevSnpVerifier
@@ -12,8 +16,10 @@ from enclave.attestation.tpm import TpmVerifier
 from enclave.attestation.tpm_ak import load_certificates
 from enclave.errors import EvidenceError
 
-_VERIFIERS: dict[str, type[Verifier]] = {
+_VERIFIERS: dict[str, Callable[[], Verifier]] = {
     "sim": SimVerifier,
+    nitro.PLATFORM_ENCLAVE: partial(nitro.NitroVerifier, nitro.PLATFORM_ENCLAVE),
+    nitro.PLATFORM_TPM: partial(nitro.NitroVerifier, nitro.PLATFORM_TPM),
     "sev-snp": SevSnpVerifier,
     "tpm": TpmVerifier,
     "tdx": TdxVerifier,
@@ -32,12 +38,22 @@ def verifier_for(platform: str) -> Verifier:
         ) from None
 
 
-def manifest_verifier(reference: ReferenceValues, *, trust_ak: bool = False) -> Verifier:
+def manifest_verifier(reference: ReferenceValues, *, trust_ak: bool = False, live: bool = True) -> Verifier:
     """The verifier for the manifest's platform, set as the manifest says: debug TDs and
     enclaves as ``allow_debug`` allows, DCAP collateral no older than
     ``min_tcb_evaluation_data_number``, the TPM's application PCR, and its AK roots unless
-    ``trust_ak`` (the caller trusts the AK by other means: credential activation)."""
+    ``trust_ak`` (the caller trusts the AK by other means: credential activation).
+
+    ``live``: the evidence was made for this call (bound to the caller's nonce), so a Nitro
+    document must be recent; evidence made earlier (a certificate's) need only not be from the
+    future, and its chain valid at its own time."""
     platform = reference.platform
+    if platform in nitro.PLATFORMS:
+        return nitro.NitroVerifier(
+            platform,
+            allow_debug=reference.allow_debug,
+            max_age=nitro.LIVE_MAX_AGE if live else None,
+        )
     if platform in ("tdx", "sgx"):
         dcap = TdxVerifier if platform == "tdx" else SgxVerifier
         return dcap(

@@ -83,12 +83,17 @@ _SEV_SNP = {
     "report_data": 64,
 }
 _SIM = {"sim.boot": 48, "sim.app": 48}
+# AWS Nitro attestation documents: SHA-384 PCRs, 0-31 from the Nitro Secure Module, 0-23 from NitroTPM.
+_NITRO_ENCLAVE = {f"pcr{i}": 48 for i in range(32)}
+_NITRO_TPM = {f"pcr{i}": 48 for i in range(24)}
 
 REGISTER_SIZES: Mapping[str, Mapping[str, int]] = {
     "sim": _SIM,
     "tdx": _TDX,
     "sgx": _SGX,
     "sev-snp": _SEV_SNP,
+    "nitro-enclave": _NITRO_ENCLAVE,
+    "nitro-tpm": _NITRO_TPM,
 }
 PLATFORMS = tuple(sorted((*REGISTER_SIZES, TPM_PLATFORM)))
 
