@@ -246,7 +246,7 @@ class Enrolment:
             raise RefusedError(f"EK certificate chain is over {MAX_EK_CHAIN_BYTES} bytes")
         try:
             intermediates = x509.load_pem_x509_certificates(ek_chain) if ek_chain else []
-        except ValueError:
+        except (ValueError, x509.InvalidVersion):
             raise RefusedError("EK certificate chain is not PEM certificates") from None
         roots = x509.load_pem_x509_certificates(reference.tpm_ek_roots.encode())
         try:

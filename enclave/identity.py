@@ -122,7 +122,7 @@ def read_attested_certificate(pem: bytes) -> tuple[x509.Certificate, bytes, byte
         extension = cert.extensions.get_extension_for_oid(ATTESTATION_EXTENSION_OID)
     except x509.ExtensionNotFound:
         raise FormatError("enclave certificate carries no attestation extension") from None
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is not a ValueError
         raise FormatError(f"enclave certificate does not parse: {exc}") from exc
     value = extension.value
     if not isinstance(value, x509.UnrecognizedExtension):

@@ -119,7 +119,8 @@ def parse_x509(loader: Callable[[], _T], what: str) -> _T:
             return loader()
     except CryptographyDeprecationWarning as exc:
         raise EvidenceError(f"{what} is malformed: {exc}") from None
-    except (ValueError, TypeError, x509.DuplicateExtension, UnsupportedAlgorithm) as exc:
+    except (ValueError, TypeError, x509.DuplicateExtension, x509.InvalidVersion, UnsupportedAlgorithm) as exc:
+        # InvalidVersion is a bare Exception: an X.509 version other than 1 or 3
         raise EvidenceError(f"{what} does not parse: {exc}") from None
 
 

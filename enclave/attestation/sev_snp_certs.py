@@ -106,7 +106,7 @@ def load_certificates(data: bytes, what: str) -> list[x509.Certificate]:
                 certs = x509.load_pem_x509_certificates(data)
             else:
                 certs = [x509.load_der_x509_certificate(data)]
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is not a ValueError
         raise EvidenceError(f"{what} does not parse as an X.509 certificate (DER or PEM): {exc}") from None
     if len(certs) > MAX_CERTS:
         raise EvidenceError(f"{what} holds {len(certs)} certificates, more than {MAX_CERTS}")

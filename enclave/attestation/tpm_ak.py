@@ -180,7 +180,7 @@ def load_certificates(data: bytes, what: str) -> list[x509.Certificate]:
         if bytes(data).lstrip().startswith(b"-----BEGIN"):
             return x509.load_pem_x509_certificates(bytes(data))
         return [x509.load_der_x509_certificate(bytes(data))]
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is not a ValueError
         raise EvidenceError(f"{what} does not parse as X.509: {exc}") from None
 
 

@@ -287,7 +287,7 @@ def load_ek_certificate(data: bytes) -> x509.Certificate:
         if raw.lstrip().startswith(b"-----BEGIN"):
             return x509.load_pem_x509_certificate(raw)
         return x509.load_der_x509_certificate(_trim_der(raw))
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:  # InvalidVersion is not a ValueError
         raise EvidenceError(f"EK certificate does not parse as X.509: {exc}") from None
 
 
