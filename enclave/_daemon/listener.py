@@ -18,7 +18,7 @@ from __future__ import annotations
 import datetime
 import errno
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
 import grpc
@@ -45,6 +45,10 @@ class _Current(custos_pb2_grpc.InferenceServicer):
 
     async def Infer(self, request: Any, context: Any) -> Any:  # noqa: N802 -- gRPC method name
         return await self._target().Infer(request, context)  # type: ignore[misc]
+
+    async def Generate(self, request: Any, context: Any) -> AsyncIterator[Any]:  # noqa: N802 -- gRPC method name
+        async for chunk in self._target().Generate(request, context):  # type: ignore[union-attr]
+            yield chunk
 
     async def Attest(self, request: Any, context: Any) -> Any:  # noqa: N802 -- gRPC method name
         return await self._target().Attest(request, context)  # type: ignore[misc]
