@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from custodian.audit import AuditEntry
 from custodian.quota import Account, Allotment
 from custodian.records import DeploymentRecord, InstanceRecord, LeaseRecord, ModelRecord, ReceiptRecord
+from enclave.receipts import TokenCounts
 
 
 def ts(value: datetime) -> float:
@@ -30,6 +31,7 @@ def model_row(r: sqlite3.Row) -> ModelRecord:
         wrapped_key=bytes(r["wrapped_key"]),
         created_at=dt(r["created_at"]),
         inputs=r["inputs"],
+        kind=r["kind"],
     )
 
 
@@ -76,6 +78,7 @@ def lease_row(r: sqlite3.Row) -> LeaseRecord:
         units=Allotment(limit=r["lim"], peak=r["peak"], used=r["used"], unreported=r["unreported"]),
         state=r["state"],
         expires_at=dt(r["expires_at"]),
+        tokens=TokenCounts(r["prompt_tokens"], r["completion_tokens"]),
     )
 
 

@@ -80,6 +80,7 @@ from custodian.records import (
     ModelRecord,
     ReceiptRecord,
 )
+from enclave.receipts import TokenCounts
 
 __all__ = [
     "LEASE_STATES",
@@ -151,7 +152,7 @@ class Transaction:
     async def add_model(self, m: ModelRecord) -> None:
         await self._insert(
             f"model {m.name!r}",
-            "INSERT INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 m.model_id,
                 m.name,
@@ -162,6 +163,7 @@ class Transaction:
                 m.wrapped_key,
                 ts(m.created_at),
                 m.inputs,
+                m.kind,
             ),
         )
 
@@ -292,7 +294,7 @@ class Transaction:
         u = lease.units
         await self._insert(
             f"lease for instance {lease.instance_id}",
-            "INSERT INTO leases VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO leases VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 lease.lease_id,
                 lease.instance_id,
@@ -303,6 +305,8 @@ class Transaction:
                 lease.state,
                 ts(lease.expires_at),
                 u.unreported,
+                lease.tokens.prompt,
+                lease.tokens.completion,
             ),
         )
 
@@ -312,12 +316,21 @@ class Transaction:
         A lease never becomes active again, so an active lease's state is left alone: writing
         the column would rewrite both indexes on it at every usage report.
         """
-        u = lease.units
+        u, t = lease.units, lease.tokens
         if lease.active:
             cursor = self._db.execute(
-                "UPDATE leases SET lim = ?, peak = ?, used = ?, unreported = ?, expires_at = ?"
-                " WHERE lease_id = ? AND state = 'active'",
-                (u.limit, u.peak, u.used, u.unreported, ts(lease.expires_at), lease.lease_id),
+                "UPDATE leases SET lim = ?, peak = ?, used = ?, unreported = ?, expires_at = ?,"
+                " prompt_tokens = ?, completion_tokens = ? WHERE lease_id = ? AND state = 'active'",
+                (
+                    u.limit,
+                    u.peak,
+                    u.used,
+                    u.unreported,
+                    ts(lease.expires_at),
+                    t.prompt,
+                    t.completion,
+                    lease.lease_id,
+                ),
             )
             if cursor.rowcount != 1:
                 raise LedgerError(
@@ -325,10 +338,29 @@ class Transaction:
                 )
             return
         self._db.execute(
-            "UPDATE leases SET lim = ?, peak = ?, used = ?, unreported = ?, state = ?, expires_at = ?"
-            " WHERE lease_id = ?",
-            (u.limit, u.peak, u.used, u.unreported, lease.state, ts(lease.expires_at), lease.lease_id),
+            "UPDATE leases SET lim = ?, peak = ?, used = ?, unreported = ?, state = ?, expires_at = ?,"
+            " prompt_tokens = ?, completion_tokens = ? WHERE lease_id = ?",
+            (
+                u.limit,
+                u.peak,
+                u.used,
+                u.unreported,
+                lease.state,
+                ts(lease.expires_at),
+                t.prompt,
+                t.completion,
+                lease.lease_id,
+            ),
         )
+
+    async def token_totals(self, deployment: str) -> TokenCounts:
+        """A language model deployment's prompt and completion tokens, as its receipts prove them."""
+        row = await self._one(
+            "SELECT COALESCE(SUM(prompt_tokens), 0) AS prompt,"
+            " COALESCE(SUM(completion_tokens), 0) AS completion FROM leases WHERE deployment = ?",
+            (deployment,),
+        )
+        return TokenCounts(row["prompt"], row["completion"]) if row else TokenCounts()
 
     async def lease(self, lease_id: str) -> LeaseRecord | None:
         row = await self._one("SELECT * FROM leases WHERE lease_id = ?", (lease_id,))
