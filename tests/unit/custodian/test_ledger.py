@@ -242,7 +242,8 @@ def test_an_older_ledger_migrates_forward_and_keeps_its_records(tmp_path: Path) 
             db.executescript(
                 "DROP INDEX instances_by_deployment; DROP INDEX leases_by_instance;"
                 " ALTER TABLE models DROP COLUMN inputs; ALTER TABLE models DROP COLUMN kind;"
-                " ALTER TABLE leases DROP COLUMN prompt_tokens; ALTER TABLE leases DROP COLUMN completion_tokens;"
+                " ALTER TABLE leases DROP COLUMN prompt_tokens;"
+                " ALTER TABLE leases DROP COLUMN completion_tokens;"
                 " DROP TABLE spent_challenges; CREATE TABLE challenges (nonce BLOB PRIMARY KEY,"
                 " deployment TEXT NOT NULL, expires_at REAL NOT NULL); PRAGMA user_version = 2;"
             )
