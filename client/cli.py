@@ -120,9 +120,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def add_connection_arguments(
-    parser: argparse.ArgumentParser, *, address: Callable[[str], str], seconds: Callable[[str], float]
+    parser: argparse.ArgumentParser,
+    *,
+    address: Callable[[str], str] = _address,
+    seconds: Callable[[str], float] = _seconds,
+    output: bool = True,
 ) -> None:
-    """The flags of every custos-query command: where the enclave is, what it must be, output."""
+    """The flags of every command that verifies an enclave: where it is, what it must be, output."""
     parser.add_argument(
         "--enclave",
         metavar="HOST:PORT",
@@ -144,9 +148,12 @@ def add_connection_arguments(
         default=DEFAULT_TIMEOUT,
         help=f"limit for each network step, more than 0 and at most 3600 (default {DEFAULT_TIMEOUT:g})",
     )
-    parser.add_argument(
-        "--json", action="store_true", help="print one JSON object on stdout, also on failure (default: text)"
-    )
+    if output:
+        parser.add_argument(
+            "--json",
+            action="store_true",
+            help="print one JSON object on stdout, also on failure (default: text)",
+        )
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="log each step; tracebacks on failure (default: off)"
     )

@@ -16,7 +16,7 @@ from enclave._daemon.daemon import Daemon, Ready
 from enclave.attestation import ReferenceValues
 from enclave.attestation.sim import SimAttester
 from tests.llm_double import EchoModel, loader, payload
-from tests.unit.enclave.fake_custodian import FakeCustodian, FakeGateway
+from tests.unit.enclave.fake_custodian import CertAuthority, FakeCustodian, FakeGateway
 from tests.unit.enclave.test_daemon_link import make_config
 
 
@@ -38,10 +38,16 @@ def serving_llm(
     balance: int = 10_000,
     lease_size: int = 1000,
     context_length: int = 64,
+    custodian_ca: CertAuthority | None = None,
     **overrides: Any,
 ) -> Iterator[ServedModel]:
+    """``custodian_ca``: the CA the enclave pins (a new one by default: then the manifest differs)."""
     model = model or EchoModel()
     gateway = FakeGateway(model=payload(context_length), balance=balance, lease_size=lease_size)
+    if custodian_ca is not None:
+        gateway = FakeGateway(
+            model=payload(context_length), balance=balance, lease_size=lease_size, custodian_ca=custodian_ca
+        )
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -70,6 +76,7 @@ def serving_llm(
 
     daemon, ready, finished = asyncio.run_coroutine_threadsafe(start(), loop).result(60)
     manifest = gateway.reference.with_models(gateway.sha384.hex())
+    tmp_path.mkdir(parents=True, exist_ok=True)
     manifest_file = tmp_path / "end-user.toml"
     manifest_file.write_text(manifest.to_toml())
     try:
