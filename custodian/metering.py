@@ -30,6 +30,7 @@ from enclave.receipts import (
     MAX_BODY_BYTES,
     Receipt,
     SignedReceipt,
+    TokenCounts,
     body_digest,
     check_successor,
     verify_receipt,
@@ -45,6 +46,7 @@ __all__ = [
     "verify_claim",
 ]
 
+_NO_TOKENS = TokenCounts()
 # Lease ids are ``uuid4().hex`` (``custodian.leases``).
 LEASE_ID = re.compile(r"[0-9a-f]{32}")
 # A DER ECDSA P-256 signature is at most 72 bytes.
@@ -71,6 +73,8 @@ class UsageClaim:
     want_more: bool
     final: bool
     receipt: SignedReceipt | None
+    # A language model's prompt and completion tokens under the lease (of ``used``); 0 and 0 otherwise.
+    tokens: TokenCounts = _NO_TOKENS
 
 
 @dataclass(frozen=True)
@@ -129,7 +133,11 @@ async def check_claim(
             ("lease", lease is not None and lease.instance_id == instance.instance_id),
             ("model", model is not None and receipt.model_sha384 == model.sha384),
             ("kind", model is not None and (receipt.tokens is not None) == (model.kind == "language")),
-            ("report", (receipt.lease, receipt.seq, receipt.used) == (claim.lease_id, claim.seq, claim.used)),
+            (
+                "report",
+                (receipt.lease, receipt.seq, receipt.used, receipt.tokens or _NO_TOKENS)
+                == (claim.lease_id, claim.seq, claim.used, claim.tokens),
+            ),
         )
         if not ok
     ]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from custodian.metering import ReceiptRefusedError
+from custodian.metering import ReceiptRefusedError, UsageClaim
 from enclave.receipts import TokenCounts
 from tests.unit.custodian.harness import Custody, custody
 
@@ -86,5 +86,21 @@ def test_token_counts_that_go_backwards_are_refused(tmp_path: Path) -> None:
             assert refused.value.reason == "usage"
             [usage] = await c.deployments.usage("llm")
             assert (usage.used, usage.prompt_tokens, usage.completion_tokens) == (30, 20, 10)
+
+    asyncio.run(scenario())
+
+
+def test_a_report_whose_token_counts_disagree_with_its_receipt_is_refused(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with custody(tmp_path) as c:
+            token = await lend_language_model(c, tmp_path, 1000)
+            instance, enclave = await c.enrol("llm", token)
+            lease = (await c.leases.acquire(instance)).lease_id
+            receipt, signed = enclave.receipt(lease, 30, tokens=TokenCounts(prompt=20, completion=10))
+            claim = UsageClaim(lease, receipt.seq, 30, False, False, signed, TokenCounts(25, 5))
+            with pytest.raises(ReceiptRefusedError) as refused:
+                await c.leases.report(await c.caller(instance), claim)
+            assert refused.value.reason == "binding"
+            assert "report" in str(refused.value)
 
     asyncio.run(scenario())
