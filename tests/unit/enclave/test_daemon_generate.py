@@ -8,6 +8,7 @@ import contextlib
 import ssl
 import threading
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import pytest
@@ -66,6 +67,13 @@ async def running(
             await channel.close(None)
             daemon.request_stop()
             await task
+
+
+async def read_to_end(call: Any) -> Chunks:
+    chunks: Chunks = []
+    while (chunk := await call.read()) is not grpc.aio.EOF:
+        chunks.append(chunk)
+    return chunks
 
 
 def text_of(chunks: Chunks) -> str:
@@ -282,5 +290,37 @@ def test_past_the_queue_a_generation_is_refused_busy() -> None:
             assert text_of([c async for c in first]) == "ab"
             assert text_of([c async for c in second]) == "cd"
             assert r.daemon.lease.committed == 3 + 2 + 3 + 2
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("cut", ["revoke", "suspend"])
+def test_a_lease_cut_mid_stream_stops_it_and_charges_what_was_sent(cut: str) -> None:
+    gateway = FakeGateway(model=payload(), balance=1000, lease_size=200)
+    model = EchoModel(pace=threading.Semaphore(0))
+
+    async def run() -> None:
+        async with running(gateway, model) as r:
+            assert model.pace is not None
+            call = r.stub.Generate(custos_pb2.GenerateRequest(prompt=b"abcdefgh", max_tokens=8))
+            model.pace.release(2)
+            received: Chunks = []
+            received.append(await call.read())  # type: ignore[arg-type]
+            received.append(await call.read())  # type: ignore[arg-type]
+            if cut == "revoke":
+                gateway.revoke_all()
+            else:
+                gateway.set_suspended(True)
+            await eventually(lambda: not r.daemon.lease.covers(), "the cut reached the enclave")
+            model.pace.release(10)
+            if cut == "revoke":
+                rest = await read_to_end(call)
+                assert text_of(received + rest) == "ab"
+                assert end_of(rest).finish_reason == "quota"
+            else:
+                with expect_code(grpc.StatusCode.PERMISSION_DENIED, "suspended"):
+                    await read_to_end(call)
+            await eventually(lambda: r.daemon.lease.reserved == 0, "settled")
+            assert r.daemon.lease.committed == 9 + 2  # the prompt and the two tokens sent
 
     asyncio.run(run())
