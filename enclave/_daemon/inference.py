@@ -126,7 +126,7 @@ class InferenceService(custos_pb2_grpc.InferenceServicer):
     async def Generate(  # noqa: N802 -- gRPC method name
         self, request: custos_pb2.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[custos_pb2.GenerateChunk]:
-        started = time.perf_counter()
+        # Timed per token (custos_enclave_time_{to_first,per_output}_token_seconds), not per call.
         try:
             model = self.text_model
             if model is None:
@@ -141,7 +141,6 @@ class InferenceService(custos_pb2_grpc.InferenceServicer):
             await status.abort(context, exc)
         self.served += 1
         self._metrics.count("served")
-        self._metrics.latency.observe(time.perf_counter() - started)
 
     async def _infer(self, request: custos_pb2.InferRequest) -> custos_pb2.InferResponse:
         model = self.model
