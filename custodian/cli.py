@@ -345,7 +345,7 @@ def _change(args: argparse.Namespace, verb: str, call: Callable[[Console], Messa
     with _console(args) as console:
         change = plain(call(console))
     usage = change["usage"]
-    unit = f"{usage['unit'] or 'unit'}s"
+    unit = "tokens" if usage["unit"] == "token" else "units"
     emit(
         args, change, f"{verb} {change['changed']} {unit}; {usage['name']} balance is now {usage['balance']}"
     )

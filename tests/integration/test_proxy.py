@@ -8,6 +8,7 @@ import http.client
 import json
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
@@ -208,3 +209,32 @@ def test_misuse_exits_2_without_a_traceback(tmp_path: Path, argv: list[str]) -> 
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_concurrent_streams_through_the_proxy_never_take_more_tokens_than_granted(tmp_path: Path) -> None:
+    granted = 120
+    with (
+        serving_llm(tmp_path, balance=granted, lease_size=granted, generation_streams=2) as served,
+        proxy(tmp_path, served.address, served.manifest_file) as port,
+    ):
+
+        def one(i: int) -> int:
+            try:
+                stream = client(port).chat.completions.create(
+                    model="m",
+                    messages=[{"role": "user", "content": f"question {i:02d}"}],
+                    max_tokens=12,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+                last = list(stream)[-1]
+            except openai.RateLimitError:
+                return 0
+            assert last.usage is not None
+            return last.usage.total_tokens
+
+        with ThreadPoolExecutor(8) as pool:
+            charged = sum(pool.map(one, range(12)))
+        assert 0 < charged <= granted
+        poll(lambda: served.daemon.lease.reserved == 0)
+        assert served.daemon.lease.committed == charged
