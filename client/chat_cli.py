@@ -264,6 +264,8 @@ def main(argv: list[str]) -> int:
         parser().error("--manifest is required (or set CUSTOS_MANIFEST)")
     if len(args.stop) > MAX_STOP_STRINGS:
         parser().error(f"at most {MAX_STOP_STRINGS} --stop strings")
+    if args.raw and args.system is not None:
+        parser().error("--system is a chat message: it does not go with --raw")
     talked_to: dict[str, str] = {}
     try:
         return _run(args, talked_to)

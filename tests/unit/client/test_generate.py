@@ -138,8 +138,9 @@ def test_chat_without_a_prompt_converses_line_by_line_in_a_real_process(tmp_path
         ["chat", "--top-p", "0", "x"],
         ["chat", "--stop", "a", "--stop", "b", "--stop", "c", "--stop", "d", "--stop", "e", "x"],
         ["chat", "--enclave", "nohostport", "x"],
+        ["chat", "--raw", "--system", "be brief", "x"],
     ],
-    ids=["max-tokens", "temperature", "top-p", "stops", "address"],
+    ids=["max-tokens", "temperature", "top-p", "stops", "address", "raw-with-system"],
 )
 def test_chat_misuse_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     manifest = tmp_path / "m.toml"
