@@ -15,9 +15,10 @@ A cancelled stream stops computing at once and pays for what was produced.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, replace
 
@@ -72,7 +73,7 @@ class Generation:
 
     async def stream(
         self, model: LoadedTextModel, request: custos_pb2.GenerateRequest
-    ) -> AsyncIterator[custos_pb2.GenerateChunk]:
+    ) -> AsyncGenerator[custos_pb2.GenerateChunk, None]:
         arrived = time.perf_counter()
         prompt: Prompt = await self._preparing.run(prepare, model.model, request, self._limits)
         prompt_tokens = len(prompt.tokens)
@@ -93,7 +94,7 @@ class Generation:
                         reserved = 0
                         chunk.end.remaining_quota = self._lease.remaining + self._lease.deployment_balance
                     yield chunk
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, GeneratorExit):  # the client went away
                 finish = "cancelled"
                 raise
             finally:
@@ -158,10 +159,15 @@ class Generation:
         close = getattr(tokens, "close", None)
         if close is None:
             return
+
+        def submit(_: object = None) -> None:
+            with contextlib.suppress(RuntimeError):  # the executor is shut down: the daemon is stopping
+                self._executor.submit(close)
+
         if pending is None:
-            self._executor.submit(close)
+            submit()
         else:
-            pending.add_done_callback(lambda _: self._executor.submit(close))
+            pending.add_done_callback(submit)
 
     def _settle(self, reserved: int, progress: _Progress) -> None:
         charged = progress.charged

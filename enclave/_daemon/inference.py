@@ -13,6 +13,7 @@ delays the model runs of callers who pay.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
@@ -133,8 +134,10 @@ class InferenceService(custos_pb2_grpc.InferenceServicer):
                 if self.model is not None:
                     raise WrongModelKindError("this enclave serves a classifier: call Infer, not Generate")
                 raise ModelNotLoadedError()
-            async for chunk in self._generation.stream(model, request):
-                yield chunk
+            # Closed here, not when collected: a stream the client left settles its lease at once.
+            async with contextlib.aclosing(self._generation.stream(model, request)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
         except EnclaveError as exc:
             self.refused += 1
             self._metrics.count(_outcome(exc))
