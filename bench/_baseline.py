@@ -64,6 +64,12 @@ class PlainInference(pb_grpc.InferenceServicer):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no attestation without Custos")
         raise AssertionError("abort returned")
 
+    async def Generate(  # noqa: N802
+        self, request: pb.GenerateRequest, context: Context
+    ) -> AsyncIterator[pb.GenerateChunk]:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the baseline serves classifiers only")
+        yield pb.GenerateChunk()  # never reached: makes this an async generator, as gRPC streams it
+
     async def Status(self, request: pb.StatusRequest, context: Context) -> pb.StatusResponse:  # noqa: N802
         return pb.StatusResponse(model_loaded=True, model_sha384=self._model.sha384)
 

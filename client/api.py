@@ -26,7 +26,7 @@ import logging
 import operator
 import os
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -42,6 +42,7 @@ from client.errors import (
     ModelChangedError,
     VerificationRefusedError,
 )
+from client.generation import Generation, Message, generate_request
 from enclave import identity
 from enclave.attestation import Appraisal, Evidence, ReferenceValues, appraise
 from enclave.attestation.certificates import check_validity
@@ -167,6 +168,44 @@ class Connection:
             raise InvalidInputError(f"tensor is {array.nbytes} bytes, over the {MAX_TENSOR_BYTES}-byte limit")
         wire = custos_pb2.Tensor(shape=list(array.shape), float32_data=array.tobytes())
         return self._infer(custos_pb2.InferRequest(tensor=wire, top_k=_check_top_k(top_k)))
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[Message] | None = None,
+        max_tokens: int = 0,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        timeout: float | None = None,
+    ) -> Generation:
+        """A language model's answer to a raw ``prompt`` or to chat ``messages``, as it streams.
+
+        ``messages``: ``ChatMessage`` or ``{"role": ..., "content": ...}``, roles system, user,
+        assistant. ``max_tokens`` 0: up to the end of the model's context. ``temperature``
+        (0 to 2, 0 greedy), ``top_p`` and ``seed`` left out take the model's defaults (1, 1, a
+        fresh seed). ``timeout`` bounds the whole answer (default: ten times the connection's,
+        at least 10 minutes). Returns an iterator of ``Delta``; ``usage`` once it has ended.
+        """
+        self._check_open()
+        request = generate_request(
+            prompt,
+            messages,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop,
+        )
+        deadline = timeout if timeout is not None else max(600.0, 10 * self._timeout)
+        if not deadline > 0:
+            raise ClientError("timeout must be positive")
+        call = self._stub.Generate(request, timeout=deadline)
+        return Generation(call, model_sha384=self.model_sha384, explain=self._explain)
 
     def status(self) -> custos_pb2.StatusResponse:
         """What the enclave tells anyone: deployment, platform, model, suspended, custodian reachable."""

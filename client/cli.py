@@ -1,5 +1,7 @@
 """custos-query: verify an enclave against a manifest, then classify one image.
 
+``custos-query chat ...`` talks to a language model instead (``client.chat_cli``).
+
 Exit codes: 0 success, 3 verification refused (nothing sent), 4 quota
 exhausted, 5 suspended or revoked, 1 other errors, 2 misuse.
 """
@@ -12,6 +14,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +58,8 @@ exit codes:
 
 gRPC's own log is off below errors; GRPC_VERBOSITY=DEBUG turns it on.
 
+A language model's deployment: custos-query chat --help.
+
 examples:
   custos-query --enclave enclave.example:8443 --manifest end-user.toml digit.png
   CUSTOS_ENCLAVE=127.0.0.1:8443 CUSTOS_MANIFEST=end-user.toml custos-query --json --top 3 digit.png
@@ -96,20 +101,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--enclave",
-        metavar="HOST:PORT",
-        type=_address,
-        default=os.environ.get("CUSTOS_ENCLAVE") or None,
-        help="the enclave's inference address, HOST:PORT or [IPv6]:PORT (default: $CUSTOS_ENCLAVE)",
-    )
-    parser.add_argument(
-        "--manifest",
-        metavar="FILE",
-        type=Path,
-        default=os.environ.get("CUSTOS_MANIFEST"),
-        help="the manifest (TOML reference values) from the custodian (default: $CUSTOS_MANIFEST)",
-    )
+    add_connection_arguments(parser, address=_address, seconds=_seconds)
     parser.add_argument(
         "input",
         type=Path,
@@ -124,16 +116,44 @@ def _parser() -> argparse.ArgumentParser:
         default=3,
         help=f"how many classes to show, 1 to {MAX_TOP_K} (default 3)",
     )
+    return parser
+
+
+def add_connection_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    address: Callable[[str], str] = _address,
+    seconds: Callable[[str], float] = _seconds,
+    output: bool = True,
+) -> None:
+    """The flags of every command that verifies an enclave: where it is, what it must be, output."""
+    parser.add_argument(
+        "--enclave",
+        metavar="HOST:PORT",
+        type=address,
+        default=os.environ.get("CUSTOS_ENCLAVE") or None,
+        help="the enclave's inference address, HOST:PORT or [IPv6]:PORT (default: $CUSTOS_ENCLAVE)",
+    )
+    parser.add_argument(
+        "--manifest",
+        metavar="FILE",
+        type=Path,
+        default=os.environ.get("CUSTOS_MANIFEST"),
+        help="the manifest (TOML reference values) from the custodian (default: $CUSTOS_MANIFEST)",
+    )
     parser.add_argument(
         "--timeout",
         metavar="SECONDS",
-        type=_seconds,
+        type=seconds,
         default=DEFAULT_TIMEOUT,
         help=f"limit for each network step, more than 0 and at most 3600 (default {DEFAULT_TIMEOUT:g})",
     )
-    parser.add_argument(
-        "--json", action="store_true", help="print one JSON object on stdout, also on failure (default: text)"
-    )
+    if output:
+        parser.add_argument(
+            "--json",
+            action="store_true",
+            help="print one JSON object on stdout, also on failure (default: text)",
+        )
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="log each step; tracebacks on failure (default: off)"
     )
@@ -153,7 +173,6 @@ def _parser() -> argparse.ArgumentParser:
         help="sev-snp: fetch AMD's CRL (and the certificates the evidence lacks) from this KDS; 'off' uses"
         " only what the evidence carries (default: $CUSTOS_AMD_KDS, else %(default)s)",
     )
-    return parser
 
 
 def _verification_doc(connection: Connection, manifest: ReferenceValues) -> dict[str, Any]:
@@ -283,21 +302,31 @@ def _query(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["chat"]:
+        from client import chat_cli  # imported here: it imports this module
+
+        return with_console_logging("-v" in argv or "--verbose" in argv, lambda: chat_cli.main(argv[1:]))
     parser = _parser()
     args = parser.parse_args(argv)
     if not args.enclave:
         parser.error("--enclave is required (or set CUSTOS_ENCLAVE)")
     if args.manifest is None:
         parser.error("--manifest is required (or set CUSTOS_MANIFEST)")
+    return with_console_logging(args.verbose, lambda: _query(args))
+
+
+def with_console_logging(verbose: bool, work: Callable[[], int]) -> int:
+    """Run a command with the log on standard error, and a reader that went away (`| head`) quiet."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     previous_level = root.level
     root.addHandler(handler)
     # The summary shows a simulated platform itself; the log repeats it with --verbose.
-    root.setLevel(logging.DEBUG if args.verbose else logging.ERROR)
+    root.setLevel(logging.DEBUG if verbose else logging.ERROR)
     try:
-        return _query(args)
+        return work()
     except BrokenPipeError:
         # The reader left (`| head`): stop quietly, as the Python documentation advises; point
         # stdout at /dev/null so that the interpreter's last flush does not fail again.

@@ -50,6 +50,10 @@ class EnclaveUnavailableError(ClientError):
     """The enclave cannot be reached, or it cannot reach its custodian past the grace period."""
 
 
+class EnclaveBusyError(EnclaveUnavailableError):
+    """The enclave runs as many generations as it can and its queue is full; retry later."""
+
+
 class EnclaveNotListeningError(EnclaveUnavailableError):
     """Nothing listens at the enclave's address: it is stopped, or it zeroized and closed its port."""
 

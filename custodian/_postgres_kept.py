@@ -80,14 +80,14 @@ async def send(conn: asyncpg.Connection, kept: Kept) -> None:
         ended = [(*_lease_update(lease), lease.state) for lease in leases if not lease.active]
         if active:
             await conn.executemany(
-                "UPDATE leases SET lim = $2, peak = $3, used = $4, unreported = $5, expires_at = $6"
-                " WHERE lease_id = $1",
+                "UPDATE leases SET lim = $2, peak = $3, used = $4, unreported = $5, expires_at = $6,"
+                " prompt_tokens = $7, completion_tokens = $8 WHERE lease_id = $1",
                 active,
             )
         if ended:
             await conn.executemany(
                 "UPDATE leases SET lim = $2, peak = $3, used = $4, unreported = $5, expires_at = $6,"
-                " state = $7 WHERE lease_id = $1",
+                " prompt_tokens = $7, completion_tokens = $8, state = $9 WHERE lease_id = $1",
                 ended,
             )
     if kept.receipts:
@@ -139,6 +139,15 @@ def _deployment_update(d: DeploymentRecord) -> tuple[Any, ...]:
 
 
 def _lease_update(lease: LeaseRecord) -> tuple[Any, ...]:
-    """(lease_id, lim, peak, used, unreported, expires_at)."""
-    u = lease.units
-    return (lease.lease_id, u.limit, u.peak, u.used, u.unreported, ts(lease.expires_at))
+    """(lease_id, lim, peak, used, unreported, expires_at, prompt_tokens, completion_tokens)."""
+    u, t = lease.units, lease.tokens
+    return (
+        lease.lease_id,
+        u.limit,
+        u.peak,
+        u.used,
+        u.unreported,
+        ts(lease.expires_at),
+        t.prompt,
+        t.completion,
+    )

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 from custodian.audit import AuditEntry
 from custodian.quota import Account, Allotment
 from custodian.records import DeploymentRecord, InstanceRecord, LeaseRecord, ModelRecord, ReceiptRecord
+from enclave.receipts import TokenCounts
 
 
 class Row(Protocol):
@@ -39,6 +40,7 @@ def model_row(r: Row) -> ModelRecord:
         wrapped_key=bytes(r["wrapped_key"]),
         created_at=dt(r["created_at"]),
         inputs=r["inputs"],
+        kind=r["kind"],
     )
 
 
@@ -85,6 +87,7 @@ def lease_row(r: Row) -> LeaseRecord:
         units=Allotment(limit=r["lim"], peak=r["peak"], used=r["used"], unreported=r["unreported"]),
         state=r["state"],
         expires_at=dt(r["expires_at"]),
+        tokens=TokenCounts(r["prompt_tokens"], r["completion_tokens"]),
     )
 
 

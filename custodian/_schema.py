@@ -112,4 +112,13 @@ MIGRATIONS = (
     );
     CREATE INDEX spent_challenges_by_expiry ON spent_challenges(expires_at);
     """,
+    # What a model is: 'classifier' (a call is one unit) or 'language' (a unit is a token).
+    """
+    ALTER TABLE models ADD COLUMN kind TEXT NOT NULL DEFAULT 'classifier';
+    """,
+    # A language model's leases: of ``used``, the prompt and completion tokens their receipts prove.
+    """
+    ALTER TABLE leases ADD COLUMN prompt_tokens INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE leases ADD COLUMN completion_tokens INTEGER NOT NULL DEFAULT 0;
+    """,
 )

@@ -141,4 +141,11 @@ MIGRATIONS = (
         seen_at DOUBLE PRECISION NOT NULL
     );
     """,
+    # What a model is ('classifier': a call is one unit; 'language': a unit is a token), and of a
+    # language model's lease's ``used``, the prompt and completion tokens its receipts prove.
+    """
+    ALTER TABLE models ADD COLUMN kind TEXT NOT NULL DEFAULT 'classifier';
+    ALTER TABLE leases ADD COLUMN prompt_tokens BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE leases ADD COLUMN completion_tokens BIGINT NOT NULL DEFAULT 0;
+    """,
 )

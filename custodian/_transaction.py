@@ -27,6 +27,7 @@ from custodian._rows import (
 from custodian.audit import GENESIS, AuditEntry, AuditValue
 from custodian.errors import LedgerError
 from custodian.records import DeploymentRecord, InstanceRecord, LeaseRecord, ModelRecord, ReceiptRecord
+from enclave.receipts import TokenCounts
 
 
 class Transaction(ABC):
@@ -71,7 +72,7 @@ class Transaction(ABC):
     async def add_model(self, m: ModelRecord) -> None:
         await self._insert(
             f"model {m.name!r}",
-            "INSERT INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 m.model_id,
                 m.name,
@@ -82,6 +83,7 @@ class Transaction(ABC):
                 m.wrapped_key,
                 ts(m.created_at),
                 m.inputs,
+                m.kind,
             ),
         )
 
@@ -212,7 +214,7 @@ class Transaction(ABC):
         await self._insert(
             f"lease for instance {lease.instance_id}",
             "INSERT INTO leases (lease_id, instance_id, deployment, lim, peak, used, state, expires_at,"
-            " unreported) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " unreported, prompt_tokens, completion_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 lease.lease_id,
                 lease.instance_id,
@@ -223,6 +225,8 @@ class Transaction(ABC):
                 lease.state,
                 ts(lease.expires_at),
                 u.unreported,
+                lease.tokens.prompt,
+                lease.tokens.completion,
             ),
         )
 
@@ -232,12 +236,21 @@ class Transaction(ABC):
         A lease never becomes active again, so an active lease's state is left alone: writing
         the column would rewrite both indexes on it at every usage report.
         """
-        u = lease.units
+        u, t = lease.units, lease.tokens
         if lease.active:
             changed = await self._run(
-                "UPDATE leases SET lim = ?, peak = ?, used = ?, unreported = ?, expires_at = ?"
-                " WHERE lease_id = ? AND state = 'active'",
-                (u.limit, u.peak, u.used, u.unreported, ts(lease.expires_at), lease.lease_id),
+                "UPDATE leases SET lim = ?, peak = ?, used = ?, unreported = ?, expires_at = ?,"
+                " prompt_tokens = ?, completion_tokens = ? WHERE lease_id = ? AND state = 'active'",
+                (
+                    u.limit,
+                    u.peak,
+                    u.used,
+                    u.unreported,
+                    ts(lease.expires_at),
+                    t.prompt,
+                    t.completion,
+                    lease.lease_id,
+                ),
             )
             if changed != 1:
                 raise LedgerError(
@@ -245,10 +258,29 @@ class Transaction(ABC):
                 )
             return
         await self._run(
-            "UPDATE leases SET lim = ?, peak = ?, used = ?, unreported = ?, state = ?, expires_at = ?"
-            " WHERE lease_id = ?",
-            (u.limit, u.peak, u.used, u.unreported, lease.state, ts(lease.expires_at), lease.lease_id),
+            "UPDATE leases SET lim = ?, peak = ?, used = ?, unreported = ?, state = ?, expires_at = ?,"
+            " prompt_tokens = ?, completion_tokens = ? WHERE lease_id = ?",
+            (
+                u.limit,
+                u.peak,
+                u.used,
+                u.unreported,
+                lease.state,
+                ts(lease.expires_at),
+                t.prompt,
+                t.completion,
+                lease.lease_id,
+            ),
         )
+
+    async def token_totals(self, deployment: str) -> TokenCounts:
+        """A language model deployment's prompt and completion tokens, as its receipts prove them."""
+        row = await self._one(
+            "SELECT COALESCE(SUM(prompt_tokens), 0) AS prompt,"
+            " COALESCE(SUM(completion_tokens), 0) AS completion FROM leases WHERE deployment = ?",
+            (deployment,),
+        )
+        return TokenCounts(row["prompt"], row["completion"]) if row else TokenCounts()
 
     async def lease(self, lease_id: str) -> LeaseRecord | None:
         row = await self._one("SELECT * FROM leases WHERE lease_id = ?", (lease_id,))

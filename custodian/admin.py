@@ -201,6 +201,9 @@ def _usage(u: DeploymentUsage) -> pb.DeploymentUsage:
         zeroize_after_seconds=u.zeroize_after_seconds,
         revoked=u.revoked,
         overdrawn=u.overdrawn,
+        unit=u.unit,
+        prompt_tokens=u.prompt_tokens,
+        completion_tokens=u.completion_tokens,
     )
 
 

@@ -341,6 +341,9 @@ _USAGE_COLUMNS = (
     "overdrawn",
     "granted_total",
     "instances",
+    "unit",
+    "prompt_tokens",
+    "completion_tokens",
 )
 
 
@@ -348,7 +351,10 @@ def _change(args: argparse.Namespace, verb: str, call: Callable[[Console], Messa
     with _console(args) as console:
         change = plain(call(console))
     usage = change["usage"]
-    emit(args, change, f"{verb} {change['changed']} units; {usage['name']} balance is now {usage['balance']}")
+    unit = "tokens" if usage["unit"] == "token" else "units"
+    emit(
+        args, change, f"{verb} {change['changed']} {unit}; {usage['name']} balance is now {usage['balance']}"
+    )
 
 
 def _grant(args: argparse.Namespace) -> None:

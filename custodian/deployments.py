@@ -23,6 +23,7 @@ from custodian.ledger import DeploymentRecord, InstanceRecord, Ledger, ModelReco
 from custodian.metrics import CustodianMetrics
 from enclave.attestation import ReferenceValues
 from enclave.attestation.platforms import PLATFORMS
+from enclave.receipts import TokenCounts
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,11 @@ class DeploymentUsage:
     zeroize_after_seconds: int
     revoked: int = 0
     overdrawn: int = 0
+    # "inference" (a classifier's call) or "token" (a language model's).
+    unit: str = "inference"
+    # A language model's: of ``used``, the prompt and completion tokens.
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
 JOIN_TOKEN_PREFIX = "cjt_"  # noqa: S105 - a format prefix, not a secret
@@ -267,6 +273,8 @@ async def _model(tx: Transaction, name: str) -> ModelRecord:
 async def _usage(tx: Transaction, deployment: DeploymentRecord) -> DeploymentUsage:
     model = await tx.model_by_id(deployment.model_id)
     leases = await tx.active_leases(deployment.name)
+    language = model is not None and model.kind == "language"
+    tokens = await tx.token_totals(deployment.name) if language else TokenCounts()
     return DeploymentUsage(
         name=deployment.name,
         model=model.name if model else "",
@@ -282,4 +290,7 @@ async def _usage(tx: Transaction, deployment: DeploymentRecord) -> DeploymentUsa
         zeroize_after_seconds=deployment.zeroize_after_seconds,
         revoked=deployment.account.revoked,
         overdrawn=deployment.account.overdrawn,
+        unit="token" if language else "inference",
+        prompt_tokens=tokens.prompt,
+        completion_tokens=tokens.completion,
     )

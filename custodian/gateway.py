@@ -41,7 +41,7 @@ from custodian.model_store import ModelStore
 from custodian.throttle import Rate, StreamSlots
 from enclave.envelope import SealedChunk
 from enclave.identity import public_key_der
-from enclave.receipts import SignedReceipt
+from enclave.receipts import SignedReceipt, TokenCounts
 from protos import custos_pb2 as pb
 from protos import custos_pb2_grpc as pb_grpc
 
@@ -66,6 +66,7 @@ def _usage_claim(request: pb.UsageReport) -> UsageClaim:
         want_more=request.want_more,
         final=request.final,
         receipt=SignedReceipt(receipt.body, receipt.signature) if receipt else None,
+        tokens=TokenCounts(request.prompt_tokens, request.completion_tokens),
     )
 
 

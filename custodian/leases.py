@@ -137,6 +137,8 @@ class Leases:
         checked = await check_claim(tx, instance, deployment, claim, receipt)
         lease, last_seq = checked.lease, instance.last_seq
         if checked.receipt is not None:
+            if receipt.tokens is not None:
+                lease = replace(lease, tokens=receipt.tokens)
             await tx.add_receipt(checked.receipt)
             await tx.audit(_actor(instance_id), "receipt", deployment.name, receipt_detail(checked.receipt))
             last_seq = checked.receipt.seq

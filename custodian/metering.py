@@ -3,9 +3,11 @@
 A usage report is acted on only with a receipt that (in this order) parses as
 the canonical encoding, is signed by the reporting instance's enrolled key,
 names this deployment, this instance, one of its leases and the deployment's
-model, agrees with the report's ``lease_id``, ``seq`` and ``used``, and is the
-next link of the instance's chain (``seq`` one past the last accepted receipt,
-``prev`` its SHA-256). The one exception is the last accepted receipt sent
+model, states prompt and completion tokens exactly when the model is a
+language model (and then neither goes backwards under its lease), agrees with
+the report's ``lease_id``, ``seq`` and ``used``, and is the next link of the
+instance's chain (``seq`` one past the last accepted receipt, ``prev`` its
+SHA-256). The one exception is the last accepted receipt sent
 again unchanged: a retry, answered without effect. Anything else raises
 ``ReceiptRefusedError`` with the reason, which the caller writes to the audit
 log (see ``custodian.leases``), as it does when the usage itself is impossible
@@ -28,6 +30,7 @@ from enclave.receipts import (
     MAX_BODY_BYTES,
     Receipt,
     SignedReceipt,
+    TokenCounts,
     body_digest,
     check_successor,
     verify_receipt,
@@ -43,6 +46,7 @@ __all__ = [
     "verify_claim",
 ]
 
+_NO_TOKENS = TokenCounts()
 # Lease ids are ``uuid4().hex`` (``custodian.leases``).
 LEASE_ID = re.compile(r"[0-9a-f]{32}")
 # A DER ECDSA P-256 signature is at most 72 bytes.
@@ -69,6 +73,8 @@ class UsageClaim:
     want_more: bool
     final: bool
     receipt: SignedReceipt | None
+    # A language model's prompt and completion tokens under the lease (of ``used``); 0 and 0 otherwise.
+    tokens: TokenCounts = _NO_TOKENS
 
 
 @dataclass(frozen=True)
@@ -126,13 +132,27 @@ async def check_claim(
             ("instance", receipt.instance == instance.instance_id),
             ("lease", lease is not None and lease.instance_id == instance.instance_id),
             ("model", model is not None and receipt.model_sha384 == model.sha384),
-            ("report", (receipt.lease, receipt.seq, receipt.used) == (claim.lease_id, claim.seq, claim.used)),
+            ("kind", model is not None and (receipt.tokens is not None) == (model.kind == "language")),
+            (
+                "report",
+                (receipt.lease, receipt.seq, receipt.used, receipt.tokens or _NO_TOKENS)
+                == (claim.lease_id, claim.seq, claim.used, claim.tokens),
+            ),
         )
         if not ok
     ]
     if mismatches:
         raise ReceiptRefusedError("binding", f"receipt does not match its {', '.join(mismatches)}")
     assert lease is not None
+    tokens = receipt.tokens
+    if tokens is not None and (
+        tokens.prompt < lease.tokens.prompt or tokens.completion < lease.tokens.completion
+    ):
+        raise ReceiptRefusedError(
+            "usage",
+            f"tokens went backwards: prompt {tokens.prompt} after {lease.tokens.prompt}, "
+            f"completion {tokens.completion} after {lease.tokens.completion}",
+        )
     last = await tx.receipt(instance.instance_id, instance.last_seq) if instance.last_seq else None
     if last is not None and receipt.seq == last.seq and claim.receipt.body == last.body:
         return Checked(lease, None)

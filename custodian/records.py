@@ -7,8 +7,11 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from custodian.quota import Account, Allotment
+from enclave.receipts import TokenCounts
 
 LEASE_STATES = ("active", "closed", "expired")
+MODEL_KINDS = ("classifier", "language")
+_NO_TOKENS = TokenCounts()
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,8 @@ class ModelRecord:
     created_at: datetime
     # The model's inputs as its load check found them (``custodian.model_check``, JSON).
     inputs: str = ""
+    # One of MODEL_KINDS: a classifier's unit is a call, a language model's a token.
+    kind: str = "classifier"
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,8 @@ class LeaseRecord:
     units: Allotment
     state: str
     expires_at: datetime
+    # A language model's: of ``units.used``, the prompt and completion tokens its receipts prove.
+    tokens: TokenCounts = _NO_TOKENS
 
     @property
     def active(self) -> bool:

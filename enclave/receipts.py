@@ -12,6 +12,9 @@ in ``docs/protocol.md`` (Usage receipts):
   under the lease so far), ``seq`` (1 for an instance's first receipt, then
   one more each time) and ``prev`` (64 lowercase hex digits: SHA-256 of the
   previous receipt's body, all zeros for the first);
+- for a language model (a unit is a token) two more, ``prompt_tokens`` and
+  ``completion_tokens``: of ``used``, which is their sum, the prompt and the
+  completion tokens under the lease so far. A classifier's receipt has neither;
 - signature: ECDSA P-256 with SHA-256 over the body bytes, DER-encoded.
 
 Parsing is strict: a body that is not exactly the canonical encoding of its
@@ -41,6 +44,22 @@ MAX_SIGNATURE_BYTES = 80
 MAX_COUNT = (1 << 63) - 1
 _MAX_TEXT = 128
 _FIELDS = frozenset({"type", "deployment", "instance", "lease", "model_sha384", "used", "seq", "prev"})
+_TOKEN_FIELDS = _FIELDS | {"prompt_tokens", "completion_tokens"}
+
+
+@dataclass(frozen=True)
+class TokenCounts:
+    """A language model's units: prompt and completion tokens, counted apart, both charged."""
+
+    prompt: int = 0
+    completion: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.prompt + self.completion
+
+    def __add__(self, other: TokenCounts) -> TokenCounts:
+        return TokenCounts(self.prompt + other.prompt, self.completion + other.completion)
 
 
 @dataclass(frozen=True)
@@ -52,20 +71,24 @@ class Receipt:
     used: int
     seq: int
     prev: bytes
+    # Language models only; ``tokens.total == used``.
+    tokens: TokenCounts | None = None
 
     def body(self) -> bytes:
-        return canonical_json(
-            {
-                "type": RECEIPT_TYPE,
-                "deployment": self.deployment,
-                "instance": self.instance,
-                "lease": self.lease,
-                "model_sha384": self.model_sha384.hex(),
-                "used": self.used,
-                "seq": self.seq,
-                "prev": self.prev.hex(),
-            }
-        )
+        fields: dict[str, str | int] = {
+            "type": RECEIPT_TYPE,
+            "deployment": self.deployment,
+            "instance": self.instance,
+            "lease": self.lease,
+            "model_sha384": self.model_sha384.hex(),
+            "used": self.used,
+            "seq": self.seq,
+            "prev": self.prev.hex(),
+        }
+        if self.tokens is not None:
+            fields["prompt_tokens"] = self.tokens.prompt
+            fields["completion_tokens"] = self.tokens.completion
+        return canonical_json(fields)
 
     def digest(self) -> bytes:
         """SHA-256 of the body: what the next receipt's ``prev`` holds."""
@@ -96,7 +119,7 @@ def parse_receipt(body: bytes) -> Receipt:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise ReceiptError("format", "receipt is not JSON") from None
-    if not isinstance(doc, dict) or set(doc) != _FIELDS:
+    if not isinstance(doc, dict) or set(doc) not in (_FIELDS, _TOKEN_FIELDS):
         raise ReceiptError("format", "receipt does not have exactly the receipt fields")
     if doc["type"] != RECEIPT_TYPE:
         raise ReceiptError("format", f"receipt type is {doc['type']!r}, expected {RECEIPT_TYPE!r}")
@@ -108,7 +131,14 @@ def parse_receipt(body: bytes) -> Receipt:
         used=_count(doc, "used"),
         seq=_count(doc, "seq"),
         prev=_hex(doc, "prev", 32),
+        tokens=(
+            TokenCounts(_count(doc, "prompt_tokens"), _count(doc, "completion_tokens"))
+            if "prompt_tokens" in doc
+            else None
+        ),
     )
+    if receipt.tokens is not None and receipt.tokens.total != receipt.used:
+        raise ReceiptError("format", "receipt's prompt and completion tokens do not add up to its units used")
     if receipt.seq < 1:
         raise ReceiptError("format", "receipt sequence numbers start at 1")
     if receipt.body() != body:

@@ -430,6 +430,8 @@ class UsageReport(_message.Message):
     WANT_MORE_FIELD_NUMBER: _builtins.int
     FINAL_FIELD_NUMBER: _builtins.int
     RECEIPT_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     seq: _builtins.int
     """1, 2, 3, ... per instance: the receipt's sequence number."""
@@ -439,6 +441,11 @@ class UsageReport(_message.Message):
     """Ask for the lease to be topped up to the deployment's lease size."""
     final: _builtins.bool
     """Final report before the instance shuts down: its lease is closed."""
+    prompt_tokens: _builtins.int
+    """Language models: of ``used`` (their sum), the prompt and the completion tokens, cumulative
+    under the lease; the receipt states both. 0 and 0 for a classifier (a call is one unit).
+    """
+    completion_tokens: _builtins.int
     @_builtins.property
     def receipt(self) -> Global___Receipt:
         """Signed statement of lease_id, seq and used; required, and must agree with them."""
@@ -452,10 +459,12 @@ class UsageReport(_message.Message):
         want_more: _builtins.bool = ...,
         final: _builtins.bool = ...,
         receipt: Global___Receipt | None = ...,
+        prompt_tokens: _builtins.int = ...,
+        completion_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["receipt", b"receipt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["final", b"final", "lease_id", b"lease_id", "receipt", b"receipt", "seq", b"seq", "used", b"used", "want_more", b"want_more"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "final", b"final", "lease_id", b"lease_id", "prompt_tokens", b"prompt_tokens", "receipt", b"receipt", "seq", b"seq", "used", b"used", "want_more", b"want_more"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -879,6 +888,9 @@ class DeploymentUsage(_message.Message):
     ZEROIZE_AFTER_SECONDS_FIELD_NUMBER: _builtins.int
     REVOKED_FIELD_NUMBER: _builtins.int
     OVERDRAWN_FIELD_NUMBER: _builtins.int
+    UNIT_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     model: _builtins.str
     suspended: _builtins.bool
@@ -897,6 +909,11 @@ class DeploymentUsage(_message.Message):
     """Units taken back by revoke, in total."""
     overdrawn: _builtins.int
     """Units served past a cut lease beyond what the balance could cover."""
+    unit: _builtins.str
+    """What a unit is: "inference" (a classifier call) or "token" (a language model's)."""
+    prompt_tokens: _builtins.int
+    """Language models: of ``used``, the prompt and the completion tokens that receipts prove."""
+    completion_tokens: _builtins.int
     def __init__(
         self,
         *,
@@ -914,10 +931,13 @@ class DeploymentUsage(_message.Message):
         zeroize_after_seconds: _builtins.int = ...,
         revoked: _builtins.int = ...,
         overdrawn: _builtins.int = ...,
+        unit: _builtins.str = ...,
+        prompt_tokens: _builtins.int = ...,
+        completion_tokens: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "granted_total", b"granted_total", "instances", b"instances", "lease_size", b"lease_size", "leased", b"leased", "model", b"model", "name", b"name", "offline_grace_seconds", b"offline_grace_seconds", "overdrawn", b"overdrawn", "revoked", b"revoked", "suspended", b"suspended", "unreported", b"unreported", "used", b"used", "zeroize_after_seconds", b"zeroize_after_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["balance", b"balance", "completion_tokens", b"completion_tokens", "granted_total", b"granted_total", "instances", b"instances", "lease_size", b"lease_size", "leased", b"leased", "model", b"model", "name", b"name", "offline_grace_seconds", b"offline_grace_seconds", "overdrawn", b"overdrawn", "prompt_tokens", b"prompt_tokens", "revoked", b"revoked", "suspended", b"suspended", "unit", b"unit", "unreported", b"unreported", "used", b"used", "zeroize_after_seconds", b"zeroize_after_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1528,3 +1548,210 @@ class StatusResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatusResponse: _TypeAlias = StatusResponse  # noqa: Y015
+
+@_typing.final
+class ChatMessage(_message.Message):
+    """------------------------------------------------------- generation (language models)"""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLE_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
+    role: _builtins.str
+    """system, user or assistant."""
+    content: _builtins.bytes
+    """UTF-8 text. Bytes on the wire so that invalid UTF-8 is refused by the enclave with
+    INVALID_ARGUMENT and a reason, not by the message parser.
+    """
+    def __init__(
+        self,
+        *,
+        role: _builtins.str = ...,
+        content: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChatMessage: _TypeAlias = ChatMessage  # noqa: Y015
+
+@_typing.final
+class ChatMessages(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]: ...
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[Global___ChatMessage] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChatMessages: _TypeAlias = ChatMessages  # noqa: Y015
+
+@_typing.final
+class GenerateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHAT_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
+    MAX_TOKENS_FIELD_NUMBER: _builtins.int
+    TEMPERATURE_FIELD_NUMBER: _builtins.int
+    TOP_P_FIELD_NUMBER: _builtins.int
+    TOP_K_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    STOP_FIELD_NUMBER: _builtins.int
+    prompt: _builtins.bytes
+    """A raw prompt (UTF-8), tokenized as it is."""
+    max_tokens: _builtins.int
+    """Up to the model's context length less the prompt's tokens; 0: to the end of the context.
+    The enclave reserves the prompt's tokens plus these from its lease before it starts.
+    """
+    temperature: _builtins.float
+    """0 to 2 (0: greedy); absent: 1."""
+    top_p: _builtins.float
+    """Above 0, at most 1; absent: 1."""
+    top_k: _builtins.int
+    """0: no limit."""
+    seed: _builtins.int
+    """Absent: a fresh seed per call."""
+    @_builtins.property
+    def chat(self) -> Global___ChatMessages:
+        """Through the model's chat template."""
+
+    @_builtins.property
+    def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """Up to 4 stop strings (UTF-8, 1 to 64 bytes each): generation ends before the first one
+        produced, which is not sent.
+        """
+
+    def __init__(
+        self,
+        *,
+        chat: Global___ChatMessages | None = ...,
+        prompt: _builtins.bytes = ...,
+        max_tokens: _builtins.int = ...,
+        temperature: _builtins.float | None = ...,
+        top_p: _builtins.float | None = ...,
+        top_k: _builtins.int = ...,
+        seed: _builtins.int | None = ...,
+        stop: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "chat", b"chat", "input", b"input", "prompt", b"prompt", "seed", b"seed", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "chat", b"chat", "input", b"input", "max_tokens", b"max_tokens", "prompt", b"prompt", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
+    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
+    _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
+    _WhichOneofReturnType__top_p: _TypeAlias = _typing.Literal["top_p"]  # noqa: Y015
+    _WhichOneofArgType__top_p: _TypeAlias = _typing.Literal["_top_p", b"_top_p"]  # noqa: Y015
+    _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["chat", "prompt"]  # noqa: Y015
+    _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature) -> _WhichOneofReturnType__temperature | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__top_p) -> _WhichOneofReturnType__top_p | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_input) -> _WhichOneofReturnType_input | None: ...
+
+Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
+
+@_typing.final
+class GenerateDelta(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """Text to append; never cuts a UTF-8 sequence."""
+    tokens: _builtins.int
+    """Completion tokens produced since the previous delta (the text of some may be held back
+    until a stop string is ruled out, or a UTF-8 sequence completed).
+    """
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["text", b"text", "tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateDelta: _TypeAlias = GenerateDelta  # noqa: Y015
+
+@_typing.final
+class GenerateEnd(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
+    FINISH_REASON_FIELD_NUMBER: _builtins.int
+    REMAINING_QUOTA_FIELD_NUMBER: _builtins.int
+    MODEL_SHA384_FIELD_NUMBER: _builtins.int
+    prompt_tokens: _builtins.int
+    completion_tokens: _builtins.int
+    finish_reason: _builtins.str
+    """stop (end of sequence or a stop string), length (max_tokens or the context), quota (the
+    lease could not cover more). A stream the client cancels ends without this message and
+    is charged the tokens produced until then.
+    """
+    remaining_quota: _builtins.int
+    """Units (tokens) left to this enclave's deployment, as far as the enclave knows."""
+    model_sha384: _builtins.str
+    def __init__(
+        self,
+        *,
+        prompt_tokens: _builtins.int = ...,
+        completion_tokens: _builtins.int = ...,
+        finish_reason: _builtins.str = ...,
+        remaining_quota: _builtins.int = ...,
+        model_sha384: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "finish_reason", b"finish_reason", "model_sha384", b"model_sha384", "prompt_tokens", b"prompt_tokens", "remaining_quota", b"remaining_quota"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateEnd: _TypeAlias = GenerateEnd  # noqa: Y015
+
+@_typing.final
+class GenerateChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELTA_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def delta(self) -> Global___GenerateDelta: ...
+    @_builtins.property
+    def end(self) -> Global___GenerateEnd: ...
+    def __init__(
+        self,
+        *,
+        delta: Global___GenerateDelta | None = ...,
+        end: Global___GenerateEnd | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "end", b"end", "part", b"part"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "end", b"end", "part", b"part"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_part: _TypeAlias = _typing.Literal["delta", "end"]  # noqa: Y015
+    _WhichOneofArgType_part: _TypeAlias = _typing.Literal["part", b"part"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_part) -> _WhichOneofReturnType_part | None: ...
+
+Global___GenerateChunk: _TypeAlias = GenerateChunk  # noqa: Y015

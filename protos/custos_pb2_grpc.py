@@ -1126,6 +1126,11 @@ class InferenceStub:
                 request_serializer=protos_dot_custos__pb2.InferRequest.SerializeToString,
                 response_deserializer=protos_dot_custos__pb2.InferResponse.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/custos.v1.Inference/Generate',
+                request_serializer=protos_dot_custos__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=protos_dot_custos__pb2.GenerateChunk.FromString,
+                _registered_method=True)
         self.Attest = channel.unary_unary(
                 '/custos.v1.Inference/Attest',
                 request_serializer=protos_dot_custos__pb2.AttestRequest.SerializeToString,
@@ -1143,6 +1148,13 @@ class InferenceServicer:
 
     def Infer(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Generate(self, request, context):
+        """Language models: the answer token by token, then the usage.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -1166,6 +1178,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.Infer,
                     request_deserializer=protos_dot_custos__pb2.InferRequest.FromString,
                     response_serializer=protos_dot_custos__pb2.InferResponse.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=protos_dot_custos__pb2.GenerateRequest.FromString,
+                    response_serializer=protos_dot_custos__pb2.GenerateChunk.SerializeToString,
             ),
             'Attest': grpc.unary_unary_rpc_method_handler(
                     servicer.Attest,
@@ -1205,6 +1222,33 @@ class Inference:
             '/custos.v1.Inference/Infer',
             protos_dot_custos__pb2.InferRequest.SerializeToString,
             protos_dot_custos__pb2.InferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/custos.v1.Inference/Generate',
+            protos_dot_custos__pb2.GenerateRequest.SerializeToString,
+            protos_dot_custos__pb2.GenerateChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -312,6 +312,8 @@ class InferenceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> InferenceAsyncStub: ...
     Infer: _grpc.UnaryUnaryMultiCallable[_custos_pb2.InferRequest, _custos_pb2.InferResponse]
+    Generate: _grpc.UnaryStreamMultiCallable[_custos_pb2.GenerateRequest, _custos_pb2.GenerateChunk]
+    """Language models: the answer token by token, then the usage."""
     Attest: _grpc.UnaryUnaryMultiCallable[_custos_pb2.AttestRequest, _custos_pb2.AttestResponse]
     Status: _grpc.UnaryUnaryMultiCallable[_custos_pb2.StatusRequest, _custos_pb2.StatusResponse]
 
@@ -319,6 +321,8 @@ class InferenceStub:
 class InferenceAsyncStub(InferenceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Infer: _aio.UnaryUnaryMultiCallable[_custos_pb2.InferRequest, _custos_pb2.InferResponse]  # type: ignore[assignment]
+    Generate: _aio.UnaryStreamMultiCallable[_custos_pb2.GenerateRequest, _custos_pb2.GenerateChunk]  # type: ignore[assignment]
+    """Language models: the answer token by token, then the usage."""
     Attest: _aio.UnaryUnaryMultiCallable[_custos_pb2.AttestRequest, _custos_pb2.AttestResponse]  # type: ignore[assignment]
     Status: _aio.UnaryUnaryMultiCallable[_custos_pb2.StatusRequest, _custos_pb2.StatusResponse]  # type: ignore[assignment]
 
@@ -329,6 +333,14 @@ class InferenceServicer(metaclass=_abc_1.ABCMeta):
         request: _custos_pb2.InferRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_custos_pb2.InferResponse, _abc.Awaitable[_custos_pb2.InferResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Generate(
+        self,
+        request: _custos_pb2.GenerateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_custos_pb2.GenerateChunk], _abc.AsyncIterator[_custos_pb2.GenerateChunk]]:
+        """Language models: the answer token by token, then the usage."""
 
     @_abc_1.abstractmethod
     def Attest(

@@ -10,11 +10,12 @@ without end behind the legitimate calls.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from enclave._daemon.errors import BusyError
+from enclave._daemon.errors import BusyError, GenerationsBusyError
 
 T = TypeVar("T")
 
@@ -39,3 +40,33 @@ class BoundedPool:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class StreamSlots:
+    """At most ``running`` generations at once, ``waiting`` more queued in order, the rest refused.
+
+    A generation holds its slot from before it reserves quota to its last token: the queue
+    holds calls, never reserved units.
+    """
+
+    def __init__(self, *, running: int, waiting: int) -> None:
+        self.running_limit = running
+        self.waiting_limit = waiting
+        self._slots = asyncio.Semaphore(running)
+        self.admitted = 0
+        self.active = 0
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        if self.admitted >= self.running_limit + self.waiting_limit:
+            raise GenerationsBusyError(self.running_limit, self.waiting_limit)
+        self.admitted += 1
+        try:
+            async with self._slots:
+                self.active += 1
+                try:
+                    yield
+                finally:
+                    self.active -= 1
+        finally:
+            self.admitted -= 1

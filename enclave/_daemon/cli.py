@@ -25,7 +25,7 @@ import signal
 import sys
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from PIL import Image
@@ -166,10 +166,39 @@ def build_parser() -> argparse.ArgumentParser:
         help="written (atomically, JSON) once serving: bound addresses, instance id, model hash; "
         "removed on exit (default: none)",
     )
+    env_flag(
+        serve,
+        "--generation-streams",
+        required=False,
+        metavar="N",
+        type=_count(1, 256),
+        default="2",
+        help="language models: generations run at once, each with its own thread and cache, 1 to 256 "
+        "(default 2)",
+    )
+    env_flag(
+        serve,
+        "--generation-queue",
+        required=False,
+        metavar="N",
+        type=_count(0, 4096),
+        default="16",
+        help="language models: generations that wait for one of those, in order, 0 to 4096; past "
+        "them a generation is refused RESOURCE_EXHAUSTED, busy (default 16)",
+    )
     add_tpm_flags(serve, serve=True)
     serve.set_defaults(usage=serve.format_usage)
     add_tee_flags(serve)
     return parser
+
+
+def _count(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        if not text.isdigit() or not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"must be a whole number from {low} to {high}, got {text!r}")
+        return int(text)
+
+    return parse
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -272,6 +301,8 @@ def _serve(args: argparse.Namespace) -> int:
         platform=args.platform,
         metrics_listen=args.metrics,
         ready_file=Path(args.ready_file) if args.ready_file else None,
+        generation_streams=args.generation_streams,
+        generation_waiting=args.generation_queue,
     )
     new_attester = attester_factory(config.platform, tpm=tpm_options(args, serve=True), tee=tee_options(args))
     attester = new_attester()

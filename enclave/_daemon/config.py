@@ -56,6 +56,13 @@ class DaemonConfig:
     max_message_bytes: int = 20 * MiB
 
     default_top_k: int = 5
+    # Language models: generations running at once (each holds a thread and its own cache), and
+    # how many more may wait for one (past that: refused, RESOURCE_EXHAUSTED); input bounds
+    # checked before the tokenizer runs.
+    generation_streams: int = 2
+    generation_waiting: int = 16
+    max_prompt_bytes: int = 1 * MiB
+    max_chat_messages: int = 256
     intra_op_threads: int = field(default_factory=_default_threads)
     inference_workers: int = 2
     # Work an unauthenticated caller can cause before any quota is spent gets pools of its own,
@@ -108,6 +115,10 @@ class DaemonConfig:
             raise ConfigError(f"max_message_bytes must be between {needed} and {1024 * MiB}")
         if not 1 <= self.default_top_k <= 1000:
             raise ConfigError("default_top_k must be between 1 and 1000")
+        if not 1 <= self.generation_streams <= 256 or not 0 <= self.generation_waiting <= 4096:
+            raise ConfigError("generation_streams must be 1 to 256, generation_waiting 0 to 4096")
+        if not 0 < self.max_prompt_bytes <= 64 * MiB or not 1 <= self.max_chat_messages <= 65536:
+            raise ConfigError("max_prompt_bytes must be 1 byte to 64 MiB, max_chat_messages 1 to 65536")
         threads = (self.intra_op_threads, self.inference_workers, self.decode_workers, self.attest_workers)
         if not all(1 <= count <= 256 for count in threads):
             raise ConfigError("thread counts must be between 1 and 256")

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import grpc
 from cryptography.hazmat.primitives import serialization
 
-from enclave._daemon.admission import BoundedPool
+from enclave._daemon.admission import BoundedPool, StreamSlots
 from enclave._daemon.config import DaemonConfig, custodian_ca_der, parse_address
 from enclave._daemon.enrolment import enrol
 from enclave._daemon.errors import (
@@ -56,6 +56,7 @@ from enclave._daemon.measured import MeasuredIdentity, attester_for
 from enclave._daemon.metrics import DaemonMetrics, MetricsServer
 from enclave._daemon.outage import Outage
 from enclave._daemon.runtime import ModelRuntime
+from enclave._daemon.text_models import LoadedTextModel, TextModelLoader, default_loader
 from enclave.attestation import Attester, MeasurementEvent, measurement
 from enclave.identity import attested_certificate, private_key_pem
 
@@ -99,8 +100,12 @@ class Daemon:
         on_ready: Callable[[Ready], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         new_attester: Callable[[], Attester] | None = None,
+        text_models: TextModelLoader | None = None,
     ) -> None:
+        """``text_models``: how language models are recognised and loaded (``enclave.llm.loader``'s
+        by default); a test gives a double here."""
         self.config = config
+        self._text_models = text_models
         self.metrics = DaemonMetrics()
         self._clock = clock
         self._new_attester = new_attester or (lambda: attester_for(attester.platform))
@@ -111,6 +116,9 @@ class Daemon:
         self._attesting = BoundedPool(
             "attest", workers=config.attest_workers, waiting=config.waiting_per_pool
         )
+        # One thread per generation running: each holds its thread only while computing a token.
+        self._generating = ThreadPoolExecutor(config.generation_streams, thread_name_prefix="generate")
+        self._slots = StreamSlots(running=config.generation_streams, waiting=config.generation_waiting)
         self._port = 0
         self._code_event: MeasurementEvent | None = None
         self._metrics_address: str | None = None
@@ -121,6 +129,9 @@ class Daemon:
         self.link: CustodianLink | None = None
         self.sessions = 0
         self.metrics.track_lease(lambda: self.lease.limit, lambda: self.lease.committed)
+        self.metrics.track_streams(
+            lambda: self._slots.active, lambda: self._slots.admitted - self._slots.active
+        )
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -129,6 +140,7 @@ class Daemon:
         """Serve until ``request_stop``; raise a ``DaemonError`` when the enclave cannot serve."""
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(self._executor.shutdown, wait=False, cancel_futures=True)
+            stack.callback(self._generating.shutdown, wait=False, cancel_futures=True)
             stack.callback(self._decoding.shutdown)
             stack.callback(self._attesting.shutdown)
             self._start_metrics(stack)
@@ -210,16 +222,12 @@ class Daemon:
 
         pushed = await link.fetch_model()
         try:
-            runtime = await asyncio.get_running_loop().run_in_executor(
-                self._executor,
-                lambda: ModelRuntime(
-                    pushed.plaintext, sha384=pushed.sha384, intra_op_threads=config.intra_op_threads
-                ),
+            await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._load_model, pushed.plaintext, pushed.sha384
             )
         finally:
             pushed.wipe()
         self.identity.measure(measurement.model_event(pushed.sha384))
-        self.service.model = runtime
         self.metrics.model_loaded.set(1)
         try:
             await link.acquire_lease()
@@ -239,6 +247,19 @@ class Daemon:
         logger.info("serving on %s as instance %s", ready.inference, ready.instance_id)
         if self._on_ready is not None:
             self._on_ready(ready)
+
+    def _load_model(self, plaintext: bytearray, sha384: bytes) -> None:
+        """Build the model from memory (blocking): a language model or a classifier."""
+        if self._text_models is None:
+            self._text_models = default_loader()
+        threads = self.config.intra_op_threads
+        if self._text_models.recognises(plaintext):
+            model = self._text_models.load(plaintext, threads)
+            logger.info("language model loaded: context of %d tokens", model.context_length)
+            self.service.text_model = LoadedTextModel(model, sha384)
+            self.lease.count_tokens()
+        else:
+            self.service.model = ModelRuntime(plaintext, sha384=sha384, intra_op_threads=threads)
 
     async def _bind(self) -> InferenceListener:
         """The inference listener; after the first session, on the port the daemon served on."""
@@ -274,6 +295,8 @@ class Daemon:
             decoding=self._decoding,
             attesting=self._attesting,
             custodian_reachable=lambda: self.link is not None and self.link.connected,
+            generating=self._generating,
+            slots=self._slots,
         )
 
     # ---------------------------------------------------------- zeroization
@@ -304,6 +327,7 @@ class Daemon:
         # not: the lease expires there, charged in full (the declared worst case).
         await self.link.close(final_report=self.link.connected, grace=ZEROIZE_REPORT_GRACE)
         self.service.model = None
+        self.service.text_model = None
         self._fresh_state()
         gc.collect()
         self.metrics.model_loaded.set(0)

@@ -16,6 +16,8 @@ _ENV = {
     "ready_file": "ENCLAVE_READY_FILE",
     "tpm": "ENCLAVE_TPM",
     "pccs": "ENCLAVE_PCCS",
+    "generation_streams": "ENCLAVE_GENERATION_STREAMS",
+    "generation_queue": "ENCLAVE_GENERATION_QUEUE",
 }
 
 

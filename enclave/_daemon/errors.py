@@ -36,6 +36,17 @@ class BusyError(DaemonError):
         super().__init__(f"enclave is busy ({work}): too many calls waiting, retry later")
 
 
+class GenerationsBusyError(DaemonError):
+    """Every generation slot is taken and the queue for them is full (``RESOURCE_EXHAUSTED``)."""
+
+    def __init__(self, running: int, waiting: int) -> None:
+        super().__init__(f"enclave is busy: {running} generations running and {waiting} waiting, retry later")
+
+
+class WrongModelKindError(InvalidInputError):
+    """A classifier call to a language model, or a generation asked of a classifier."""
+
+
 class ModelNotLoadedError(DaemonError):
     """No model is loaded (yet), so there is nothing to run."""
 

@@ -1,4 +1,6 @@
-"""The inference service: ``Infer``, ``Attest`` and ``Status`` over attested TLS.
+"""The inference service: ``Infer``, ``Generate``, ``Attest`` and ``Status`` over attested TLS.
+
+``Generate`` (a language model's, token by token) is ``enclave._daemon.generation``'s.
 
 ``Infer`` validates the input first (an invalid input costs no quota), then
 reserves one unit of the lease, runs the model in an executor, and commits the
@@ -11,30 +13,36 @@ delays the model runs of callers who pay.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from typing import Any
 
 import grpc
 
 from enclave._daemon import status
-from enclave._daemon.admission import BoundedPool
+from enclave._daemon.admission import BoundedPool, StreamSlots
 from enclave._daemon.config import DaemonConfig
 from enclave._daemon.errors import (
     BusyError,
     CustodianOfflineError,
+    GenerationsBusyError,
     InvalidInputError,
     LeaseRevokedError,
     ModelNotLoadedError,
     QuotaExhaustedError,
     SuspendedError,
+    WrongModelKindError,
 )
+from enclave._daemon.generation import Generation
 from enclave._daemon.lease import Lease
 from enclave._daemon.measured import MeasuredIdentity
 from enclave._daemon.metrics import DaemonMetrics
 from enclave._daemon.preprocess import FloatArray, InputLimits, image_to_tensor, tensor_from_wire
+from enclave._daemon.prompting import PromptLimits
 from enclave._daemon.runtime import ModelRuntime
+from enclave._daemon.text_models import LoadedTextModel
 from enclave.errors import EnclaveError
 from protos import custos_pb2, custos_pb2_grpc
 
@@ -49,6 +57,7 @@ _OUTCOMES: tuple[tuple[type[EnclaveError], str], ...] = (
     (SuspendedError, "refused_suspended"),
     (CustodianOfflineError, "refused_offline"),
     (BusyError, "refused_busy"),
+    (GenerationsBusyError, "refused_busy"),
 )
 
 
@@ -68,6 +77,8 @@ class InferenceService(custos_pb2_grpc.InferenceServicer):
         decoding: BoundedPool,
         attesting: BoundedPool,
         custodian_reachable: Callable[[], bool],
+        generating: Executor,
+        slots: StreamSlots,
     ) -> None:
         self._config = config
         self._identity = identity
@@ -82,7 +93,19 @@ class InferenceService(custos_pb2_grpc.InferenceServicer):
             max_image_pixels=config.max_image_pixels,
             max_tensor_bytes=config.max_tensor_bytes,
         )
+        self._generation = Generation(
+            lease,
+            metrics,
+            generating,
+            slots=slots,
+            preparing=decoding,
+            limits=PromptLimits(
+                max_prompt_bytes=config.max_prompt_bytes, max_messages=config.max_chat_messages
+            ),
+        )
+        # One of the two once the model is loaded: a classifier, or a language model.
         self.model: ModelRuntime | None = None
+        self.text_model: LoadedTextModel | None = None
         self.served = 0
         self.refused = 0
 
@@ -101,9 +124,32 @@ class InferenceService(custos_pb2_grpc.InferenceServicer):
         self._metrics.latency.observe(time.perf_counter() - started)
         return response
 
+    async def Generate(  # noqa: N802 -- gRPC method name
+        self, request: custos_pb2.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[custos_pb2.GenerateChunk]:
+        # Timed per token (custos_enclave_time_{to_first,per_output}_token_seconds), not per call.
+        try:
+            model = self.text_model
+            if model is None:
+                if self.model is not None:
+                    raise WrongModelKindError("this enclave serves a classifier: call Infer, not Generate")
+                raise ModelNotLoadedError()
+            # Closed here, not when collected: a stream the client left settles its lease at once.
+            async with contextlib.aclosing(self._generation.stream(model, request)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        except EnclaveError as exc:
+            self.refused += 1
+            self._metrics.count(_outcome(exc))
+            await status.abort(context, exc)
+        self.served += 1
+        self._metrics.count("served")
+
     async def _infer(self, request: custos_pb2.InferRequest) -> custos_pb2.InferResponse:
         model = self.model
         if model is None:
+            if self.text_model is not None:
+                raise WrongModelKindError("this enclave serves a language model: call Generate, not Infer")
             raise ModelNotLoadedError()
         top_k = request.top_k or self._config.default_top_k
         if top_k > MAX_TOP_K:
@@ -155,7 +201,7 @@ class InferenceService(custos_pb2_grpc.InferenceServicer):
         # Anyone who reaches the port may ask: what is served and whether it can serve now, never
         # the lease or the counts (the borrower reads those from --metrics, the custodian from its
         # ledger); lease_limit, lease_used, served and refused stay 0.
-        model = self.model
+        model = self.model or self.text_model
         return custos_pb2.StatusResponse(
             deployment=self._config.deployment,
             platform=self._identity.platform,

@@ -1,10 +1,15 @@
 """The local quota: the enclave's lease from the custodian, counted call by call.
 
 Each inference reserves one unit before it runs, commits it on success and is
-refunded on failure. ``committed + reserved`` never exceeds ``limit`` when a
-unit is reserved, and a commit is refused when the custodian took the unit
-back meanwhile (a revoke shrank the limit, or the deployment was suspended),
-so no number of concurrent calls serves more than the lease allows.
+refunded on failure. A language model's unit is a token: a generation reserves
+its prompt plus ``max_tokens`` (or what the lease can cover, at least the
+prompt and one token), and ``settle`` counts the tokens it produced and frees
+the rest; ``covers`` says, before each token is sent, whether the lease still
+backs every reservation (a revoke or a suspension stops the stream).
+``committed + reserved`` never exceeds ``limit`` when a unit is reserved,
+and a commit is refused when the custodian took the unit back meanwhile (a
+revoke shrank the limit, or the deployment was suspended), so no number of
+concurrent calls serves more than the lease allows.
 
 The lease dies without contact: every message from the custodian moves the
 offline deadline to ``now + valid_for``; past it, calls are refused.
@@ -30,6 +35,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from enclave._daemon.errors import (
     CustodianOfflineError,
@@ -37,6 +43,7 @@ from enclave._daemon.errors import (
     QuotaExhaustedError,
     SuspendedError,
 )
+from enclave.receipts import TokenCounts
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +57,14 @@ class LeaseTerms:
     valid_for: float
     suspended: bool
     deployment_balance: int
+
+
+class RetiredLease(NamedTuple):
+    """A lease the custodian replaced, with its final count (and tokens, for a language model)."""
+
+    lease_id: str
+    used: int
+    tokens: TokenCounts | None = None
 
 
 class Lease:
@@ -68,7 +83,10 @@ class Lease:
         self.topup_wanted = asyncio.Event()
         self._changed = asyncio.Event()
         # Leases the custodian replaced, with their final committed count, oldest first.
-        self.retired: list[tuple[str, int]] = []
+        self.retired: list[RetiredLease] = []
+        # A language model's units are tokens, counted apart under the current lease (None: a
+        # classifier's calls). Set by the daemon when the model it loads generates text.
+        self.tokens: TokenCounts | None = None
         self._last_contact = clock()
         self._suspended_since: float | None = None
         # How many top-up requests the custodian has answered.
@@ -109,6 +127,7 @@ class Lease:
         if closed and terms.lease_id != self.lease_id:
             logger.info("lease %s closed with %d units", self.lease_id, self.committed)
             self.lease_id, self.committed, self.limit = terms.lease_id, 0, terms.limit
+            self._restart_tokens()
         if terms.lease_id != self.lease_id:
             if self.lease_id:
                 logger.warning(
@@ -117,9 +136,10 @@ class Lease:
                     self.committed,
                     terms.lease_id or "none",
                 )
-                self.retired.append((self.lease_id, self.committed))
+                self.retired.append(RetiredLease(self.lease_id, self.committed, self.tokens))
             self.lease_id = terms.lease_id
             self.committed = 0
+            self._restart_tokens()
         if terms.limit < self.limit:
             logger.warning("lease limit lowered from %d to %d", self.limit, terms.limit)
         self.limit = terms.limit
@@ -176,6 +196,14 @@ class Lease:
         self.closed = True
         self._notify()
 
+    def count_tokens(self) -> None:
+        """The model is a language model: from now on a unit is a token, and receipts say which."""
+        self.tokens = TokenCounts()
+
+    def _restart_tokens(self) -> None:
+        if self.tokens is not None:
+            self.tokens = TokenCounts()
+
     def _set_suspended(self, suspended: bool) -> None:
         if suspended != self.suspended:
             logger.warning("deployment %s", "suspended" if suspended else "resumed")
@@ -184,26 +212,33 @@ class Lease:
 
     # ------------------------------------------------------------ per call
 
-    async def reserve(self) -> None:
-        """Take one unit, asking for a top-up and waiting up to ``topup_wait`` when none is left.
+    async def reserve(self, units: int = 1, *, at_least: int | None = None) -> int:
+        """Take ``units``, asking for a top-up and waiting up to ``topup_wait`` when they are not there.
 
-        Refused at once when the custodian answers a top-up request with nothing
-        left in the deployment's balance.
+        With ``at_least``, settle for what the lease can cover once no top-up can bring more (the
+        custodian answered from an empty balance, the lease is as large as leases get, or the
+        wait is over), as long as that is ``at_least``. Returns the units taken. Refused at once
+        when the custodian answers a top-up request with nothing left in the deployment's balance.
         """
+        minimum = units if at_least is None else at_least
+        if not 1 <= minimum <= units:
+            raise ValueError(f"cannot reserve {units} units, at least {minimum}")
         deadline: float | None = None
         answers = self._topup_answers
         asked = False
         while True:
             self._check_open()
-            if self.committed + self.reserved < self.limit:
-                self.reserved += 1
-                return
+            free = self.limit - self.committed - self.reserved
+            if free >= units:
+                return self._take(units)
             if deadline is None:
                 deadline = self._clock() + self._topup_wait
             if self._topup_answers > answers:
                 answers, asked = self._topup_answers, False
                 if self.deployment_balance == 0:
-                    raise QuotaExhaustedError()
+                    return self._take_at_least(free, minimum)
+            if not self._could_grow() and free >= minimum:
+                return self._take(free)  # the lease is as large as a top-up makes it
             if not asked and self._could_grow():
                 # Asked again after each answer, as long as a top-up can bring something; when the
                 # lease is full of calls in flight, a commit comes first (and wakes this caller).
@@ -211,15 +246,25 @@ class Lease:
                 self.topup_wanted.set()
             remaining = deadline - self._clock()
             if remaining <= 0:
-                raise QuotaExhaustedError()
+                return self._take_at_least(free, minimum)
             try:
                 async with asyncio.timeout(remaining):
                     await self._changed.wait()
             except TimeoutError:
                 self._check_open()
-                if self.committed + self.reserved < self.limit:
+                free = self.limit - self.committed - self.reserved
+                if free >= units:
                     continue
-                raise QuotaExhaustedError() from None
+                return self._take_at_least(free, minimum)
+
+    def _take(self, units: int) -> int:
+        self.reserved += units
+        return units
+
+    def _take_at_least(self, free: int, minimum: int) -> int:
+        if free < minimum:
+            raise QuotaExhaustedError()
+        return self._take(free)
 
     def commit(self) -> None:
         """The call served: its reserved unit becomes used, unless it was taken back meanwhile."""
@@ -232,14 +277,38 @@ class Lease:
         if not self._topup_in_flight and self._running_low():
             self.topup_wanted.set()
 
-    def refund(self) -> None:
-        """The call failed: its reserved unit is free again."""
-        self._release()
+    def refund(self, units: int = 1) -> None:
+        """The call failed: its reserved units are free again."""
+        self._release(units)
 
-    def _release(self) -> None:
-        if self.reserved <= 0:
+    def covers(self) -> bool:
+        """Whether the lease still backs every reservation: open, not suspended, not cut below them."""
+        return (
+            not self.closed
+            and not self.suspended
+            and not self.offline
+            and self.committed + self.reserved <= self.limit
+        )
+
+    def settle(self, reserved: int, tokens: TokenCounts) -> None:
+        """A generation ends: the tokens it produced count, the rest of its ``reserved`` is free again.
+
+        The tokens were sent while ``covers`` held, so they count even when the custodian cut
+        the lease since: every token an end user received is paid for.
+        """
+        if tokens.total > reserved:
+            raise RuntimeError(f"lease: {tokens.total} tokens settled against {reserved} reserved")
+        self._release(reserved)
+        self.committed += tokens.total
+        if self.tokens is not None:
+            self.tokens += tokens
+        if not self._topup_in_flight and self._running_low():
+            self.topup_wanted.set()
+
+    def _release(self, units: int = 1) -> None:
+        if self.reserved < units:
             raise RuntimeError("lease: commit or refund without a reservation")
-        self.reserved -= 1
+        self.reserved -= units
         self._notify()
 
     def _check_open(self) -> None:

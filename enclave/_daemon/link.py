@@ -42,7 +42,7 @@ from enclave._daemon.measured import MeasuredIdentity
 from enclave._daemon.metrics import DaemonMetrics
 from enclave._daemon.model_push import PushedModel, receive_model
 from enclave._daemon.outage import Outage
-from enclave.receipts import GENESIS, Receipt, sign_receipt
+from enclave.receipts import GENESIS, Receipt, TokenCounts, sign_receipt
 from protos import custos_pb2, custos_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -231,22 +231,22 @@ class CustodianLink:
     def _next_report(self, final: bool) -> tuple[custos_pb2.UsageReport, Receipt] | None:
         """The next report due: a replaced lease's final count first, then the current lease."""
         while self.lease.retired:
-            lease_id, used = self.lease.retired[0]
+            lease_id, used, tokens = self.lease.retired[0]
             if used > self._acked.get(lease_id, 0):
-                return self._build(lease_id, used, want_more=False, final=False)
+                return self._build(lease_id, used, tokens, want_more=False, final=False)
             self.lease.retired.pop(0)
             self._acked.pop(lease_id, None)
-        lease_id, used = self.lease.lease_id, self.lease.committed
+        lease_id, used, tokens = self.lease.lease_id, self.lease.committed, self.lease.tokens
         want_more = self.lease.topup_wanted.is_set() and not final
         if not lease_id or (used == self._acked.get(lease_id, 0) and not want_more and not final):
             return None
         self.lease.topup_wanted.clear()
         if want_more:
             self.lease.topup_requested()
-        return self._build(lease_id, used, want_more=want_more, final=final)
+        return self._build(lease_id, used, tokens, want_more=want_more, final=final)
 
     def _build(
-        self, lease_id: str, used: int, *, want_more: bool, final: bool
+        self, lease_id: str, used: int, tokens: TokenCounts | None, *, want_more: bool, final: bool
     ) -> tuple[custos_pb2.UsageReport, Receipt]:
         receipt = Receipt(
             deployment=self._config.deployment,
@@ -256,6 +256,7 @@ class CustodianLink:
             used=used,
             seq=self.receipt_seq + 1,
             prev=self._receipt_head,
+            tokens=tokens,
         )
         signed = sign_receipt(receipt, self._identity.key)
         report = custos_pb2.UsageReport(
@@ -265,6 +266,8 @@ class CustodianLink:
             want_more=want_more,
             final=final,
             receipt=custos_pb2.Receipt(body=signed.body, signature=signed.signature),
+            prompt_tokens=tokens.prompt if tokens else 0,
+            completion_tokens=tokens.completion if tokens else 0,
         )
         return report, receipt
 

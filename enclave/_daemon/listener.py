@@ -15,10 +15,11 @@ never shown to anyone.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, cast
 
 import grpc
@@ -45,6 +46,12 @@ class _Current(custos_pb2_grpc.InferenceServicer):
 
     async def Infer(self, request: Any, context: Any) -> Any:  # noqa: N802 -- gRPC method name
         return await self._target().Infer(request, context)  # type: ignore[misc]
+
+    async def Generate(self, request: Any, context: Any) -> AsyncIterator[Any]:  # noqa: N802 -- gRPC method name
+        chunks = cast(AsyncGenerator[Any, None], self._target().Generate(request, context))
+        async with contextlib.aclosing(chunks) as stream:
+            async for chunk in stream:
+                yield chunk
 
     async def Attest(self, request: Any, context: Any) -> Any:  # noqa: N802 -- gRPC method name
         return await self._target().Attest(request, context)  # type: ignore[misc]

@@ -18,6 +18,8 @@ OUTCOMES = (
     "error",
 )
 ZEROIZE_REASONS = ("suspended", "offline")
+FINISH_REASONS = ("stop", "length", "quota", "cancelled")
+_TOKEN_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
@@ -65,11 +67,52 @@ class DaemonMetrics:
         self.model_loaded = Gauge(
             "custos_enclave_model_loaded", "1 once the model is loaded.", registry=self.registry
         )
+        self.tokens = Counter(
+            "custos_enclave_tokens",
+            "Language model tokens charged, by kind (prompt, completion).",
+            ["kind"],
+            registry=self.registry,
+        )
+        for kind in ("prompt", "completion"):
+            self.tokens.labels(kind=kind)
+        self.generations = Counter(
+            "custos_enclave_generations",
+            "Generations that ran, by finish reason (stop, length, quota, cancelled).",
+            ["finish_reason"],
+            registry=self.registry,
+        )
+        for reason in FINISH_REASONS:
+            self.generations.labels(finish_reason=reason)
+        self.time_to_first_token = Histogram(
+            "custos_enclave_time_to_first_token_seconds",
+            "From a generation's arrival to its first token (queue, quota, prompt).",
+            buckets=_TOKEN_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.time_per_output_token = Histogram(
+            "custos_enclave_time_per_output_token_seconds",
+            "A generation's mean time per token after the first.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.active_streams = Gauge(
+            "custos_enclave_active_streams",
+            "Generations running now (not those queued).",
+            registry=self.registry,
+        )
+        self.queued_streams = Gauge(
+            "custos_enclave_queued_streams", "Generations waiting for a slot.", registry=self.registry
+        )
 
     def track_lease(self, limit: Callable[[], float], used: Callable[[], float]) -> None:
         """Read the lease gauges from the lease itself at scrape time."""
         self.lease_limit.set_function(limit)
         self.lease_used.set_function(used)
+
+    def track_streams(self, active: Callable[[], float], queued: Callable[[], float]) -> None:
+        """Read the stream gauges from the generation slots at scrape time."""
+        self.active_streams.set_function(active)
+        self.queued_streams.set_function(queued)
 
     def count(self, outcome: str) -> None:
         self.inferences.labels(outcome=outcome).inc()

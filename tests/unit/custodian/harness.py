@@ -22,6 +22,7 @@ from custodian.metrics import CustodianMetrics
 from custodian.model_check import ModelInput
 from custodian.model_store import ModelStore
 from custodian.roster import Roster
+from enclave.receipts import TokenCounts
 from tests.unit.custodian.fake_enclave import FakeEnclave, sim_manifest
 
 
@@ -119,6 +120,7 @@ class Custody:
             want_more=want_more,
             final=final,
             receipt=signed,
+            tokens=receipt.tokens or TokenCounts(),
         )
         view = await self.leases.report(await self.caller(enclave.instance_id), claim)
         enclave.accepted(receipt)

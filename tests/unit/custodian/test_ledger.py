@@ -241,7 +241,9 @@ def test_an_older_ledger_migrates_forward_and_keeps_its_records(tmp_path: Path) 
         with contextlib.closing(sqlite3.connect(tmp_path / "l.db")) as db:
             db.executescript(
                 "DROP INDEX instances_by_deployment; DROP INDEX leases_by_instance;"
-                " ALTER TABLE models DROP COLUMN inputs;"
+                " ALTER TABLE models DROP COLUMN inputs; ALTER TABLE models DROP COLUMN kind;"
+                " ALTER TABLE leases DROP COLUMN prompt_tokens;"
+                " ALTER TABLE leases DROP COLUMN completion_tokens;"
                 " DROP TABLE spent_challenges; CREATE TABLE challenges (nonce BLOB PRIMARY KEY,"
                 " deployment TEXT NOT NULL, expires_at REAL NOT NULL); PRAGMA user_version = 2;"
             )
@@ -256,7 +258,10 @@ def test_an_older_ledger_migrates_forward_and_keeps_its_records(tmp_path: Path) 
             assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
             indexes = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
             assert {"instances_by_deployment", "leases_by_instance", "spent_challenges_by_expiry"} <= indexes
-            assert "inputs" in {row[1] for row in db.execute("PRAGMA table_info(models)")}
+            assert {"inputs", "kind"} <= {row[1] for row in db.execute("PRAGMA table_info(models)")}
+            lease_columns = {row[1] for row in db.execute("PRAGMA table_info(leases)")}
+            assert {"prompt_tokens", "completion_tokens"} <= lease_columns
+            assert db.execute("SELECT DISTINCT kind FROM models").fetchall() in ([], [("classifier",)])
             tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             assert "challenges" not in tables
 

@@ -83,6 +83,10 @@ def test_flags_with_a_built_in_default_take_their_environment_value(
     assert ReferenceValues.from_toml(out.read_text()).platform == "sim"
 
 
+SERVE_MINIMAL = ["serve", "--custodian", "h:1", "--custodian-ca", "c", "--deployment", "d",
+                 "--listen", "h:0", "--token", "t", "--platform", "sim"]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -109,6 +113,9 @@ def test_flags_with_a_built_in_default_take_their_environment_value(
             ],
             id="serve-without-platform",
         ),
+        pytest.param([*SERVE_MINIMAL, "--generation-streams", "0"], id="no-generation-streams"),
+        pytest.param([*SERVE_MINIMAL, "--generation-streams", "two"], id="generation-streams-not-a-number"),
+        pytest.param([*SERVE_MINIMAL, "--generation-queue", "5000"], id="generation-queue-too-long"),
     ],
 )
 def test_argument_misuse_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:

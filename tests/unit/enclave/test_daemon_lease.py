@@ -15,6 +15,7 @@ from enclave._daemon.errors import (
     SuspendedError,
 )
 from enclave._daemon.lease import Lease, LeaseTerms
+from enclave.receipts import TokenCounts
 
 
 class FakeClock:
@@ -203,7 +204,7 @@ def test_a_new_lease_starts_its_own_count() -> None:
     lease.apply(terms(4, lease_id="L2"))
     assert (lease.lease_id, lease.committed, lease.limit, lease.deployment_balance) == ("L2", 0, 4, 7)
     # The replaced lease's count waits for the usage reporter; nothing served is dropped.
-    assert lease.retired == [("L1", 1)]
+    assert lease.retired == [("L1", 1, None)]
 
 
 def test_a_top_up_answered_from_an_empty_balance_refuses_at_once() -> None:
@@ -292,5 +293,41 @@ def test_no_early_top_up_when_the_balance_is_empty_or_the_lease_full() -> None:
         for _ in range(3):
             await full.reserve()  # in flight, not committed: a top-up cannot add to a full lease
         assert not full.topup_wanted.is_set()
+
+    asyncio.run(run())
+
+
+def test_a_generation_reserves_many_units_or_what_the_lease_can_cover() -> None:
+    async def run() -> None:
+        lease, _ = new_lease(10)
+        lease.count_tokens()
+        assert await lease.reserve(6) == 6
+        # 4 left; no top-up can come (answered: empty balance), so it takes what is there.
+        lease.deployment_balance = 0
+        lease.topup_answered()
+        assert await lease.reserve(8, at_least=3) == 4
+        with pytest.raises(QuotaExhaustedError):
+            await lease.reserve(2, at_least=1)
+        lease.settle(6, TokenCounts(prompt=3, completion=2))
+        lease.settle(4, TokenCounts(prompt=3, completion=0))
+        assert (lease.committed, lease.reserved, lease.tokens) == (8, 0, TokenCounts(6, 2))
+        with pytest.raises(QuotaExhaustedError):
+            await lease.reserve(5, at_least=3)  # 2 left, fewer than the prompt and one token
+        assert lease.reserved == 0
+
+    asyncio.run(run())
+
+
+def test_a_cut_lease_no_longer_covers_the_streams_in_flight() -> None:
+    async def run() -> None:
+        lease, _ = new_lease(10)
+        await lease.reserve(8)
+        assert lease.covers()
+        lease.apply(terms(5))  # a revoke reached the enclave
+        assert not lease.covers()
+        lease.settle(8, TokenCounts(prompt=4, completion=2))  # what was sent while covered counts
+        assert (lease.committed, lease.reserved) == (6, 0)
+        lease.heartbeat(30, True)
+        assert not lease.covers()
 
     asyncio.run(run())

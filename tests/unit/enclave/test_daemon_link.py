@@ -308,7 +308,7 @@ def test_a_replaced_lease_reports_its_last_units_before_the_new_one() -> None:
         lease.commit()  # served after the last report, before the custodian's new lease arrives
         await link.acquire_lease()
         assert lease.lease_id != first
-        assert lease.retired == [(first, 3)]
+        assert lease.retired == [(first, 3, None)]
         assert await link.report()
         await lease.reserve()
         lease.commit()

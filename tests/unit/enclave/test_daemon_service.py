@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from enclave._daemon.admission import BoundedPool
+from enclave._daemon.admission import BoundedPool, StreamSlots
 from enclave._daemon.daemon import Daemon, Ready
 from enclave._daemon.errors import ModelRefusedError
 from enclave._daemon.inference import InferenceService
@@ -305,6 +305,8 @@ def test_inference_without_a_model_is_a_failed_precondition() -> None:
                 decoding=BoundedPool("decode", workers=1, waiting=0),
                 attesting=BoundedPool("attest", workers=1, waiting=0),
                 custodian_reachable=lambda: False,
+                generating=executor,
+                slots=StreamSlots(running=1, waiting=0),
             )
             server = grpc.aio.server()
             custos_pb2_grpc.add_InferenceServicer_to_server(service, server)
@@ -315,6 +317,9 @@ def test_inference_without_a_model_is_a_failed_precondition() -> None:
                     stub = custos_pb2_grpc.InferenceStub(channel)
                     with expect_code(grpc.StatusCode.FAILED_PRECONDITION, "no model is loaded"):
                         await stub.Infer(custos_pb2.InferRequest(image=png()))
+                    with expect_code(grpc.StatusCode.FAILED_PRECONDITION, "no model is loaded"):
+                        async for _ in stub.Generate(custos_pb2.GenerateRequest(prompt=b"hi")):
+                            pass
                     status = await stub.Status(custos_pb2.StatusRequest())
                     assert not status.model_loaded
             finally:

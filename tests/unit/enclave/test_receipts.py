@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -10,7 +11,15 @@ from hypothesis import strategies as st
 
 from enclave.errors import ReceiptError
 from enclave.identity import generate_identity_key, public_key_der
-from enclave.receipts import GENESIS, Receipt, check_successor, parse_receipt, sign_receipt, verify_receipt
+from enclave.receipts import (
+    GENESIS,
+    Receipt,
+    TokenCounts,
+    check_successor,
+    parse_receipt,
+    sign_receipt,
+    verify_receipt,
+)
 
 RECEIPT = Receipt(
     deployment="acme",
@@ -97,3 +106,32 @@ def test_the_chain_names_replays_gaps_and_broken_links() -> None:
         with pytest.raises(ReceiptError) as refused:
             check_successor(receipt, last_seq=last_seq, last_digest=last_digest)
         assert refused.value.reason == reason
+
+
+TOKEN_RECEIPT = replace(RECEIPT, tokens=TokenCounts(prompt=30, completion=12))
+# A language model's receipt: the same fields, plus its tokens (docs/protocol.md, Usage receipts).
+TOKEN_BODY = BODY.replace(b'"deployment":', b'"completion_tokens":12,"deployment":').replace(
+    b'"seq":7,', b'"prompt_tokens":30,"seq":7,'
+)
+
+
+def test_a_language_models_receipt_carries_its_prompt_and_completion_tokens() -> None:
+    assert TOKEN_RECEIPT.body() == TOKEN_BODY
+    assert parse_receipt(TOKEN_BODY) == TOKEN_RECEIPT
+    signed = sign_receipt(TOKEN_RECEIPT, KEY)
+    assert verify_receipt(signed.body, signed.signature, public_key_der(KEY)).tokens == TokenCounts(30, 12)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        TOKEN_BODY.replace(b'"prompt_tokens":30,', b""),
+        TOKEN_BODY.replace(b'"prompt_tokens":30', b'"prompt_tokens":31'),
+        TOKEN_BODY.replace(b'"completion_tokens":12', b'"completion_tokens":-12'),
+    ],
+    ids=["only-one-count", "counts-do-not-add-up", "negative"],
+)
+def test_token_counts_that_do_not_add_up_are_refused(body: bytes) -> None:
+    with pytest.raises(ReceiptError) as refused:
+        parse_receipt(body)
+    assert refused.value.reason == "format"
