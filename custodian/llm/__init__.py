@@ -1,0 +1,1 @@
+"""Language models at ``model add``: GGUF files read and converted to an ONNX decoder plus tokenizer."""
