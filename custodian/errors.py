@@ -49,3 +49,7 @@ class LedgerError(CustodianError):
 
 class ConsoleError(CustodianError):
     """The console could not reach the custodian, or the custodian refused the command."""
+
+
+class ModelFormatError(CustodianError):
+    """A model file is unreadable, or of an architecture, type or tokenizer Custos does not convert."""

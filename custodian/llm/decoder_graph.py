@@ -25,8 +25,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from enclave.llm.bundle import WEIGHTS_FILE
+
 OPSET = 17
-WEIGHTS_FILE = "weights.bin"
 _ALIGN = 64
 # Added to the scores of masked positions: far below any real score, far from float32's overflow.
 _MASKED = -1e30
@@ -57,15 +58,22 @@ WeightSource = Callable[[str], np.ndarray]
 
 
 class ExternalWeights:
-    """The weights file the graph's external initializers point into, built in memory."""
+    """The weights file the graph's external initializers point into, appended to ``data`` in memory.
 
-    def __init__(self) -> None:
-        self.data = bytearray()
+    Offsets count from where ``data`` ended when this was made (a bundle's weights section).
+    """
+
+    def __init__(self, data: bytearray | None = None) -> None:
+        self.data = bytearray() if data is None else data
+        self.start = len(self.data)
+
+    def view(self) -> memoryview:
+        return memoryview(self.data)[self.start :]
 
     def add(self, name: str, values: np.ndarray) -> TensorProto:
         values = np.ascontiguousarray(values, dtype=np.float32)
-        self.data.extend(b"\0" * (-len(self.data) % _ALIGN))
-        offset = len(self.data)
+        self.data.extend(b"\0" * (-(len(self.data) - self.start) % _ALIGN))
+        offset = len(self.data) - self.start
         self.data.extend(values.tobytes())
         tensor = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=values.shape)
         tensor.data_location = TensorProto.EXTERNAL

@@ -25,11 +25,22 @@ def interleave_rotary(rows: np.ndarray, heads: int) -> np.ndarray:
     return rows.reshape(heads, 2, out // heads // 2, -1).swapaxes(1, 2).reshape(rows.shape)
 
 
-def write_gguf(path: Path, shape: TinyShape = SHAPE) -> None:
+def write_gguf(
+    path: Path,
+    shape: TinyShape = SHAPE,
+    *,
+    architecture: str = "llama",
+    tokenizer_model: str = "gpt2",
+    pre: str = "gpt2",
+    leave_out: str = "",
+    types: dict[str, str] | None = None,
+) -> None:
+    """The tiny Llama; the keyword arguments make the broken variants the refusal tests need."""
     tokenizer = train_tokenizer(shape.vocab)
     tokens, merges = vocabulary(tokenizer)
     assert len(tokens) == shape.vocab, len(tokens)
-    writer = gguf.GGUFWriter(path, "llama")
+    storage = STORAGE | (types or {})
+    writer = gguf.GGUFWriter(path, architecture)
     writer.add_name("custos tiny llama")
     writer.add_block_count(shape.layers)
     writer.add_context_length(shape.context)
@@ -41,8 +52,8 @@ def write_gguf(path: Path, shape: TinyShape = SHAPE) -> None:
     writer.add_layer_norm_rms_eps(shape.rms_eps)
     writer.add_rope_dimension_count(shape.head_dim)
     writer.add_vocab_size(shape.vocab)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt2")
+    writer.add_tokenizer_model(tokenizer_model)
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types([3 if i < 3 else 1 for i in range(len(tokens))])  # 3: control, 1: normal
     writer.add_token_merges(merges)
@@ -51,9 +62,13 @@ def write_gguf(path: Path, shape: TinyShape = SHAPE) -> None:
     writer.add_add_bos_token(False)
     writer.add_chat_template(CHAT_TEMPLATE)
     for name, (_, stored) in tiny_tensors(shape).items():
+        if name == leave_out:
+            continue
         if name.endswith(("attn_q", "attn_k")):
             stored = interleave_rotary(stored, shape.heads if name.endswith("attn_q") else shape.kv_heads)
-        kind = gguf.GGMLQuantizationType[STORAGE.get(name, "F32")]
+        kind = gguf.GGMLQuantizationType[storage.get(name, "F32")]
+        if kind == gguf.GGMLQuantizationType.I8:  # a type no Llama uses, for the refusal test
+            stored = stored.astype(np.int8)
         raw = kind not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
         writer.add_tensor(f"{name}.weight", np.ascontiguousarray(stored), raw_dtype=kind if raw else None)
     writer.write_header_to_file()

@@ -43,13 +43,13 @@ def logits(weights: dict[str, np.ndarray], shape: TinyShape, tokens: list[int]) 
 
 
 def greedy(
-    weights: dict[str, np.ndarray], shape: TinyShape, prompt: list[int], max_tokens: int, eos: int
+    weights: dict[str, np.ndarray], shape: TinyShape, prompt: list[int], max_tokens: int, eos: set[int]
 ) -> list[int]:
-    """Greedy completion: up to ``max_tokens`` ids, stopping before ``eos``."""
+    """Greedy completion: up to ``max_tokens`` ids, stopping before any of ``eos``."""
     tokens, produced = list(prompt), []
     for _ in range(max_tokens):
         token = int(np.argmax(logits(weights, shape, tokens)))
-        if token == eos:
+        if token in eos:
             break
         tokens.append(token)
         produced.append(token)
