@@ -30,8 +30,8 @@ def load_text_model(payload: bytearray, *, intra_op_threads: int) -> TextModel:
     try:
         try:
             parts = bundle.read_bundle(payload)
-            codec = TextCodec(parts.tokenizer.tobytes().decode(), parts.info)
-        except (FormatError, UnicodeDecodeError) as exc:
+            codec = TextCodec(parts.tokenizer.tobytes(), parts.info)
+        except FormatError as exc:
             raise ModelRefusedError(f"language model bundle: {exc}") from None
         session = decoder_session(parts.graph.tobytes(), parts.weights, intra_op_threads=intra_op_threads)
         model = OnnxTextModel(session, parts.info, codec)

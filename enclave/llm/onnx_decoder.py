@@ -92,7 +92,8 @@ class OnnxTextModel:
             raise ValueError(
                 f"the prompt's {len(tokens)} tokens fill the model's context of {self.context_length}"
             )
-        return self._generate(tokens, params.max_tokens, sampler)
+        # Prompt and completion together fit the context: a token past it could never be fed back.
+        return self._generate(tokens, min(params.max_tokens, self.context_length - len(tokens)), sampler)
 
     def _generate(self, tokens: list[int], max_tokens: int, sampler: Sampler) -> Iterator[int]:
         info = self._info
@@ -100,8 +101,6 @@ class OnnxTextModel:
         cache = [empty] * len(self._cache_names)
         position = 0
         for _ in range(max_tokens):
-            if position + len(tokens) > self.context_length:
-                return
             feeds: dict[str, np.ndarray] = dict(zip(self._cache_names, cache, strict=True))
             feeds["input_ids"] = np.array([tokens], dtype=np.int64)
             feeds["position_ids"] = np.arange(position, position + len(tokens), dtype=np.int64)[None, :]

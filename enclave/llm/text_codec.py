@@ -59,13 +59,14 @@ class ByteDecoder:
 
 
 class TextCodec:
-    def __init__(self, tokenizer_json: str, info: TextModelInfo) -> None:
+    def __init__(self, tokenizer_json: bytes, info: TextModelInfo) -> None:
         try:
-            self._tokenizer = Tokenizer.from_str(tokenizer_json)
-            document = json.loads(tokenizer_json)
+            text = tokenizer_json.decode()
+            self._tokenizer = Tokenizer.from_str(text)
+            document = json.loads(text)
             vocab: dict[str, int] = document["model"]["vocab"]
             control = {t["id"] for t in document.get("added_tokens", ()) if t.get("special")}
-        except (ValueError, KeyError, TypeError, Exception) as exc:  # tokenizers raises a bare Exception
+        except Exception as exc:  # tokenizers raises a bare Exception; json and decode ValueError
             raise FormatError(f"tokenizer does not load: {exc}") from None
         self._info = info
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
