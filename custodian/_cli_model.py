@@ -47,6 +47,12 @@ def add_model_commands(commands: Any, common: argparse.ArgumentParser) -> None:
         help="model name, 1-64 letters, digits, '.', '_' or '-'"
         " (default: the file name without its extension)",
     )
+    add.add_argument(
+        "--keep-gguf-blocks",
+        action="store_true",
+        help="a GGUF's Q4_0, Q4_1 and Q8_0 matrices stay in their blocks (MatMulNBits): a bundle about the"
+        " GGUF's size instead of float32's, decoding slower on CPU (default: float32)",
+    )
     add.set_defaults(run=_model_add)
     model.add_parser(
         "list", parents=[common], help="list the models: kind (classifier or language) and input"
@@ -57,11 +63,13 @@ def _model_add(args: argparse.Namespace) -> None:
     path: Path = args.file
     name = args.name or path.stem
     if _is_gguf(path):
-        bundle = _convert(path, quiet=args.json)
+        bundle = _convert(path, keep_blocks=args.keep_gguf_blocks, quiet=args.json)
         with console_for(args) as console:
             info = plain(console.add_model_data(name, bundle))
         loads = "loads, generates"
     else:
+        if args.keep_gguf_blocks:
+            raise ConsoleError(f"--keep-gguf-blocks is for a GGUF file, and {path} is not one")
         with console_for(args) as console:
             info = plain(console.add_model(name, path))
         loads = "loads"
@@ -92,7 +100,7 @@ def _is_gguf(path: Path) -> bool:
         raise ConsoleError(f"cannot read {path}: {exc.strerror}") from None
 
 
-def _convert(path: Path, *, quiet: bool) -> bytearray:
+def _convert(path: Path, *, keep_blocks: bool, quiet: bool) -> bytearray:
     started = time.monotonic()
     say: Callable[[str], None] = (lambda _: None) if quiet else _progress_line
     say(f"converting {path.name} to an ONNX decoder: reading")

@@ -2,14 +2,15 @@
 
 The GGUF's weights are dequantised one tensor at a time into float32 external initializers of an
 ONNX decoder (``decoder_graph``), appended straight into the bundle's buffer; the tokenizer and
-chat template come from its ``tokenizer.*`` metadata. Float32 is kept on purpose: onnxruntime's CPU
-kernels run it fastest and the ONNX output matches the reference exactly (see docs/llm.md for the
-measurements and the trade-off against 4-bit ``MatMulNBits``).
+chat template come from its ``tokenizer.*`` metadata. Float32 is the default on purpose: on CPU,
+onnxruntime's float32 ``MatMul`` decodes several times faster than ``MatMulNBits`` with the float
+zero points that GGUF's Q4_1 needs to stay exact (docs/llm.md has the measurements).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from custodian.llm.decoder_graph import ExternalWeights, build_decoder
@@ -21,13 +22,18 @@ from enclave.llm.bundle import BundleWriter, TextModelInfo
 Progress = Callable[[int, int], None]
 
 
-def convert_gguf(path: Path, *, progress: Progress | None = None) -> bytearray:
-    """The bundle's bytes; ``ModelFormatError`` naming what Custos cannot convert."""
+def convert_gguf(path: Path, *, keep_blocks: bool = False, progress: Progress | None = None) -> bytearray:
+    """The bundle's bytes; ``ModelFormatError`` naming what Custos cannot convert.
+
+    ``keep_blocks``: matrices stored as Q4_0, Q4_1 or Q8_0 stay in their blocks (``MatMulNBits``):
+    a bundle about the GGUF's size instead of float32's, decoding slower on CPU (docs/llm.md).
+    """
     model = GgufModel(path)
     tokenizer = tokenizer_of(model)
     shape = model.text.shape
     writer = BundleWriter()
-    graph = build_decoder(shape, model.weight, ExternalWeights(writer.data), progress=progress)
+    source = partial(model.weight, keep_blocks=keep_blocks)
+    graph = build_decoder(shape, source, ExternalWeights(writer.data), progress=progress)
     writer.add("graph", graph.SerializeToString())
     writer.add("tokenizer", tokenizer.json.encode())
     info = TextModelInfo(

@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from custodian.llm.block_quant import BLOCK, BlockQuantized
 from enclave.llm.bundle import WEIGHTS_FILE
 
 OPSET = 17
@@ -53,8 +54,10 @@ class DecoderShape:
             raise ValueError(f"{self.heads} query heads cannot share {self.kv_heads} key/value heads")
 
 
-# Weight name (GGUF's, without ``.weight``) to its values, [out, in] as ``nn.Linear`` keeps them.
-WeightSource = Callable[[str], np.ndarray]
+# Weight name (GGUF's, without ``.weight``) to its values, [out, in] as ``nn.Linear`` keeps them;
+# a matrix may come block-quantised (it then runs as ``MatMulNBits``), any other weight as floats.
+WeightSource = Callable[[str], "np.ndarray | BlockQuantized"]
+_TYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.uint8): TensorProto.UINT8}
 
 
 class ExternalWeights:
@@ -71,11 +74,11 @@ class ExternalWeights:
         return memoryview(self.data)[self.start :]
 
     def add(self, name: str, values: np.ndarray) -> TensorProto:
-        values = np.ascontiguousarray(values, dtype=np.float32)
+        values = np.ascontiguousarray(values if values.dtype == np.uint8 else values.astype(np.float32))
         self.data.extend(b"\0" * (-(len(self.data) - self.start) % _ALIGN))
         offset = len(self.data) - self.start
         self.data.extend(values.tobytes())
-        tensor = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=values.shape)
+        tensor = TensorProto(name=name, data_type=_TYPES[values.dtype], dims=values.shape)
         tensor.data_location = TensorProto.EXTERNAL
         for key, value in (("location", WEIGHTS_FILE), ("offset", offset), ("length", values.nbytes)):
             tensor.external_data.add(key=key, value=str(value))
@@ -95,7 +98,7 @@ def build_decoder(
     g.input("input_ids", TensorProto.INT64, batch_seq)
     g.input("position_ids", TensorProto.INT64, batch_seq)
     g.input("attention_mask", TensorProto.INT64, ["batch", "total"])
-    embedding = g.weight("token_embd", source("token_embd"))
+    embedding = g.weight("token_embd", _floats(source("token_embd")))
     x = g.op("Gather", embedding, "input_ids")
     cos, sin = _rotary(g, shape, source)
     bias = _attention_bias(g)
@@ -104,12 +107,18 @@ def build_decoder(
         if progress is not None:
             progress(layer + 1, shape.layers)
     last = g.op("Gather", x, g.const(np.array(-1, dtype=np.int64)), axis=1)
-    last = _rms_norm(g, last, g.weight("output_norm", source("output_norm")), shape.rms_eps)
-    projection = embedding if shape.tied_embeddings else g.weight("output", source("output"))
-    g.output(g.op("Gemm", last, projection, transB=1, name_out="logits"), ["batch", shape.vocab])
+    last = _rms_norm(g, last, g.weight("output_norm", _floats(source("output_norm"))), shape.rms_eps)
+    output = None if shape.tied_embeddings else source("output")
+    if isinstance(output, BlockQuantized):
+        logits = _block_matmul(g, last, "output", output, name_out="logits")
+    else:
+        projection = embedding if output is None else g.weight("output", output)
+        logits = g.op("Gemm", last, projection, transB=1, name_out="logits")
+    g.output(logits, ["batch", shape.vocab])
     g.outputs.insert(0, g.outputs.pop())  # logits first, then present.N.key/value in layer order
     graph = helper.make_graph(g.nodes, "custos-decoder", g.inputs, g.outputs, g.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="custos")
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="custos")
     model.ir_version = 8
     return model
 
@@ -118,15 +127,20 @@ def _layer(
     g: _Graph, s: DecoderShape, source: WeightSource, i: int, x: str, cos: str, sin: str, bias: str
 ) -> str:
     def linear(value: str, name: str) -> str:
-        out = g.op("MatMul", value, g.weight(f"blk.{i}.{name}", source(f"blk.{i}.{name}").T))
-        return (
-            g.op("Add", out, g.weight(f"blk.{i}.{name}.bias", source(f"blk.{i}.{name}.bias")))
-            if (s.qkv_bias and name in ("attn_q", "attn_k", "attn_v"))
-            else out
-        )
+        weight = source(f"blk.{i}.{name}")
+        if isinstance(weight, BlockQuantized):
+            out = _block_matmul(g, value, f"blk.{i}.{name}", weight)
+        else:
+            out = g.op("MatMul", value, g.weight(f"blk.{i}.{name}", weight.T))
+        if s.qkv_bias and name in ("attn_q", "attn_k", "attn_v"):
+            return g.op("Add", out, g.weight(f"blk.{i}.{name}.bias", _floats(source(f"blk.{i}.{name}.bias"))))
+        return out
+
+    def norm(value: str, name: str) -> str:
+        return _rms_norm(g, value, g.weight(f"blk.{i}.{name}", _floats(source(f"blk.{i}.{name}"))), s.rms_eps)
 
     group = s.heads // s.kv_heads
-    h = _rms_norm(g, x, g.weight(f"blk.{i}.attn_norm", source(f"blk.{i}.attn_norm")), s.rms_eps)
+    h = norm(x, "attn_norm")
     q = g.op("Reshape", linear(h, "attn_q"), g.ints(0, 0, s.kv_heads, group, s.head_dim))
     q = g.op("Transpose", q, perm=[0, 2, 3, 1, 4])  # [batch, kv_heads, group, seq, head_dim]
     q = _rotate(g, q, g.op("Unsqueeze", cos, g.ints(1)), g.op("Unsqueeze", sin, g.ints(1)))
@@ -150,7 +164,7 @@ def _layer(
     attended = g.op("Transpose", attended, perm=[0, 3, 1, 2, 4])  # [batch, seq, kv_heads, group, head_dim]
     attended = g.op("Reshape", attended, g.ints(0, 0, s.heads * s.head_dim))
     x = g.op("Add", x, linear(attended, "attn_output"))
-    h = _rms_norm(g, x, g.weight(f"blk.{i}.ffn_norm", source(f"blk.{i}.ffn_norm")), s.rms_eps)
+    h = norm(x, "ffn_norm")
     gate = linear(h, "ffn_gate")
     swiglu = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), linear(h, "ffn_up"))
     return g.op("Add", x, linear(swiglu, "ffn_down"))
@@ -160,7 +174,7 @@ def _rotary(g: _Graph, s: DecoderShape, source: WeightSource) -> tuple[str, str]
     """cos and sin [batch, 1, seq, head_dim] for the positions in ``position_ids``."""
     inv_freq = 1.0 / s.rope_theta ** (np.arange(0, s.head_dim, 2, dtype=np.float64) / s.head_dim)
     if s.rope_factors:
-        inv_freq = inv_freq / source("rope_freqs").astype(np.float64)
+        inv_freq = inv_freq / _floats(source("rope_freqs")).astype(np.float64)
     positions = g.op("Unsqueeze", g.op("Cast", "position_ids", to=TensorProto.FLOAT), g.ints(-1))
     angles = g.op("Mul", positions, g.const(inv_freq.astype(np.float32)))
     angles = g.op("Unsqueeze", g.op("Concat", angles, angles, axis=-1), g.ints(1))
@@ -187,6 +201,23 @@ def _attention_bias(g: _Graph) -> str:
     return g.op("Where", allowed, zero, masked)
 
 
+def _block_matmul(
+    g: _Graph, value: str, name: str, weight: BlockQuantized, name_out: str | None = None
+) -> str:
+    """``value @ weight.T`` with the weight kept in its blocks (onnxruntime's contrib ``MatMulNBits``)."""
+    inputs = (
+        g.weight(f"{name}.q{weight.bits}", weight.packed),
+        g.weight(f"{name}.scales", weight.scales),
+        g.weight(f"{name}.zero_points", weight.zero_points),
+    )
+    attrs = {"K": weight.cols, "N": weight.rows, "bits": weight.bits, "block_size": BLOCK}
+    return g.op("MatMulNBits", value, *inputs, name_out=name_out, domain="com.microsoft", **attrs)
+
+
+def _floats(values: np.ndarray | BlockQuantized) -> np.ndarray:
+    return values.dequantize() if isinstance(values, BlockQuantized) else values
+
+
 def _rms_norm(g: _Graph, x: str, weight: str, eps: float) -> str:
     mean_square = g.op("ReduceMean", g.op("Mul", x, x), axes=[-1], keepdims=1)
     root = g.op("Sqrt", g.op("Add", mean_square, g.const(np.array(eps, dtype=np.float32))))
@@ -206,9 +237,12 @@ class _Graph:
         self._count += 1
         return f"{kind}_{self._count}"
 
-    def op(self, op_type: str, *inputs: str, name_out: str | None = None, **attrs: Any) -> str:
+    def op(
+        self, op_type: str, *inputs: str, name_out: str | None = None, domain: str | None = None, **attrs: Any
+    ) -> str:
         out = name_out or self._name(op_type)
-        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=self._name("n"), **attrs))
+        node = helper.make_node(op_type, list(inputs), [out], name=self._name("n"), domain=domain, **attrs)
+        self.nodes.append(node)
         return out
 
     def ops(self, op_type: str, *inputs: str, num_outputs: int, **attrs: Any) -> list[str]:

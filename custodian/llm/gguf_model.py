@@ -15,6 +15,7 @@ import gguf
 import numpy as np
 
 from custodian.errors import ModelFormatError
+from custodian.llm.block_quant import GGML_BLOCKS, BlockQuantized, from_ggml
 from custodian.llm.decoder_graph import DecoderShape
 
 # GGUF architecture name to the models that ship under it (what `model add` names in its refusal).
@@ -142,18 +143,28 @@ class GgufModel:
         except KeyError:
             raise ModelFormatError(f"GGUF file has no tensor {name}") from None
 
-    def weight(self, name: str) -> np.ndarray:
-        """Float32 values of ``name`` (GGUF's name less ``.weight``), [out, in] for a matrix."""
+    def weight(self, name: str, *, keep_blocks: bool = False) -> np.ndarray | BlockQuantized:
+        """``name`` (GGUF's name less ``.weight``), [out, in] for a matrix, dequantised to float32;
+        with ``keep_blocks`` a matrix multiplied in Q4_0, Q4_1 or Q8_0 stays in its blocks."""
         full = name if name.endswith(".bias") else f"{name}.weight"
         tensor = self._tensor(full)
         dims = tuple(int(d) for d in reversed(tensor.shape))
-        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32).reshape(dims)
-        if self.text.architecture == "llama" and name.endswith(
-            ("attn_q", "attn_k", "attn_q.bias", "attn_k.bias")
-        ):
-            shape = self.text.shape
-            values = _half_split_rotary(values, shape.heads if "attn_q" in name else shape.kv_heads)
+        kind = tensor.tensor_type.name
+        values: np.ndarray | BlockQuantized
+        if keep_blocks and kind in GGML_BLOCKS and name.endswith(_MATRICES) and len(dims) == 2:
+            values = from_ggml(kind, tensor.data, dims[0], dims[1])
+        else:
+            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32).reshape(dims)
+        if self.text.architecture == "llama" and name.endswith(_ROTARY):
+            heads = self.text.shape.heads if "attn_q" in name else self.text.shape.kv_heads
+            order = _half_split_rotary(np.arange(dims[0]), heads)
+            values = values.take_rows(order) if isinstance(values, BlockQuantized) else values[order]
         return values
+
+
+# The weights the decoder multiplies by (the others are gathered from or scale elementwise).
+_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "output")
+_ROTARY = ("attn_q", "attn_k", "attn_q.bias", "attn_k.bias")
 
 
 def _half_split_rotary(rows: np.ndarray, heads: int) -> np.ndarray:

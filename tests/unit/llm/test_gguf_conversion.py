@@ -15,7 +15,7 @@ from enclave.llm.loader import is_text_model, load_text_model
 from enclave.llm.onnx_decoder import OnnxTextModel
 from tests.unit.llm.conftest import smollm2_path
 from tests.unit.llm.tiny_llama import reference
-from tests.unit.llm.tiny_llama.make import write_gguf
+from tests.unit.llm.tiny_llama.make import GGUF_PATH, write_gguf
 from tests.unit.llm.tiny_llama.tokenizer import CHAT_TEMPLATE
 from tests.unit.llm.tiny_llama.weights import SHAPE, tiny_weights
 
@@ -27,6 +27,16 @@ def test_the_converted_tiny_llama_decodes_greedily_as_the_reference(tiny_model: 
         prompt = tiny_model.encode_prompt(text)
         expected = reference.greedy(tiny_weights(), SHAPE, prompt, 32, set(tiny_model.eos_token_ids))
         assert list(tiny_model.generate(prompt, GREEDY)) == expected
+
+
+def test_kept_in_their_gguf_blocks_the_weights_still_decode_as_the_reference(tiny_bundle: bytes) -> None:
+    payload = convert_gguf(GGUF_PATH, keep_blocks=True)
+    assert len(payload) < len(tiny_bundle) * 0.8  # half its matrices are F16, BF16 or F32: those stay float
+    model = load_text_model(payload, intra_op_threads=1)
+    for text in ["The enclave proves", "Hello, world! How"]:
+        prompt = model.encode_prompt(text)
+        expected = reference.greedy(tiny_weights(), SHAPE, prompt, 32, set(model.eos_token_ids))
+        assert list(model.generate(prompt, GREEDY)) == expected
 
 
 def test_the_bundle_carries_the_gguf_metadata(tiny_bundle: bytes) -> None:
@@ -48,7 +58,7 @@ def test_loading_zeroes_the_payload_and_the_model_still_runs(tiny_bundle: bytes)
 
 def test_progress_is_reported_per_layer() -> None:
     seen: list[tuple[int, int]] = []
-    convert_gguf(Path(__file__).parent / "tiny_llama" / "tiny-llama.gguf", progress=lambda *a: seen.append(a))
+    convert_gguf(GGUF_PATH, progress=lambda *a: seen.append(a))
     assert seen == [(1, 2), (2, 2)]
 
 

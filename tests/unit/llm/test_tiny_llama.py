@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from custodian.llm.block_quant import BlockQuantized, from_ggml
 from custodian.llm.gguf_model import GgufModel
 from custodian.llm.gguf_tokenizer import tokenizer_of
 from tests.unit.llm.tiny_llama.make import GGUF_PATH, interleave_rotary, write_gguf
 from tests.unit.llm.tiny_llama.tokenizer import train_tokenizer
-from tests.unit.llm.tiny_llama.weights import SHAPE, tiny_weights
+from tests.unit.llm.tiny_llama.weights import SHAPE, STORAGE, tiny_weights
 
 
 def test_the_committed_file_is_what_the_script_writes(tmp_path: Path) -> None:
@@ -20,10 +21,29 @@ def test_the_committed_file_is_what_the_script_writes(tmp_path: Path) -> None:
     assert GGUF_PATH.stat().st_size < 1 << 20
 
 
-def test_every_weight_reads_back_bit_for_bit_through_dequantisation() -> None:
+def test_every_weight_dequantises_bit_for_bit_to_what_the_script_drew() -> None:
     model = GgufModel(GGUF_PATH)
     for name, values in tiny_weights().items():
         assert np.array_equal(model.weight(name), values), name
+
+
+def test_matrices_kept_in_their_blocks_hold_the_same_weights() -> None:
+    model = GgufModel(GGUF_PATH)
+    for name, values in tiny_weights().items():
+        weight = model.weight(name, keep_blocks=True)
+        if isinstance(weight, BlockQuantized):  # Q4_1's minimum becomes a float zero point: rounding only
+            assert STORAGE[name] in ("Q4_1", "Q8_0")
+            np.testing.assert_allclose(weight.dequantize(), values, rtol=0, atol=1e-6, err_msg=name)
+        else:
+            assert np.array_equal(weight, values), name
+
+
+def test_a_q4_1_block_whose_scale_is_zero_keeps_its_minimum() -> None:
+    block = np.zeros(20, dtype=np.uint8)
+    block[2:4] = np.array([-0.75], dtype=np.float16).view(np.uint8)
+    block[4:] = 0xA7  # nibbles that a zero scale makes irrelevant
+    weight = from_ggml("Q4_1", np.tile(block, (2, 1)), 2, 32)
+    assert np.array_equal(weight.dequantize(), np.full((2, 32), -0.75, dtype=np.float32))
 
 
 def test_query_and_key_rows_are_stored_interleaved_as_llama_cpp_stores_them() -> None:
