@@ -29,12 +29,6 @@ def decoder_session(graph: bytes, weights: memoryview, *, intra_op_threads: int)
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    import os
-
-    for kv in os.environ.get("ORTCFG", "").split(","):
-        if kv:
-            k, v = kv.split("=")
-            options.add_session_config_entry(k, v)
     options.add_external_initializers_from_files_in_memory([WEIGHTS_FILE], [weights], [len(weights)])
     try:
         return ort.InferenceSession(graph, sess_options=options, providers=["CPUExecutionProvider"])
