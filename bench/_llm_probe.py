@@ -1,4 +1,7 @@
-"""``python -m bench._llm_probe convert GGUF OUT | load BUNDLE``: one measured step, in a process of its own.
+"""``python -m bench._llm_probe dequantise GGUF | convert GGUF OUT | load BUNDLE``: one measured step.
+
+Each step runs in a process of its own (``bench.scenarios.language_model`` spawns it). ``dequantise``
+is the floor of a conversion: every tensor of the GGUF through ``gguf``'s dequantiser, kept nowhere.
 
 Prints one JSON object: wall seconds and the peak resident memory the step added. The peak is
 Linux's high-water mark (``VmHWM``), reset to the current size once the imports are done
@@ -11,6 +14,8 @@ import json
 import sys
 import time
 from pathlib import Path
+
+import gguf
 
 from custodian.llm.convert import convert_gguf
 from enclave.llm.interface import SamplingParams
@@ -31,7 +36,13 @@ def _reset_peak() -> int:
 
 def main(argv: list[str]) -> int:
     step, source = argv[0], Path(argv[1])
-    if step == "convert":
+    if step == "dequantise":
+        reader = gguf.GGUFReader(source)
+        before = _reset_peak()
+        started = time.perf_counter()
+        size = sum(gguf.quants.dequantize(t.data, t.tensor_type).nbytes for t in reader.tensors)
+        seconds = time.perf_counter() - started
+    elif step == "convert":
         before = _reset_peak()
         started = time.perf_counter()
         bundle = convert_gguf(source)
