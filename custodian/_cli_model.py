@@ -1,9 +1,10 @@
 """``custodian model add`` and ``model list``: ONNX classifiers as they are, language models converted.
 
 A GGUF file (recognised by its magic, whatever its name) is converted here, in the console, to a
-language-model bundle (``custodian.llm.convert``), with progress on stderr; then it is uploaded
-like any model, and the custodian's load check loads it and lets it generate before sealing it.
-The plaintext bundle stays in this process's memory; it is never written to disk.
+language-model bundle (``custodian.llm.convert``), with progress on stderr; an onnxruntime-genai
+model folder (a directory) is packed into one as it is (``custodian.llm.genai_folder``). The
+bundle is uploaded like any model, and the custodian's load check loads it and lets it generate
+before sealing it. The plaintext bundle stays in this process's memory; it is never written to disk.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from custodian._cli_audit import emit
 from custodian._cli_output import plain, table
 from custodian.errors import ConsoleError
 from custodian.llm.convert import convert_gguf
+from custodian.llm.genai_folder import bundle_genai_folder
 from custodian.llm.gguf_model import supported_architectures
 from custodian.model_check import kind_of_inputs
 
@@ -39,8 +41,8 @@ def add_model_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     add.add_argument(
         "file",
         type=Path,
-        help="an ONNX classifier, or a GGUF language model, converted here to an ONNX decoder"
-        f" (architectures: {supported_architectures()})",
+        help="an ONNX classifier; a GGUF language model, converted here to an ONNX decoder"
+        f" (architectures: {supported_architectures()}); or an onnxruntime-genai model folder",
     )
     add.add_argument(
         "--name",
@@ -62,14 +64,19 @@ def add_model_commands(commands: Any, common: argparse.ArgumentParser) -> None:
 def _model_add(args: argparse.Namespace) -> None:
     path: Path = args.file
     name = args.name or path.stem
-    if _is_gguf(path):
-        bundle = _convert(path, keep_blocks=args.keep_gguf_blocks, quiet=args.json)
+    gguf = _is_gguf(path)
+    if args.keep_gguf_blocks and not gguf:
+        raise ConsoleError(f"--keep-gguf-blocks is for a GGUF file, and {path} is not one")
+    if gguf or path.is_dir():
+        bundle = (
+            _convert(path, keep_blocks=args.keep_gguf_blocks, quiet=args.json)
+            if gguf
+            else (bundle_genai_folder(path))
+        )
         with console_for(args) as console:
             info = plain(console.add_model_data(name, bundle))
         loads = "loads, generates"
     else:
-        if args.keep_gguf_blocks:
-            raise ConsoleError(f"--keep-gguf-blocks is for a GGUF file, and {path} is not one")
         with console_for(args) as console:
             info = plain(console.add_model(name, path))
         loads = "loads"

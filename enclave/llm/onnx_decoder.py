@@ -2,8 +2,11 @@
 
 The graph (``custodian.llm.decoder_graph`` writes it) takes ``input_ids``, ``position_ids``,
 ``attention_mask`` and ``past_key_values.N.key/value``, and gives ``logits`` for the last position
-and ``present.N.key/value``. Each ``generate`` call keeps its own cache in its own arrays, so
-calls run in parallel threads on the one session (``InferenceSession.run`` is thread-safe).
+and ``present.N.key/value``. A graph from onnxruntime-genai's model builder has no ``position_ids``
+(its attention derives them from the mask) and gives logits for every position; both are taken
+as they come. The key/value cache arrays are [batch, kv_heads, length, head_dim]. Each ``generate``
+call keeps its own cache in its own arrays, so calls run in parallel threads on the one session
+(``InferenceSession.run`` is thread-safe).
 """
 
 from __future__ import annotations
@@ -49,16 +52,18 @@ class OnnxTextModel:
             f"past_key_values.{i}.{part}" for i in range(info.layers) for part in ("key", "value")
         ]
         inputs = {i.name for i in session.get_inputs()}
-        expected = {"input_ids", "position_ids", "attention_mask", *self._cache_names}
+        # onnxruntime-genai's graphs derive positions from the attention mask: no position_ids.
+        self._positions = "position_ids" in inputs
+        expected = {"input_ids", "attention_mask", *self._cache_names} | ({"position_ids"} & inputs)
         if inputs != expected:
             raise ModelRefusedError(
                 f"language model graph inputs {sorted(inputs - expected) or ''} do not match"
                 f" a {info.layers}-layer decoder (missing {sorted(expected - inputs)})"
             )
-        outputs = [o.name for o in session.get_outputs()]
-        wanted = ["logits", *(name.replace("past_key_values", "present") for name in self._cache_names)]
-        if outputs != wanted:
-            raise ModelRefusedError("language model graph outputs are not logits then present.N.key/value")
+        self._outputs = ["logits", *(n.replace("past_key_values", "present") for n in self._cache_names)]
+        missing = set(self._outputs) - {o.name for o in session.get_outputs()}
+        if missing:
+            raise ModelRefusedError(f"language model graph lacks the outputs {sorted(missing)}")
 
     @property
     def context_length(self) -> int:
@@ -103,9 +108,12 @@ class OnnxTextModel:
         for _ in range(max_tokens):
             feeds: dict[str, np.ndarray] = dict(zip(self._cache_names, cache, strict=True))
             feeds["input_ids"] = np.array([tokens], dtype=np.int64)
-            feeds["position_ids"] = np.arange(position, position + len(tokens), dtype=np.int64)[None, :]
+            if self._positions:
+                feeds["position_ids"] = np.arange(position, position + len(tokens), dtype=np.int64)[None, :]
             feeds["attention_mask"] = np.ones((1, position + len(tokens)), dtype=np.int64)
-            logits, *cache = self._session.run(None, feeds)
+            logits, *cache = self._session.run(self._outputs, feeds)
+            if logits.ndim == 3:  # [batch, seq, vocab], as onnxruntime-genai's builder writes it
+                logits = logits[:, -1, :]
             position += len(tokens)
             token = sampler.pick(logits[0])
             if token in self._eos:

@@ -15,6 +15,7 @@ import pytest
 
 from protos import custos_pb2 as pb
 from tests.integration.custodian.harness import running
+from tests.unit.llm.test_genai_folder import write_folder
 from tests.unit.llm.tiny_llama.make import GGUF_PATH, write_gguf
 
 pytestmark = pytest.mark.integration
@@ -84,3 +85,26 @@ def test_a_language_model_bundle_that_does_not_load_is_refused_and_nothing_is_st
             assert list((tmp_path / "data" / "models").iterdir()) == []
 
     asyncio.run(scenario())
+
+
+def test_an_onnxruntime_genai_folder_is_added_as_a_language_model(tmp_path: Path) -> None:
+    folder = write_folder(tmp_path / "tiny-genai")
+
+    async def scenario() -> subprocess.CompletedProcess[str]:
+        async with running(tmp_path):
+            return await asyncio.to_thread(_console, tmp_path, "model", "add", str(folder), "--json")
+
+    done = asyncio.run(scenario())
+    assert done.returncode == 0, done.stderr
+    added = json.loads(done.stdout)
+    assert (added["name"], added["kind"], added["inputs"]) == (
+        "tiny-genai",
+        "language",
+        "tokens int64[128] language",
+    )
+
+
+def test_keep_gguf_blocks_is_misuse_for_anything_but_a_gguf_file(tmp_path: Path) -> None:
+    done = _console(tmp_path, "model", "add", str(write_folder(tmp_path / "folder")), "--keep-gguf-blocks")
+    assert done.returncode == 1
+    assert "--keep-gguf-blocks is for a GGUF file" in done.stderr
