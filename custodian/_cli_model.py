@@ -20,9 +20,7 @@ from custodian._cli_admin import console_for
 from custodian._cli_audit import emit
 from custodian._cli_output import plain, table
 from custodian.errors import ConsoleError
-from custodian.llm.convert import convert_gguf
-from custodian.llm.genai_folder import bundle_genai_folder
-from custodian.llm.gguf_model import supported_architectures
+from custodian.llm import supported_architectures
 from custodian.model_check import kind_of_inputs
 
 _GGUF_MAGIC = b"GGUF"
@@ -68,6 +66,8 @@ def _model_add(args: argparse.Namespace) -> None:
     if args.keep_gguf_blocks and not gguf:
         raise ConsoleError(f"--keep-gguf-blocks is for a GGUF file, and {path} is not one")
     if gguf or path.is_dir():
+        from custodian.llm.genai_folder import bundle_genai_folder  # onnx: slow to import, needed here only
+
         bundle = (
             _convert(path, keep_blocks=args.keep_gguf_blocks, quiet=args.json)
             if gguf
@@ -108,6 +108,8 @@ def _is_gguf(path: Path) -> bool:
 
 
 def _convert(path: Path, *, keep_blocks: bool, quiet: bool) -> bytearray:
+    from custodian.llm.convert import convert_gguf  # gguf and onnx: slow to import, needed here only
+
     started = time.monotonic()
     say: Callable[[str], None] = (lambda _: None) if quiet else _progress_line
     say(f"converting {path.name} to an ONNX decoder: reading")

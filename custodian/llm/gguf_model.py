@@ -15,14 +15,10 @@ import gguf
 import numpy as np
 
 from custodian.errors import ModelFormatError
+from custodian.llm import ARCHITECTURES, supported_architectures
 from custodian.llm.block_quant import GGML_BLOCKS, BlockQuantized, from_ggml
 from custodian.llm.decoder_graph import DecoderShape
 
-# GGUF architecture name to the models that ship under it (what `model add` names in its refusal).
-ARCHITECTURES = {
-    "llama": "Llama 2/3.x, SmolLM2, Mistral 7B",
-    "qwen2": "Qwen 2 / 2.5",
-}
 # The tensor types those models' GGUF files use; ``gguf`` dequantises each of them in numpy.
 TENSOR_TYPES = frozenset(
     gguf.GGMLQuantizationType[name]
@@ -30,10 +26,6 @@ TENSOR_TYPES = frozenset(
         "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
     )
 )  # fmt: skip
-
-
-def supported_architectures() -> str:
-    return ", ".join(f"{arch} ({models})" for arch, models in ARCHITECTURES.items())
 
 
 @dataclass(frozen=True)
