@@ -39,6 +39,19 @@ def test_kept_in_their_gguf_blocks_the_weights_still_decode_as_the_reference(tin
         assert list(model.generate(prompt, GREEDY)) == expected
 
 
+def test_a_qwen2_gguf_with_projection_biases_decodes_as_the_reference(tmp_path: Path) -> None:
+    path = tmp_path / "tiny-qwen2.gguf"
+    write_gguf(path, architecture="qwen2")
+    model = load_text_model(convert_gguf(path), intra_op_threads=1)
+    weights = tiny_weights(qkv_bias=True)
+    assert "blk.1.attn_k.bias" in weights
+    for text in ["The enclave proves", "Every token"]:
+        prompt = model.encode_prompt(text)
+        expected = reference.greedy(weights, SHAPE, prompt, 24, set(model.eos_token_ids))
+        assert list(model.generate(prompt, SamplingParams(max_tokens=24, temperature=0.0))) == expected
+        assert expected != reference.greedy(tiny_weights(), SHAPE, prompt, 24, set(model.eos_token_ids))
+
+
 def test_the_bundle_carries_the_gguf_metadata(tiny_bundle: bytes) -> None:
     assert is_text_model(tiny_bundle)
     info = read_bundle(tiny_bundle).info

@@ -61,16 +61,18 @@ def write_gguf(
     writer.add_eos_token_id(EOS_ID)
     writer.add_add_bos_token(False)
     writer.add_chat_template(CHAT_TEMPLATE)
-    for name, (_, stored) in tiny_tensors(shape).items():
+    qwen2 = architecture == "qwen2"  # llama.cpp neither interleaves its rotary rows nor drops biases
+    for name, (_, stored) in tiny_tensors(shape, qkv_bias=qwen2).items():
         if name == leave_out:
             continue
-        if name.endswith(("attn_q", "attn_k")):
+        if name.endswith(("attn_q", "attn_k")) and not qwen2:
             stored = interleave_rotary(stored, shape.heads if name.endswith("attn_q") else shape.kv_heads)
         kind = gguf.GGMLQuantizationType[storage.get(name, "F32")]
         if kind == gguf.GGMLQuantizationType.I8:  # a type no Llama uses, for the refusal test
             stored = stored.astype(np.int8)
         raw = kind not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
-        writer.add_tensor(f"{name}.weight", np.ascontiguousarray(stored), raw_dtype=kind if raw else None)
+        full = name if name.endswith(".bias") else f"{name}.weight"
+        writer.add_tensor(full, np.ascontiguousarray(stored), raw_dtype=kind if raw else None)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -23,9 +23,14 @@ def logits(weights: dict[str, np.ndarray], shape: TinyShape, tokens: list[int]) 
     group = shape.heads // shape.kv_heads
     for i in range(shape.layers):
         h = _rms(x, w[f"blk.{i}.attn_norm"], shape.rms_eps)
-        q = (h @ w[f"blk.{i}.attn_q"].T).reshape(n, shape.heads, d)
-        k = (h @ w[f"blk.{i}.attn_k"].T).reshape(n, shape.kv_heads, d)
-        v = (h @ w[f"blk.{i}.attn_v"].T).reshape(n, shape.kv_heads, d)
+        q, k, v = (
+            h @ w[f"blk.{i}.{p}"].T + w.get(f"blk.{i}.{p}.bias", 0.0) for p in ("attn_q", "attn_k", "attn_v")
+        )
+        q, k, v = (
+            q.reshape(n, shape.heads, d),
+            k.reshape(n, shape.kv_heads, d),
+            v.reshape(n, shape.kv_heads, d),
+        )
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         out = np.empty((n, shape.heads, d))
         for head in range(shape.heads):

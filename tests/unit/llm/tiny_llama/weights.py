@@ -55,13 +55,18 @@ STORAGE = {
 }
 
 
-def tiny_weights(shape: TinyShape = SHAPE) -> dict[str, np.ndarray]:
+def tiny_weights(shape: TinyShape = SHAPE, *, qkv_bias: bool = False) -> dict[str, np.ndarray]:
     """GGUF tensor names (without ``.weight``) to float32 arrays, [out, in] like ``nn.Linear``."""
-    return {name: values for name, (values, _) in tiny_tensors(shape).items()}
+    return {name: values for name, (values, _) in tiny_tensors(shape, qkv_bias=qkv_bias).items()}
 
 
-def tiny_tensors(shape: TinyShape = SHAPE) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Each weight as float32 values and as its stored form: raw GGUF blocks ([rows, bytes]) or floats."""
+def tiny_tensors(
+    shape: TinyShape = SHAPE, *, qkv_bias: bool = False
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each weight as float32 values and as its stored form: raw GGUF blocks ([rows, bytes]) or floats.
+
+    ``qkv_bias`` adds Qwen 2's query, key and value biases (``blk.N.attn_q.bias``...), drawn last so
+    that every other weight stays the same."""
     rng = np.random.default_rng(SEED)
     h, d = shape.hidden, shape.head_dim
     shapes = {"token_embd": (shape.vocab, h), "output": (shape.vocab, h)}
@@ -85,6 +90,14 @@ def tiny_tensors(shape: TinyShape = SHAPE) -> dict[str, tuple[np.ndarray, np.nda
             tensors[norm] = (values, values)
     values = (1.0 + 0.1 * rng.standard_normal(h)).astype(np.float32)
     tensors["output_norm"] = (values, values)
+    for i in range(shape.layers) if qkv_bias else ():
+        for name, size in (
+            ("attn_q", shape.heads * d),
+            ("attn_k", shape.kv_heads * d),
+            ("attn_v", shape.kv_heads * d),
+        ):
+            values = (0.1 * rng.standard_normal(size)).astype(np.float32)
+            tensors[f"blk.{i}.{name}.bias"] = (values, values)
     return tensors
 
 
