@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from custodian.errors import ModelFormatError
@@ -50,6 +51,19 @@ def test_a_qwen2_gguf_with_projection_biases_decodes_as_the_reference(tmp_path: 
         expected = reference.greedy(weights, SHAPE, prompt, 24, set(model.eos_token_ids))
         assert list(model.generate(prompt, SamplingParams(max_tokens=24, temperature=0.0))) == expected
         assert expected != reference.greedy(tiny_weights(), SHAPE, prompt, 24, set(model.eos_token_ids))
+
+
+def test_llama_3_1_rope_factors_divide_the_rotary_frequencies(tmp_path: Path) -> None:
+    factors = np.linspace(1.0, 8.0, SHAPE.head_dim // 2)
+    path = tmp_path / "tiny-rope-factors.gguf"
+    write_gguf(path, rope_factors=factors)
+    model = load_text_model(convert_gguf(path), intra_op_threads=1)
+    weights = {**tiny_weights(), "rope_freqs": factors.astype(np.float32)}
+    prompt = model.encode_prompt("The enclave proves what it runs")
+    expected = reference.greedy(weights, SHAPE, prompt, 24, set(model.eos_token_ids))
+    assert len(expected) > 4
+    assert list(model.generate(prompt, SamplingParams(max_tokens=24, temperature=0.0))) == expected
+    assert expected != reference.greedy(tiny_weights(), SHAPE, prompt, 24, set(model.eos_token_ids))
 
 
 def test_the_bundle_carries_the_gguf_metadata(tiny_bundle: bytes) -> None:

@@ -34,8 +34,10 @@ def write_gguf(
     pre: str = "gpt2",
     leave_out: str = "",
     types: dict[str, str] | None = None,
+    rope_factors: np.ndarray | None = None,
 ) -> None:
-    """The tiny Llama; the keyword arguments make the broken variants the refusal tests need."""
+    """The tiny Llama; the keyword arguments make the variants the tests need (``rope_factors``:
+    Llama 3.1's per-frequency divisors, ``rope_freqs.weight``)."""
     tokenizer = train_tokenizer(shape.vocab)
     tokens, merges = vocabulary(tokenizer)
     assert len(tokens) == shape.vocab, len(tokens)
@@ -73,6 +75,8 @@ def write_gguf(
         raw = kind not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
         full = name if name.endswith(".bias") else f"{name}.weight"
         writer.add_tensor(full, np.ascontiguousarray(stored), raw_dtype=kind if raw else None)
+    if rope_factors is not None:
+        writer.add_tensor("rope_freqs.weight", rope_factors.astype(np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

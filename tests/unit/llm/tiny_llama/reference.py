@@ -16,7 +16,7 @@ def logits(weights: dict[str, np.ndarray], shape: TinyShape, tokens: list[int]) 
     w = {k: v.astype(np.float64) for k, v in weights.items()}
     n, d = len(tokens), shape.head_dim
     x = w["token_embd"][tokens]
-    inv_freq = 1.0 / shape.rope_theta ** (np.arange(0, d, 2) / d)
+    inv_freq = 1.0 / shape.rope_theta ** (np.arange(0, d, 2) / d) / w.get("rope_freqs", 1.0)
     angles = np.outer(np.arange(n), inv_freq)
     cos, sin = np.cos(np.concatenate([angles, angles], -1)), np.sin(np.concatenate([angles, angles], -1))
     causal = np.tril(np.ones((n, n), dtype=bool))
