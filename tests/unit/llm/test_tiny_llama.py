@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from tokenizers import Tokenizer
 
 from custodian.llm.block_quant import BlockQuantized, from_ggml
@@ -60,3 +61,23 @@ def test_the_tokenizer_rebuilt_from_gguf_metadata_encodes_as_the_original() -> N
         "<|im_start|>user\nhi<|im_end|>",
     ]:
         assert rebuilt.encode(text).ids == original.encode(text).ids
+
+
+@pytest.mark.parametrize(
+    ("pre", "pieces"),
+    [
+        pytest.param("gpt2", ["Hello", "Ġworld", "'s", "Ġ12345", "!!"], id="gpt2"),
+        pytest.param("smollm", ["Hello", "Ġworld", "'s", "Ġ", "1", "2", "3", "4", "5", "!!"], id="smollm"),
+        pytest.param("llama-bpe", ["Hello", "Ġworld", "'s", "Ġ", "123", "45", "!!"], id="llama-bpe"),
+        pytest.param("qwen2", ["Hello", "Ġworld", "'s", "Ġ", "1", "2", "3", "4", "5", "!!"], id="qwen2"),
+    ],
+)
+def test_each_named_pre_tokenizer_splits_as_its_model_does(
+    tmp_path: Path, pre: str, pieces: list[str]
+) -> None:
+    path = tmp_path / f"{pre}.gguf"
+    write_gguf(path, pre=pre)
+    tokenizer = Tokenizer.from_str(tokenizer_of(GgufModel(path)).json)
+    assert tokenizer.pre_tokenizer is not None
+    split = tokenizer.pre_tokenizer.pre_tokenize_str("Hello world's 12345!!")
+    assert [piece for piece, _ in split] == pieces
