@@ -38,6 +38,7 @@ from custodian._cli_admin import (
 )
 from custodian._cli_audit import add_audit_commands, emit
 from custodian._cli_deployment import add_deployment_commands
+from custodian._cli_model import add_model_commands
 from custodian._cli_output import ConsoleParser, failure, plain, reader_gone, table
 from custodian._cli_replica import add_replica_commands, add_serve_options, check_serve_options
 from custodian.config import (
@@ -166,25 +167,7 @@ def _parser() -> argparse.ArgumentParser:
         "ca", parents=[common], help="print the custodian TLS CA (PEM) that enclaves pin and manifests name"
     ).set_defaults(run=_ca)
 
-    model = commands.add_parser("model", help="models at rest").add_subparsers(
-        dest="action", required=True, metavar="ACTION"
-    )
-    add = model.add_parser(
-        "add",
-        parents=[common],
-        help="check that an ONNX model loads, then seal it and keep it encrypted at rest",
-    )
-    add.add_argument("file", type=Path, help="the ONNX model file (refused unless onnxruntime loads it)")
-    add.add_argument(
-        "--name",
-        help="model name, 1-64 letters, digits, '.', '_' or '-'"
-        " (default: the file name without its extension)",
-    )
-    add.set_defaults(run=_model_add)
-    model.add_parser(
-        "list", parents=[common], help="list the models, with the input each one takes"
-    ).set_defaults(run=_model_list)
-
+    add_model_commands(commands, common)
     add_deployment_commands(commands, common)
 
     units = f"1 to {MAX_GRANT_UNITS}"
@@ -306,27 +289,6 @@ def _ca(args: argparse.Namespace) -> None:
         pem = console.custodian_ca()
     der = x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
     emit(args, {"pem": pem.decode(), "sha256": hashlib.sha256(der).hexdigest()}, pem.decode().rstrip())
-
-
-_MODEL_COLUMNS = ("name", "inputs", "size", "chunk_count", "sha384", "created_at")
-
-
-def _model_add(args: argparse.Namespace) -> None:
-    name = args.name or args.file.stem
-    with _console(args) as console:
-        info = plain(console.add_model(name, args.file))
-    emit(
-        args,
-        info,
-        f"model {info['name']} loads (input {info['inputs']}) and is sealed: {info['size']} bytes,"
-        f" sha384 {info['sha384']}",
-    )
-
-
-def _model_list(args: argparse.Namespace) -> None:
-    with _console(args) as console:
-        models = [plain(m) for m in console.list_models()]
-    emit(args, models, table(models, _MODEL_COLUMNS))
 
 
 _USAGE_COLUMNS = (

@@ -115,6 +115,18 @@ class Console:
             # Upload time grows with the model: no deadline beyond the channel's own.
             return self._call(self._stub.AddModel, _upload(name, handle.read), timeout=24 * 3600)
 
+    def add_model_data(self, name: str, data: bytes | bytearray) -> pb.ModelInfo:
+        """Upload a model held in memory (a converted language model), in parts."""
+        view, position = memoryview(data), 0
+
+        def read(size: int) -> bytes:
+            nonlocal position
+            part = bytes(view[position : position + size])
+            position += len(part)
+            return part
+
+        return self._call(self._stub.AddModel, _upload(name, read), timeout=24 * 3600)
+
     def list_models(self) -> list[pb.ModelInfo]:
         return list(self._call(self._stub.ListModels, pb.ListModelsRequest()).models)
 

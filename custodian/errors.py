@@ -54,3 +54,7 @@ class LedgerUnavailableError(LedgerError):
 
 class ConsoleError(CustodianError):
     """The console could not reach the custodian, or the custodian refused the command."""
+
+
+class ModelFormatError(CustodianError):
+    """A model file is unreadable, or of an architecture, type or tokenizer Custos does not convert."""

@@ -31,7 +31,9 @@ class ModelInput:
     type: str
     # One entry per dimension: a number, or "?" where the model leaves it free (the batch, say).
     shape: tuple[str, ...]
-    kind: str  # "image" (the model carries preprocessing metadata) or "tensor"
+    # "image" (the model carries preprocessing metadata) or "tensor" for a classifier; "language" for
+    # a language model, whose one input is its token sequence, up to its context length.
+    kind: str
 
     def describe(self) -> str:
         return f"{self.name} {self.type}[{','.join(self.shape)}] {self.kind}"
@@ -92,6 +94,11 @@ class ModelCheck:
             with contextlib.suppress(ProcessLookupError):
                 self._process.kill()
         await self._process.wait()
+
+
+def kind_of_inputs(inputs: str) -> str:
+    """ "language" or "classifier", from a model's inputs as ``ModelInfo.inputs`` describes them."""
+    return "language" if inputs.endswith(" language") else "classifier"
 
 
 def inputs_to_json(inputs: tuple[ModelInput, ...]) -> str:

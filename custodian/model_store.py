@@ -187,6 +187,8 @@ class ModelStore:
                 wrapped_key=seal_at_rest(self._kek, data_key, model_id),
                 created_at=tx.now,
                 inputs=inputs_to_json(inputs),
+                # A language model's unit is a token (its load check names its input kind 'language').
+                kind="language" if any(i.kind == "language" for i in inputs) else "classifier",
             )
             try:
                 await tx.add_model(record)

@@ -7,9 +7,17 @@ from types import ModuleType
 
 from bench._context import Bench
 from bench._stats import Row
-from bench.scenarios import attestation, cold_start, inference, ledger, provisioning, replicas
+from bench.scenarios import attestation, cold_start, inference, language_model, ledger, provisioning, replicas
 
 Scenario = Callable[[Bench], list[Row]]
 
-MODULES: tuple[ModuleType, ...] = (inference, provisioning, ledger, replicas, attestation, cold_start)
+MODULES: tuple[ModuleType, ...] = (
+    inference,
+    provisioning,
+    ledger,
+    replicas,
+    attestation,
+    cold_start,
+    language_model,
+)
 SCENARIOS: dict[str, Scenario] = {module.NAME: module.run for module in MODULES}
