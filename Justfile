@@ -25,9 +25,10 @@ lint:
 model:
     python bench/models/digits/train.py
 
-# Custodian, enclave (simulated platform) and queries, locally, through the real CLIs.
+# Custodian, enclave (simulated platform) and queries, locally, through the real CLIs: the classifier, then SmolLM2.
 demo:
     bash docs/demo.sh
+    bash docs/demo_llm.sh
 
 # Benchmarks, each scenario against its baseline in the same run; writes bench/out/report.{json,md}. `--quick`: < 2 min.
 bench *ARGS:
