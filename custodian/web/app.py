@@ -31,6 +31,7 @@ from custodian.errors import (
     SuspendedError,
 )
 from custodian.web import actions
+from custodian.web.chart import bar_chart
 from custodian.web.guard import COOKIE, guarded, session_of
 from custodian.web.sessions import SESSION_MAX_SECONDS, Sessions
 from custodian.web.views import ConsoleServices, Views
@@ -120,8 +121,14 @@ class ConsoleApp:
 
     async def deployment(self, request: Request) -> Response:
         name = request.path_params["name"]
-        span = request.query_params.get("span", "hour")
-        return await self.page(request, "deployment.html", lambda: self.views.deployment(name, span))
+        data = await self.views.deployment(name, request.query_params.get("span", "hour"))
+        if request.query_params.get("format") == "json":
+            return JSONResponse(data)
+        history = data["history"]
+        buckets: list[str] = history["buckets"]
+        labels = [b[11:16] if history["span"] == "hour" else b[5:10] for b in buckets]
+        series = {"granted": history["granted"], "used": history["used"]}
+        return self.render(request, "deployment.html", {**data, "chart": bar_chart(buckets, series, labels)})
 
     async def enclave(self, request: Request) -> Response:
         instance = request.path_params["instance"]

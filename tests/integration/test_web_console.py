@@ -1,0 +1,311 @@
+"""The web console in Debian's Chromium, against a real `custodian serve --console` and a real enclave.
+
+What it holds the console to: the one-time login URL opens one session; nothing
+answers without one; the overview lists the deployments; a grant through the
+form changes the balance on the page and in `custodian usage`; a suspend through
+the page makes a running enclave refuse within a second; the usage chart draws
+the receipts' numbers; a POST without the CSRF token is refused and changes
+nothing. Screenshots of each page go to $CUSTOS_CONSOLE_SCREENSHOTS when set
+(that is how docs/console/ is made).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.common.by import By
+
+from client import connect
+from client.errors import SuspendedError
+from testkit.browser import chromium, require_browser
+from testkit.processes import DIGITS_SAMPLES, enclave_manifest, poll
+
+from ._loopback import Loopback
+
+pytestmark = pytest.mark.integration
+_names = (f"web{i}" for i in itertools.count())
+
+
+class Console(Loopback):
+    """A custodian serving the web console on a loopback port, with the demo model."""
+
+    def __init__(self, tmp: Path) -> None:
+        super().__init__(tmp, custodian_args=["--console", "127.0.0.1:0"])
+        self.enclave_manifest = enclave_manifest(tmp / "enclave.toml", self.ca, self.env)
+        self.base = str(self.custodian.endpoints["console"])
+
+    def deployment(self, *, grant: int = 0) -> tuple[str, str]:
+        name = next(_names)
+        created = self.custodian.console(
+            "deployment", "create", name, "--model", "digits", "--manifest", str(self.enclave_manifest)
+        )
+        if grant:
+            self.custodian.console("grant", name, str(grant))
+        return name, created["join_token"]
+
+    def login_url(self) -> str:
+        url: str = self.custodian.console("console", "login")["url"]
+        return url
+
+
+@pytest.fixture(scope="module")
+def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
+    require_browser()
+    with Console(tmp_path_factory.mktemp("web")) as system:
+        yield system
+
+
+@pytest.fixture(scope="module")
+def browser(console: Console) -> Iterator[webdriver.Chrome]:
+    with chromium() as driver:
+        driver.get(console.login_url())
+        yield driver
+
+
+def _http(url: str, *, data: bytes | None = None, cookie: str = "") -> tuple[int, str]:
+    request = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
+    if cookie:
+        request.add_header("Cookie", cookie)
+    if data is not None:
+        request.add_header("Content-Type", "application/x-www-form-urlencoded")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status), response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _cookie(driver: webdriver.Chrome) -> str:
+    cookie: dict[str, Any] = driver.get_cookie("custos_console") or {}
+    return f"custos_console={cookie.get('value', '')}"
+
+
+def _text(driver: webdriver.Chrome, element_id: str) -> str:
+    return str(driver.find_element(By.ID, element_id).text)
+
+
+def _confirm(driver: webdriver.Chrome, form_id: str, units: str = "") -> str:
+    """Submit a deployment action's form, then confirm; returns the confirmation question."""
+    form = driver.find_element(By.ID, form_id)
+    if units:
+        form.find_element(By.NAME, "units").send_keys(units)
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    question = _text(driver, "question")
+    driver.find_element(By.ID, "confirm-button").click()
+    return question
+
+
+def test_nothing_answers_without_a_session(console: Console) -> None:
+    name, _ = console.deployment()
+    for path in ("/", "/models", "/audit", "/audit/export", f"/deployments/{name}", "/enclaves/x",
+                 "/static/console.css", "/static/live.js", "/?format=json", "/nowhere"):  # fmt: skip
+        status, body = _http(console.base + path)
+        assert status == 401, path
+        assert name not in body, path
+        assert "csrf_token" not in body, path
+    for path in (f"/deployments/{name}/grant", f"/deployments/{name}/suspend", "/logout"):
+        assert _http(console.base + path, data=b"units=5&confirm=yes")[0] == 401, path
+    status, _ = _http(console.base + "/", cookie="custos_console=forged")
+    assert status == 401
+    assert console.custodian.usage(name)["balance"] == 0
+    assert not console.custodian.usage(name)["suspended"]
+
+
+def test_a_login_url_opens_one_session_and_the_overview_lists_deployments(console: Console) -> None:
+    names = [console.deployment(grant=3)[0], console.deployment(grant=4)[0]]
+    url = console.login_url()
+    with chromium() as driver:
+        driver.get(url)
+        assert driver.current_url == console.base + "/"
+        cookie = driver.get_cookie("custos_console")
+        assert cookie is not None
+        assert cookie["httpOnly"]
+        assert cookie["sameSite"] == "Strict"
+        rows = {
+            row.get_attribute("data-deployment"): row
+            for row in driver.find_elements(By.CSS_SELECTOR, "#deployments tbody tr")
+        }
+        for name, balance in zip(names, ("3", "4"), strict=True):
+            assert rows[name].find_element(By.CSS_SELECTOR, "[data-field=balance]").text == balance
+            assert rows[name].find_element(By.CSS_SELECTOR, "[data-field=state]").text == "active"
+        driver.delete_all_cookies()
+        driver.get(url)  # the same link again
+        assert "not valid" in _text(driver, "reason")
+        assert driver.get_cookie("custos_console") is None
+        driver.get(console.base + "/")
+        assert "Not logged in" in driver.find_element(By.TAG_NAME, "h1").text
+
+
+def test_granting_through_the_form_changes_the_balance_and_is_audited(
+    console: Console, browser: webdriver.Chrome
+) -> None:
+    name, _ = console.deployment(grant=5)
+    browser.get(f"{console.base}/deployments/{name}")
+    assert _text(browser, "balance") == "5"
+    question = _confirm(browser, "grant-form", units="7")
+    assert question == f"Add 7 units to the balance of {name}?"
+    assert browser.current_url == f"{console.base}/deployments/{name}"
+    assert _text(browser, "flash") == f"granted 7 units; {name} balance is now 12"
+    assert _text(browser, "balance") == "12"
+    assert console.custodian.usage(name)["balance"] == 12
+    last = console.custodian.console("audit", "--last", "1")["last"][0]
+    assert (last["action"], last["subject"], last["detail"]["units"]) == ("quota.grant", name, 7)
+    assert last["detail"]["origin"].startswith(f"web console {console.base} session ")
+    assert "(claimed)" in last["detail"]["origin"]
+
+
+def test_bad_input_and_cancel_change_nothing(console: Console, browser: webdriver.Chrome) -> None:
+    name, _ = console.deployment(grant=5)
+    browser.get(f"{console.base}/deployments/{name}")
+    form = browser.find_element(By.ID, "grant-form")
+    browser.execute_script("arguments[0].removeAttribute('pattern')", form.find_element(By.NAME, "units"))
+    form.find_element(By.NAME, "units").send_keys("-3")
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    assert "units must be a whole number from 1 to" in _text(browser, "reason")
+    assert "Traceback" not in browser.page_source
+    browser.get(f"{console.base}/deployments/{name}")
+    browser.find_element(By.ID, "suspend-button").click()
+    browser.find_element(By.LINK_TEXT, "Cancel").click()
+    assert _text(browser, "state") == "active"
+    assert console.custodian.usage(name)["balance"] == 5
+    assert not console.custodian.usage(name)["suspended"]
+
+
+def test_a_post_without_the_csrf_token_is_refused(console: Console, browser: webdriver.Chrome) -> None:
+    name, _ = console.deployment(grant=5)
+    browser.get(f"{console.base}/deployments/{name}")
+    token = browser.find_element(By.NAME, "csrf_token").get_attribute("value")
+    cookie = _cookie(browser)
+    url = f"{console.base}/deployments/{name}/grant"
+    for form in (
+        b"units=5&confirm=yes",
+        b"units=5&confirm=yes&csrf_token=",
+        b"units=5&confirm=yes&csrf_token=x",
+    ):
+        status, body = _http(url, data=form, cookie=cookie)
+        assert status == 403
+        assert "CSRF" in body
+    assert console.custodian.usage(name)["balance"] == 5
+    # The same request with the session's token goes through: the refusal was the token's.
+    status, _ = _http(url, data=f"units=5&confirm=yes&csrf_token={token}".encode(), cookie=cookie)
+    assert status == 200
+    assert console.custodian.usage(name)["balance"] == 10
+
+
+def test_suspend_through_the_page_makes_a_running_enclave_refuse_within_one_second(
+    console: Console, browser: webdriver.Chrome
+) -> None:
+    name, token = console.deployment(grant=200)
+    enclave = console.enclave(name, token)
+    image = (DIGITS_SAMPLES / "digit-6.png").read_bytes()
+    with connect(enclave.address, console.end_user_manifest(name)) as conn:
+        conn.infer_image(image)
+        browser.get(f"{console.base}/deployments/{name}")
+        assert poll(lambda: browser.find_element(By.CSS_SELECTOR, "#instances tbody td:nth-child(3)").text)
+        browser.find_element(By.ID, "suspend-button").click()
+        browser.find_element(By.ID, "confirm-button").click()
+        clicked = time.monotonic()
+
+        def refused() -> bool:
+            try:
+                conn.infer_image(image)
+            except SuspendedError:
+                return True
+            return False
+
+        assert poll(refused, deadline=5, interval=0.02)
+        assert time.monotonic() - clicked < 1.0
+        assert _text(browser, "state") == "suspended"
+        assert console.custodian.usage(name)["suspended"]
+
+
+def test_the_overview_shows_a_suspend_without_a_reload(console: Console, browser: webdriver.Chrome) -> None:
+    name, _ = console.deployment(grant=1)
+    browser.get(console.base + "/")
+    cell = browser.find_element(By.CSS_SELECTOR, f"tr[data-deployment={name}] [data-field=state]")
+    assert cell.text == "active"
+    console.custodian.console("suspend", name)
+    done = time.monotonic()
+    poll(lambda: cell.text == "suspended", deadline=5, interval=0.05)
+    assert time.monotonic() - done < 1.0
+    console.custodian.console("grant", name, "41")
+    poll(
+        lambda: (
+            browser.find_element(By.CSS_SELECTOR, f"tr[data-deployment={name}] [data-field=balance]").text
+            == "42"
+        )
+    )
+
+
+def test_the_usage_chart_draws_the_receipts(console: Console, browser: webdriver.Chrome) -> None:
+    name, token = console.deployment(grant=20)
+    enclave = console.enclave(name, token)
+    image = (DIGITS_SAMPLES / "digit-6.png").read_bytes()
+    with connect(enclave.address, console.end_user_manifest(name)) as conn:
+        for _ in range(3):
+            conn.infer_image(image)
+    enclave.stop()  # its final report carries the last receipt
+    assert poll(lambda: console.custodian.usage(name)["used"] == 3)
+    browser.get(f"{console.base}/deployments/{name}")
+    chart = browser.find_element(By.ID, "usage-chart")
+    assert chart.get_attribute("data-span") == "hour"
+    bars: dict[str, list[tuple[str, int, float]]] = {"granted": [], "used": []}
+    for rect in chart.find_elements(By.CSS_SELECTOR, "rect.bar"):
+        bars[str(rect.get_attribute("data-series"))].append(
+            (str(rect.get_attribute("data-bucket")), int(str(rect.get_attribute("data-value"))),
+             float(str(rect.get_attribute("height"))))
+        )  # fmt: skip
+    assert len(bars["granted"]) == len(bars["used"]) == 24
+    current_hour = bars["used"][-1][0]
+    assert [(b, v) for b, v, _ in bars["used"] if v] == [(current_hour, 3)]
+    assert [(b, v) for b, v, _ in bars["granted"] if v] == [(current_hour, 20)]
+    # Drawn to scale: the tallest bar is the largest value.
+    assert bars["used"][-1][2] == pytest.approx(bars["granted"][-1][2] * 3 / 20, abs=0.02)
+    twin = json.loads(_http(f"{console.base}/deployments/{name}?format=json", cookie=_cookie(browser))[1])
+    assert twin["history"]["used"][-1] == 3
+    assert sum(sum(v) for v in twin["history"]["used_by_instance"].values()) == 3
+    browser.get(f"{console.base}/deployments/{name}?span=day")
+    days = browser.find_elements(By.CSS_SELECTOR, "#usage-chart rect.bar.used")
+    assert len(days) == 30
+    assert days[-1].get_attribute("data-value") == "3"
+
+
+def test_screenshots_of_every_page(console: Console, browser: webdriver.Chrome, tmp_path: Path) -> None:
+    name, token = console.deployment(grant=50)
+    enclave = console.enclave(name, token)
+    with connect(enclave.address, console.end_user_manifest(name)) as conn:
+        for _ in range(4):
+            conn.infer_image((DIGITS_SAMPLES / "digit-6.png").read_bytes())
+    instance = console.custodian.console("enclaves", "--deployment", name)[0]["instance_id"]
+    pages = {
+        "overview": "/",
+        "deployment": f"/deployments/{name}",
+        "enclave": f"/enclaves/{instance}",
+        "models": "/models",
+        "audit": "/audit",
+    }
+    out = Path(os.environ.get("CUSTOS_CONSOLE_SCREENSHOTS") or tmp_path)
+    out.mkdir(parents=True, exist_ok=True)
+    for page, path in pages.items():
+        browser.get(console.base + path)
+        assert browser.find_element(By.TAG_NAME, "h1").text
+        assert "Refused" not in browser.title, page
+        assert "401" not in browser.title, page
+        height = browser.execute_script("return document.documentElement.scrollHeight")
+        browser.set_window_size(1280, min(max(int(height) + 40, 600), 2400))
+        shot = out / f"{page}.png"
+        assert browser.save_screenshot(str(shot))
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    browser.set_window_size(1280, 900)
+    shutil.rmtree(tmp_path, ignore_errors=True)
