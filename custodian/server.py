@@ -54,6 +54,7 @@ from custodian.ledger import Ledger
 from custodian.metrics import CustodianMetrics
 from custodian.model_store import ModelStore
 from custodian.roster import Roster
+from custodian.web.evidence_book import EvidenceBook
 from custodian.web.listener import ConsoleListener
 from custodian.web.views import ConsoleServices
 from protos import custos_pb2_grpc as pb_grpc
@@ -239,7 +240,11 @@ class CustodianServer:
         for server in self._servers:
             await server.start()
         if config.console_listen is not None:
-            services = ConsoleServices(deployments, roster, store, ledger, self.metrics, data / "collateral")
+            book = EvidenceBook()
+            enrolment.on_admitted = book.record
+            services = ConsoleServices(
+                deployments, roster, store, ledger, self.metrics, data / "collateral", book
+            )
             self._console = await ConsoleListener.start(
                 services, config.console_listen, data / "console.sock", now=now
             )

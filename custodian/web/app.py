@@ -134,6 +134,17 @@ class ConsoleApp:
         instance = request.path_params["instance"]
         return await self.page(request, "enclave.html", lambda: self.views.enclave(instance))
 
+    async def evidence(self, request: Request) -> Response:
+        instance = request.path_params["instance"]
+        recorded = self.services.evidence.get(instance)
+        if recorded is None:
+            raise NotFoundError(f"no evidence kept for instance {instance!r} (see the enclave page)")
+        return Response(
+            recorded.evidence,
+            media_type="application/json",
+            headers={"Content-Disposition": f'attachment; filename="evidence-{instance[:32]}.json"'},
+        )
+
     async def models(self, request: Request) -> Response:
         return await self.page(request, "models.html", self.views.models)
 
@@ -173,6 +184,7 @@ def build(services: ConsoleServices, sessions: Sessions, *, origin: str, secure:
         Route("/deployments/{name}", console.deployment, methods=["GET"]),
         Route("/deployments/{name}/{action}", console.action, methods=["POST"]),
         Route("/enclaves/{instance}", console.enclave, methods=["GET"]),
+        Route("/enclaves/{instance}/evidence", console.evidence, methods=["GET"]),
         Route("/models", console.models, methods=["GET"]),
         Route("/audit", console.audit, methods=["GET"]),
         Route("/audit/export", console.audit_export, methods=["GET"]),

@@ -21,6 +21,7 @@ from custodian.metrics import CustodianMetrics
 from custodian.model_check import inputs_from_json
 from custodian.model_store import ModelStore
 from custodian.roster import EnclaveStatus, Roster
+from custodian.web.evidence_book import EvidenceBook
 from custodian.web.usage_history import SPANS, History, history, window
 
 AUDIT_PAGE = 50
@@ -37,6 +38,7 @@ class ConsoleServices:
     ledger: Ledger
     metrics: CustodianMetrics
     collateral_dir: Path
+    evidence: EvidenceBook
 
 
 def _iso(value: datetime | None) -> str:
@@ -103,7 +105,8 @@ class Views:
             raise NotFoundError(f"no enclave instance {instance_id!r}")
         enclave = _enclave(found[0])
         live = {k: str(enclave[k]) for k in ("state", "lease_used", "lease_limit", "last_receipt_seq")}
-        return {"enclave": enclave, "live": live}
+        recorded = self._s.evidence.get(instance_id)
+        return {"enclave": enclave, "evidence": recorded.to_json() if recorded else None, "live": live}
 
     async def models(self) -> dict[str, Any]:
         models = await self._s.store.models()

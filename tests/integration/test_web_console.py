@@ -28,6 +28,7 @@ from selenium.webdriver.common.by import By
 
 from client import connect
 from client.errors import SuspendedError
+from enclave.attestation import Evidence
 from testkit.browser import chromium, require_browser
 from testkit.processes import DIGITS_SAMPLES, enclave_manifest, poll
 
@@ -279,6 +280,29 @@ def test_the_usage_chart_draws_the_receipts(console: Console, browser: webdriver
     days = browser.find_elements(By.CSS_SELECTOR, "#usage-chart rect.bar.used")
     assert len(days) == 30
     assert days[-1].get_attribute("data-value") == "3"
+
+
+def test_the_enclave_page_shows_its_evidence_and_state(console: Console, browser: webdriver.Chrome) -> None:
+    name, token = console.deployment(grant=10)
+    enclave = console.enclave(name, token)
+    listed = console.custodian.console("enclaves", "--deployment", name)[0]
+    browser.get(f"{console.base}/enclaves/{listed['instance_id']}")
+    assert _text(browser, "state") == "connected"
+    registers = {
+        row.find_element(By.TAG_NAME, "th").text: row.find_element(By.TAG_NAME, "td").text
+        for row in browser.find_elements(By.CSS_SELECTOR, "#registers tbody tr")
+    }
+    assert sorted(registers) == ["sim.app", "sim.boot"]
+    assert all(len(bytes.fromhex(v)) == 48 for v in registers.values())
+    kinds = [row.find_elements(By.TAG_NAME, "td")[1].text for row in browser.find_elements(
+        By.CSS_SELECTOR, "#measurement-log tbody tr")]  # fmt: skip
+    assert kinds == ["instance", "code", "config"]  # what a sim enclave measures before its model
+    status, body = _http(f"{console.base}/enclaves/{listed['instance_id']}/evidence", cookie=_cookie(browser))
+    assert status == 200
+    evidence = Evidence.from_bytes(body.encode())
+    assert evidence.platform == "sim"
+    enclave.stop()
+    poll(lambda: _text(browser, "state") == "stopped", deadline=10)
 
 
 def test_screenshots_of_every_page(console: Console, browser: webdriver.Chrome, tmp_path: Path) -> None:
