@@ -25,6 +25,10 @@ from typing import Any
 import pytest
 from selenium import webdriver
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.support.ui import WebDriverWait
 
 from client import connect
 from client.errors import SuspendedError
@@ -101,10 +105,16 @@ def _confirm(driver: webdriver.Chrome, form_id: str, units: str = "") -> str:
     form = driver.find_element(By.ID, form_id)
     if units:
         form.find_element(By.NAME, "units").send_keys(units)
-    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    _navigate(driver, form.find_element(By.CSS_SELECTOR, "button[type=submit]"))
     question = _text(driver, "question")
-    driver.find_element(By.ID, "confirm-button").click()
+    _navigate(driver, driver.find_element(By.ID, "confirm-button"))
     return question
+
+
+def _navigate(driver: webdriver.Chrome, button: WebElement) -> None:
+    """Click a button that submits a form, and wait for the page it leads to."""
+    button.click()
+    WebDriverWait(driver, 10).until(expected_conditions.staleness_of(button))
 
 
 def test_nothing_answers_without_a_session(console: Console) -> None:
@@ -172,12 +182,12 @@ def test_bad_input_and_cancel_change_nothing(console: Console, browser: webdrive
     form = browser.find_element(By.ID, "grant-form")
     browser.execute_script("arguments[0].removeAttribute('pattern')", form.find_element(By.NAME, "units"))
     form.find_element(By.NAME, "units").send_keys("-3")
-    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    _navigate(driver=browser, button=form.find_element(By.CSS_SELECTOR, "button[type=submit]"))
     assert "units must be a whole number from 1 to" in _text(browser, "reason")
     assert "Traceback" not in browser.page_source
     browser.get(f"{console.base}/deployments/{name}")
-    browser.find_element(By.ID, "suspend-button").click()
-    browser.find_element(By.LINK_TEXT, "Cancel").click()
+    _navigate(browser, browser.find_element(By.ID, "suspend-button"))
+    _navigate(browser, browser.find_element(By.LINK_TEXT, "Cancel"))
     assert _text(browser, "state") == "active"
     assert console.custodian.usage(name)["balance"] == 5
     assert not console.custodian.usage(name)["suspended"]
@@ -214,7 +224,7 @@ def test_suspend_through_the_page_makes_a_running_enclave_refuse_within_one_seco
         conn.infer_image(image)
         browser.get(f"{console.base}/deployments/{name}")
         assert poll(lambda: browser.find_element(By.CSS_SELECTOR, "#instances tbody td:nth-child(3)").text)
-        browser.find_element(By.ID, "suspend-button").click()
+        _navigate(browser, browser.find_element(By.ID, "suspend-button"))
         browser.find_element(By.ID, "confirm-button").click()
         clicked = time.monotonic()
 
@@ -227,7 +237,9 @@ def test_suspend_through_the_page_makes_a_running_enclave_refuse_within_one_seco
 
         assert poll(refused, deadline=5, interval=0.02)
         assert time.monotonic() - clicked < 1.0
-        assert _text(browser, "state") == "suspended"
+        WebDriverWait(browser, 10).until(
+            expected_conditions.text_to_be_present_in_element((By.ID, "state"), "suspended")
+        )
         assert console.custodian.usage(name)["suspended"]
 
 
@@ -333,3 +345,87 @@ def test_screenshots_of_every_page(console: Console, browser: webdriver.Chrome, 
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     browser.set_window_size(1280, 900)
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_revoke_resume_and_rotate_token_through_the_page(console: Console, browser: webdriver.Chrome) -> None:
+    name, _ = console.deployment(grant=9)
+    browser.get(f"{console.base}/deployments/{name}")
+    assert "Take back 4 units" in _confirm(browser, "revoke-form", units="4")
+    assert _text(browser, "balance") == "5"
+    _confirm(browser, "suspend-form")
+    assert _text(browser, "state") == "suspended"
+    assert _confirm(browser, "suspend-form") == f"Let {name} serve again?"  # the form resumes now
+    assert _text(browser, "state") == "active"
+    _confirm(browser, "rotate-form")
+    token = _text(browser, "token")
+    assert token.startswith("cjt_")
+    assert len(token) > 40
+    actions = [e["action"] for e in console.custodian.console("audit", "--last", "4")["last"]]
+    assert actions == ["quota.revoke", "deployment.suspend", "deployment.resume", "deployment.rotate_token"]
+    assert console.custodian.usage(name)["balance"] == 5
+
+
+def test_the_audit_log_pages_filters_and_exports(
+    console: Console, browser: webdriver.Chrome, tmp_path: Path
+) -> None:
+    name, _ = console.deployment()
+    browser.get(f"{console.base}/deployments/{name}")
+    token = browser.find_element(By.NAME, "csrf_token").get_attribute("value")
+    for _ in range(55):
+        form = f"units=1&confirm=yes&csrf_token={token}".encode()
+        assert _http(f"{console.base}/deployments/{name}/grant", data=form, cookie=_cookie(browser))[0] == 200
+    browser.get(console.base + "/audit")
+    assert _text(browser, "chain-state") == "verified"
+    browser.find_element(By.ID, "subject").send_keys(name)
+    browser.find_element(By.ID, "action").send_keys("quota.grant")
+    _navigate(browser, browser.find_element(By.CSS_SELECTOR, "#audit-filter button"))
+    first = browser.find_elements(By.CSS_SELECTOR, "#audit tbody tr")
+    assert len(first) == 50
+    assert {r.find_element(By.CLASS_NAME, "action").text for r in first} == {"quota.grant"}
+    seqs = [int(str(r.get_attribute("data-seq"))) for r in first]
+    _navigate(browser, browser.find_element(By.ID, "older"))
+    rest = [
+        int(str(r.get_attribute("data-seq")))
+        for r in browser.find_elements(By.CSS_SELECTOR, "#audit tbody tr")
+    ]
+    assert len(rest) == 5
+    assert max(rest) < min(seqs)
+    assert seqs == sorted(seqs, reverse=True)
+    assert browser.find_elements(By.ID, "older") == []
+    status, body = _http(console.base + "/audit/export", cookie=_cookie(browser))
+    assert status == 200
+    export = tmp_path / "audit.jsonl"
+    export.write_text(body)
+    verified = console.custodian.console("audit", "verify", str(export))
+    assert verified["entries"] >= 55
+
+
+def test_logging_out_ends_the_session(console: Console) -> None:
+    with chromium() as driver:
+        driver.get(console.login_url())
+        cookie = _cookie(driver)
+        _navigate(driver, driver.find_element(By.CSS_SELECTOR, ".logout button"))
+        assert _text(driver, "reason") == "Logged out."
+        assert _http(console.base + "/", cookie=cookie)[0] == 401
+        driver.get(console.base + "/models")
+        assert "Not logged in" in driver.find_element(By.TAG_NAME, "h1").text
+
+
+def test_a_grant_with_the_keyboard_alone(console: Console, browser: webdriver.Chrome) -> None:
+    name, _ = console.deployment(grant=1)
+    browser.get(f"{console.base}/deployments/{name}")
+    body = browser.find_element(By.TAG_NAME, "body")
+    body.send_keys(Keys.TAB)
+    for _ in range(30):
+        if browser.switch_to.active_element.get_attribute("id") == "grant-units":
+            break
+        browser.switch_to.active_element.send_keys(Keys.TAB)
+    field = browser.switch_to.active_element
+    assert field.get_attribute("id") == "grant-units"
+    field.send_keys("2", Keys.ENTER)
+    WebDriverWait(browser, 10).until(expected_conditions.staleness_of(field))
+    confirm = browser.switch_to.active_element  # the confirm button takes the focus
+    assert confirm.get_attribute("id") == "confirm-button"
+    confirm.send_keys(Keys.ENTER)
+    WebDriverWait(browser, 10).until(expected_conditions.staleness_of(confirm))
+    assert _text(browser, "balance") == "3"
