@@ -1,8 +1,9 @@
 """The console's Starlette application: its routes, its templates and how errors are shown.
 
 Pages are server-rendered (Jinja2, autoescaped) and each has a JSON twin
-(``?format=json``). Errors never show a traceback: a domain error is its one
-line, with the status the admin API would give it.
+(``?format=json``), and its ``live`` part alone (``?format=live``) for the
+refresh script. Errors never show a traceback: a domain error is its one line,
+with the status the admin API would give it.
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ class ConsoleApp:
         data = await read()
         if request.query_params.get("format") == "json":
             return JSONResponse(data)
+        if request.query_params.get("format") == "live":
+            return JSONResponse({"live": data["live"]})
         return self.render(request, name, data)
 
     async def refuse(self, request: Request, status: int, reason: str) -> Response:
@@ -121,8 +124,12 @@ class ConsoleApp:
 
     async def deployment(self, request: Request) -> Response:
         name = request.path_params["name"]
+        wanted = request.query_params.get("format")
+        if wanted == "live":  # what the refresh script reads twice a second: no history
+            data = await self.views.deployment(name, "hour", with_history=False)
+            return JSONResponse({"live": data["live"]})
         data = await self.views.deployment(name, request.query_params.get("span", "hour"))
-        if request.query_params.get("format") == "json":
+        if wanted == "json":
             return JSONResponse(data)
         history = data["history"]
         buckets: list[str] = history["buckets"]

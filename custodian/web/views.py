@@ -78,13 +78,12 @@ class Views:
             live[f"{row['name']}.state"] = "suspended" if row["suspended"] else "active"
         return {"deployments": rows, "collateral": self._collateral(), "live": live}
 
-    async def deployment(self, name: str, span: str) -> dict[str, Any]:
+    async def deployment(self, name: str, span: str, *, with_history: bool = True) -> dict[str, Any]:
         if span not in SPANS:
             span = "hour"
         (usage,) = await self._s.deployments.usage(name)
         enclaves = await self._s.roster.enclaves(name)
         manifest = await self._s.deployments.manifest(name)
-        chart = await self._history(name, span)
         row = _usage(usage)
         live = {f"{k}": str(row[k]) for k in ("balance", "leased", "used", "unreported", "instances")}
         live["state"] = "suspended" if usage.suspended else "active"
@@ -95,7 +94,7 @@ class Views:
             "deployment": row,
             "enclaves": [_enclave(e) for e in enclaves],
             "manifest": manifest,
-            "history": chart.to_json(),
+            "history": (await self._history(name, span)).to_json() if with_history else None,
             "live": live,
         }
 

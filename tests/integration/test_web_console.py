@@ -156,6 +156,10 @@ def test_a_login_url_opens_one_session_and_the_overview_lists_deployments(consol
         assert driver.get_cookie("custos_console") is None
         driver.get(console.base + "/")
         assert "Not logged in" in driver.find_element(By.TAG_NAME, "h1").text
+    secret = url.rpartition("/")[2]
+    log = console.custodian.log.read_text()
+    assert secret not in log
+    assert str(cookie["value"]) not in log
 
 
 def test_granting_through_the_form_changes_the_balance_and_is_audited(

@@ -1,12 +1,12 @@
-// Live values: every element with data-live="KEY" takes the value of KEY from the page's JSON twin
-// (the same URL with ?format=json), fetched twice a second. Without JavaScript the page still reads;
+// Live values: every element with data-live="KEY" takes the value of KEY from the page's live values
+// (the same URL with ?format=live: the JSON twin's "live" part), fetched twice a second. Without JavaScript the page still reads;
 // it only stops refreshing.
 "use strict";
 (function () {
   const fields = document.querySelectorAll("[data-live]");
   if (fields.length === 0) return;
   const url = new URL(window.location.href);
-  url.searchParams.set("format", "json");
+  url.searchParams.set("format", "live");
   async function refresh() {
     try {
       const response = await fetch(url, { credentials: "same-origin", cache: "no-store" });
