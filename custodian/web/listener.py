@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 from collections.abc import Callable, Iterator
@@ -28,6 +29,13 @@ from custodian.web.views import ConsoleServices
 logger = logging.getLogger(__name__)
 
 _STARTUP_SECONDS = 10.0
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -72,7 +80,13 @@ class ConsoleListener:
         except OSError as exc:
             raise ConfigError(f"cannot serve the web console on {address}: {exc.strerror}") from exc
         self.address = Address(address.host, self._socket.getsockname()[1])
-        base = f"http://{self.address}"
+        if not _loopback(address.host):
+            logger.warning(
+                "the web console serves plain HTTP on %s, beyond loopback: put it behind TLS", self.address
+            )
+        # A wildcard address is no place to send a browser: login URLs name this host instead.
+        shown = socket.gethostname() if address.host in ("0.0.0.0", "::", "") else address.host  # noqa: S104
+        base = f"http://{Address(shown, self.address.port)}"
         sessions = Sessions(now=now)
         app = build(services, sessions, origin=base, secure=False)
         config = uvicorn.Config(

@@ -135,3 +135,15 @@ def test_the_login_socket_answers_a_malformed_request_with_an_error(tmp_path: Pa
                 assert "error" in json.loads(await asyncio.to_thread(ask, line))
 
     asyncio.run(scenario())
+
+
+def test_beyond_loopback_is_warned_and_login_urls_name_the_host(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        async with _serving(tmp_path, Clock(), Address("0.0.0.0", 0)) as server:
+            url = await asyncio.to_thread(request_login_url, _socket(server), "t")
+            assert url.startswith(f"http://{socket.gethostname()}:")
+        assert "plain HTTP on 0.0.0.0:" in caplog.text
+
+    asyncio.run(scenario())
