@@ -50,7 +50,7 @@ def require_browser() -> None:
 
 
 @contextmanager
-def chromium() -> Iterator[webdriver.Chrome]:
+def chromium(*, javascript: bool = True) -> Iterator[webdriver.Chrome]:
     """A fresh headless Chromium with a profile of its own, quit and removed afterwards."""
     require_browser()
     os.environ["SE_OFFLINE"] = "true"
@@ -59,6 +59,8 @@ def chromium() -> Iterator[webdriver.Chrome]:
     options.binary_location = str(CHROMIUM)
     for flag in (*_FLAGS, f"--user-data-dir={profile}"):
         options.add_argument(flag)
+    if not javascript:
+        options.add_experimental_option("prefs", {"profile.managed_default_content_settings.javascript": 2})
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     try:
         driver.set_page_load_timeout(30)

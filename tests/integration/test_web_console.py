@@ -439,3 +439,19 @@ def test_a_grant_with_the_keyboard_alone(console: Console, browser: webdriver.Ch
     confirm.send_keys(Keys.ENTER)
     WebDriverWait(browser, 10).until(expected_conditions.staleness_of(confirm))
     assert _text(browser, "balance") == "3"
+
+
+def test_every_page_reads_without_javascript(console: Console) -> None:
+    name, _ = console.deployment(grant=6)
+    with chromium(javascript=False) as driver:
+        driver.get(console.login_url())
+        row = driver.find_element(By.CSS_SELECTOR, f"tr[data-deployment={name}]")
+        assert row.find_element(By.CSS_SELECTOR, "[data-field=balance]").text == "6"
+        driver.get(f"{console.base}/deployments/{name}")
+        assert _text(driver, "balance") == "6"
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#usage-chart rect.bar")) == 48
+        driver.get(console.base + "/audit")
+        assert "quota.grant" in [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#audit .action")]
+        # JavaScript is really off: the refresh script, which marks each refresh, never ran.
+        time.sleep(1.2)
+        assert driver.find_element(By.TAG_NAME, "body").get_attribute("data-refreshed") is None
