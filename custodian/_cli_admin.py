@@ -55,6 +55,8 @@ LOCAL_ONLY = {
     "serve": "serve runs the custodian here; --admin is for console commands",
     "admin-cert": "admin-cert is issued over the custodian's unix socket only: run it on the custodian's"
     " host, without --admin",
+    "console": "console login asks the custodian's DATA/console.sock: run it on the custodian's host,"
+    " without --admin",
 }
 
 

@@ -361,6 +361,15 @@ class Transaction(ABC):
         """Instance id -> (the replica that last held its control stream, when); empty for one custodian."""
         return {}
 
+    async def receipts_since(self, deployment: str, since: datetime) -> list[ReceiptRecord]:
+        """The receipts of a deployment's instances received at or after ``since``, oldest first."""
+        rows = await self._all(
+            "SELECT r.* FROM receipts r JOIN instances i ON i.instance_id = r.instance_id"
+            " WHERE i.deployment = ? AND r.received_at >= ? ORDER BY r.received_at, r.seq",
+            (deployment, ts(since)),
+        )
+        return [receipt_row(r) for r in rows]
+
     # ------------------------------------------------------------------- audit
 
     async def audit(self, actor: str, action: str, subject: str, detail: Mapping[str, AuditValue]) -> None:
@@ -389,6 +398,18 @@ class Transaction(ABC):
     async def audit_page(self, after: int, limit: int) -> list[AuditEntry]:
         """At most ``limit`` entries following entry ``after``, in order: the log a page at a time."""
         rows = await self._all("SELECT * FROM audit WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))
+        return [audit_row(r) for r in rows]
+
+    async def audit_search(
+        self, *, subject: str = "", action: str = "", before: int = 0, limit: int = 50
+    ) -> list[AuditEntry]:
+        """At most ``limit`` entries before entry ``before`` (0: the newest), newest first, matching
+        ``subject`` and ``action`` exactly where they are given."""
+        rows = await self._all(
+            "SELECT * FROM audit WHERE (? = 0 OR seq < ?) AND (? = '' OR subject = ?)"
+            " AND (? = '' OR action = ?) ORDER BY seq DESC LIMIT ?",
+            (before, before, subject, subject, action, action, limit),
+        )
         return [audit_row(r) for r in rows]
 
     async def audit_hash(self, seq: int) -> bytes:

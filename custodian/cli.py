@@ -37,6 +37,7 @@ from custodian._cli_admin import (
     console_for,
 )
 from custodian._cli_audit import add_audit_commands, emit
+from custodian._cli_console import add_console_commands, add_console_option
 from custodian._cli_deployment import add_deployment_commands
 from custodian._cli_model import add_model_commands
 from custodian._cli_output import ConsoleParser, failure, plain, reader_gone, table
@@ -161,6 +162,7 @@ def _parser() -> argparse.ArgumentParser:
         " (env CUSTODIAN_AMD_KDS; default %(default)s)",
     )
     add_serve_options(serve)
+    add_console_option(serve)
     serve.set_defaults(run=_serve)
 
     commands.add_parser(
@@ -205,6 +207,7 @@ def _parser() -> argparse.ArgumentParser:
     add_audit_commands(commands, common)
     add_admin_cert_command(commands, common)
     add_replica_commands(commands, common)
+    add_console_commands(commands, common)
     return parser
 
 
@@ -260,6 +263,7 @@ def _serve(args: argparse.Namespace) -> None:
         mtls_listen=args.mtls_listen,
         metrics_listen=args.metrics,
         admin_listen=args.admin_listen,
+        console_listen=args.console,
         pccs_url=args.pccs,
         collateral_dir=args.collateral_dir,
         amd_kds=args.amd_kds,

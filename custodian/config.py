@@ -58,6 +58,8 @@ class CustodianConfig:
     metrics_listen: Address | None = None
     # Admin API over TCP, mutual TLS with certificates from `custodian admin-cert`; None: socket only.
     admin_listen: Address | None = None
+    # The web console (HTTP, custodian.web); None: off.
+    console_listen: Address | None = None
     nonce_ttl_seconds: int = 60
     client_cert_hours: int = 24
     default_offline_grace_seconds: int = 30

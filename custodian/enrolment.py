@@ -47,6 +47,7 @@ from custodian.ledger import InstanceRecord, Ledger
 from custodian.metrics import CustodianMetrics
 from custodian.throttle import AuditSampler, Rate
 from enclave.attestation import AttestedClaims, Evidence, ReferenceValues, appraise
+from enclave.attestation.appraisal import Appraisal
 from enclave.attestation.tpm_ak import load_ak
 from enclave.attestation.tpm_credential import make_credential, object_name, verify_ek_certificate
 from enclave.collateral._http import CollateralServiceError
@@ -113,6 +114,8 @@ class Enrolment:
         self._metrics = metrics
         self._collateral = collateral
         self._challenges = challenges or Challenges(ttl_seconds=config.nonce_ttl_seconds)
+        # Told of each instance admitted on its evidence (the web console shows it); tpm: not yet.
+        self.on_admitted: Callable[[str, bytes, bytes, Appraisal], None] | None = None
         skipped = metrics.audit_skipped.labels("enrol").inc
         self._anonymous = AuditSampler(_rate(ANONYMOUS_SAMPLES, monotonic), skipped)
         self._known = AuditSampler(_rate(DEPLOYMENT_SAMPLES, monotonic), skipped)
@@ -199,9 +202,12 @@ class Enrolment:
         except (CustodianError, EnclaveError) as exc:
             await self._refuse(deployment, _attestation_reason(exc) if stage == "attestation" else stage, exc)
             raise
-        return await self._admit(
+        enrolled = await self._admit(
             deployment, public_key, platform=appraisal.platform.platform, simulated=appraisal.simulated
         )
+        if self.on_admitted is not None:
+            self.on_admitted(enrolled.instance_id, evidence, claims, appraisal)
+        return enrolled
 
     async def activate(self, challenge_id: str, secret: bytes, *, source: str = "") -> Enrolled:
         """Platform tpm: admit the enclave whose TPM recovered the credential's secret."""

@@ -14,6 +14,7 @@ checks it before anything in it is used), created on first start:
     master.key              with --database (replicas on PostgreSQL), instead of the CA keys, kek,
                             ledger and models, which the database holds (the keys wrapped by this one)
     admin.sock              admin API (0600)
+    console.sock            one-time login links of the web console (0600; with --console)
     endpoints.json          where it listens, written once it serves, removed when it stops
 """
 
@@ -56,6 +57,9 @@ from custodian.ledger import Ledger
 from custodian.metrics import CustodianMetrics
 from custodian.model_store import ModelStore
 from custodian.roster import Roster
+from custodian.web.evidence_book import EvidenceBook
+from custodian.web.listener import ConsoleListener
+from custodian.web.views import ConsoleServices
 from protos import custos_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
@@ -79,6 +83,7 @@ class Endpoints:
     admin_socket: Path
     custodian_ca_sha256: str
     admin: Address | None = None
+    console: Address | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -88,6 +93,7 @@ class Endpoints:
             "admin_socket": str(self.admin_socket),
             "custodian_ca_sha256": self.custodian_ca_sha256,
             "admin": str(self.admin) if self.admin else None,
+            "console": f"http://{self.console}" if self.console else None,
         }
 
 
@@ -99,6 +105,7 @@ class CustodianServer:
         self._sweeper: asyncio.Task[None] | None = None
         self._listener: ControlListener | None = None
         self._http: WSGIServer | None = None
+        self._console: ConsoleListener | None = None
         self._socket: Path | None = None
         self._endpoints_file: Path | None = None
         self._stopped = asyncio.Event()
@@ -229,11 +236,12 @@ class CustodianServer:
         _bind(admin, f"unix:{socket.resolve()}", None)
         self._socket = socket
         socket.chmod(0o600)
+        roster = Roster(ledger, bus, replica=replica_name)
         pb_grpc.add_AdminServicer_to_server(
             Admin(
                 store=store,
                 deployments=deployments,
-                roster=Roster(ledger, bus, replica=replica_name),
+                roster=roster,
                 access=AdminAccess(ledger, admin_ca, tls_ca.pem),
                 custodian_ca_pem=tls_ca.pem,
                 socket=str(socket),
@@ -253,6 +261,15 @@ class CustodianServer:
             metrics = replace(config.metrics_listen, port=self._http.server_port)
         for server in self._servers:
             await server.start()
+        if config.console_listen is not None:
+            book = EvidenceBook()
+            enrolment.on_admitted = book.record
+            services = ConsoleServices(
+                deployments, roster, store, ledger, self.metrics, data / "collateral", book
+            )
+            self._console = await ConsoleListener.start(
+                services, config.console_listen, data / "console.sock", now=now
+            )
         self._sweeper = asyncio.create_task(
             _sweep(config.sweep_interval_seconds, ledger, leases, enrolment, deployments, self.metrics)
         )
@@ -265,6 +282,7 @@ class CustodianServer:
             admin=replace(config.admin_listen, port=admin_port)
             if config.admin_listen and admin_port
             else None,
+            console=self._console.address if self._console else None,
         )
         self._endpoints_file = data / "endpoints.json"
         _write_atomically(self._endpoints_file, json.dumps(self.endpoints.to_json(), indent=2) + "\n")
@@ -275,6 +293,8 @@ class CustodianServer:
             logger.info("admin API on %s (mutual TLS, admin certificates)", self.endpoints.admin)
         if metrics is not None:
             logger.info("metrics on http://%s/metrics", metrics)
+        if self._console is not None:
+            logger.info("web console on http://%s (log in: custodian console login)", self._console.address)
 
     def _server(self, max_message: int) -> grpc.aio.Server:
         server = grpc.aio.server(
@@ -292,6 +312,9 @@ class CustodianServer:
         if self._endpoints_file is not None:
             self._endpoints_file.unlink(missing_ok=True)
             self._endpoints_file = None
+        if self._console is not None:
+            await self._console.stop()
+            self._console = None
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

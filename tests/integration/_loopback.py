@@ -12,10 +12,10 @@ from testkit.processes import DIGITS_MODEL, Custodian, Enclave, isolated_env, ru
 class Loopback:
     """A custodian process in ``tmp`` with the demo model added as ``digits``; enclave processes on demand."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, *, custodian_args: Sequence[str] = ()) -> None:
         self.tmp = tmp
         self.env = isolated_env(tmp)
-        self.custodian = Custodian(tmp / "data", self.env).start()
+        self.custodian = Custodian(tmp / "data", self.env, extra_args=custodian_args).start()
         self.ca = self.custodian.ca_file()
         self.custodian.console("model", "add", str(DIGITS_MODEL), "--name", "digits")
         self.enclaves: list[Enclave] = []

@@ -46,13 +46,17 @@ _REMOTE = ["--admin", "127.0.0.1:1", "--admin-key", "k", "--admin-cert", "c", "-
         ["admin-cert", "ops", "--out", "o", "--days", "99999999999999999999"],
         [*_REMOTE, "admin-cert", "ops", "--out", "o"],
         [*_REMOTE, "serve"],
+        ["serve", "--console", "nohost"],
+        ["console"],
+        [*_REMOTE, "console", "login"],
     ],
     ids=["nothing", "unknown-command", "grant-no-units", "grant-zero", "grant-words", "revoke-neither",
          "revoke-both", "create-no-manifest", "create-negative-lease", "listen-no-port", "listen-port-range",
          "model-no-action", "audit-last-words", "admin-without-credentials", "export-without-out",
          "grant-10e30", "grant-2e64", "revoke-2e64", "grant-arabic-digit", "lease-size-2e32",
          "offline-grace-huge", "offline-grace-below", "zeroize-after-2e32", "admin-cert-zero-days",
-         "admin-cert-days-huge", "admin-cert-remote", "serve-remote"],
+         "admin-cert-days-huge", "admin-cert-remote", "serve-remote", "console-no-port", "console-no-action",
+         "console-login-remote"],
 )  # fmt: skip
 def test_argument_misuse_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
@@ -77,6 +81,7 @@ def test_help_describes_every_command(capsys: pytest.CaptureFixture[str]) -> Non
         "resume",
         "usage",
         "enclaves",
+        "console",
     ):
         assert command in out
 
