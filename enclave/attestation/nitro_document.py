@@ -155,7 +155,9 @@ def parse_document(data: bytes) -> AttestationDocument:
         raise EvidenceError("COSE_Sign1 unprotected header must be empty")
     header = _decode_cbor(protected, "COSE_Sign1 protected header")
     if not isinstance(header, dict) or header != {1: ES384}:
-        raise EvidenceError(f"COSE_Sign1 protected header is {header!r}, not {{1: -35}} (algorithm ES384)")
+        raise EvidenceError(
+            f"COSE_Sign1 protected header is {_shown(header)}, not {{1: -35}} (algorithm ES384)"
+        )
     if len(signature) != 96:
         raise EvidenceError(f"COSE_Sign1 signature is {len(signature)} bytes, not 96 (ES384 r and s)")
     fields = _decode_cbor(payload, "Nitro attestation document payload")
@@ -182,6 +184,17 @@ def parse_document(data: bytes) -> AttestationDocument:
     )
 
 
+def _shown(value: object) -> str:
+    """A value as an error message may quote it: short, and never a huge integer's digits (Python refuses
+    to print an integer of over 4,300 digits, with a ValueError of its own)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"a {value.bit_length()}-bit integer"
+    if isinstance(value, dict | list | tuple | set | frozenset):
+        return f"a {type(value).__name__} of {len(value)} items"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _text(fields: Mapping[str, Any], name: str) -> str:
     value = fields.get(name)
     if not isinstance(value, str) or not value:
@@ -194,7 +207,7 @@ def _text(fields: Mapping[str, Any], name: str) -> str:
 def _digest(fields: Mapping[str, Any]) -> str:
     digest = fields.get("digest")
     if digest != "SHA384":
-        raise EvidenceError(f"Nitro attestation document digest is {digest!r}, not 'SHA384'")
+        raise EvidenceError(f"Nitro attestation document digest is {_shown(digest)}, not 'SHA384'")
     return "SHA384"
 
 
@@ -207,7 +220,7 @@ def _timestamp(fields: Mapping[str, Any]) -> int:
         or not 1_500_000_000_000 <= value < 253402300800000
     ):
         raise EvidenceError(
-            f"Nitro attestation document timestamp {value!r} is not a time in milliseconds since 1970"
+            f"Nitro attestation document timestamp {_shown(value)} is not a time in milliseconds since 1970"
         )
     return value
 
@@ -224,7 +237,7 @@ def _pcrs(fields: Mapping[str, Any]) -> tuple[str, Mapping[int, bytes]]:
     for index, value in raw.items():
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index <= MAX_PCR_INDEX[name]:
             raise EvidenceError(
-                f"Nitro attestation document {name} index {index!r} is not 0-{MAX_PCR_INDEX[name]}"
+                f"Nitro attestation document {name} index {_shown(index)} is not 0-{MAX_PCR_INDEX[name]}"
             )
         if not isinstance(value, bytes) or len(value) != PCR_SIZE:
             raise EvidenceError(

@@ -166,3 +166,29 @@ def test_nsm_responses_give_evidence_errors_only(response: bytes) -> None:
     except EvidenceError:
         return
     assert isinstance(document, bytes)
+
+
+_HUGE = 1 << (8 * 2000)  # a CBOR bignum of 2,000 bytes: past Python's 4,300-digit limit for printing it
+_BASE: dict[str, Any] = {
+    "module_id": "m",
+    "digest": "SHA384",
+    "timestamp": 1_700_000_000_000,
+    "pcrs": {0: bytes(48), 1: bytes(48), 2: bytes(48)},
+    "certificate": b"x",
+    "cabundle": [b"x"],
+}
+
+
+@pytest.mark.parametrize(
+    ("payload", "header"),
+    [
+        pytest.param({**_BASE, "timestamp": _HUGE}, {1: -35}, id="timestamp"),
+        pytest.param({**_BASE, "pcrs": {_HUGE: bytes(48)}}, {1: -35}, id="pcr-index"),
+        pytest.param({**_BASE, "digest": _HUGE}, {1: -35}, id="digest"),
+        pytest.param(_BASE, {1: _HUGE}, id="protected-header"),
+    ],
+)
+def test_a_huge_integer_is_named_not_printed(payload: dict[str, Any], header: dict[int, Any]) -> None:
+    document = cbor2.dumps([cbor2.dumps(header), {}, cbor2.dumps(payload), bytes(96)])
+    with pytest.raises(EvidenceError, match="bit integer|dict of 1 items"):
+        parse_document(document)
