@@ -40,10 +40,12 @@ class GgufText:
 
 class GgufModel:
     def __init__(self, path: Path) -> None:
+        # The gguf package is a third-party parser of bytes we did not write: whatever it raises on a
+        # malformed file (IndexError, UnicodeDecodeError, ...) is the file's fault, said as such.
         try:
             self._reader = gguf.GGUFReader(path)
-        except (OSError, ValueError) as exc:
-            raise ModelFormatError(f"{path} is not a readable GGUF file: {exc}") from None
+        except Exception as exc:
+            raise ModelFormatError(f"{path} is not a readable GGUF file: {_reason(exc)}") from None
         self.path = path
         architecture = self.string("general.architecture")
         if architecture not in ARCHITECTURES:
@@ -69,8 +71,11 @@ class GgufModel:
         return self.path.stat().st_size
 
     def field(self, key: str) -> object:
-        field = self._reader.get_field(key)
-        return None if field is None else field.contents()
+        try:
+            field = self._reader.get_field(key)
+            return None if field is None else field.contents()
+        except Exception as exc:
+            raise ModelFormatError(f"GGUF metadata {key} is malformed: {_reason(exc)}") from None
 
     def string(self, key: str, *, default: str | None = None) -> str:
         value = self.field(key)
@@ -143,15 +148,26 @@ class GgufModel:
         dims = tuple(int(d) for d in reversed(tensor.shape))
         kind = tensor.tensor_type.name
         values: np.ndarray | BlockQuantized
-        if keep_blocks and kind in GGML_BLOCKS and name.endswith(_MATRICES) and len(dims) == 2:
-            values = from_ggml(kind, tensor.data, dims[0], dims[1])
-        else:
-            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32).reshape(dims)
+        try:
+            if keep_blocks and kind in GGML_BLOCKS and name.endswith(_MATRICES) and len(dims) == 2:
+                values = from_ggml(kind, tensor.data, dims[0], dims[1])
+            else:
+                raw = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+                values = raw.astype(np.float32).reshape(dims)
+        except ModelFormatError:
+            raise
+        except Exception as exc:
+            raise ModelFormatError(f"GGUF tensor {full} is malformed: {_reason(exc)}") from None
         if self.text.architecture == "llama" and name.endswith(_ROTARY):
             heads = self.text.shape.heads if "attn_q" in name else self.text.shape.kv_heads
             order = _half_split_rotary(np.arange(dims[0]), heads)
             values = values.take_rows(order) if isinstance(values, BlockQuantized) else values[order]
         return values
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 # The weights the decoder multiplies by (the others are gathered from or scale elementwise).

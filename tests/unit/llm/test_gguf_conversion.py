@@ -126,3 +126,23 @@ def test_smollm2_converts_and_answers_coherently() -> None:
     decoder = model.decoder()
     answer = "".join(decoder.push(t) for t in model.generate(prompt, GREEDY)) + decoder.flush()
     assert "Paris" in answer
+
+
+def _overwritten(tmp_path: Path, offset: int, value: int) -> Path:
+    data = bytearray(GGUF_PATH.read_bytes())
+    data[offset : offset + 8] = value.to_bytes(8, "little")
+    path = tmp_path / f"mutant-{offset}-{value:x}.gguf"
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("value", [0xFFFF_FFFF_FFFF_FFFF, 1 << 40, 1 << 31, 0x7FFF_FFFF, 0])
+@pytest.mark.parametrize("offset", [1935, *range(24, 1024, 97)])
+def test_a_malformed_gguf_is_refused_as_such_never_with_the_parser_s_own_exception(
+    tmp_path: Path, offset: int, value: int
+) -> None:
+    # Offsets in the header and metadata (1935: a length the gguf package indexed past, found in review).
+    try:
+        convert_gguf(_overwritten(tmp_path, offset, value))
+    except ModelFormatError:
+        pass
