@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 from custodian import replica
 from custodian._cli_args import DATABASE_ENV, add_database_option
@@ -56,6 +58,21 @@ def check_serve_options(parser: argparse.ArgumentParser, args: argparse.Namespac
         parser.error("--master-key is for replicas on PostgreSQL: give --database too")
     if args.command == "replica" and args.database is None:
         parser.error(f"replica init needs --database URL (or {DATABASE_ENV})")
+    database = getattr(args, "database", None)
+    if database and database != os.environ.get(DATABASE_ENV) and _has_password(database):
+        print(
+            f"warning: --database holds a password, which every local user can read in the process list;"
+            f" set {DATABASE_ENV} instead",
+            file=sys.stderr,
+        )
+
+
+def _has_password(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+        return parts.password is not None or any(k.lower() == "password" for k, _ in parse_qsl(parts.query))
+    except ValueError:
+        return False
 
 
 def _init(args: argparse.Namespace) -> None:

@@ -69,10 +69,16 @@ def redact(url: str) -> str:
         if parts.password is not None:
             netloc = parts.netloc.rsplit("@", 1)[1]
             parts = parts._replace(netloc=f"{parts.username or ''}:***@{netloc}")
-        query = [(k, "***" if k.lower() == "password" else v) for k, v in parse_qsl(parts.query)]
+        query = [(k, "***" if _secret_parameter(k) else v) for k, v in parse_qsl(parts.query)]
         return urlunsplit(parts._replace(query=urlencode(query, safe="*")))
     except ValueError:
         return "the PostgreSQL database"
+
+
+def _secret_parameter(name: str) -> bool:
+    """``password``, ``sslpassword`` and anything else named like a secret (libpq and asyncpg names)."""
+    lowered = name.lower()
+    return any(word in lowered for word in ("password", "secret", "token", "key"))
 
 
 class PostgresLedger(Ledger):

@@ -143,12 +143,12 @@ def _within(what: str, value: int, low: int, high: int, *, error: type[Custodian
     return value
 
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 def check_name(kind: str, name: str) -> str:
     """Model and deployment names: 1-64 of letters, digits, ``.``, ``_``, ``-``, starting alphanumeric."""
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):  # fullmatch: "$" would let a final newline through
         raise InvalidRequestError(
             f"{kind} name {name!r} must be 1-64 letters, digits, '.', '_' or '-',"
             " starting with a letter or digit"

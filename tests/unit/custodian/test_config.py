@@ -84,8 +84,8 @@ def test_requested_values_take_the_default_for_zero_and_are_bounded() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["", "-lead", ".hidden", "a b", "a/b", "x" * 65, "é"],
-    ids=["empty", "leading-dash", "leading-dot", "space", "slash", "too-long", "non-ascii"],
+    "name", ["", "-lead", ".hidden", "a b", "a/b", "x" * 65, "é", "demo\n"],
+    ids=["empty", "leading-dash", "leading-dot", "space", "slash", "too-long", "non-ascii", "final-newline"],
 )  # fmt: skip
 def test_names_refused(name: str) -> None:
     with pytest.raises(InvalidRequestError):

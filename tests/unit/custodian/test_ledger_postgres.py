@@ -175,6 +175,9 @@ def test_redact_hides_only_the_password() -> None:
     assert redact("postgresql://u@h/db?password=pw&sslmode=require") == (
         "postgresql://u@h/db?password=***&sslmode=require"
     )
+    assert redact("postgresql://u@h/db?sslpassword=S3CRET&sslmode=require") == (
+        "postgresql://u@h/db?sslpassword=***&sslmode=require"
+    )
 
 
 @pytest.fixture
