@@ -46,6 +46,8 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise InvalidInputError("the request body is not JSON (UTF-8)") from None
+    except RecursionError:
+        raise InvalidInputError("the request body nests too deeply") from None
     if not isinstance(doc, dict):
         raise InvalidInputError("the request body must be a JSON object")
     for name in _UNSUPPORTED:

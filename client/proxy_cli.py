@@ -21,6 +21,7 @@ from client.cli import _collateral, add_connection_arguments
 from client.errors import ClientError, VerificationRefusedError
 from client.pinned_enclave import PinnedEnclave
 from client.proxy import Proxy
+from client.proxy_guard import BrowserGuard
 
 logger = logging.getLogger("custos-proxy")
 
@@ -127,7 +128,9 @@ def _serve(args: argparse.Namespace) -> int:
     bound = sock.getsockname()[1]
     print(f"custos-proxy: serving http://{host}:{bound}/v1", file=sys.stderr, flush=True)
     config = uvicorn.Config(
-        Proxy(enclave).app(), log_level="debug" if args.verbose else "warning", access_log=args.verbose
+        BrowserGuard(Proxy(enclave).app(), listen_host=host),
+        log_level="debug" if args.verbose else "warning",
+        access_log=args.verbose,
     )
     try:
         uvicorn.Server(config).run(sockets=[sock])

@@ -48,11 +48,14 @@ def client(port: int) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
 
 
-def post(port: int, body: bytes | dict[str, object]) -> tuple[int, str, bytes]:
+def post(
+    port: int, body: bytes | dict[str, object], headers: dict[str, str] | None = None
+) -> tuple[int, str, bytes]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
-        connection.request("POST", "/v1/chat/completions", data, {"Content-Type": "application/json"})
+        sent = {"Content-Type": "application/json", **(headers or {})}
+        connection.request("POST", "/v1/chat/completions", data, sent)
         response = connection.getresponse()
         return response.status, response.getheader("Content-Type") or "", response.read()
     finally:
@@ -122,6 +125,27 @@ def test_raw_http_gets_server_sent_events_and_openai_shaped_errors(tmp_path: Pat
             assert error["type"] == "invalid_request_error"
             assert error["message"]
         assert served.daemon.lease.committed == committed  # refused input costs nothing
+
+
+def test_what_a_web_page_could_send_is_refused_and_costs_nothing(tmp_path: Path) -> None:
+    # A page in the user's browser can POST to 127.0.0.1 without a preflight (text/plain, no-cors), and
+    # read answers through DNS rebinding (a foreign Host): found in review. Programs send none of these.
+    with serving_llm(tmp_path) as served, proxy(tmp_path, served.address, served.manifest_file) as port:
+        committed = served.daemon.lease.committed
+        chat = {"model": "m", "messages": [{"role": "user", "content": "ab"}]}
+        for headers, status, code in [
+            ({"Origin": "https://evil.example"}, 403, "origin_refused"),
+            ({"Origin": "null"}, 403, "origin_refused"),
+            ({"Host": f"rebind.evil.example:{port}"}, 403, "host_refused"),
+            ({"Content-Type": "text/plain"}, 415, "content_type_refused"),
+        ]:
+            answered, _, body = post(port, chat, headers)
+            assert (answered, json.loads(body)["error"]["code"]) == (status, code), headers
+        deep = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        answered, _, body = post(port, deep)
+        assert answered == 400, body
+        assert served.daemon.lease.committed == committed
+        assert post(port, chat, {"Host": f"localhost:{port}"})[0] == 200  # a name of the loopback address
 
 
 def test_quota_exhausted_is_429_insufficient_quota(tmp_path: Path) -> None:
