@@ -65,6 +65,10 @@ class EchoModel:
     def eos_token_ids(self) -> frozenset[int]:
         return frozenset({EOS})
 
+    @property
+    def max_token_bytes(self) -> int:
+        return 1  # one token per byte
+
     def encode_prompt(self, text: str) -> list[int]:
         return [BOS, *text.encode()]
 

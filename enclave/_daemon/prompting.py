@@ -38,6 +38,11 @@ def prepare(model: TextModel, request: custos_pb2.GenerateRequest, limits: Promp
     """Check and tokenize the request (blocking: the tokenizer runs here); ``InvalidInputError`` if bad."""
     stops = _stops(request)
     sampling = _sampling(request)
+    # A prompt longer than this cannot fit the context: refused on its size, before the tokenizer
+    # spends time on it (refused work is free, so it must be cheap).
+    limits = replace(
+        limits, max_prompt_bytes=min(limits.max_prompt_bytes, model.context_length * model.max_token_bytes)
+    )
     kind = request.WhichOneof("input")
     if kind == "chat":
         messages = _messages(request.chat, limits)
@@ -47,7 +52,9 @@ def prepare(model: TextModel, request: custos_pb2.GenerateRequest, limits: Promp
             raise InvalidInputError(f"the chat does not fit the model's template: {exc}") from None
     elif kind == "prompt":
         if len(request.prompt) > limits.max_prompt_bytes:
-            raise InvalidInputError(f"prompt is over {limits.max_prompt_bytes} bytes")
+            raise InvalidInputError(
+                f"prompt is over {limits.max_prompt_bytes} bytes, more than the model's context can hold"
+            )
         text = _utf8(request.prompt, "prompt")
         if not text:
             raise InvalidInputError("prompt is empty")
@@ -76,7 +83,9 @@ def _messages(chat: custos_pb2.ChatMessages, limits: PromptLimits) -> list[ChatM
     if len(chat.messages) > limits.max_messages:
         raise InvalidInputError(f"the chat has {len(chat.messages)} messages, over {limits.max_messages}")
     if sum(len(m.content) for m in chat.messages) > limits.max_prompt_bytes:
-        raise InvalidInputError(f"the messages are over {limits.max_prompt_bytes} bytes")
+        raise InvalidInputError(
+            f"the messages are over {limits.max_prompt_bytes} bytes, more than the model's context can hold"
+        )
     messages = []
     for number, message in enumerate(chat.messages, start=1):
         if message.role not in ROLES:

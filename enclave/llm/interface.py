@@ -46,6 +46,11 @@ class TextModel(Protocol):
     @property
     def eos_token_ids(self) -> frozenset[int]: ...
 
+    @property
+    def max_token_bytes(self) -> int:
+        """The most UTF-8 bytes of text one token stands for: bounds a prompt that fits the context."""
+        ...
+
     def encode_prompt(self, text: str) -> list[int]: ...
 
     def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:

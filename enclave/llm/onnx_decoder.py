@@ -74,6 +74,10 @@ class OnnxTextModel:
         return self._eos
 
     @property
+    def max_token_bytes(self) -> int:
+        return self._codec.max_token_bytes
+
+    @property
     def info(self) -> TextModelInfo:
         return self._info
 

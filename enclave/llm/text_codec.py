@@ -72,11 +72,14 @@ class TextCodec:
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
         alphabet = byte_level_alphabet()
         table = [b""] * max(self.vocab_size, info.vocab_size)
+        # The most text one token stands for (control tokens' own text included): a prompt longer
+        # than this times the context cannot fit it, and is refused before the tokenizer runs.
+        self.max_token_bytes = 1
         for token, index in vocab.items():
+            piece = bytes(alphabet[c] for c in token) if all(c in alphabet for c in token) else token.encode()
+            self.max_token_bytes = max(self.max_token_bytes, len(piece), len(token.encode()))
             if 0 <= index < len(table) and index not in control:
-                table[index] = (
-                    bytes(alphabet[c] for c in token) if all(c in alphabet for c in token) else token.encode()
-                )
+                table[index] = piece
         self.token_bytes: tuple[bytes, ...] = tuple(table)
         self._template = None
         if info.chat_template is not None:

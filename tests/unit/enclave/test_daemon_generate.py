@@ -162,6 +162,11 @@ BAD_REQUESTS = [
     pytest.param({"prompt": b"\xff\xfeabc"}, "not valid UTF-8", id="invalid-utf8"),
     pytest.param({"prompt": b"x" * 63}, "prompt is 64 tokens, the model's context 64", id="over-long"),
     pytest.param({"prompt": b"hello", "max_tokens": 59}, "max_tokens must be 1 to 58", id="max-tokens"),
+    # Longer than context x the longest token's bytes: refused on its size, before the tokenizer runs.
+    pytest.param({"prompt": b"x" * 65}, "more than the model's context can hold", id="over-long-bytes"),
+    pytest.param(
+        {"chat": chat(("user", b"x" * 65))}, "more than the model's context can hold", id="over-long-chat"
+    ),
     pytest.param({"chat": chat()}, "the chat has no messages", id="no-messages"),
     pytest.param({"chat": chat(("robot", b"hi"))}, "unknown role 'robot'", id="unknown-role"),
     pytest.param(
