@@ -67,7 +67,8 @@ def test_cancelling_a_stream_charges_only_what_was_produced(tmp_path: Path) -> N
         pytest.param({"prompt": "hi", "max_tokens": -1}, "max_tokens must be 0 to", id="max-tokens"),
         pytest.param({"messages": [{"role": "robot", "content": "x"}]}, "unknown role 'robot'", id="role"),
         pytest.param({"prompt": "hi", "temperature": 3.0}, "temperature must be 0 to 2", id="temperature"),
-        pytest.param({"prompt": "x" * 80}, "prompt is 81 tokens", id="over-long"),
+        pytest.param({"prompt": "x" * 64}, "prompt is 65 tokens", id="over-long"),
+        pytest.param({"prompt": "x" * 80}, "prompt is over 64 bytes", id="over-long-bytes"),
         pytest.param({"prompt": "hi", "max_tokens": 100}, "max_tokens must be 1 to 61", id="over-context"),
     ],
 )
