@@ -108,7 +108,11 @@ def run(bench: Bench) -> list[Row]:
         bench.say(f"generation: {rounds} rounds of one stream then {STREAMS} at once, {max_tokens} tokens")
         single = alternate(rounds * 2, list(ways.items()))
         concurrent = alternate(
-            rounds, [(name, partial(_concurrently, pool, way)) for name, way in ways.items()]
+            rounds,
+            [
+                ("in_process", partial(_concurrently, computing, ways["in_process"])),
+                ("custos", partial(_concurrently, pool, ways["custos"])),
+            ],
         )
     tokens = {s.tokens for runs in single.values() for s in runs}
     model = f"{label}, {max_tokens} tokens greedy"
