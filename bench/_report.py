@@ -90,6 +90,8 @@ def _met(row: Row) -> str:
         return ""
     if row.target is not None and row.target.kind == "subject_p99_below":
         detail = f" (p99 {_number(row.subject_p99)})"
+    elif row.target is not None and row.target.kind == "difference_at_most":
+        detail = f" (adds {_number(row.difference)})"
     else:
         detail = ""
     return ("✅ met" if met else "❌ missed") + detail

@@ -17,7 +17,9 @@ from typing import Any, Literal, TypeVar
 
 T = TypeVar("T")
 
-TargetKind = Literal["ratio_at_most", "ratio_at_least", "subject_at_least", "subject_p99_below"]
+TargetKind = Literal[
+    "ratio_at_most", "ratio_at_least", "subject_at_least", "subject_p99_below", "difference_at_most"
+]
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -46,6 +48,7 @@ class Target:
             "ratio_at_least": f"ratio ≥ {self.value:g}",
             "subject_at_least": f"≥ {self.value:g} {unit}",
             "subject_p99_below": f"p99 < {self.value:g} {unit}",
+            "difference_at_most": f"adds ≤ {self.value:g} {unit}",
         }[self.kind]
 
 
@@ -73,6 +76,11 @@ class Row:
         return median(self.subject_samples) / base if base else math.nan
 
     @property
+    def difference(self) -> float:
+        """Subject median minus baseline median: what Custos adds."""
+        return median(self.subject_samples) - median(self.baseline_samples)
+
+    @property
     def subject_p99(self) -> float:
         return percentile(self.subject_samples, 99)
 
@@ -90,6 +98,8 @@ class Row:
                 return median(self.subject_samples) >= value
             case "subject_p99_below":
                 return self.subject_p99 < value
+            case "difference_at_most":
+                return self.difference <= value
 
     def to_json(self) -> dict[str, Any]:
         def summary(samples: Sequence[float]) -> dict[str, Any]:

@@ -10,8 +10,8 @@ enclave busy, 403 suspended, 503 verification or the enclave unavailable.
 
 The client API is blocking: each call to it runs in a worker thread. The first
 delta of an answer is awaited before the response starts, so that a refusal
-still gets its own status; a client that goes away cancels the answer, and the
-enclave charges only what it produced.
+still gets its own status; a client that goes away, streaming or not, cancels
+the answer, and the enclave charges only what it produced.
 """
 
 from __future__ import annotations
@@ -126,11 +126,19 @@ class Proxy:
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
+        drained = asyncio.ensure_future(asyncio.to_thread(_drain, answer))
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
-            await asyncio.to_thread(_drain, answer)
+            await asyncio.wait({drained, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not drained.done():  # the client went away: the enclave stops, charging what it produced
+                answer.cancel()
+                await drained
+                return Response(status_code=499)  # nobody reads it; uvicorn drops it
+            await drained
         except ClientError as exc:
             return error_response(exc)
         finally:
+            gone.cancel()
             answer.cancel()  # a no-op once it has ended
         assert answer.usage is not None
         return JSONResponse(completion.response(answer.text, answer.usage))
@@ -181,6 +189,12 @@ class Proxy:
             yield sse(error_body(exc)[1])
         finally:
             answer.cancel()  # the client went away, or the answer ended: a no-op then
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the HTTP client has gone away (the body was read: nothing else arrives before)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _drain(answer: Generation) -> None:

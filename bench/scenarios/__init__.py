@@ -7,7 +7,16 @@ from types import ModuleType
 
 from bench._context import Bench
 from bench._stats import Row
-from bench.scenarios import attestation, cold_start, inference, language_model, ledger, provisioning, replicas
+from bench.scenarios import (
+    attestation,
+    cold_start,
+    generation,
+    inference,
+    language_model,
+    ledger,
+    provisioning,
+    replicas,
+)
 
 Scenario = Callable[[Bench], list[Row]]
 
@@ -19,5 +28,6 @@ MODULES: tuple[ModuleType, ...] = (
     attestation,
     cold_start,
     language_model,
+    generation,
 )
 SCENARIOS: dict[str, Scenario] = {module.NAME: module.run for module in MODULES}

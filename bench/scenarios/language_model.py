@@ -10,7 +10,7 @@ without the package the scenario says so in the notes and reports nothing. Rows:
   decrypted, onnxruntime's session, tokenizer) against the bundle's size: target at most 2.5x.
 
 Decode throughput and time to first token through the served ``Generate`` RPC against the same model
-driven in-process are measured with the serving side.
+driven in-process: ``bench.scenarios.generation``.
 """
 
 from __future__ import annotations

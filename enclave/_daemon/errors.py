@@ -79,8 +79,10 @@ class LeaseRevokedError(QuotaError):
 
 
 class QuotaExhaustedError(QuotaError):
-    def __init__(self) -> None:
-        super().__init__("no inference left in the lease or the deployment's balance")
+    """``units``: what ran out, "inference" for a classifier, "tokens" for a language model."""
+
+    def __init__(self, units: str = "inference") -> None:
+        super().__init__(f"no {units} left in the lease or the deployment's balance")
 
 
 class CustodianOfflineError(QuotaError):

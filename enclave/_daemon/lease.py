@@ -263,7 +263,7 @@ class Lease:
 
     def _take_at_least(self, free: int, minimum: int) -> int:
         if free < minimum:
-            raise QuotaExhaustedError()
+            raise QuotaExhaustedError("inference" if self.tokens is None else "tokens")
         return self._take(free)
 
     def commit(self) -> None:

@@ -8,12 +8,19 @@ as Hugging Face's ``apply_chat_template`` renders it (``trim_blocks``, ``lstrip_
 Generated ids are decoded through a table of each token's bytes (byte-level BPE maps every byte to
 a printable character), so a character split across tokens comes out whole, once its last byte is
 in; control tokens (end of turn and the like) decode to nothing.
+
+Chat messages are written by end users: text in them that spells a control token (``<|im_end|>``)
+must not become one, or a user could end a turn and forge the next. The template is rendered with a
+placeholder in place of each message's content; the template's own text is encoded with its control
+tokens, each message's content as plain text.
 """
 
 from __future__ import annotations
 
 import codecs
 import json
+import re
+import secrets
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -63,6 +70,9 @@ class TextCodec:
         try:
             text = tokenizer_json.decode()
             self._tokenizer = Tokenizer.from_str(text)
+            # The same tokenizer reading control-token text as text: for what users wrote.
+            self._plain = Tokenizer.from_str(text)
+            self._plain.encode_special_tokens = True
             document = json.loads(text)
             vocab: dict[str, int] = document["model"]["vocab"]
             control = {t["id"] for t in document.get("added_tokens", ()) if t.get("special")}
@@ -102,16 +112,28 @@ class TextCodec:
         for message in messages:
             if message.role not in ROLES:
                 raise ValueError(f"message role {message.role!r} is not one of {', '.join(ROLES)}")
+        # Placeholders no message can hold (a fresh random word each time), one per message.
+        marker = f"\x00custos-{secrets.token_hex(8)}-"
         try:
             text = self._template.render(
-                messages=[{"role": m.role, "content": m.content} for m in messages],
+                messages=[{"role": m.role, "content": f"{marker}{i}\x00"} for i, m in enumerate(messages)],
                 add_generation_prompt=True,
                 bos_token=self._info.bos_token,
                 eos_token=self._info.eos_token,
             )
         except TemplateError as exc:
             raise ValueError(f"the chat template refused these messages: {exc}") from None
-        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False).ids
+        ids: list[int] = []
+        # Odd pieces are message numbers: "template, 0, template, 1, ..., template".
+        for position, piece in enumerate(re.split(f"{re.escape(marker)}(\\d+)\x00", text)):
+            if position % 2 == 0:
+                if marker in piece:
+                    raise ValueError("the chat template alters message content; this enclave cannot use it")
+                ids += self._tokenizer.encode(piece, add_special_tokens=False).ids if piece else []
+                continue
+            content = messages[int(piece)].content
+            if content:
+                ids += self._plain.encode(content, add_special_tokens=False).ids
         return ids
 
     def decoder(self) -> ByteDecoder:

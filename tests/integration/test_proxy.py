@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,7 +16,9 @@ from pathlib import Path
 import openai
 import pytest
 
+from enclave.llm.interface import ChatMessage
 from testkit.processes import free_port, isolated_env, poll, script, spawn, stop
+from tests.llm_double import EchoModel
 from tests.llm_enclave import serving_llm
 from tests.unit.enclave.fake_custodian import CertAuthority
 
@@ -262,3 +266,30 @@ def test_concurrent_streams_through_the_proxy_never_take_more_tokens_than_grante
         assert 0 < charged <= granted
         poll(lambda: served.daemon.lease.reserved == 0)
         assert served.daemon.lease.committed == charged
+
+
+def test_a_client_that_goes_away_before_a_non_streaming_answer_cancels_it(tmp_path: Path) -> None:
+    model = EchoModel(pace=threading.Semaphore(0))
+    assert model.pace is not None
+    body = json.dumps(
+        {"model": "m", "messages": [{"role": "user", "content": "abcdefgh"}], "max_tokens": 12}
+    ).encode()
+    with (
+        serving_llm(tmp_path, model=model) as served,
+        proxy(tmp_path, served.address, served.manifest_file) as port,
+    ):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as http:
+            http.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            model.pace.release(3)
+            poll(lambda: model.computed == 3)
+        # The HTTP client is gone with the model waiting on its 4th token: the enclave settles now.
+        lease = served.daemon.lease
+        poll(lambda: lease.reserved == 0)
+        model.pace.release(50)
+        poll(lambda: model.running == 0)
+        prompt = len(model.encode_chat([ChatMessage("user", "abcdefgh")]))
+        assert lease.committed == prompt + 3  # the prompt and the 3 tokens produced, of 12 asked
+        assert model.computed <= 4

@@ -207,7 +207,7 @@ def test_a_lease_that_cannot_cover_the_request_generates_what_it_can_and_ends_wi
             end = end_of(chunks)
             assert (end.prompt_tokens, end.completion_tokens, end.finish_reason) == (9, 1, "quota")
             assert end.remaining_quota == 0
-            with expect_code(grpc.StatusCode.RESOURCE_EXHAUSTED, "no inference left"):
+            with expect_code(grpc.StatusCode.RESOURCE_EXHAUSTED, "no tokens left in the lease"):
                 await r.generate(prompt=b"a", max_tokens=1)
             assert r.daemon.lease.committed == 10
 

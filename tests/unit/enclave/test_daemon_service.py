@@ -218,7 +218,7 @@ def test_quota_runs_out_after_the_top_up() -> None:
         async with running(gateway, topup_wait=0.3) as r:
             for _ in range(3):
                 await r.infer(image=png())
-            with expect_code(grpc.StatusCode.RESOURCE_EXHAUSTED):
+            with expect_code(grpc.StatusCode.RESOURCE_EXHAUSTED, "no inference left in the lease"):
                 await r.infer(image=png())
             assert r.daemon.lease.committed == 3
 
