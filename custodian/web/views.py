@@ -28,6 +28,9 @@ AUDIT_PAGE = 50
 # Refusals are counted from the audit log's newest entries (a rate-limited sample of them).
 _REFUSAL_ACTIONS = ("enrol.refuse", "receipt.refuse")
 _REFUSAL_SCAN = 2000
+# What the refresh script updates; a language model's prompt and completion tokens too.
+_USAGE_LIVE = ("balance", "leased", "used", "instances", "prompt_tokens", "completion_tokens")
+_OVERVIEW_LIVE = (*_USAGE_LIVE, "online", "refusals_last_hour")
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,7 @@ class Views:
             rows.append(row)
         live = {}
         for row in rows:
-            for key in ("balance", "leased", "used", "online", "refusals_last_hour", "instances"):
+            for key in _OVERVIEW_LIVE:
                 live[f"{row['name']}.{key}"] = str(row[key])
             live[f"{row['name']}.state"] = "suspended" if row["suspended"] else "active"
         return {"deployments": rows, "collateral": self._collateral(), "live": live}
@@ -85,7 +88,7 @@ class Views:
         enclaves = await self._s.roster.enclaves(name)
         manifest = await self._s.deployments.manifest(name)
         row = _usage(usage)
-        live = {f"{k}": str(row[k]) for k in ("balance", "leased", "used", "unreported", "instances")}
+        live = {k: str(row[k]) for k in (*_USAGE_LIVE, "unreported")}
         live["state"] = "suspended" if usage.suspended else "active"
         for e in enclaves:
             live[f"{e.instance_id}.state"] = e.state
@@ -114,6 +117,7 @@ class Views:
             "models": [
                 {
                     "name": m.name,
+                    "kind": m.kind,
                     "sha384": m.sha384.hex(),
                     "size": m.size,
                     "chunk_count": m.chunk_count,
