@@ -78,6 +78,10 @@ class RefusalCounts:
             "by_reason": by_reason,
         }
 
+    def __len__(self) -> int:
+        """The snapshots kept: about one a ``STEP`` over the last ``WINDOW``, whatever the reads."""
+        return len(self._snapshots)
+
     def _current(self) -> dict[tuple[str, str], float]:
         counts: dict[tuple[str, str], float] = {}
         for kind, counter in self._counters.items():

@@ -98,6 +98,8 @@ class Views:
         enclaves = await self._s.roster.enclaves(name)
         manifest = await self._s.deployments.manifest(name)
         row = _usage(usage)
+        row["platform"] = await self._platform(name)
+        row["collateral"] = _freshness(row["platform"], self._collateral())
         live = {k: str(row[k]) for k in (*_USAGE_LIVE, "unreported")}
         live["state"] = "suspended" if usage.suspended else "active"
         for e in enclaves:

@@ -42,6 +42,11 @@ def _overview(opener: urllib.request.OpenerDirector, base: str) -> dict[str, Any
     return doc
 
 
+def _read(opener: urllib.request.OpenerDirector, url: str) -> str:
+    with opener.open(url, timeout=10) as response:
+        return str(response.read().decode())
+
+
 async def _session(c: Running) -> tuple[urllib.request.OpenerDirector, str]:
     assert c.server.endpoints is not None
     socket = c.server.endpoints.admin_socket.parent / "console.sock"
@@ -121,5 +126,12 @@ def test_collateral_freshness_is_shown_for_each_deployments_platform(tmp_path: P
             assert (freshness["vendor"], freshness["documents"]) == ("intel", 2)
             assert freshness["oldest_hours"] == pytest.approx(3.0, abs=0.1)
             assert freshness["stale"] == []
+            page = await asyncio.to_thread(_read, opener, f"{base}/deployments/tdx")
+            assert "intel: 2 cached, oldest 3.0 h" in page
+            twin = json.loads(await asyncio.to_thread(_read, opener, f"{base}/deployments/tdx?format=json"))
+            assert twin["deployment"]["collateral"] == freshness
+            overview = await asyncio.to_thread(_read, opener, base + "/")
+            assert "not needed" in overview
+            assert "intel: 2 cached, oldest 3.0 h" in overview
 
     asyncio.run(scenario())
