@@ -98,7 +98,7 @@ class Views:
         enclaves = await self._s.roster.enclaves(name)
         manifest = await self._s.deployments.manifest(name)
         row = _usage(usage)
-        row["platform"] = await self._platform(name)
+        row["platform"] = await self._platform(name, manifest)
         row["collateral"] = _freshness(row["platform"], self._collateral())
         live = {k: str(row[k]) for k in (*_USAGE_LIVE, "unreported")}
         live["state"] = "suspended" if usage.suspended else "active"
@@ -204,11 +204,11 @@ class Views:
                         counts[entry.subject] = counts.get(entry.subject, 0) + 1
         return counts
 
-    async def _platform(self, name: str) -> str:
+    async def _platform(self, name: str, manifest: str = "") -> str:
+        """The platform a deployment's manifest names (read once: a manifest never changes)."""
         if name not in self._platforms:
-            self._platforms[name] = ReferenceValues.from_toml(
-                await self._s.deployments.manifest(name)
-            ).platform
+            manifest = manifest or await self._s.deployments.manifest(name)
+            self._platforms[name] = ReferenceValues.from_toml(manifest).platform
         return self._platforms[name]
 
     def _collateral(self) -> dict[str, Any]:
