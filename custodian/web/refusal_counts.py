@@ -52,8 +52,11 @@ class RefusalCounts:
         self._snapshots: collections.deque[_Snapshot] = collections.deque()
         self.sample()
 
-    def sample(self) -> _Snapshot:
-        """The counters now, kept as a snapshot if the newest kept is a ``STEP`` old."""
+    def sample(self) -> None:
+        """Keep the counters now as a snapshot, if the newest kept is a ``STEP`` old."""
+        self._sample()
+
+    def _sample(self) -> _Snapshot:
         now = self._now()
         current = _Snapshot(now, self._current())
         if not self._snapshots or now - self._snapshots[-1].at >= STEP:
@@ -65,7 +68,7 @@ class RefusalCounts:
 
     def last_hour(self) -> dict[str, Any]:
         """Refusals since the baseline, by kind and reason, and the time they are counted from."""
-        current = self.sample()
+        current = self._sample()
         baseline = self._snapshots[0]
         by_reason: dict[str, dict[str, int]] = {kind: {} for kind in KINDS}
         for (kind, reason), value in sorted(current.counts.items()):
