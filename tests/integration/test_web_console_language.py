@@ -26,7 +26,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from client import connect
 from testkit.browser import chromium, require_browser
-from testkit.processes import DIGITS_SAMPLES, poll, script
+from testkit.processes import DIGITS_SAMPLES, Enclave, poll, script
 from tests.unit.llm.tiny_llama.make import GGUF_PATH
 
 from ._console import Console, cookie_of, http, text
@@ -43,16 +43,9 @@ class Lending(Console):
         super().__init__(tmp)
         added = self.custodian.console("model", "add", str(GGUF_PATH), "--name", "tiny")
         assert added["kind"] == "language"
-        self.language, token = self.deployment(grant=500, model="tiny")
-        llm = self.enclave(self.language, token)
-        manifest = self.end_user_manifest(self.language)
-        done = subprocess.run(
-            [script("custos-query"), "chat", "--enclave", llm.address, "--manifest", str(manifest),
-             "--json", "--raw", "--temperature", "0", "--max-tokens", "8", PROMPT],
-            env=self.env, capture_output=True, text=True, timeout=120, check=False,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr
-        self.chat_usage: dict[str, int] = json.loads(done.stdout)["usage"]
+        self.language, self.language_token = self.deployment(grant=500, model="tiny")
+        llm = self.enclave(self.language, self.language_token)
+        self.chat_usage = self.chat(llm)
         llm.stop()  # its final report settles the lease
         poll(lambda: self.custodian.usage(self.language)["prompt_tokens"] > 0)
 
@@ -61,6 +54,18 @@ class Lending(Console):
         with connect(self.digits.address, self.end_user_manifest(self.classifier)) as conn:
             for _ in range(4):
                 conn.infer_image((DIGITS_SAMPLES / "digit-6.png").read_bytes())
+
+    def chat(self, llm: Enclave) -> dict[str, int]:
+        """Ask the language model once, greedily; what the chat says it cost."""
+        manifest = self.end_user_manifest(self.language)
+        done = subprocess.run(
+            [script("custos-query"), "chat", "--enclave", llm.address, "--manifest", str(manifest),
+             "--json", "--raw", "--temperature", "0", "--max-tokens", "8", PROMPT],
+            env=self.env, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        usage: dict[str, int] = json.loads(done.stdout)["usage"]
+        return usage
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +140,23 @@ def test_a_language_model_deployment_shows_its_tokens_as_custodian_usage_does(
     browser.get(f"{lending.base}/deployments/{lending.classifier}")
     assert text(browser, "unit") == "inferences"
     assert browser.find_elements(By.ID, "prompt-tokens") == []
+
+
+def test_the_deployment_page_shows_a_chats_tokens_without_a_reload(
+    lending: Lending, browser: webdriver.Chrome
+) -> None:
+    llm = lending.enclave(lending.language, lending.language_token)
+    browser.get(f"{lending.base}/deployments/{lending.language}")
+    # The same elements throughout: were the page reloaded, reading them would raise.
+    prompt, completion = (browser.find_element(By.ID, i) for i in ("prompt-tokens", "completion-tokens"))
+    before = int(prompt.text), int(completion.text)
+    spent = lending.chat(llm)
+    # The enclave reports its receipts as it serves; the page's refresh script shows them.
+    poll(lambda: int(prompt.text) == before[0] + spent["prompt_tokens"])
+    poll(lambda: int(completion.text) == before[1] + spent["completion_tokens"])
+    usage = lending.custodian.usage(lending.language)
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (int(prompt.text), int(completion.text))
+    llm.stop()
 
 
 def test_a_grant_of_tokens_says_tokens(lending: Lending, browser: webdriver.Chrome) -> None:
