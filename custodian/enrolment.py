@@ -17,7 +17,8 @@ a ``TPM2_MakeCredential`` challenge for that EK and the Name of the AK in the
 verified evidence, its id the sealed pending enrolment. ``activate`` takes the
 recovered secret (constant-time compare, single use, expiring with the nonce's
 lifetime); only then is the instance admitted, with a client certificate and a
-certificate for its AK.
+certificate for its AK, and the ``on_admitted`` hook told of the evidence its
+enrolment was appraised on (kept meanwhile by ``custodian.appraisals``).
 """
 
 from __future__ import annotations
@@ -34,14 +35,15 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from custodian.appraisals import Appraised, PendingAppraisals
 from custodian.authority import CertificateAuthority, csr_public_key
 from custodian.challenges import Challenges, spent_key
 from custodian.collateral import CollateralSource
 from custodian.config import CustodianConfig
+from custodian.endorsement import check_ek
 from custodian.errors import CustodianError, NotFoundError, RefusedError, SuspendedError
 from custodian.ledger import InstanceRecord, Ledger
 from custodian.metrics import CustodianMetrics
@@ -49,7 +51,7 @@ from custodian.throttle import AuditSampler, Rate
 from enclave.attestation import AttestedClaims, Evidence, ReferenceValues, appraise
 from enclave.attestation.appraisal import Appraisal
 from enclave.attestation.tpm_ak import load_ak
-from enclave.attestation.tpm_credential import make_credential, object_name, verify_ek_certificate
+from enclave.attestation.tpm_credential import make_credential, object_name
 from enclave.collateral._http import CollateralServiceError
 from enclave.errors import BindingError, EnclaveError, EvidenceError, PolicyError
 from enclave.identity import public_key_der
@@ -57,7 +59,6 @@ from enclave.identity import public_key_der
 logger = logging.getLogger(__name__)
 
 CREDENTIAL_SECRET_SIZE = 32
-MAX_EK_CHAIN_BYTES = 16 * 1024
 # Longest deployment name (``custodian.config.check_name``); a longer one names no deployment.
 MAX_DEPLOYMENT_NAME = 64
 # What of a caller's text an error, a log line or an audit entry repeats.
@@ -114,8 +115,10 @@ class Enrolment:
         self._metrics = metrics
         self._collateral = collateral
         self._challenges = challenges or Challenges(ttl_seconds=config.nonce_ttl_seconds)
-        # Told of each instance admitted on its evidence (the web console shows it); tpm: not yet.
+        # Told of each instance admitted on its evidence (the web console shows it); a tpm
+        # instance's appraisal waits for its credential's activation in ``_appraised``.
         self.on_admitted: Callable[[str, bytes, bytes, Appraisal], None] | None = None
+        self._appraised = PendingAppraisals()
         skipped = metrics.audit_skipped.labels("enrol").inc
         self._anonymous = AuditSampler(_rate(ANONYMOUS_SAMPLES, monotonic), skipped)
         self._known = AuditSampler(_rate(DEPLOYMENT_SAMPLES, monotonic), skipped)
@@ -197,8 +200,13 @@ class Enrolment:
             )
             if tpm:
                 stage = "ek"
-                self._check_ek(reference, tpm_ek_public, tpm_ek_certificate, tpm_ek_chain, now)
-                return self._credential(deployment, evidence, tpm_ek_public, key, now)
+                check_ek(reference, tpm_ek_public, tpm_ek_certificate, tpm_ek_chain, now)
+                challenge = self._credential(deployment, evidence, tpm_ek_public, key, now)
+                if self.on_admitted is not None:
+                    sealed = self._challenges.open_credential(challenge.challenge_id, now)
+                    kept = Appraised(evidence, claims, appraisal, sealed.expires_at)
+                    self._appraised.keep(sealed.spent_key, kept, now)
+                return challenge
         except (CustodianError, EnclaveError) as exc:
             await self._refuse(deployment, _attestation_reason(exc) if stage == "attestation" else stage, exc)
             raise
@@ -217,6 +225,7 @@ class Enrolment:
             await self._refuse("", "credential", exc, anonymous=source)
             raise
         spent = (pending.spent_key, pending.expires_at)
+        appraised = self._appraised.take(pending.spent_key, self._ledger.now())  # one attempt, too
         if not hmac.compare_digest(secret, pending.secret):
             error = RefusedError(
                 "credential activation failed: the AK is not in the same TPM as the certified EK"
@@ -227,42 +236,12 @@ class Enrolment:
             raise error
         public_key = serialization.load_der_public_key(pending.public_key)
         assert isinstance(public_key, ec.EllipticCurvePublicKey)  # only an EC key was ever sealed
-        return await self._admit(
-            pending.deployment,
-            public_key,
-            platform="tpm",
-            simulated=False,
-            ak=pending.ak_public,
-            spend=spent,
+        enrolled = await self._admit(
+            pending.deployment, public_key, platform="tpm", simulated=False, ak=pending.ak_public, spend=spent
         )
-
-    def _check_ek(
-        self,
-        reference: ReferenceValues,
-        ek_public: bytes,
-        ek_certificate: bytes,
-        ek_chain: bytes,
-        now: datetime.datetime,
-    ) -> None:
-        if not reference.tpm_ek_roots:
-            raise RefusedError("the manifest names no [tpm] ek_roots: no EK certificate can be trusted")
-        if not ek_public or not ek_certificate:
-            raise RefusedError("the enclave sent no EK public key or no EK certificate")
-        if len(ek_chain) > MAX_EK_CHAIN_BYTES:
-            raise RefusedError(f"EK certificate chain is over {MAX_EK_CHAIN_BYTES} bytes")
-        try:
-            intermediates = x509.load_pem_x509_certificates(ek_chain) if ek_chain else []
-        except (ValueError, x509.InvalidVersion):
-            raise RefusedError("EK certificate chain is not PEM certificates") from None
-        roots = x509.load_pem_x509_certificates(reference.tpm_ek_roots.encode())
-        try:
-            verify_ek_certificate(
-                ek_certificate, ek_public, roots=roots, intermediates=intermediates, now=now
-            )
-        except EvidenceError as exc:
-            raise RefusedError(
-                f"EK certificate is not trusted by the manifest's [tpm] ek_roots: {exc}"
-            ) from None
+        if self.on_admitted is not None and appraised is not None:
+            self.on_admitted(enrolled.instance_id, appraised.evidence, appraised.claims, appraised.appraisal)
+        return enrolled
 
     def _credential(
         self,

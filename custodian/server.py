@@ -59,6 +59,7 @@ from custodian.model_store import ModelStore
 from custodian.roster import Roster
 from custodian.web.evidence_book import EvidenceBook
 from custodian.web.listener import ConsoleListener
+from custodian.web.refusal_counts import RefusalCounts
 from custodian.web.views import ConsoleServices
 from protos import custos_pb2_grpc as pb_grpc
 
@@ -264,8 +265,9 @@ class CustodianServer:
         if config.console_listen is not None:
             book = EvidenceBook()
             enrolment.on_admitted = book.record
+            refusals = RefusalCounts(self.metrics, now)
             services = ConsoleServices(
-                deployments, roster, store, ledger, self.metrics, data / "collateral", book
+                deployments, roster, store, ledger, self.metrics, data / "collateral", book, refusals
             )
             self._console = await ConsoleListener.start(
                 services, config.console_listen, data / "console.sock", now=now

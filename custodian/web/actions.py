@@ -26,8 +26,8 @@ if TYPE_CHECKING:
     from custodian.web.app import ConsoleApp
 
 _QUESTIONS = {
-    "grant": "Add {units} units to the balance of {name}?",
-    "revoke": "Take back {units} units from {name} (the free balance first, then its enclaves' leases)?",
+    "grant": "Add {units} {unit} to the balance of {name}?",
+    "revoke": "Take back {units} {unit} from {name} (the free balance first, then its enclaves' leases)?",
     "suspend": "Suspend {name}? Its enclaves stop serving at once.",
     "resume": "Let {name} serve again?",
     "rotate-token": "Give {name} a new join token? The current one stops admitting enclaves.",
@@ -53,14 +53,16 @@ async def run(app: ConsoleApp, request: Request, session: Session) -> Response:
     form: dict[str, str] = request.state.form
     units, everything = _units(form, action) if action in ("grant", "revoke") else (0, False)
     deployments = app.services.deployments
-    await deployments.usage(name)  # an unknown deployment is refused before any confirmation
+    # An unknown deployment is refused before any confirmation.
+    (before,) = await deployments.usage(name)
+    unit = "tokens" if before.unit == "token" else "units"  # as `custodian grant` says it
     if form.get("confirm") != "yes":
         amount = "all unused" if everything else str(units)
         return app.render(
             request,
             "confirm.html",
             {
-                "question": _QUESTIONS[action].format(units=amount, name=name),
+                "question": _QUESTIONS[action].format(units=amount, unit=unit, name=name),
                 "action": action,
                 "name": name,
                 "fields": {k: v for k, v in form.items() if k in ("units", "all")},
@@ -70,10 +72,10 @@ async def run(app: ConsoleApp, request: Request, session: Session) -> Response:
     session_id: str = request.state.session_id
     if action == "grant":
         usage, changed = await deployments.grant(name, units, origin=origin)
-        done = f"granted {changed} units; {name} balance is now {usage.balance}"
+        done = f"granted {changed} {unit}; {name} balance is now {usage.balance}"
     elif action == "revoke":
         usage, changed = await deployments.revoke(name, units=units, everything=everything, origin=origin)
-        done = f"revoked {changed} units; {name} balance is now {usage.balance}"
+        done = f"revoked {changed} {unit}; {name} balance is now {usage.balance}"
     elif action == "suspend":
         await deployments.suspend(name, origin=origin)
         done = f"deployment {name} suspended"

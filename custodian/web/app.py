@@ -53,7 +53,13 @@ def templates() -> Jinja2Templates:
         autoescape=True,
         undefined=jinja2.StrictUndefined,
     )
+    env.filters["units"] = unit_word
     return Jinja2Templates(env=env)
+
+
+def unit_word(unit: str) -> str:
+    """What a deployment's quota counts, in the plural: a language model's tokens, a classifier's calls."""
+    return "tokens" if unit == "token" else "inferences"
 
 
 class ConsoleApp:

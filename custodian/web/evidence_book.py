@@ -3,8 +3,8 @@
 The ledger keeps no evidence (an instance is its key and its receipts), so the
 console keeps the evidence, the claims and what the verifier found for the
 instances admitted since this custodian started, the newest ``MAX_INSTANCES``.
-A tpm instance is admitted at credential activation, after its evidence was
-appraised, and is not recorded here yet.
+A tpm instance is recorded when it is admitted, at credential activation, with
+the evidence appraised at its enrolment (``custodian.appraisals``).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 uvicorn's ``Server.serve`` would take over SIGINT and SIGTERM (the custodian
 handles those itself), so it runs here with that step left out, as a task
 serving a socket bound beforehand (a port in use is said at once). Its access
-log is off: a login URL's path is a secret.
+log is off: a login URL's path is a secret. Beside it a ticker snapshots the
+refusal counters each minute (``custodian.web.refusal_counts``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from custodian.config import Address
 from custodian.errors import ConfigError
 from custodian.web.app import build
 from custodian.web.login_socket import LoginSocket
+from custodian.web.refusal_counts import STEP, RefusalCounts
 from custodian.web.sessions import Sessions
 from custodian.web.views import ConsoleServices
 
@@ -51,6 +53,7 @@ class ConsoleListener:
         self._server: uvicorn.Server | None = None
         self._socket: socket.socket | None = None
         self._loop_task: asyncio.Task[None] | None = None
+        self._ticker: asyncio.Task[None] | None = None
         self._login: LoginSocket | None = None
         self.address: Address | None = None
 
@@ -107,8 +110,17 @@ class ConsoleListener:
                 await asyncio.sleep(0.01)
         self._login = LoginSocket(login_socket, lambda user: f"{base}/login/{sessions.new_login_link(user)}")
         await self._login.start()
+        self._ticker = asyncio.create_task(_tick(services.refusals))
 
     async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+            self._ticker = None
+        await self._stop_serving()
+
+    async def _stop_serving(self) -> None:
         if self._login is not None:
             await self._login.stop()
             self._login = None
@@ -122,3 +134,10 @@ class ConsoleListener:
         if self._socket is not None:
             self._socket.close()
             self._socket = None
+
+
+async def _tick(refusals: RefusalCounts) -> None:
+    """Snapshot the refusal counters each step, so that the last hour's count is ready when asked."""
+    while True:
+        await asyncio.sleep(STEP.total_seconds())
+        refusals.sample()

@@ -22,12 +22,19 @@ from custodian.model_check import inputs_from_json
 from custodian.model_store import ModelStore
 from custodian.roster import EnclaveStatus, Roster
 from custodian.web.evidence_book import EvidenceBook
+from custodian.web.refusal_counts import RefusalCounts
 from custodian.web.usage_history import SPANS, History, history, window
+from enclave.attestation import ReferenceValues
 
 AUDIT_PAGE = 50
 # Refusals are counted from the audit log's newest entries (a rate-limited sample of them).
 _REFUSAL_ACTIONS = ("enrol.refuse", "receipt.refuse")
 _REFUSAL_SCAN = 2000
+# What the refresh script updates; a language model's prompt and completion tokens too.
+_USAGE_LIVE = ("balance", "leased", "used", "instances", "prompt_tokens", "completion_tokens")
+_OVERVIEW_LIVE = (*_USAGE_LIVE, "online", "refusals_last_hour")
+# Whose collateral a platform's evidence is appraised with (the others need none).
+_VENDOR = {"tdx": "intel", "sgx": "intel", "sev-snp": "amd"}
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,7 @@ class ConsoleServices:
     metrics: CustodianMetrics
     collateral_dir: Path
     evidence: EvidenceBook
+    refusals: RefusalCounts
 
 
 def _iso(value: datetime | None) -> str:
@@ -60,23 +68,28 @@ class Views:
         self._s = services
         self._chain = ChainCheck()
         self._chain_error = ""
+        self._platforms: dict[str, str] = {}  # a deployment's manifest never changes
 
     async def overview(self) -> dict[str, Any]:
         usages = await self._s.deployments.usage()
         enclaves = await self._s.roster.enclaves()
         refusals = await self._refusals_last_hour()
+        collateral = self._collateral()
         rows = []
         for u in usages:
             row = _usage(u)
             row["online"] = sum(1 for e in enclaves if e.deployment == u.name and e.connected)
             row["refusals_last_hour"] = refusals.get(u.name, 0)
+            row["platform"] = await self._platform(u.name)
+            row["collateral"] = _freshness(row["platform"], collateral)
             rows.append(row)
-        live = {}
+        counted = self._s.refusals.last_hour()
+        live = {f"refusals.{kind}": str(n) for kind, n in counted["total"].items()}
         for row in rows:
-            for key in ("balance", "leased", "used", "online", "refusals_last_hour", "instances"):
+            for key in _OVERVIEW_LIVE:
                 live[f"{row['name']}.{key}"] = str(row[key])
             live[f"{row['name']}.state"] = "suspended" if row["suspended"] else "active"
-        return {"deployments": rows, "collateral": self._collateral(), "live": live}
+        return {"deployments": rows, "collateral": collateral, "refusals": counted, "live": live}
 
     async def deployment(self, name: str, span: str, *, with_history: bool = True) -> dict[str, Any]:
         if span not in SPANS:
@@ -85,7 +98,9 @@ class Views:
         enclaves = await self._s.roster.enclaves(name)
         manifest = await self._s.deployments.manifest(name)
         row = _usage(usage)
-        live = {f"{k}": str(row[k]) for k in ("balance", "leased", "used", "unreported", "instances")}
+        row["platform"] = await self._platform(name, manifest)
+        row["collateral"] = _freshness(row["platform"], self._collateral())
+        live = {k: str(row[k]) for k in (*_USAGE_LIVE, "unreported")}
         live["state"] = "suspended" if usage.suspended else "active"
         for e in enclaves:
             live[f"{e.instance_id}.state"] = e.state
@@ -114,6 +129,7 @@ class Views:
             "models": [
                 {
                     "name": m.name,
+                    "kind": m.kind,
                     "sha384": m.sha384.hex(),
                     "size": m.size,
                     "chunk_count": m.chunk_count,
@@ -188,6 +204,13 @@ class Views:
                         counts[entry.subject] = counts.get(entry.subject, 0) + 1
         return counts
 
+    async def _platform(self, name: str, manifest: str = "") -> str:
+        """The platform a deployment's manifest names (read once: a manifest never changes)."""
+        if name not in self._platforms:
+            manifest = manifest or await self._s.deployments.manifest(name)
+            self._platforms[name] = ReferenceValues.from_toml(manifest).platform
+        return self._platforms[name]
+
     def _collateral(self) -> dict[str, Any]:
         """Each cached vendor document: its age, and whether it is served stale (service unreachable)."""
         stale = {
@@ -212,3 +235,16 @@ class Views:
                     }
                 )
         return {"files": documents, "stale": [d for d, v in sorted(stale.items()) if v]}
+
+
+def _freshness(platform: str, collateral: dict[str, Any]) -> dict[str, Any]:
+    """The collateral a deployment's platform is appraised with: its vendor's documents, the oldest's age."""
+    vendor = _VENDOR.get(platform, "")
+    ages = [d["age_hours"] for d in collateral["files"] if d["vendor"] == vendor]
+    return {
+        "vendor": vendor,
+        "documents": len(ages),
+        "oldest_hours": max(ages) if ages else None,
+        # Only Intel's documents are served stale (AMD's CRL fallbacks are counted, not flagged).
+        "stale": collateral["stale"] if vendor == "intel" else [],
+    }

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,7 +27,19 @@ TDX_QUOTE = ROOT.parent / "shared" / "vectors" / "tdx" / "dcapqvl_tdx_quote.bin"
 
 
 class Platforms(Loopback):
-    """One custodian with the demo model; enclaves on the platform a test picks."""
+    """One custodian with the demo model and the web console; enclaves on the platform a test picks."""
+
+    def __init__(self, tmp: Path) -> None:
+        super().__init__(tmp, custodian_args=["--console", "127.0.0.1:0"])
+
+    def console_json(self, path: str) -> dict[str, Any]:
+        """A console page's JSON twin, in a session opened with a one-time login URL."""
+        browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+        browser.open(self.custodian.console("console", "login")["url"], timeout=10).close()
+        base = str(self.custodian.endpoints["console"])
+        with browser.open(f"{base}{path}?format=json", timeout=10) as response:
+            doc: dict[str, Any] = json.loads(response.read())
+        return doc
 
     def manifest(self, name: str, *args: str, platform: str) -> Path:
         return enclave_manifest(
@@ -82,7 +96,14 @@ def test_tpm_enclave_serves_a_verified_query(
     with connect(enclave.address, end_user) as conn:
         result = conn.infer_image((DIGITS_SAMPLES / "digit-3.png").read_bytes())
     assert result.top[0].label == "three"
-    assert [row["platform"] for row in platforms.enrolled("tpm")] == ["tpm"]
+    (enrolled,) = platforms.enrolled("tpm")
+    assert enrolled["platform"] == "tpm"
+    # Admitted at its credential's activation, with the evidence its enrolment was appraised on.
+    shown = platforms.console_json(f"/enclaves/{enrolled['instance_id']}")["evidence"]
+    assert shown is not None, "the console kept no evidence of the tpm enclave"
+    assert (shown["platform"], shown["simulated"]) == ("tpm", False)
+    assert set(reference.registers) <= set(shown["registers"])  # the quoted PCRs the manifest fixes
+    assert shown["log_register"] in shown["registers"]
 
 
 def test_tpm_enrolment_refused_when_the_ek_certificate_is_not_trusted(

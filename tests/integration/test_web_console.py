@@ -5,22 +5,16 @@ answers without one; the overview lists the deployments; a grant through the
 form changes the balance on the page and in `custodian usage`; a suspend through
 the page makes a running enclave refuse within a second; the usage chart draws
 the receipts' numbers; a POST without the CSRF token is refused and changes
-nothing. Screenshots of each page go to $CUSTOS_CONSOLE_SCREENSHOTS when set
-(that is how docs/console/ is made).
+nothing. A language model's deployment, and the screenshots, are in
+test_web_console_language.py.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
-import os
-import shutil
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from selenium import webdriver
@@ -34,34 +28,11 @@ from client import connect
 from client.errors import SuspendedError
 from enclave.attestation import Evidence
 from testkit.browser import chromium, require_browser
-from testkit.processes import DIGITS_SAMPLES, enclave_manifest, poll
+from testkit.processes import DIGITS_SAMPLES, poll
 
-from ._loopback import Loopback
+from ._console import Console, cookie_of, http, text
 
 pytestmark = pytest.mark.integration
-_names = (f"web{i}" for i in itertools.count())
-
-
-class Console(Loopback):
-    """A custodian serving the web console on a loopback port, with the demo model."""
-
-    def __init__(self, tmp: Path) -> None:
-        super().__init__(tmp, custodian_args=["--console", "127.0.0.1:0"])
-        self.enclave_manifest = enclave_manifest(tmp / "enclave.toml", self.ca, self.env)
-        self.base = str(self.custodian.endpoints["console"])
-
-    def deployment(self, *, grant: int = 0) -> tuple[str, str]:
-        name = next(_names)
-        created = self.custodian.console(
-            "deployment", "create", name, "--model", "digits", "--manifest", str(self.enclave_manifest)
-        )
-        if grant:
-            self.custodian.console("grant", name, str(grant))
-        return name, created["join_token"]
-
-    def login_url(self) -> str:
-        url: str = self.custodian.console("console", "login")["url"]
-        return url
 
 
 @pytest.fixture(scope="module")
@@ -78,35 +49,13 @@ def browser(console: Console) -> Iterator[webdriver.Chrome]:
         yield driver
 
 
-def _http(url: str, *, data: bytes | None = None, cookie: str = "") -> tuple[int, str]:
-    request = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
-    if cookie:
-        request.add_header("Cookie", cookie)
-    if data is not None:
-        request.add_header("Content-Type", "application/x-www-form-urlencoded")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return int(response.status), response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
-def _cookie(driver: webdriver.Chrome) -> str:
-    cookie: dict[str, Any] = driver.get_cookie("custos_console") or {}
-    return f"custos_console={cookie.get('value', '')}"
-
-
-def _text(driver: webdriver.Chrome, element_id: str) -> str:
-    return str(driver.find_element(By.ID, element_id).text)
-
-
 def _confirm(driver: webdriver.Chrome, form_id: str, units: str = "") -> str:
     """Submit a deployment action's form, then confirm; returns the confirmation question."""
     form = driver.find_element(By.ID, form_id)
     if units:
         form.find_element(By.NAME, "units").send_keys(units)
     _navigate(driver, form.find_element(By.CSS_SELECTOR, "button[type=submit]"))
-    question = _text(driver, "question")
+    question = text(driver, "question")
     _navigate(driver, driver.find_element(By.ID, "confirm-button"))
     return question
 
@@ -121,13 +70,13 @@ def test_nothing_answers_without_a_session(console: Console) -> None:
     name, _ = console.deployment()
     for path in ("/", "/models", "/audit", "/audit/export", f"/deployments/{name}", "/enclaves/x",
                  "/static/console.css", "/static/live.js", "/?format=json", "/nowhere"):  # fmt: skip
-        status, body = _http(console.base + path)
+        status, body = http(console.base + path)
         assert status == 401, path
         assert name not in body, path
         assert "csrf_token" not in body, path
     for path in (f"/deployments/{name}/grant", f"/deployments/{name}/suspend", "/logout"):
-        assert _http(console.base + path, data=b"units=5&confirm=yes")[0] == 401, path
-    status, _ = _http(console.base + "/", cookie="custos_console=forged")
+        assert http(console.base + path, data=b"units=5&confirm=yes")[0] == 401, path
+    status, _ = http(console.base + "/", cookie="custos_console=forged")
     assert status == 401
     assert console.custodian.usage(name)["balance"] == 0
     assert not console.custodian.usage(name)["suspended"]
@@ -152,7 +101,7 @@ def test_a_login_url_opens_one_session_and_the_overview_lists_deployments(consol
             assert rows[name].find_element(By.CSS_SELECTOR, "[data-field=state]").text == "active"
         driver.delete_all_cookies()
         driver.get(url)  # the same link again
-        assert "not valid" in _text(driver, "reason")
+        assert "not valid" in text(driver, "reason")
         assert driver.get_cookie("custos_console") is None
         driver.get(console.base + "/")
         assert "Not logged in" in driver.find_element(By.TAG_NAME, "h1").text
@@ -167,12 +116,12 @@ def test_granting_through_the_form_changes_the_balance_and_is_audited(
 ) -> None:
     name, _ = console.deployment(grant=5)
     browser.get(f"{console.base}/deployments/{name}")
-    assert _text(browser, "balance") == "5"
+    assert text(browser, "balance") == "5"
     question = _confirm(browser, "grant-form", units="7")
     assert question == f"Add 7 units to the balance of {name}?"
     assert browser.current_url == f"{console.base}/deployments/{name}"
-    assert _text(browser, "flash") == f"granted 7 units; {name} balance is now 12"
-    assert _text(browser, "balance") == "12"
+    assert text(browser, "flash") == f"granted 7 units; {name} balance is now 12"
+    assert text(browser, "balance") == "12"
     assert console.custodian.usage(name)["balance"] == 12
     last = console.custodian.console("audit", "--last", "1")["last"][0]
     assert (last["action"], last["subject"], last["detail"]["units"]) == ("quota.grant", name, 7)
@@ -187,12 +136,12 @@ def test_bad_input_and_cancel_change_nothing(console: Console, browser: webdrive
     browser.execute_script("arguments[0].removeAttribute('pattern')", form.find_element(By.NAME, "units"))
     form.find_element(By.NAME, "units").send_keys("-3")
     _navigate(driver=browser, button=form.find_element(By.CSS_SELECTOR, "button[type=submit]"))
-    assert "units must be a whole number from 1 to" in _text(browser, "reason")
+    assert "units must be a whole number from 1 to" in text(browser, "reason")
     assert "Traceback" not in browser.page_source
     browser.get(f"{console.base}/deployments/{name}")
     _navigate(browser, browser.find_element(By.ID, "suspend-button"))
     _navigate(browser, browser.find_element(By.LINK_TEXT, "Cancel"))
-    assert _text(browser, "state") == "active"
+    assert text(browser, "state") == "active"
     assert console.custodian.usage(name)["balance"] == 5
     assert not console.custodian.usage(name)["suspended"]
 
@@ -201,19 +150,19 @@ def test_a_post_without_the_csrf_token_is_refused(console: Console, browser: web
     name, _ = console.deployment(grant=5)
     browser.get(f"{console.base}/deployments/{name}")
     token = browser.find_element(By.NAME, "csrf_token").get_attribute("value")
-    cookie = _cookie(browser)
+    cookie = cookie_of(browser)
     url = f"{console.base}/deployments/{name}/grant"
     for form in (
         b"units=5&confirm=yes",
         b"units=5&confirm=yes&csrf_token=",
         b"units=5&confirm=yes&csrf_token=x",
     ):
-        status, body = _http(url, data=form, cookie=cookie)
+        status, body = http(url, data=form, cookie=cookie)
         assert status == 403
         assert "CSRF" in body
     assert console.custodian.usage(name)["balance"] == 5
     # The same request with the session's token goes through: the refusal was the token's.
-    status, _ = _http(url, data=f"units=5&confirm=yes&csrf_token={token}".encode(), cookie=cookie)
+    status, _ = http(url, data=f"units=5&confirm=yes&csrf_token={token}".encode(), cookie=cookie)
     assert status == 200
     assert console.custodian.usage(name)["balance"] == 10
 
@@ -295,7 +244,7 @@ def test_the_usage_chart_draws_the_receipts(console: Console, browser: webdriver
     scale = max(h for _, _, h in bars["granted"]) / 20
     for _, value, height in bars["used"] + bars["granted"]:
         assert height == pytest.approx(value * scale, abs=0.02)
-    twin = json.loads(_http(f"{console.base}/deployments/{name}?format=json", cookie=_cookie(browser))[1])
+    twin = json.loads(http(f"{console.base}/deployments/{name}?format=json", cookie=cookie_of(browser))[1])
     assert twin["history"]["used"][-1] == 3
     assert sum(sum(v) for v in twin["history"]["used_by_instance"].values()) == 3
     browser.get(f"{console.base}/deployments/{name}?span=day")
@@ -309,7 +258,7 @@ def test_the_enclave_page_shows_its_evidence_and_state(console: Console, browser
     enclave = console.enclave(name, token)
     listed = console.custodian.console("enclaves", "--deployment", name)[0]
     browser.get(f"{console.base}/enclaves/{listed['instance_id']}")
-    assert _text(browser, "state") == "connected"
+    assert text(browser, "state") == "connected"
     registers = {
         row.find_element(By.TAG_NAME, "th").text: row.find_element(By.TAG_NAME, "td").text
         for row in browser.find_elements(By.CSS_SELECTOR, "#registers tbody tr")
@@ -319,55 +268,27 @@ def test_the_enclave_page_shows_its_evidence_and_state(console: Console, browser
     kinds = [row.find_elements(By.TAG_NAME, "td")[1].text for row in browser.find_elements(
         By.CSS_SELECTOR, "#measurement-log tbody tr")]  # fmt: skip
     assert kinds == ["instance", "code", "config"]  # what a sim enclave measures before its model
-    status, body = _http(f"{console.base}/enclaves/{listed['instance_id']}/evidence", cookie=_cookie(browser))
+    status, body = http(
+        f"{console.base}/enclaves/{listed['instance_id']}/evidence", cookie=cookie_of(browser)
+    )
     assert status == 200
     evidence = Evidence.from_bytes(body.encode())
     assert evidence.platform == "sim"
     enclave.stop()
-    poll(lambda: _text(browser, "state") == "stopped", deadline=10)
-
-
-def test_screenshots_of_every_page(console: Console, browser: webdriver.Chrome, tmp_path: Path) -> None:
-    name, token = console.deployment(grant=50)
-    enclave = console.enclave(name, token)
-    with connect(enclave.address, console.end_user_manifest(name)) as conn:
-        for _ in range(4):
-            conn.infer_image((DIGITS_SAMPLES / "digit-6.png").read_bytes())
-    instance = console.custodian.console("enclaves", "--deployment", name)[0]["instance_id"]
-    pages = {
-        "overview": "/",
-        "deployment": f"/deployments/{name}",
-        "enclave": f"/enclaves/{instance}",
-        "models": "/models",
-        "audit": "/audit",
-    }
-    out = Path(os.environ.get("CUSTOS_CONSOLE_SCREENSHOTS") or tmp_path)
-    out.mkdir(parents=True, exist_ok=True)
-    for page, path in pages.items():
-        browser.get(console.base + path)
-        assert browser.find_element(By.TAG_NAME, "h1").text
-        assert "Refused" not in browser.title, page
-        assert "401" not in browser.title, page
-        height = browser.execute_script("return document.documentElement.scrollHeight")
-        browser.set_window_size(1280, min(max(int(height) + 40, 600), 2400))
-        shot = out / f"{page}.png"
-        assert browser.save_screenshot(str(shot))
-        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    browser.set_window_size(1280, 900)
-    shutil.rmtree(tmp_path, ignore_errors=True)
+    poll(lambda: text(browser, "state") == "stopped", deadline=10)
 
 
 def test_revoke_resume_and_rotate_token_through_the_page(console: Console, browser: webdriver.Chrome) -> None:
     name, _ = console.deployment(grant=9)
     browser.get(f"{console.base}/deployments/{name}")
     assert "Take back 4 units" in _confirm(browser, "revoke-form", units="4")
-    assert _text(browser, "balance") == "5"
+    assert text(browser, "balance") == "5"
     _confirm(browser, "suspend-form")
-    assert _text(browser, "state") == "suspended"
+    assert text(browser, "state") == "suspended"
     assert _confirm(browser, "suspend-form") == f"Let {name} serve again?"  # the form resumes now
-    assert _text(browser, "state") == "active"
+    assert text(browser, "state") == "active"
     _confirm(browser, "rotate-form")
-    token = _text(browser, "token")
+    token = text(browser, "token")
     assert token.startswith("cjt_")
     assert len(token) > 40
     actions = [e["action"] for e in console.custodian.console("audit", "--last", "4")["last"]]
@@ -383,9 +304,11 @@ def test_the_audit_log_pages_filters_and_exports(
     token = browser.find_element(By.NAME, "csrf_token").get_attribute("value")
     for _ in range(55):
         form = f"units=1&confirm=yes&csrf_token={token}".encode()
-        assert _http(f"{console.base}/deployments/{name}/grant", data=form, cookie=_cookie(browser))[0] == 200
+        assert (
+            http(f"{console.base}/deployments/{name}/grant", data=form, cookie=cookie_of(browser))[0] == 200
+        )
     browser.get(console.base + "/audit")
-    assert _text(browser, "chain-state") == "verified"
+    assert text(browser, "chain-state") == "verified"
     browser.find_element(By.ID, "subject").send_keys(name)
     browser.find_element(By.ID, "action").send_keys("quota.grant")
     _navigate(browser, browser.find_element(By.CSS_SELECTOR, "#audit-filter button"))
@@ -402,7 +325,7 @@ def test_the_audit_log_pages_filters_and_exports(
     assert max(rest) < min(seqs)
     assert seqs == sorted(seqs, reverse=True)
     assert browser.find_elements(By.ID, "older") == []
-    status, body = _http(console.base + "/audit/export", cookie=_cookie(browser))
+    status, body = http(console.base + "/audit/export", cookie=cookie_of(browser))
     assert status == 200
     export = tmp_path / "audit.jsonl"
     export.write_text(body)
@@ -413,10 +336,10 @@ def test_the_audit_log_pages_filters_and_exports(
 def test_logging_out_ends_the_session(console: Console) -> None:
     with chromium() as driver:
         driver.get(console.login_url())
-        cookie = _cookie(driver)
+        cookie = cookie_of(driver)
         _navigate(driver, driver.find_element(By.CSS_SELECTOR, ".logout button"))
-        assert _text(driver, "reason") == "Logged out."
-        assert _http(console.base + "/", cookie=cookie)[0] == 401
+        assert text(driver, "reason") == "Logged out."
+        assert http(console.base + "/", cookie=cookie)[0] == 401
         driver.get(console.base + "/models")
         assert "Not logged in" in driver.find_element(By.TAG_NAME, "h1").text
 
@@ -438,7 +361,7 @@ def test_a_grant_with_the_keyboard_alone(console: Console, browser: webdriver.Ch
     assert confirm.get_attribute("id") == "confirm-button"
     confirm.send_keys(Keys.ENTER)
     WebDriverWait(browser, 10).until(expected_conditions.staleness_of(confirm))
-    assert _text(browser, "balance") == "3"
+    assert text(browser, "balance") == "3"
 
 
 def test_every_page_reads_without_javascript(console: Console) -> None:
@@ -448,7 +371,7 @@ def test_every_page_reads_without_javascript(console: Console) -> None:
         row = driver.find_element(By.CSS_SELECTOR, f"tr[data-deployment={name}]")
         assert row.find_element(By.CSS_SELECTOR, "[data-field=balance]").text == "6"
         driver.get(f"{console.base}/deployments/{name}")
-        assert _text(driver, "balance") == "6"
+        assert text(driver, "balance") == "6"
         assert len(driver.find_elements(By.CSS_SELECTOR, "#usage-chart rect.bar")) == 48
         driver.get(console.base + "/audit")
         assert "quota.grant" in [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#audit .action")]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -101,9 +102,13 @@ class Running:
 
 
 @asynccontextmanager
-async def running(tmp_path: Path, **config: Any) -> AsyncIterator[Running]:
+async def running(
+    tmp_path: Path, *, now: Callable[[], datetime] | None = None, **config: Any
+) -> AsyncIterator[Running]:
+    """The server on loopback, with its clock ``now`` where given."""
     server = await CustodianServer.start(
-        CustodianConfig(data_dir=tmp_path / "data", listen=Address("127.0.0.1", 0), **config)
+        CustodianConfig(data_dir=tmp_path / "data", listen=Address("127.0.0.1", 0), **config),
+        **({"now": now} if now is not None else {}),
     )
     assert server.endpoints is not None
     admin_channel = grpc.aio.insecure_channel(f"unix:{server.endpoints.admin_socket}")

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from custodian.enrolment import CredentialChallenge, Enrolled
 from custodian.errors import RefusedError
+from custodian.web.evidence_book import EvidenceBook
 from enclave._daemon.config import custodian_ca_der
 from enclave._daemon.enrolment import certificate_request
 from enclave._daemon.errors import TpmDeviceError
@@ -188,5 +189,50 @@ def test_credential_challenges_are_sealed_and_stored_nowhere(
             with pytest.raises(RefusedError, match="expired"):
                 await c.enrolment.activate(second.challenge_id, _activate(attester, second))
             assert sample(c.metrics, "custos_custodian_enrol_refusals_total", reason="credential") == 5
+
+    asyncio.run(scenario())
+
+
+def test_the_evidence_of_an_activated_tpm_enclave_is_recorded_for_the_console(
+    tmp_path: Path, start_swtpm: tpm_support.StartSwtpm, open_attester: OpenAttester
+) -> None:
+    """Issue 16: tpm enclaves are admitted at activation; the console's evidence book hears of them then."""
+    attester = open_attester()
+
+    async def scenario() -> None:
+        async with custody(tmp_path) as c:
+            book = EvidenceBook()
+            c.enrolment.on_admitted = book.record
+            token = await _lend(c, start_swtpm.ca.root_pem + start_swtpm.ca.intermediate_pem)
+            identity = _measured(c, attester)
+            refused = await _enrol(c, token, identity, attester)
+            with pytest.raises(RefusedError, match="not in the same TPM"):
+                await c.enrolment.activate(refused.challenge_id, b"\0" * 32)
+
+            nonce, _ = await c.enrolment.challenge("d")
+            evidence, claims = identity.attest("enrol", nonce)
+            challenge = await c.enrolment.enrol(
+                "d",
+                join_token=token,
+                evidence=evidence,
+                claims=claims,
+                csr=certificate_request(identity.key),
+                tpm_ek_public=attester.ek_public,
+                tpm_ek_certificate=attester.ek_certificate or b"",
+            )
+            assert isinstance(challenge, CredentialChallenge)
+            enrolled = await c.enrolment.activate(challenge.challenge_id, _activate(attester, challenge))
+            recorded = book.get(enrolled.instance_id)
+            assert recorded is not None
+            assert (recorded.evidence, recorded.claims) == (evidence, claims)
+            shown = recorded.to_json()
+            assert shown["platform"] == "tpm"
+            assert not shown["simulated"]
+            assert shown["registers"], "the quoted PCRs"
+            assert [e["kind"] for e in shown["log"]] == ["instance", "code", "config"]
+            async with c.ledger.transaction() as tx:
+                admitted = [i.instance_id for i in await tx.instances("d")]
+            assert admitted == [enrolled.instance_id]  # the refused activation admitted nothing
+            assert book.get("") is None
 
     asyncio.run(scenario())
