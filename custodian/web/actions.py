@@ -87,7 +87,7 @@ async def run(app: ConsoleApp, request: Request, session: Session) -> Response:
         # Shown once, on this response only (not cached: see guard.SECURITY_HEADERS).
         return app.render(request, "token.html", {"name": name, "token": token})
     app.sessions.flash(session_id, done)
-    return RedirectResponse(f"/deployments/{name}", status_code=303)
+    return RedirectResponse(f"{app.base}/deployments/{name}", status_code=303)
 
 
 async def export_audit(app: ConsoleApp, request: Request) -> Response:

@@ -8,6 +8,7 @@ with the status the admin API would give it.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -47,13 +48,14 @@ _STATUS = {
 }
 
 
-def templates() -> Jinja2Templates:
+def templates(base: str) -> Jinja2Templates:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(_HERE / "templates"),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
     )
     env.filters["units"] = unit_word
+    env.globals["base"] = base
     return Jinja2Templates(env=env)
 
 
@@ -63,15 +65,23 @@ def unit_word(unit: str) -> str:
 
 
 class ConsoleApp:
-    """Routes and their handlers; ``origin`` names the console's address in audit entries."""
+    """Routes and their handlers; ``origin`` names the console's address in audit entries.
 
-    def __init__(self, services: ConsoleServices, sessions: Sessions, *, origin: str, secure: bool) -> None:
+    Every page is under ``base``, a path of 128 random bits that only login URLs reveal, and so
+    is the session cookie: browsers send a cookie to every port of its host, and a path no
+    other server on the host can guess is what keeps it from them (``custodian.web.guard``).
+    """
+
+    def __init__(
+        self, services: ConsoleServices, sessions: Sessions, *, origin: str, base: str, secure: bool
+    ) -> None:
         self.services = services
         self.sessions = sessions
         self.views = Views(services)
         self.origin = origin
+        self.base = base
         self.secure = secure
-        self.templates = templates()
+        self.templates = templates(base)
 
     def render(self, request: Request, name: str, context: dict[str, Any], status: int = 200) -> Response:
         session = getattr(request.state, "session", None)
@@ -107,12 +117,12 @@ class ConsoleApp:
                 request, 403, "This login URL is not valid: it was used already, or it expired (5 minutes)."
             )
         session_id, _ = opened
-        response = RedirectResponse("/", status_code=303)
+        response = RedirectResponse(f"{self.base}/", status_code=303)
         response.set_cookie(
             COOKIE,
             session_id,
             max_age=SESSION_MAX_SECONDS,
-            path="/",
+            path=f"{self.base}/",
             secure=self.secure,
             httponly=True,
             samesite="strict",
@@ -122,7 +132,9 @@ class ConsoleApp:
     async def logout(self, request: Request) -> Response:
         self.sessions.log_out(request.state.session_id)
         response = await self.refuse(request, 200, "Logged out.")
-        response.delete_cookie(COOKIE, path="/", secure=self.secure, httponly=True, samesite="strict")
+        response.delete_cookie(
+            COOKIE, path=f"{self.base}/", secure=self.secure, httponly=True, samesite="strict"
+        )
         return response
 
     async def overview(self, request: Request) -> Response:
@@ -188,23 +200,30 @@ class ConsoleApp:
         return await self.refuse(request, exc.status_code, str(exc.detail))
 
 
-def build(services: ConsoleServices, sessions: Sessions, *, origin: str, secure: bool = False) -> Starlette:
-    console = ConsoleApp(services, sessions, origin=origin, secure=secure)
+def new_base() -> str:
+    """A fresh secret path for a console's pages: ``/c/`` and 128 random bits."""
+    return f"/c/{secrets.token_urlsafe(16)}"
+
+
+def build(
+    services: ConsoleServices, sessions: Sessions, *, origin: str, base: str, secure: bool = False
+) -> Starlette:
+    console = ConsoleApp(services, sessions, origin=origin, base=base, secure=secure)
     routes = [
-        Route("/login/{secret}", console.login, methods=["GET"]),
-        Route("/logout", console.logout, methods=["POST"]),
-        Route("/", console.overview, methods=["GET"]),
-        Route("/deployments/{name}", console.deployment, methods=["GET"]),
-        Route("/deployments/{name}/{action}", console.action, methods=["POST"]),
-        Route("/enclaves/{instance}", console.enclave, methods=["GET"]),
-        Route("/enclaves/{instance}/evidence", console.evidence, methods=["GET"]),
-        Route("/models", console.models, methods=["GET"]),
-        Route("/audit", console.audit, methods=["GET"]),
-        Route("/audit/export", console.audit_export, methods=["GET"]),
-        Mount("/static", app=StaticFiles(directory=_HERE / "static"), name="static"),
+        Route(f"{base}/login/{{secret}}", console.login, methods=["GET"]),
+        Route(f"{base}/logout", console.logout, methods=["POST"]),
+        Route(f"{base}/", console.overview, methods=["GET"]),
+        Route(f"{base}/deployments/{{name}}", console.deployment, methods=["GET"]),
+        Route(f"{base}/deployments/{{name}}/{{action}}", console.action, methods=["POST"]),
+        Route(f"{base}/enclaves/{{instance}}", console.enclave, methods=["GET"]),
+        Route(f"{base}/enclaves/{{instance}}/evidence", console.evidence, methods=["GET"]),
+        Route(f"{base}/models", console.models, methods=["GET"]),
+        Route(f"{base}/audit", console.audit, methods=["GET"]),
+        Route(f"{base}/audit/export", console.audit_export, methods=["GET"]),
+        Mount(f"{base}/static", app=StaticFiles(directory=_HERE / "static"), name="static"),
     ]
     return Starlette(
         routes=routes,
-        middleware=[Middleware(BaseHTTPMiddleware, dispatch=guarded(sessions, console.refuse))],
+        middleware=[Middleware(BaseHTTPMiddleware, dispatch=guarded(sessions, console.refuse, base))],
         exception_handlers={CustodianError: console.domain_error, HTTPException: console.http_error},
     )

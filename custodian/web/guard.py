@@ -1,7 +1,9 @@
 """What every request passes before a page sees it: the session, the CSRF token, the headers.
 
-* Nothing but ``/login/SECRET`` answers without a live session (401, a page
-  saying how to log in).
+* Nothing but ``BASE/login/SECRET`` answers without a live session (401, a page
+  saying how to log in), and nothing outside ``BASE``, the console's secret path,
+  answers at all but that page: the session cookie's path is ``BASE/``, so a
+  browser sends it to no other server on this host (cookies ignore ports).
 * Every POST carries the session's CSRF token as the form field
   ``csrf_token`` (403 without it); forms are URL-encoded and at most
   ``MAX_FORM_BYTES``.
@@ -61,6 +63,7 @@ Handler = Callable[[Request], Awaitable[Response]]
 def guarded(
     sessions: Sessions,
     refuse: Callable[[Request, int, str], Awaitable[Response]],
+    base: str,
 ) -> Callable[[Request, Handler], Awaitable[Response]]:
     """The middleware function: session and CSRF checks, then the security headers."""
 
@@ -71,7 +74,10 @@ def guarded(
         return response
 
     async def _checked(request: Request, call_next: Handler) -> Response:
-        if request.url.path.startswith("/login/"):
+        path = request.url.path
+        if not path.startswith(f"{base}/"):
+            return await refuse(request, 401, "")
+        if path.startswith(f"{base}/login/"):
             return await call_next(request)
         session_id = request.cookies.get(COOKIE, "")
         session = sessions.session(session_id) if session_id else None

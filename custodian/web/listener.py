@@ -22,7 +22,7 @@ import uvicorn
 
 from custodian.config import Address
 from custodian.errors import ConfigError
-from custodian.web.app import build
+from custodian.web.app import build, new_base
 from custodian.web.login_socket import LoginSocket
 from custodian.web.refusal_counts import STEP, RefusalCounts
 from custodian.web.sessions import Sessions
@@ -89,9 +89,10 @@ class ConsoleListener:
             )
         # A wildcard address is no place to send a browser: login URLs name this host instead.
         shown = socket.gethostname() if address.host in ("0.0.0.0", "::", "") else address.host  # noqa: S104
-        base = f"http://{Address(shown, self.address.port)}"
+        origin = f"http://{Address(shown, self.address.port)}"
+        base = new_base()
         sessions = Sessions(now=now)
-        app = build(services, sessions, origin=base, secure=False)
+        app = build(services, sessions, origin=origin, base=base, secure=False)
         config = uvicorn.Config(
             app,
             lifespan="off",
@@ -108,7 +109,9 @@ class ConsoleListener:
                 if self._loop_task.done():
                     raise ConfigError(f"the web console on {address} did not start")
                 await asyncio.sleep(0.01)
-        self._login = LoginSocket(login_socket, lambda user: f"{base}/login/{sessions.new_login_link(user)}")
+        self._login = LoginSocket(
+            login_socket, lambda user: f"{origin}{base}/login/{sessions.new_login_link(user)}"
+        )
         await self._login.start()
         self._ticker = asyncio.create_task(_tick(services.refusals))
 

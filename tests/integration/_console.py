@@ -24,7 +24,9 @@ class Console(Loopback):
     def __init__(self, tmp: Path) -> None:
         super().__init__(tmp, custodian_args=["--console", "127.0.0.1:0"])
         self.enclave_manifest = enclave_manifest(tmp / "enclave.toml", self.ca, self.env)
-        self.base = str(self.custodian.endpoints["console"])
+        # Where it listens; its pages are under the secret path that login URLs carry.
+        self.address = str(self.custodian.endpoints["console"])
+        self.base = self.login_url().split("/login/")[0]
 
     def deployment(self, *, grant: int = 0, model: str = "digits") -> tuple[str, str]:
         name = next(_names)

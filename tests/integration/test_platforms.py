@@ -35,8 +35,9 @@ class Platforms(Loopback):
     def console_json(self, path: str) -> dict[str, Any]:
         """A console page's JSON twin, in a session opened with a one-time login URL."""
         browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
-        browser.open(self.custodian.console("console", "login")["url"], timeout=10).close()
-        base = str(self.custodian.endpoints["console"])
+        url = self.custodian.console("console", "login")["url"]
+        browser.open(url, timeout=10).close()
+        base = url.split("/login/")[0]
         with browser.open(f"{base}{path}?format=json", timeout=10) as response:
             doc: dict[str, Any] = json.loads(response.read())
         return doc

@@ -12,9 +12,12 @@ test_web_console_language.py.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from selenium import webdriver
@@ -78,8 +81,51 @@ def test_nothing_answers_without_a_session(console: Console) -> None:
         assert http(console.base + path, data=b"units=5&confirm=yes")[0] == 401, path
     status, _ = http(console.base + "/", cookie="custos_console=forged")
     assert status == 401
+    # Outside the secret path nothing answers but the page saying how to log in, even a login
+    # URL's secret moved to where it would be without the path.
+    secret = console.login_url().rpartition("/")[2]
+    for path in ("/", "/models", f"/login/{secret}", "/c/", "/static/console.css"):
+        status, body = http(f"{console.address}{path}")
+        assert status == 401, path
+        assert console.base not in body, path
     assert console.custodian.usage(name)["balance"] == 0
     assert not console.custodian.usage(name)["suspended"]
+
+
+class _CookieCatcher(BaseHTTPRequestHandler):
+    """Another local user's server on another loopback port: records the cookies browsers send it."""
+
+    seen: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        self.seen.append(self.headers.get("Cookie", ""))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.end_headers()
+        self.wfile.write(b"hello")
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_another_server_on_this_host_gets_no_session_cookie(
+    console: Console, browser: webdriver.Chrome
+) -> None:
+    # Browsers send a cookie to every port of its host: the console's cookie is scoped to its
+    # secret path, which no other server can guess (found in review: with Path=/ it was sent).
+    with ThreadingHTTPServer(("127.0.0.1", 0), _CookieCatcher) as catcher:
+        threading.Thread(target=catcher.serve_forever, daemon=True).start()
+        try:
+            port = catcher.server_address[1]
+            for path in ("/", "/deployments/x", "/c/", "/login/x"):
+                browser.get(f"http://127.0.0.1:{port}{path}")
+                assert "hello" in browser.page_source
+        finally:
+            catcher.shutdown()
+    assert len(_CookieCatcher.seen) >= 4
+    assert not [c for c in _CookieCatcher.seen if "custos_console" in c]
+    browser.get(console.base + "/")
+    assert browser.find_elements(By.ID, "deployments")  # still logged in there
 
 
 def test_a_login_url_opens_one_session_and_the_overview_lists_deployments(console: Console) -> None:
@@ -125,7 +171,8 @@ def test_granting_through_the_form_changes_the_balance_and_is_audited(
     assert console.custodian.usage(name)["balance"] == 12
     last = console.custodian.console("audit", "--last", "1")["last"][0]
     assert (last["action"], last["subject"], last["detail"]["units"]) == ("quota.grant", name, 7)
-    assert last["detail"]["origin"].startswith(f"web console {console.base} session ")
+    assert last["detail"]["origin"].startswith(f"web console {console.address} session ")
+    assert console.base.rpartition("/")[2] not in last["detail"]["origin"]  # the secret path stays out
     assert "(claimed)" in last["detail"]["origin"]
 
 

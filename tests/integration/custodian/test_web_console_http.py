@@ -11,6 +11,7 @@ import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -62,7 +63,9 @@ async def _login(server: CustodianServer) -> tuple[str, str]:
     status, headers, _ = await asyncio.to_thread(_get, url)
     assert status == 303
     cookie = headers["set-cookie"]
-    for attribute in ("HttpOnly", "SameSite=strict", "Path=/", "Max-Age="):
+    base = url.split("/login/")[0]
+    assert headers["location"] == urlsplit(base).path + "/"
+    for attribute in ("HttpOnly", "SameSite=strict", f"Path={urlsplit(base).path}/;", "Max-Age="):
         assert attribute in cookie
     assert "Secure" not in cookie  # plain HTTP on loopback: a Secure cookie would never come back
     return url, cookie.split(";")[0]
@@ -72,8 +75,8 @@ def test_sessions_expire_and_login_urls_are_single_use_and_short_lived(tmp_path:
     async def scenario() -> None:
         clock = Clock()
         async with _serving(tmp_path, clock, Address("127.0.0.1", 0)) as server:
-            base = f"http://{server.endpoints.console}" if server.endpoints else ""
             url, cookie = await _login(server)
+            base = url.split("/login/")[0]
             status, headers, _ = await asyncio.to_thread(_get, base + "/", cookie)
             assert status == 200
             assert headers["content-security-policy"] == CSP
