@@ -54,6 +54,7 @@ class EchoModel:
     computed: int = 0
     running: int = 0
     most_running: int = 0
+    closed: bool = False
     params_seen: list[SamplingParams] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -80,6 +81,9 @@ class EchoModel:
 
     def decoder(self) -> ByteDecoder:
         return ByteDecoder()
+
+    def close(self) -> None:
+        self.closed = True
 
     def generate(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[int]:
         self.params_seen.append(params)

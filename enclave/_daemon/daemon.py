@@ -54,6 +54,7 @@ from enclave._daemon.link import Backoff, CustodianLink
 from enclave._daemon.listener import InferenceListener
 from enclave._daemon.measured import MeasuredIdentity, attester_for
 from enclave._daemon.metrics import DaemonMetrics, MetricsServer
+from enclave._daemon.model_push import PushedModel
 from enclave._daemon.outage import Outage
 from enclave._daemon.runtime import ModelRuntime
 from enclave._daemon.text_models import LoadedTextModel, TextModelLoader, default_loader
@@ -177,6 +178,7 @@ class Daemon:
             await server.stop(self.config.shutdown_grace)
             await _cancel(link_run)
             await self.link.close(final_report=True)
+            self._drop_models()
             return True
 
     async def _start(self, stack: contextlib.AsyncExitStack) -> InferenceListener:
@@ -222,9 +224,7 @@ class Daemon:
 
         pushed = await link.fetch_model()
         try:
-            await asyncio.get_running_loop().run_in_executor(
-                self._executor, self._load_model, pushed.plaintext, pushed.sha384
-            )
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._load_model, pushed)
         finally:
             pushed.wipe()
         self.identity.measure(measurement.model_event(pushed.sha384))
@@ -248,18 +248,28 @@ class Daemon:
         if self._on_ready is not None:
             self._on_ready(ready)
 
-    def _load_model(self, plaintext: bytearray, sha384: bytes) -> None:
-        """Build the model from memory (blocking): a language model or a classifier."""
+    def _load_model(self, pushed: PushedModel) -> None:
+        """Build the model from memory (blocking): a language model (which keeps the plaintext and
+        zeroes it when closed) or a classifier (onnxruntime copies it; the caller wipes it)."""
         if self._text_models is None:
             self._text_models = default_loader()
         threads = self.config.intra_op_threads
-        if self._text_models.recognises(plaintext):
-            model = self._text_models.load(plaintext, threads)
+        if self._text_models.recognises(pushed.plaintext):
+            model = self._text_models.load(pushed.hand_over(), threads)
             logger.info("language model loaded: context of %d tokens", model.context_length)
-            self.service.text_model = LoadedTextModel(model, sha384)
+            self.service.text_model = LoadedTextModel(model, pushed.sha384)
             self.lease.count_tokens()
         else:
-            self.service.model = ModelRuntime(plaintext, sha384=sha384, intra_op_threads=threads)
+            self.service.model = ModelRuntime(
+                pushed.plaintext, sha384=pushed.sha384, intra_op_threads=threads
+            )
+
+    def _drop_models(self) -> None:
+        """Forget the session's models; a language model's weights are zeroed now, not when collected."""
+        if self.service.text_model is not None:
+            self.service.text_model.model.close()
+        self.service.model = None
+        self.service.text_model = None
 
     async def _bind(self) -> InferenceListener:
         """The inference listener; after the first session, on the port the daemon served on."""
@@ -280,6 +290,7 @@ class Daemon:
 
     def _fresh_state(self) -> None:
         """A new identity key, attester, lease and service; only a TPM PCR's log so far carries over."""
+        self._drop_models()
         self.identity = self.identity.successor(self._new_attester())
         self.lease = Lease(topup_wait=self.config.topup_wait, clock=self._clock)
         self.service = self._service()
@@ -326,8 +337,6 @@ class Daemon:
         # Suspended, the custodian is there: close the lease so its remainder returns. Offline, it is
         # not: the lease expires there, charged in full (the declared worst case).
         await self.link.close(final_report=self.link.connected, grace=ZEROIZE_REPORT_GRACE)
-        self.service.model = None
-        self.service.text_model = None
         self._fresh_state()
         gc.collect()
         self.metrics.model_loaded.set(0)

@@ -32,7 +32,8 @@ _SHA384_SIZE = 48
 
 @dataclass
 class PushedModel:
-    """A decrypted model. ``wipe()`` it once the runtime holds its own copy."""
+    """A decrypted model. ``wipe()`` it once the runtime holds its own copy, or ``hand_over()`` it
+    to a runtime that keeps it (and wipes it when done)."""
 
     name: str
     sha384: bytes
@@ -40,6 +41,10 @@ class PushedModel:
 
     def wipe(self) -> None:
         zeroize(self.plaintext)
+
+    def hand_over(self) -> bytearray:
+        plaintext, self.plaintext = self.plaintext, bytearray()
+        return plaintext
 
 
 async def receive_model(

@@ -74,6 +74,7 @@ class TextBundle:
     weights: memoryview
     graph: memoryview
     tokenizer: memoryview
+    weights_offset: int  # where ``weights`` starts in the payload
 
 
 def is_text_model(payload: bytes | bytearray | memoryview) -> bool:
@@ -148,4 +149,10 @@ def read_bundle(payload: bytes | bytearray | memoryview) -> TextBundle:
         if start < _START or size < 0 or start + size > offset:
             raise FormatError(f"language-model bundle section {name} is out of bounds")
         views[name] = view[start : start + size]
-    return TextBundle(TextModelInfo.from_json(metadata), views["weights"], views["graph"], views["tokenizer"])
+    return TextBundle(
+        TextModelInfo.from_json(metadata),
+        views["weights"],
+        views["graph"],
+        views["tokenizer"],
+        weights_offset=sections["weights"][0],
+    )

@@ -59,6 +59,10 @@ class TextModel(Protocol):
 
     def decoder(self) -> TokenDecoder: ...
 
+    def close(self) -> None:
+        """Zero what the model holds of its weights; it generates nothing after (``RuntimeError``)."""
+        ...
+
     def generate(self, prompt: Sequence[int], params: SamplingParams) -> Iterator[int]:
         """Token ids one at a time, ending at an end-of-sequence token (not yielded) or ``max_tokens``.
 

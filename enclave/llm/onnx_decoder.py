@@ -12,39 +12,70 @@ call keeps its own cache in its own arrays, so calls run in parallel threads on 
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from enclave._daemon.errors import ModelRefusedError
-from enclave.llm.bundle import WEIGHTS_FILE, TextModelInfo
+from enclave.envelope import zeroize
+from enclave.llm.bundle import TextModelInfo
 from enclave.llm.interface import ChatMessage, SamplingParams
 from enclave.llm.sampling import Sampler
 from enclave.llm.text_codec import ByteDecoder, TextCodec
+from enclave.llm.weights import InPlaceWeights, register, weights_in_place
 
 logger = logging.getLogger(__name__)
 
 
-def decoder_session(graph: bytes, weights: memoryview, *, intra_op_threads: int) -> ort.InferenceSession:
-    """The session, its external weights read from ``weights`` (onnxruntime copies them while it loads)."""
+def decoder_session(
+    graph: bytes, weights: memoryview, *, intra_op_threads: int
+) -> tuple[ort.InferenceSession, InPlaceWeights]:
+    """The session and the values it reads its weights from, in place in ``weights`` (no copy):
+    both must be kept, and ``weights`` alive and unchanged, for as long as the session is used."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    options.add_external_initializers_from_files_in_memory([WEIGHTS_FILE], [weights], [len(weights)])
     try:
-        return ort.InferenceSession(graph, sess_options=options, providers=["CPUExecutionProvider"])
+        proto = onnx.ModelProto.FromString(graph)
+    except Exception:  # protobuf's DecodeError, or anything from a graph too deep to parse
+        raise ModelRefusedError("language model graph is not an ONNX model") from None
+    in_place = weights_in_place(proto, weights)
+    del proto
+    register(options, in_place)
+    try:
+        session = ort.InferenceSession(graph, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own untyped errors for a bad model
         text = str(exc).strip().splitlines()
         raise ModelRefusedError(
             f"language model does not load in onnxruntime: {text[0][:200] if text else exc}"
         ) from None
+    if in_place.copied:
+        logger.info("%d bytes of weights copied: they lay unaligned in the bundle", in_place.copied)
+    return session, in_place
 
 
 class OnnxTextModel:
-    def __init__(self, session: ort.InferenceSession, info: TextModelInfo, codec: TextCodec) -> None:
+    """The model, owning the decrypted bundle its session reads the weights from: ``close`` (or the
+    model's end) zeroes it; a generation running then ends with ``RuntimeError``."""
+
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        info: TextModelInfo,
+        codec: TextCodec,
+        *,
+        payload: bytearray,
+        weights: InPlaceWeights,
+    ) -> None:
         self._session = session
+        self._weights = weights
+        self._closed = False
+        # Zeroed once, by close() or when the model is collected, after the last use of the session.
+        self._wipe = weakref.finalize(self, zeroize, payload)
         self._info = info
         self._codec = codec
         self._eos = frozenset(info.eos_token_ids)
@@ -81,6 +112,10 @@ class OnnxTextModel:
     def info(self) -> TextModelInfo:
         return self._info
 
+    def close(self) -> None:
+        self._closed = True
+        self._wipe()
+
     def encode_prompt(self, text: str) -> list[int]:
         return self._codec.encode_prompt(text)
 
@@ -110,6 +145,8 @@ class OnnxTextModel:
         cache = [empty] * len(self._cache_names)
         position = 0
         for _ in range(max_tokens):
+            if self._closed:
+                raise RuntimeError("the language model was unloaded")
             feeds: dict[str, np.ndarray] = dict(zip(self._cache_names, cache, strict=True))
             feeds["input_ids"] = np.array([tokens], dtype=np.int64)
             if self._positions:

@@ -280,8 +280,8 @@ def test_a_client_that_goes_away_before_a_non_streaming_answer_cancels_it(tmp_pa
     ):
         with socket.create_connection(("127.0.0.1", port), timeout=10) as http:
             http.sendall(
-                b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n"
-                b"Content-Length: %d\r\n\r\n%s" % (port, len(body), body)
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (port, len(body), body)
             )
             model.pace.release(3)
             poll(lambda: model.computed == 3)

@@ -329,3 +329,29 @@ def test_a_lease_cut_mid_stream_stops_it_and_charges_what_was_sent(cut: str) -> 
             assert r.daemon.lease.committed == 9 + 2  # the prompt and the two tokens sent
 
     asyncio.run(run())
+
+
+def test_the_language_model_is_closed_when_the_daemon_stops() -> None:
+    model = EchoModel()
+    gateway = FakeGateway(model=payload(), balance=100, lease_size=50)
+
+    async def run() -> None:
+        async with running(gateway, model) as r:
+            await r.generate(prompt=b"hi", max_tokens=4)
+            assert not model.closed
+        assert model.closed
+
+    asyncio.run(run())
+
+
+def test_a_zeroize_closes_the_language_model() -> None:
+    model = EchoModel()
+    gateway = FakeGateway(model=payload(), balance=100, lease_size=50, grace=1)
+
+    async def run() -> None:
+        async with running(gateway, model) as r:
+            gateway.set_suspended(True)
+            await eventually(lambda: model.closed, "zeroized", limit=15)
+            assert r.daemon.service.text_model is None
+
+    asyncio.run(run())

@@ -52,7 +52,7 @@ BROKEN: list[tuple[str, Callable[[bytes], bytes], str]] = [
     ("context", lambda b: _with_index(b, _metadata("context_length", 0)), "context_length is not a positive"),
     ("eos-id", lambda b: _with_index(b, _metadata("eos_token_ids", [10**6])), "outside the vocabulary"),
     ("unknown-key", lambda b: _with_index(b, _metadata("surprise", 1)), "metadata is malformed"),
-    ("graph-bytes", lambda b: _with_index(b, _section("graph", [64, 64])), "does not load in onnxruntime"),
+    ("graph-bytes", lambda b: _with_index(b, _section("graph", [64, 64])), "graph is not an ONNX model"),
     ("tokenizer-bytes", lambda b: _with_index(b, _section("tokenizer", [64, 64])), "tokenizer does not load"),
 ]
 

@@ -75,14 +75,6 @@ def test_the_bundle_carries_the_gguf_metadata(tiny_bundle: bytes) -> None:
     assert info.source == "gguf"
 
 
-def test_loading_zeroes_the_payload_and_the_model_still_runs(tiny_bundle: bytes) -> None:
-    payload = bytearray(tiny_bundle)
-    model = load_text_model(payload, intra_op_threads=1)
-    assert not any(payload)
-    prompt = model.encode_prompt("The enclave")
-    assert list(model.generate(prompt, GREEDY)) == reference.greedy(tiny_weights(), SHAPE, prompt, 32, {0, 2})
-
-
 def test_progress_is_reported_per_layer() -> None:
     seen: list[tuple[int, int]] = []
     convert_gguf(GGUF_PATH, progress=lambda *a: seen.append(a))
