@@ -11,7 +11,10 @@ expiry). A TPM credential challenge's id carries the pending enrolment itself
 sealed with AES-256-GCM under another in-memory key, so only this process can
 read or forge one. A restart forgets both keys: outstanding challenges then
 fail as unknown and the enclave enrols again, as it did when they were kept in
-memory.
+memory. Replicas on PostgreSQL derive both keys from the secret they share
+(``Challenges.shared``): a challenge one replica issues, any replica checks,
+so an enclave behind a load balancer may enrol wherever its calls land; single
+use still holds across them, recorded in the one ledger.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ import struct
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from custodian.errors import RefusedError
 
@@ -66,6 +71,15 @@ class Challenges:
         self._ttl = datetime.timedelta(seconds=ttl_seconds)
         self._mac_key = mac_key or os.urandom(32)
         self._seal = AESGCM(seal_key or os.urandom(32))
+
+    @classmethod
+    def shared(cls, secret: bytes, *, ttl_seconds: int) -> Challenges:
+        """Keys derived from ``secret`` (HKDF-SHA256, one label each): alike in every replica holding it."""
+        return cls(
+            ttl_seconds=ttl_seconds,
+            mac_key=_derive(secret, _NONCE_CONTEXT),
+            seal_key=_derive(secret, _CREDENTIAL_CONTEXT),
+        )
 
     # ------------------------------------------------------------------ nonces
 
@@ -153,3 +167,7 @@ def _unframed(data: bytes, count: int) -> list[bytes]:
         fields.append(data[offset : offset + size])
         offset += size
     return fields
+
+
+def _derive(secret: bytes, label: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"key for " + label).derive(secret)

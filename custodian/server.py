@@ -45,6 +45,7 @@ from custodian.admin_access import AdminAccess
 from custodian.audit_service import AuditLogService
 from custodian.audit_stream import LedgerAudit
 from custodian.authority import CUSTODIAN_TLS_NAME, CertificateAuthority
+from custodian.challenges import Challenges
 from custodian.collateral import CollateralSource, CustodianCollateral
 from custodian.config import Address, CustodianConfig
 from custodian.control import ControlBus
@@ -159,11 +160,14 @@ class CustodianServer:
             data_dir.create_private(data / "ledger.sqlite3")
             ledger = self._ledger = await Ledger.open(data / "ledger.sqlite3", now=now)
             store = ModelStore.open(data, ledger, chunk_size=chunk_size, max_bytes=max_bytes)
+            challenges = None  # keys of this process's own
         else:
             ledger = self._ledger = await Ledger.open(config.database, now=now)
             keys = await replica.shared_keys(ledger, config.master_key_path, now=now())
             tls_ca, enclave_ca, ak_ca, admin_ca = keys.tls_ca, keys.enclave_ca, keys.ak_ca, keys.admin_ca
             store = ModelStore.shared(ledger, keys.kek, chunk_size=chunk_size, max_bytes=max_bytes)
+            # Enrolment may begin on one replica and end on another (a load balancer between).
+            challenges = Challenges.shared(keys.kek, ttl_seconds=config.nonce_ttl_seconds)
         self.custodian_ca_pem = tls_ca.pem
         await store.remove_orphans()
 
@@ -183,7 +187,15 @@ class CustodianServer:
                 amd_kds_url=config.amd_kds,
             )
             collateral = own.for_evidence
-        enrolment = Enrolment(ledger, enclave_ca, config, self.metrics, collateral=collateral, ak_ca=ak_ca)
+        enrolment = Enrolment(
+            ledger,
+            enclave_ca,
+            config,
+            self.metrics,
+            collateral=collateral,
+            ak_ca=ak_ca,
+            challenges=challenges,
+        )
         leases = Leases(ledger, self.metrics)
         resumed = await leases.resume()
         if resumed:
