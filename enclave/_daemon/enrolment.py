@@ -97,15 +97,22 @@ def gateway_credentials(
 async def enrol(config: DaemonConfig, identity: MeasuredIdentity) -> Enrolment:
     """Enrol, or raise ``EnrolmentRefusedError`` (with the reason) or ``CustodianUnreachableError``.
 
-    The custodian's addresses (its replicas) are tried in order: one that cannot be reached
-    within the connect timeout passes the enrolment to the next; a refusal is final.
-    A custodian that answers busy (``RESOURCE_EXHAUSTED``) is asked again from a new challenge,
-    with backoff and jitter, for as long as it keeps answering: busy is not a refusal.
+    The custodian's addresses (its replicas) are tried in order, each once at first, so a replica
+    that is gone costs one failed connection, not the connect timeout; then, all of them
+    unreachable, each again for up to the connect timeout (a custodian still starting). A refusal
+    is final. A custodian that answers busy (``RESOURCE_EXHAUSTED``) is asked again from a new
+    challenge, with backoff and jitter, for as long as it keeps answering: busy is not a refusal.
     """
     addresses = config.custodians
+    if len(addresses) > 1:
+        for address in addresses:
+            try:
+                return await _enrol_at(config, identity, address, patience=0.0)
+            except CustodianUnreachableError as exc:
+                logger.warning("%s; trying the next custodian address", exc)
     for number, address in enumerate(addresses, 1):
         try:
-            return await _enrol_at(config, identity, address)
+            return await _enrol_at(config, identity, address, patience=config.connect_timeout)
         except CustodianUnreachableError as exc:
             if number == len(addresses):
                 raise
@@ -113,12 +120,14 @@ async def enrol(config: DaemonConfig, identity: MeasuredIdentity) -> Enrolment:
     raise AssertionError("unreachable: the configuration holds at least one address")
 
 
-async def _enrol_at(config: DaemonConfig, identity: MeasuredIdentity, address: str) -> Enrolment:
+async def _enrol_at(
+    config: DaemonConfig, identity: MeasuredIdentity, address: str, *, patience: float
+) -> Enrolment:
     delay = config.reconnect_initial
     jitter = random.Random()  # noqa: S311 -- jitter, not a secret
     while True:
         try:
-            return await _enrol_once(config, identity, address)
+            return await _enrol_once(config, identity, address, patience)
         except _CustodianBusyError as exc:
             wait = jitter.uniform(delay / 2, delay)
             logger.warning("custodian busy (%s), enrolling again in %.1f s", exc, wait)
@@ -130,11 +139,13 @@ class _CustodianBusyError(Exception):
     """The custodian answered ``RESOURCE_EXHAUSTED``: try the whole enrolment again later."""
 
 
-async def _enrol_once(config: DaemonConfig, identity: MeasuredIdentity, address: str) -> Enrolment:
+async def _enrol_once(
+    config: DaemonConfig, identity: MeasuredIdentity, address: str, patience: float
+) -> Enrolment:
     credentials = grpc.ssl_channel_credentials(root_certificates=config.custodian_ca_pem)
     async with grpc.aio.secure_channel(address, credentials, options=channel_options(config)) as channel:
         stub = custos_pb2_grpc.EnclaveGatewayStub(channel)
-        challenge = await _challenge(stub, config, address)
+        challenge = await _challenge(stub, config, address, patience)
         if len(challenge.nonce) not in _NONCE_SIZES:
             raise ProtocolError(f"custodian challenge nonce is {len(challenge.nonce)} bytes")
         evidence, claims = await asyncio.to_thread(identity.attest, "enrol", challenge.nonce)
@@ -205,10 +216,10 @@ def certificate_request(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 async def _challenge(
-    stub: custos_pb2_grpc.EnclaveGatewayAsyncStub, config: DaemonConfig, address: str
+    stub: custos_pb2_grpc.EnclaveGatewayAsyncStub, config: DaemonConfig, address: str, patience: float
 ) -> custos_pb2.Challenge:
-    """GetChallenge, retried while the custodian is not reachable, up to ``connect_timeout``."""
-    deadline = time.monotonic() + config.connect_timeout
+    """GetChallenge, retried while the custodian is not reachable, for up to ``patience`` seconds."""
+    deadline = time.monotonic() + patience
     delay = config.reconnect_initial
     request = custos_pb2.ChallengeRequest(deployment=config.deployment)
     while True:

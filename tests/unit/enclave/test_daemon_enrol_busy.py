@@ -1,5 +1,5 @@
 """Issue 13 item 1: an enclave that meets a busy custodian enrols later instead of exiting; issue 15: an
-unreachable replica passes the enrolment to the next address."""
+unreachable replica passes the enrolment to the next address at once."""
 
 from __future__ import annotations
 
@@ -62,5 +62,49 @@ def test_enrolment_passes_an_unreachable_replica_to_the_next_address() -> None:
             enrolment = await enrol(config, measured_identity(gateway))
             assert enrolment.custodian == custodian.address
             assert list(gateway.instances) == [enrolment.instance_id]
+
+    asyncio.run(run())
+
+
+def test_a_replica_that_is_gone_costs_one_failed_connection_not_the_connect_timeout() -> None:
+    gateway = FakeGateway(model=MODEL)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{taken.getsockname()[1]}"
+
+    async def run() -> None:
+        async with FakeCustodian(gateway) as custodian:
+            # Were the dead address retried for the connect timeout, this would not end in 60 s.
+            config = make_config(gateway, f"{dead},{custodian.address}", connect_timeout=600.0)
+            enrolment = await asyncio.wait_for(enrol(config, measured_identity(gateway)), 60)
+            assert enrolment.custodian == custodian.address
+
+    asyncio.run(run())
+
+
+def test_replicas_all_unreachable_at_first_are_waited_for_as_one_custodian_is() -> None:
+    gateway = FakeGateway(model=MODEL)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{taken.getsockname()[1]}"
+    with socket.socket() as later:
+        later.bind(("127.0.0.1", 0))
+        port = later.getsockname()[1]
+
+    async def run() -> None:
+        custodian = FakeCustodian(gateway, port=port)
+
+        async def start_later() -> None:
+            await asyncio.sleep(0.5)
+            await custodian.__aenter__()
+
+        starting = asyncio.ensure_future(start_later())
+        config = make_config(gateway, f"127.0.0.1:{port},{dead}", connect_timeout=20.0)
+        try:
+            enrolment = await enrol(config, measured_identity(gateway))
+            assert enrolment.custodian == f"127.0.0.1:{port}"
+        finally:
+            await starting
+            await custodian.stop()
 
     asyncio.run(run())
