@@ -49,11 +49,11 @@ say "Custodian: add SmolLM2-135M-Instruct (GGUF, converted to ONNX, checked, sea
 run custodian model add "$GGUF" --name smollm2
 run custodian model list
 
-say "Custodian: a deployment whose quota is in tokens; grant 300"
+say "Custodian: a deployment whose quota is in tokens; grant 200"
 enclave manifest --platform sim --custodian-ca "$WORK/custodian-ca.pem" --out "$WORK/enclave.toml" 2>/dev/null
 TOKEN="$(custodian deployment create chat --model smollm2 --manifest "$WORK/enclave.toml" --offline-grace 30 --json \
     | python -c 'import json,sys; print(json.load(sys.stdin)["join_token"])')"
-run custodian grant chat 300
+run custodian grant chat 200
 custodian deployment manifest chat --out "$WORK/end-user.toml" >/dev/null
 
 say "Borrower: start the enclave"
@@ -95,7 +95,7 @@ EOF
 sleep 1
 run custodian usage chat
 
-say "The quota runs out in the middle of an answer: finish reason 'quota'"
+say "The grant runs out in the middle of an answer: finish reason 'quota', nothing left"
 set +e
 run custos-query chat --json --temperature 0 "Tell me a very long story about a dragon."
 echo "(exit code $?)"
