@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from custodian._rows import (
@@ -28,6 +28,10 @@ from custodian.audit import GENESIS, AuditEntry, AuditValue
 from custodian.errors import LedgerError
 from custodian.records import DeploymentRecord, InstanceRecord, LeaseRecord, ModelRecord, ReceiptRecord
 from enclave.receipts import TokenCounts
+
+# A replica whose clock runs behind the one purging still takes a challenge as unexpired for the
+# difference: a spent one is kept this long past its expiry, so clock skew cannot reopen it.
+SPENT_KEPT_PAST_EXPIRY = timedelta(minutes=10)
 
 
 class Transaction(ABC):
@@ -163,7 +167,10 @@ class Transaction(ABC):
         return changed == 1
 
     async def purge_spent(self) -> int:
-        return await self._run("DELETE FROM spent_challenges WHERE expires_at < ?", (ts(self.now),))
+        """Forget spent challenges expired for longer than ``SPENT_KEPT_PAST_EXPIRY``."""
+        return await self._run(
+            "DELETE FROM spent_challenges WHERE expires_at < ?", (ts(self.now - SPENT_KEPT_PAST_EXPIRY),)
+        )
 
     # --------------------------------------------------------------- instances
 

@@ -3,18 +3,22 @@
 An unauthenticated caller could fill any table of outstanding challenges (the
 deployment a challenge is for is public), so none is kept. A nonce is
 ``random (16) || expiry (8, Unix seconds) || tag (16)``, the tag an HMAC-SHA256
-over the deployment, the random part and the expiry with a key that lives in
-this process's memory only. Checking it needs no state; that it is used once is
-recorded by the enrolment that spends it (``Transaction.spend``, until its
-expiry). A TPM credential challenge's id carries the pending enrolment itself
-(deployment, the credential's secret, the attested key, the AK, the expiry),
-sealed with AES-256-GCM under another in-memory key, so only this process can
-read or forge one. A restart forgets both keys: outstanding challenges then
-fail as unknown and the enclave enrols again, as it did when they were kept in
-memory. Replicas on PostgreSQL derive both keys from the secret they share
-(``Challenges.shared``): a challenge one replica issues, any replica checks,
-so an enclave behind a load balancer may enrol wherever its calls land; single
-use still holds across them, recorded in the one ledger.
+over the deployment, the random part and the expiry. Checking it needs no
+state; that it is used once is recorded by the enrolment that spends it
+(``Transaction.spend``, kept a while past its expiry). A TPM credential
+challenge's id carries the pending enrolment itself (deployment, the
+credential's secret, the attested key, the AK, the expiry), sealed with
+AES-256-GCM under another key, so only a holder of that key can read or forge
+one.
+
+Where the keys come from: a custodian on SQLite draws both at start and keeps
+them in memory only, so a restart forgets them (outstanding challenges then
+fail as unknown and the enclave enrols again). Replicas on PostgreSQL derive
+both from the key-encryption key they share (``Challenges.shared``: HKDF-SHA256,
+one label each): a challenge one replica issues, any replica checks, so an
+enclave behind a load balancer may enrol wherever its calls land, and single
+use still holds across them, recorded in the one ledger. (A holder of that key
+could forge a credential challenge, but it already unwraps every model.)
 """
 
 from __future__ import annotations

@@ -137,7 +137,7 @@ class Enrolment:
         return self._challenges.nonce(deployment, now), self._config.nonce_ttl_seconds
 
     async def purge_challenges(self) -> int:
-        """Forget spent challenges that have expired (their expiry refuses them from now on)."""
+        """Forget spent challenges expired for a while (their expiry refuses them, on every replica)."""
         async with self._ledger.transaction() as tx:
             return await tx.purge_spent()
 

@@ -162,6 +162,8 @@ class Daemon:
                 start.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await start
+                # A load still running in its thread closes what it loads itself (it sees the stop).
+                self._drop_models()
                 return True
             server = start.result()
             assert self.link is not None
@@ -259,6 +261,8 @@ class Daemon:
             logger.info("language model loaded: context of %d tokens", model.context_length)
             self.service.text_model = LoadedTextModel(model, pushed.sha384)
             self.lease.count_tokens()
+            if self._stop.is_set():  # stopped while loading: nothing will serve or close it
+                self._drop_models()
         else:
             self.service.model = ModelRuntime(
                 pushed.plaintext, sha384=pushed.sha384, intra_op_threads=threads

@@ -71,11 +71,10 @@ class OnnxTextModel:
         payload: bytearray,
         weights: InPlaceWeights,
     ) -> None:
-        self._session = session
-        self._weights = weights
+        self._session: ort.InferenceSession | None = session
         self._closed = False
         # Zeroed once, by close() or when the model is collected, after the last use of the session.
-        self._wipe = weakref.finalize(self, zeroize, payload)
+        self._wipe = weakref.finalize(self, _wipe, payload, weights)
         self._info = info
         self._codec = codec
         self._eos = frozenset(info.eos_token_ids)
@@ -113,7 +112,10 @@ class OnnxTextModel:
         return self._info
 
     def close(self) -> None:
+        """Zero the bundle (and any weight copied for alignment) and release the session: the
+        packed copies of the matrices onnxruntime made while loading go back to its allocator."""
         self._closed = True
+        self._session = None
         self._wipe()
 
     def encode_prompt(self, text: str) -> list[int]:
@@ -145,14 +147,15 @@ class OnnxTextModel:
         cache = [empty] * len(self._cache_names)
         position = 0
         for _ in range(max_tokens):
-            if self._closed:
+            session = self._session
+            if self._closed or session is None:
                 raise RuntimeError("the language model was unloaded")
             feeds: dict[str, np.ndarray] = dict(zip(self._cache_names, cache, strict=True))
             feeds["input_ids"] = np.array([tokens], dtype=np.int64)
             if self._positions:
                 feeds["position_ids"] = np.arange(position, position + len(tokens), dtype=np.int64)[None, :]
             feeds["attention_mask"] = np.ones((1, position + len(tokens)), dtype=np.int64)
-            logits, *cache = self._session.run(self._outputs, feeds)
+            logits, *cache = session.run(self._outputs, feeds)
             if logits.ndim == 3:  # [batch, seq, vocab], as onnxruntime-genai's builder writes it
                 logits = logits[:, -1, :]
             position += len(tokens)
@@ -161,3 +164,8 @@ class OnnxTextModel:
                 return
             yield token
             tokens = [token]
+
+
+def _wipe(payload: bytearray, weights: InPlaceWeights) -> None:
+    zeroize(payload)
+    weights.wipe_copies()

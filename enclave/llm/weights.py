@@ -25,14 +25,25 @@ from enclave.llm.bundle import WEIGHTS_FILE
 class InPlaceWeights:
     names: list[str]
     values: list[ort.OrtValue]
-    copied: int  # bytes copied because a tensor lay at an offset its type cannot be read from
+    # Tensors lying at an offset their type cannot be read from, copied (and wiped with the bundle).
+    copies: list[np.ndarray]
+
+    @property
+    def copied(self) -> int:
+        return sum(copy.nbytes for copy in self.copies)
+
+    def wipe_copies(self) -> None:
+        for copy in self.copies:
+            copy.fill(0)
 
 
 def weights_in_place(graph: onnx.ModelProto, weights: memoryview) -> InPlaceWeights:
-    """One ``OrtValue`` per external initializer of ``graph``, viewing ``weights``; refuses bad bounds."""
+    """One ``OrtValue`` per external initializer of ``graph``, viewing ``weights``; refuses bad bounds
+    and external data anywhere else (onnxruntime would look for such a tensor in a file on disk)."""
+    _refuse_external_outside_initializers(graph.graph)
     names: list[str] = []
     values: list[ort.OrtValue] = []
-    copied = 0
+    copies: list[np.ndarray] = []
     for tensor in graph.graph.initializer:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
@@ -40,7 +51,7 @@ def weights_in_place(graph: onnx.ModelProto, weights: memoryview) -> InPlaceWeig
         if not array.flags.aligned:
             # onnx writes external data unaligned unless asked; such a tensor gets its own copy.
             array = array.copy()
-            copied += array.nbytes
+            copies.append(array)
         try:
             value = ort.OrtValue.ortvalue_from_numpy(array)
         except Exception:  # onnxruntime's own error types: a numpy type it cannot hold
@@ -49,7 +60,31 @@ def weights_in_place(graph: onnx.ModelProto, weights: memoryview) -> InPlaceWeig
             ) from None
         names.append(tensor.name)
         values.append(value)
-    return InPlaceWeights(names, values, copied)
+    return InPlaceWeights(names, values, copies)
+
+
+def _refuse_external_outside_initializers(top: onnx.GraphProto) -> None:
+    """Sparse initializers, node attributes (``Constant``'s value) and subgraphs (``If``, ``Loop``)
+    may not keep their data outside: only the top graph's initializers are given from memory."""
+    graphs = [top]
+    while graphs:
+        graph = graphs.pop()
+        tensors = [] if graph is top else list(graph.initializer)
+        for sparse in graph.sparse_initializer:
+            tensors += [sparse.values, sparse.indices]
+        for node in graph.node:
+            for attribute in node.attribute:
+                tensors += [attribute.t, *attribute.tensors]
+                for sparse in [attribute.sparse_tensor, *attribute.sparse_tensors]:
+                    tensors += [sparse.values, sparse.indices]
+                graphs += [attribute.g, *attribute.graphs]
+        for tensor in tensors:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                raise ModelRefusedError(
+                    f"language model tensor {tensor.name[:80]!r} keeps its data outside the graph but"
+                    " is not one of its initializers (a subgraph's, an attribute's or a sparse one):"
+                    " not supported"
+                )
 
 
 def register(options: ort.SessionOptions, weights: InPlaceWeights) -> None:

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from custodian.challenges import Challenges
+from custodian.challenges import Challenges, _derive
 from custodian.errors import RefusedError
 
 NOW = datetime.datetime(2026, 12, 6, 12, 0, tzinfo=datetime.UTC)
@@ -48,3 +48,9 @@ def test_the_secret_itself_is_neither_key() -> None:
         Challenges(ttl_seconds=60, seal_key=secret).open_credential(
             derived.seal_credential("d", b"s", b"k", b"a", NOW), NOW
         )
+
+
+def test_each_key_has_a_label_of_its_own() -> None:
+    secret = os.urandom(32)
+    assert _derive(secret, b"nonce") != _derive(secret, b"credential")
+    assert _derive(secret, b"nonce") == _derive(secret, b"nonce")

@@ -15,6 +15,7 @@ import pytest
 
 from enclave._daemon.daemon import Daemon, Ready
 from enclave._daemon.status import REFUSAL_KEY
+from enclave._daemon.text_models import TextModelLoader
 from enclave.attestation.sim import SimAttester
 from enclave.identity import ENCLAVE_TLS_NAME
 from protos import custos_pb2, custos_pb2_grpc
@@ -353,5 +354,33 @@ def test_a_zeroize_closes_the_language_model() -> None:
             gateway.set_suspended(True)
             await eventually(lambda: model.closed, "zeroized", limit=15)
             assert r.daemon.service.text_model is None
+
+    asyncio.run(run())
+
+
+def test_a_language_model_whose_load_outlives_a_stop_is_closed_all_the_same() -> None:
+    model, loading, release = EchoModel(), threading.Event(), threading.Event()
+    double = loader(model)
+
+    def slow_load(data: bytearray, threads: int) -> Any:
+        loading.set()
+        release.wait(10)
+        return double.load(data, threads)
+
+    gateway = FakeGateway(model=payload(), balance=100, lease_size=50)
+
+    async def run() -> None:
+        async with FakeCustodian(gateway) as custodian:
+            daemon = Daemon(
+                make_config(gateway, custodian.address),
+                SimAttester(),
+                text_models=TextModelLoader(double.recognises, slow_load),
+            )
+            task = asyncio.ensure_future(daemon.run())
+            await eventually(loading.is_set, "loading")
+            daemon.request_stop()
+            await task  # the daemon is done; its load thread is not
+            release.set()
+            await eventually(lambda: model.closed, "closed after the load")
 
     asyncio.run(run())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+from typing import Any
 
 import numpy as np
 import onnx
@@ -39,9 +40,8 @@ def test_the_model_keeps_only_the_weights_and_zeroes_them_when_closed(tiny_bundl
     model.close()  # twice is harmless
 
 
-def test_the_session_reads_the_weights_where_they_lie_so_loading_never_holds_two_copies(
-    tiny_bundle: bytes,
-) -> None:
+def test_the_session_reads_the_weights_where_they_lie_not_a_copy_of_them(tiny_bundle: bytes) -> None:
+    """Those it reads as they are: the matrices it packs for its kernels it copied while loading."""
     payload = bytearray(tiny_bundle)
     model = load_text_model(payload, intra_op_threads=1)
     prompt = model.encode_prompt("The enclave")
@@ -89,6 +89,29 @@ def test_each_external_weight_becomes_a_view_and_an_unaligned_one_a_copy() -> No
     weights[8:12] = np.array([7.0], dtype=np.float32).tobytes()
     weights[33:37] = np.array([7.0], dtype=np.float32).tobytes()
     assert [v.numpy().tolist() for v in found.values] == [[7.0, -2.0], [3.0, 4.0]]  # view, copy
+    found.wipe_copies()
+    assert found.values[1].numpy().tolist() == [0.0, 0.0]
+
+
+def _constant(tensor: TensorProto) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], ["c"], value=tensor)
+
+
+def _branch(tensor: TensorProto) -> onnx.NodeProto:
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["w"], ["y"])], "b", [], [out], initializer=[tensor]
+    )
+    return helper.make_node("If", ["cond"], ["y"], then_branch=body, else_branch=body)
+
+
+@pytest.mark.parametrize("node", [_constant, _branch], ids=["constant-attribute", "subgraph-initializer"])
+def test_external_data_outside_the_top_graphs_initializers_is_refused(node: Any) -> None:
+    """onnxruntime would read such a tensor from ``weights.bin`` in the working directory."""
+    graph = _graph(_external("w0", TensorProto.FLOAT, [2], offset=0, length=8))
+    graph.graph.node.append(node(_external("hidden", TensorProto.FLOAT, [2], offset=8, length=8)))
+    with pytest.raises(ModelRefusedError, match="'hidden' keeps its data outside the graph"):
+        weights_in_place(graph, memoryview(bytearray(64)))
 
 
 @pytest.mark.parametrize(
