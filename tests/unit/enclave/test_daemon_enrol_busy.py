@@ -11,6 +11,13 @@ from tests.unit.enclave.fake_custodian import FakeCustodian, FakeGateway
 from tests.unit.enclave.test_daemon_link import MODEL, make_config, measured_identity
 
 
+def _free_port() -> int:
+    """A loopback port nothing listens on (bound a moment, then released)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        return int(taken.getsockname()[1])
+
+
 def test_a_busy_custodian_is_asked_again_past_the_connect_timeout() -> None:
     # Busy for longer than connect_timeout (1 s) lasts at the backoff's ceiling (0.2 s): the
     # enclave must keep asking, since the custodian answers, rather than give up as unreachable.
@@ -52,9 +59,7 @@ def test_a_busy_answer_to_enrol_starts_again_from_a_fresh_challenge() -> None:
 
 def test_enrolment_passes_an_unreachable_replica_to_the_next_address() -> None:
     gateway = FakeGateway(model=MODEL)
-    with socket.socket() as taken:  # a port nothing listens on
-        taken.bind(("127.0.0.1", 0))
-        dead = f"127.0.0.1:{taken.getsockname()[1]}"
+    dead = f"127.0.0.1:{_free_port()}"
 
     async def run() -> None:
         async with FakeCustodian(gateway) as custodian:
@@ -68,9 +73,7 @@ def test_enrolment_passes_an_unreachable_replica_to_the_next_address() -> None:
 
 def test_a_replica_that_is_gone_costs_one_failed_connection_not_the_connect_timeout() -> None:
     gateway = FakeGateway(model=MODEL)
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        dead = f"127.0.0.1:{taken.getsockname()[1]}"
+    dead = f"127.0.0.1:{_free_port()}"
 
     async def run() -> None:
         async with FakeCustodian(gateway) as custodian:
@@ -84,12 +87,8 @@ def test_a_replica_that_is_gone_costs_one_failed_connection_not_the_connect_time
 
 def test_replicas_all_unreachable_at_first_are_waited_for_as_one_custodian_is() -> None:
     gateway = FakeGateway(model=MODEL)
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        dead = f"127.0.0.1:{taken.getsockname()[1]}"
-    with socket.socket() as later:
-        later.bind(("127.0.0.1", 0))
-        port = later.getsockname()[1]
+    dead = f"127.0.0.1:{_free_port()}"
+    port = _free_port()
 
     async def run() -> None:
         custodian = FakeCustodian(gateway, port=port)
