@@ -105,11 +105,12 @@ async def enrol(config: DaemonConfig, identity: MeasuredIdentity) -> Enrolment:
     """
     addresses = config.custodians
     if len(addresses) > 1:
-        for address in addresses:
+        for number, address in enumerate(addresses, 1):
             try:
                 return await _enrol_at(config, identity, address, patience=0.0)
             except CustodianUnreachableError as exc:
-                logger.warning("%s; trying the next custodian address", exc)
+                then = "the next custodian address" if number < len(addresses) else "each again, waiting"
+                logger.warning("%s; trying %s", exc, then)
     for number, address in enumerate(addresses, 1):
         try:
             return await _enrol_at(config, identity, address, patience=config.connect_timeout)
